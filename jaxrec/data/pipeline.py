@@ -1,0 +1,150 @@
+"""Language-modelling input pipeline on grain: shuffle, shard, tokenize, pack, batch.
+
+Axes: ``B`` batch (per process), ``T`` time (``seq_len``).
+
+Every document becomes ``[bos, *tokens, eos]``. Documents are concatenated and cut into rows of
+``seq_len + 1`` tokens with ``grain.experimental.ConcatThenSplitIterDataset``; a document that does
+not fit continues at the start of the next row, and only the last row of a finite stream is
+padded. A row ``r`` gives ``inputs = r[:-1]`` and ``targets = r[1:]``.
+
+``segment_ids`` number the documents inside a row from 1 (0 is padding), so the model's recurrence
+and attention reset wherever the id changes; a document continued from the previous row restarts
+from an empty state. ``weights`` are 1 where the target is the next token of the *same* document
+as the input: the prediction ``bos -> first token`` counts (the ``bos`` input already belongs to
+the new document), while ``eos -> next document's bos`` is masked, because nothing before a reset
+can inform it; padding is masked too.
+
+The returned dataset is a grain ``IterDataset``; its iterator has ``get_state``/``set_state`` and
+works with ``grain.checkpoint.CheckpointSave``/``CheckpointRestore`` inside an orbax
+``CheckpointManager``. Its state is a few integers, and restoring yields exactly the batches that
+followed the save.
+"""
+
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from jaxrec.data.tokenizers import Tokenizer
+
+_TOKENS = "tokens"
+
+
+def make_lm_dataset(
+  docs: Sequence[str],
+  tokenizer: Tokenizer,
+  seq_len: int,
+  batch_size: int,
+  seed: int,
+  shuffle: bool = True,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  num_epochs: int | None = None,
+) -> grain.IterDataset:
+  """Builds the packed, batched token stream of one process.
+
+  Args:
+    docs: documents, a random-access sequence of ``str`` (e.g. a ``DocumentCorpus``).
+    tokenizer: a :class:`~jaxrec.data.tokenizers.Tokenizer`.
+    seq_len: ``T``, tokens per row.
+    batch_size: ``B``, rows per batch of this process (``drop_remainder``).
+    seed: seed of the document shuffle; every process must pass the same seed.
+    shuffle: shuffle the documents, with a different order in every epoch.
+    shard_index: this process's shard, ``jax.process_index()``.
+    shard_count: number of shards, ``jax.process_count()``. Shards take every ``shard_count``-th
+      document of the (shuffled, repeated) stream, so they are disjoint within an epoch.
+    num_epochs: passes over ``docs``; ``None`` repeats forever.
+
+  Returns:
+    A grain ``IterDataset`` of dicts of numpy arrays, each ``[B, T]``: ``inputs`` int32,
+    ``targets`` int32, ``segment_ids`` int32 (document number within the row, 0 at padding) and
+    ``weights`` float32 (1 where ``targets`` is a real next token of the input's document).
+  """
+  _check_positive_int("seq_len", seq_len)
+  _check_positive_int("batch_size", batch_size)
+  _check_positive_int("shard_count", shard_count)
+  if not isinstance(shard_index, int | np.integer) or not 0 <= shard_index < shard_count:
+    raise ValueError(
+      f"shard_index: expected an integer in [0, shard_count={shard_count}), got {shard_index!r}"
+    )
+  if num_epochs is not None:
+    _check_positive_int("num_epochs", num_epochs)
+  if len(docs) == 0:
+    raise ValueError("docs: expected a non-empty corpus, got 0 documents")
+  if len(docs) < shard_count:
+    raise ValueError(
+      f"docs: expected at least shard_count={shard_count} documents, got {len(docs)}"
+    )
+
+  ds = grain.MapDataset.source(docs)
+  if shuffle:
+    # Shuffling before repeating draws a new permutation per epoch (grain seeds it with the epoch).
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  # Same seed on every process => same global order; striding it splits each epoch disjointly.
+  ds = ds[shard_index::shard_count]
+  ds = ds.map(_Tokenize(tokenizer))
+  it = grain.experimental.ConcatThenSplitIterDataset(
+    ds.to_iter_dataset(), length_struct={_TOKENS: seq_len + 1}
+  )
+  it = _TupleSlicesOnRestore(it).batch(batch_size, drop_remainder=True)
+  return it.map(_ShiftRows(tokenizer.pad_id))
+
+
+class _Tokenize(grain.transforms.Map):
+  """``str -> {"tokens": [bos, *ids, eos]}`` (a class, so it pickles into grain workers)."""
+
+  def __init__(self, tokenizer: Tokenizer):
+    self._tokenizer = tokenizer
+
+  def map(self, element: str) -> dict[str, np.ndarray]:
+    tok = self._tokenizer
+    return {_TOKENS: np.array([tok.bos_id, *tok.encode(element), tok.eos_id], np.int32)}
+
+
+class _ShiftRows(grain.transforms.Map):
+  """Packed ``[B, T + 1]`` rows -> ``inputs``/``targets``/``segment_ids``/``weights`` ``[B, T]``."""
+
+  def __init__(self, pad_id: int):
+    self._pad_id = pad_id
+
+  def map(self, element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    segments = element[f"{_TOKENS}_segment_ids"].astype(np.int32)
+    # ConcatThenSplit pads with zeros, which is a real token id; write the pad id instead.
+    tokens = np.where(segments > 0, element[_TOKENS], self._pad_id).astype(np.int32)
+    same_doc = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
+    return {
+      "inputs": np.ascontiguousarray(tokens[:, :-1]),
+      "targets": np.ascontiguousarray(tokens[:, 1:]),
+      "segment_ids": np.ascontiguousarray(segments[:, :-1]),
+      "weights": same_doc.astype(np.float32),
+    }
+
+
+class _TupleSlicesOnRestore(grain.IterDataset):
+  """Passes elements through; hands ``ConcatThenSplit`` its slices as tuples on ``set_state``.
+
+  grain 0.2.18's ``ConcatThenSplit`` marks "no remainder" with the tuple ``(-1, -1)`` and tests it
+  with ``!=``. ``CheckpointSave`` writes the state as JSON, which turns the tuple into a list, so a
+  restored ``[-1, -1]`` would count as a remainder and shift every following row.
+  """
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _TupleSlicesOnRestoreIterator(self._parent.__iter__())
+
+
+class _TupleSlicesOnRestoreIterator(grain.DatasetIterator):
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    slices = {k: tuple(v) for k, v in state["remainder_slices"].items()}
+    self._parent.set_state({**state, "remainder_slices": slices})
+
+
+def _check_positive_int(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+    raise ValueError(f"{name}: expected a positive integer, got {value!r}")

@@ -1,0 +1,129 @@
+"""Tests for jaxrec.data.corpora: the standard-library corpus and local text/jsonl files."""
+
+import json
+import os
+import pickle
+import sysconfig
+
+import pytest
+
+from jaxrec.data import DocumentCorpus, stdlib_corpus, text_file_corpus
+
+STDLIB = sysconfig.get_paths()["stdlib"]
+EXCLUDED = {"site-packages", "test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo"}
+
+
+def _rel_parts(path):
+  return os.path.relpath(path, STDLIB).split(os.sep)
+
+
+def test_stdlib_deterministic_sorted_and_filtered():
+  first, second = stdlib_corpus(), stdlib_corpus()
+  assert first.paths == second.paths
+  rel = [os.path.relpath(p, STDLIB) for p in first.paths]
+  assert rel == sorted(rel)
+  assert len(first) > 100
+  for path in first.paths:
+    assert path.endswith(".py")
+    assert not EXCLUDED & set(_rel_parts(path)[:-1]), path
+  val = [os.path.relpath(p, STDLIB) for p in stdlib_corpus("validation").paths]
+  assert os.path.join("json", "decoder.py") in rel + val
+
+
+def test_stdlib_train_validation_disjoint_and_complete():
+  train, val = stdlib_corpus("train"), stdlib_corpus("validation")
+  assert 0 < len(val) < 0.05 * len(train)
+  assert not set(train.paths) & set(val.paths)
+  everything = stdlib_corpus("train", validation_fraction=0.0)
+  assert sorted(train.paths + val.paths) == sorted(everything.paths)
+
+
+def test_stdlib_documents_are_file_contents():
+  corpus = stdlib_corpus(max_files=3)
+  assert len(corpus) == 3
+  for i, path in enumerate(corpus.paths):
+    with open(path, encoding="utf-8") as f:
+      assert corpus[i] == f.read()
+  assert corpus[-1] == corpus[2]
+  assert corpus[0:2] == [corpus[0], corpus[1]]
+  with pytest.raises(IndexError, match="index"):
+    corpus[3]
+
+
+def test_stdlib_max_bytes():
+  corpus = stdlib_corpus(max_bytes=20_000)
+  sizes = [os.path.getsize(p) for p in corpus.paths]
+  assert sum(sizes[:-1]) < 20_000 <= sum(sizes) or len(corpus) == len(stdlib_corpus())
+  assert corpus.paths == stdlib_corpus().paths[: len(corpus)]
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "name"),
+  [
+    ({"split": "test"}, "split"),
+    ({"validation_fraction": 1.0}, "validation_fraction"),
+    ({"max_files": 0}, "max_files"),
+    ({"max_bytes": -1}, "max_bytes"),
+    ({"root": "/does/not/exist"}, "root"),
+  ],
+)
+def test_stdlib_bad_arguments(kwargs, name):
+  with pytest.raises((ValueError, FileNotFoundError), match=name):
+    stdlib_corpus(**kwargs)
+
+
+def _write(path, text):
+  path.write_text(text, encoding="utf-8")
+  return str(path)
+
+
+def test_text_and_jsonl_files(tmp_path):
+  _write(tmp_path / "b.txt", "second file\n\nwith a blank line")
+  _write(tmp_path / "a.txt", "first file é")
+  _write(
+    tmp_path / "c.jsonl",
+    json.dumps({"text": "doc one", "id": 1}) + "\n\n" + json.dumps({"text": "doc 二"}) + "\n",
+  )
+  corpus = text_file_corpus(str(tmp_path / "*"))
+  assert isinstance(corpus, DocumentCorpus)
+  assert list(corpus) == [
+    "first file é",
+    "second file\n\nwith a blank line",
+    "doc one",
+    "doc 二",
+  ]
+  single = text_file_corpus(tmp_path / "c.jsonl")
+  assert list(single) == ["doc one", "doc 二"]
+  restored = pickle.loads(pickle.dumps(corpus))  # grain worker processes receive a pickle
+  assert list(restored) == list(corpus)
+
+
+def test_jsonl_custom_field(tmp_path):
+  path = _write(tmp_path / "x.jsonl", '{"body": "alpha"}\n{"body": "beta"}\n')
+  assert list(text_file_corpus([path], text_field="body")) == ["alpha", "beta"]
+
+
+def test_missing_paths(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"missing\.txt"):
+    text_file_corpus(str(tmp_path / "missing.txt"))
+  with pytest.raises(FileNotFoundError, match=r"\*.jsonl"):
+    text_file_corpus(str(tmp_path / "*.jsonl"))
+
+
+def test_bad_jsonl_lines_name_file_and_line(tmp_path):
+  path = _write(tmp_path / "bad.jsonl", '{"text": "fine"}\n{not json}\n{"other": 1}\n{"text": 3}\n')
+  corpus = text_file_corpus(path)
+  assert corpus[0] == "fine"
+  with pytest.raises(ValueError, match=r"bad.jsonl:2.*invalid JSON"):
+    corpus[1]
+  with pytest.raises(ValueError, match=r"bad.jsonl:3.*'text'"):
+    corpus[2]
+  with pytest.raises(ValueError, match=r"bad.jsonl:4.*string"):
+    corpus[3]
+
+
+def test_wrong_extension_and_empty(tmp_path):
+  with pytest.raises(ValueError, match=r"data\.csv"):
+    text_file_corpus(_write(tmp_path / "data.csv", "a,b"))
+  with pytest.raises(ValueError, match="no documents"):
+    text_file_corpus(_write(tmp_path / "empty.jsonl", "\n\n"))

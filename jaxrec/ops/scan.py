@@ -10,7 +10,8 @@ Forms, selected with ``method``:
   ``(a1, b1) ∘ (a2, b2) = (a1 a2, a2 b1 + b2)``; O(log T) depth.
 * ``"chunk"``: a sequential scan inside chunks of ``C`` steps, all chunks at once, then a scan over
   the ``T / C`` chunk carries and one fused correction ``h = h_local + cumprod(a) * carry``;
-  ``T / C + C`` sequential steps instead of ``T``, which is the fastest form on CPU.
+  ``T / C + C`` sequential steps instead of ``T``, for backends where a long serial loop is the
+  bottleneck.
 * ``"pallas"``: the kernel in ``pallas_kernels.linear_scan`` (interpret mode on CPU).
 
 Gradients of the XLA forms go through one ``custom_vjp``: the adjoint ``g_t = dh_t + a_{t+1}
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxrec.ops import _checks, _dispatch
+from pallas_kernels import linear_scan as pallas_scan
 
 METHODS = ("auto", "sequential", "associative", "chunk", "pallas")
 
@@ -70,8 +72,6 @@ def linear_scan(
 
   method = _resolve_method(method)
   if method == "pallas":
-    from pallas_kernels import linear_scan as pallas_scan  # noqa: PLC0415 — optional kernel import
-
     h = pallas_scan.linear_scan(a, b, h0, reverse=reverse, interpret=_dispatch.pallas_interpret())
   else:
     chunk = chunk_size or _default_chunk(a.shape[1])
@@ -99,9 +99,10 @@ def _validate(a, b, initial_state, segment_ids, method, chunk_size):
 def _resolve_method(method: str) -> str:
   if method != "auto":
     return method
-  # The compiled kernel on accelerators; on CPU the two-level chunked scan is fastest (see
-  # BENCHMARKS.md).
-  return "pallas" if _dispatch.pallas_available() else "chunk"
+  # Measured in BENCHMARKS.md: on TPU the Pallas kernel (recurrentgemma's choice); on GPU the
+  # Pallas time loop is bound by one global-memory load per step and XLA's associative scan is
+  # faster; on CPU, where the recurrence is memory-bound, the plain lax.scan (fewest passes).
+  return {"tpu": "pallas", "gpu": "associative"}.get(_dispatch.default_backend(), "sequential")
 
 
 def _default_chunk(t: int) -> int:

@@ -1,0 +1,158 @@
+r"""Decoding speed versus context length: a GLA-only LM against an attention-only LM of the same size.
+
+Each model decodes ``--steps`` tokens (greedy, one jitted ``lax.fori_loop``) after a context of
+``C`` tokens. The context is not prefilled through the model: its caches are filled with random
+values at the right size (attention: a KV cache holding ``C`` keys and values; GLA: a random
+``[B, H, K, V]`` state), which costs the same per decoded token as a real prefix. GLA's state
+does not grow with ``C``, so its time per token stays flat while attention reads ``C`` cached
+keys per token. (On CPU, XLA also copies each layer's KV cache into a contracting-major layout for
+the ``q·k`` and ``p·v`` products every step: another O(C) cost that inflates attention's constant,
+not its growth.)
+
+  python -m experiments.bench_decode
+  python -m experiments.bench_decode --contexts=1024,65536 --d_model=512 --steps=64
+"""
+
+import functools
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from flax import nnx
+from jax import lax
+
+from jaxrec.layers import GLACache, KVCache
+from jaxrec.models import LM, LMConfig, param_count_of
+
+_CONTEXTS = flags.DEFINE_list(
+  "contexts", ["1024", "2048", "4096", "8192", "16384", "32768"], "Context lengths C."
+)
+_MIXERS = flags.DEFINE_list("mixers", ["gla", "attention"], "One model per mixer name.")
+_STEPS = flags.DEFINE_integer("steps", 16, "Tokens decoded per timed call.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per row (median reported).")
+_BATCH = flags.DEFINE_integer("batch", 1, "B.")
+_D_MODEL = flags.DEFINE_integer("d_model", 256, "Model width.")
+_NUM_LAYERS = flags.DEFINE_integer("num_layers", 4, "Number of blocks.")
+_NUM_HEADS = flags.DEFINE_integer("num_heads", 4, "Heads (attention: also key/value heads).")
+_VOCAB = flags.DEFINE_integer("vocab_size", 256, "Vocabulary size.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute/KV-cache dtype.")
+_JSON = flags.DEFINE_string("json", None, "Also write the rows to this JSON file.")
+
+
+def _config(mixer: str) -> LMConfig:
+  return LMConfig(
+    vocab_size=_VOCAB.value,
+    d_model=_D_MODEL.value,
+    num_layers=_NUM_LAYERS.value,
+    mixer_pattern=(mixer,),
+    num_heads=_NUM_HEADS.value,
+    max_seq_len=max(int(c) for c in _CONTEXTS.value),
+    dtype=_DTYPE.value,
+  )
+
+
+def _decoder(model: LM):
+  """``decode(cache, token) -> (token, cache)``: ``--steps`` greedy steps in one jit; the cache
+  is donated, so attention's KV cache is updated in place."""
+  graphdef, state = nnx.split(model)
+
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def decode(state, cache, token):
+    model = nnx.merge(graphdef, state)
+
+    def step(_, carry):
+      token, cache = carry
+      logits, cache = model(token[:, None], cache=cache)
+      return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+    return lax.fori_loop(0, _STEPS.value, step, (token, cache))
+
+  return functools.partial(decode, state)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _fill_randomly(cache, context: int):
+  """The caches as if ``context`` tokens had been seen: random keys, values and states."""
+  leaves, treedef = jax.tree.flatten(cache, is_leaf=lambda c: isinstance(c, (KVCache, GLACache)))
+  keys = iter(jax.random.split(jax.random.key(0), 2 * len(leaves)))
+  filled = []
+  for c in leaves:
+    if isinstance(c, KVCache):
+      k = jax.random.normal(next(keys), c.k.shape, c.k.dtype)
+      v = jax.random.normal(next(keys), c.v.shape, c.v.dtype)
+      filled.append(c._replace(k=k, v=v, index=jnp.asarray(context, jnp.int32)))
+    elif isinstance(c, GLACache):
+      filled.append(GLACache(0.1 * jax.random.normal(next(keys), c.state.shape, c.state.dtype)))
+    else:
+      raise ValueError(f"mixers: no random fill for a cache of type {type(c).__name__}")
+  return jax.tree.unflatten(treedef, filled)
+
+
+def _time_per_token(decode, cache, token) -> tuple[float, object]:
+  token, cache = jax.block_until_ready(decode(cache, token))  # compile + warm up
+  times = []
+  for _ in range(_REPEATS.value):
+    start = time.perf_counter()
+    token, cache = jax.block_until_ready(decode(cache, token))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) / _STEPS.value, cache
+
+
+def main(argv):
+  del argv
+  print(
+    f"machine: {platform.platform()}, {platform.machine()} {platform.processor() or ''}, "
+    f"{os.cpu_count()} CPUs, backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+    f"jax {jax.__version__}"
+  )
+  contexts = [int(c) for c in _CONTEXTS.value]
+  models = {name: LM(_config(name), rngs=nnx.Rngs(0)) for name in _MIXERS.value}
+  for name, model in models.items():
+    print(f"model {name}: {param_count_of(model):,} parameters, {model.cfg}")
+  print(
+    f"B={_BATCH.value}, {_STEPS.value} greedy steps per call, median of {_REPEATS.value} calls; "
+    "each context is a cache filled with random values, not a prefill through the model."
+  )
+  decoders = {name: _decoder(model) for name, model in models.items()}
+  token = jnp.zeros((_BATCH.value,), jnp.int32)
+  rows = []
+  first = {}
+  for context in contexts:
+    per_context = {}
+    for name, model in models.items():
+      # Room for the warm-up and the timed calls after the context.
+      length = context + _STEPS.value * (_REPEATS.value + 1)
+      cache = _fill_randomly(model.init_cache(_BATCH.value, length), context)
+      seconds, _ = _time_per_token(decoders[name], cache, token)
+      first.setdefault(name, seconds)
+      per_context[name] = seconds
+      rows.append(
+        dict(
+          method=name,
+          context=context,
+          ms_per_token=seconds * 1e3,
+          tokens_per_s=_BATCH.value / seconds,
+          vs_first_context=seconds / first[name],
+          vs_gla=seconds / per_context["gla"] if "gla" in per_context else None,
+        )
+      )
+  print("\n| method | context | ms/token | tokens/s | × own first context | × gla |")
+  print("|---|---:|---:|---:|---:|---:|")
+  for r in rows:
+    vs_gla = "–" if r["vs_gla"] is None else f"{r['vs_gla']:.2f}"
+    print(
+      f"| {r['method']} | {r['context']} | {r['ms_per_token']:.3f} | {r['tokens_per_s']:,.0f} | "
+      f"{r['vs_first_context']:.2f} | {vs_gla} |"
+    )
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

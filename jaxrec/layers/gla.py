@@ -1,0 +1,108 @@
+"""The gated linear attention block (Yang et al. 2024, "Gated Linear Attention Transformers with
+Hardware-Efficient Training", §4.1), as a token mixer."""
+
+import math
+from typing import TYPE_CHECKING, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrec.layers.linear import Dense
+from jaxrec.layers.norms import RMSNorm
+from jaxrec.layers.registry import register_mixer
+from jaxrec.ops import gla as gla_ops
+
+if TYPE_CHECKING:
+  from jaxrec.models.config import LMConfig
+
+
+class GLACache(NamedTuple):
+  """The recurrent state, ``[B, H, K, V]`` fp32: O(1) in the sequence length."""
+
+  state: jax.Array
+
+
+@register_mixer("gla")
+class GatedLinearAttention(nnx.Module):
+  """GLA: ``S_t = diag(α_t) S_{t-1} + k_t v_tᵀ``, ``o_t = S_tᵀ q_t / sqrt(K)``, then
+  ``y = W_o (RMSNorm(o) ⊙ swish(W_g x))`` with RMSNorm per head.
+
+  The decay is low-rank and data dependent (paper eq. in §4.1):
+  ``log α_t = logsigmoid(W_2 W_1 x_t + b) / τ``; ``τ = gla_gate_normalizer`` (16) keeps ``α`` near
+  1 at initialization so the state remembers far back.
+
+  Reads from ``cfg``: ``d_model, num_heads, gla_expand_k, gla_expand_v, gla_gate_rank,
+  gla_gate_normalizer, gla_chunk_size, norm_eps, init_std, num_layers, dtype, param_dtype``.
+  Key width ``gla_expand_k · d_model`` and value width ``gla_expand_v · d_model`` are split over
+  ``num_heads`` heads.
+  """
+
+  def __init__(self, cfg: "LMConfig", *, rngs: nnx.Rngs):
+    d, h = cfg.d_model, cfg.num_heads
+    dk = int(cfg.gla_expand_k * d) // h
+    dv = int(cfg.gla_expand_v * d) // h
+    self.num_heads, self.key_dim, self.value_dim = h, dk, dv
+    self.gate_normalizer = cfg.gla_gate_normalizer
+    self.chunk_size = cfg.gla_chunk_size
+    dtype = jnp.dtype(cfg.dtype)
+    kw = dict(dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+    std = cfg.init_std
+    self.q_proj = Dense(d, (h, dk), ("embed", "heads", "head_dim"), std=std, **kw)
+    self.k_proj = Dense(d, (h, dk), ("embed", "heads", "head_dim"), std=std, **kw)
+    self.v_proj = Dense(d, (h, dv), ("embed", "heads", "head_dim"), std=std, **kw)
+    self.g_proj = Dense(d, (h, dv), ("embed", "heads", "head_dim"), std=std, **kw)
+    r = cfg.gla_gate_rank
+    # The decay path is computed in fp32 (it is rank r, so cheap): log α is close to 0, and bf16
+    # rounding of it would compound over the products of decays across many steps.
+    fp32 = kw | dict(dtype=jnp.float32)
+    self.decay_down = Dense(d, r, ("embed", "rank"), std=std, **fp32)
+    self.decay_up = Dense(
+      r, (h, dk), ("rank", "heads", "head_dim"), std=r**-0.5, use_bias=True, **fp32
+    )
+    self.out_norm = RMSNorm(
+      dv, eps=cfg.norm_eps, dtype=dtype, param_dtype=kw["param_dtype"], rngs=rngs
+    )
+    out_std = std / math.sqrt(2 * cfg.num_layers)
+    self.o_proj = Dense((h, dv), d, ("heads", "head_dim", "embed"), std=out_std, **kw)
+
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    cache: GLACache | None = None,
+  ) -> tuple[jax.Array, GLACache | None]:
+    """Mixes ``x [B, T, D]``; a cache is the state before ``x`` and comes back advanced."""
+    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    log_decay = jax.nn.log_sigmoid(self.decay_up(self.decay_down(x))) / self.gate_normalizer
+    if cache is None:
+      o = gla_ops.gated_linear_attention(
+        q, k, v, log_decay, segment_ids=segment_ids, chunk_size=self.chunk_size
+      )
+    elif x.shape[1] == 1:
+      # Decoding: one step of the recurrence; a single token never crosses a segment boundary.
+      o, state = gla_ops.gated_linear_attention_step(
+        q[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], cache.state
+      )
+      o, cache = o[:, None], GLACache(state)
+    else:
+      o, state = gla_ops.gated_linear_attention(
+        q,
+        k,
+        v,
+        log_decay,
+        initial_state=cache.state,
+        output_final_state=True,
+        segment_ids=segment_ids,
+        chunk_size=self.chunk_size,
+      )
+      cache = GLACache(state)
+    o = self.out_norm(o) * jax.nn.silu(self.g_proj(x))
+    return self.o_proj(o), cache
+
+  def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype) -> GLACache:
+    """A zero state; ``max_length`` and ``dtype`` do not matter, the state is always fp32."""
+    del max_length, dtype
+    shape = (batch_size, self.num_heads, self.key_dim, self.value_dim)
+    return GLACache(jnp.zeros(shape, jnp.float32))

@@ -1,0 +1,169 @@
+"""``LMConfig``: the frozen description of a language model."""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from jaxrec import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+  """Configuration of ``LM``; every field is validated on construction.
+
+  Attributes:
+    vocab_size: number of token ids.
+    d_model: residual stream width ``D``.
+    num_layers: number of blocks.
+    mixer_pattern: token mixer names (``jaxrec.layers.MIXERS``), repeated to ``num_layers``:
+      layer ``i`` uses ``mixer_pattern[i % len(mixer_pattern)]``.
+    num_heads: query heads (attention) and heads (GLA).
+    num_kv_heads: key/value heads of attention (grouped-query when < ``num_heads``); ``None``
+      means ``num_heads``.
+    head_dim: attention head width; ``None`` means ``d_model // num_heads``.
+    mlp_hidden: SwiGLU hidden width; ``None`` means ``mlp_ratio · d_model`` rounded up to a
+      multiple of 64.
+    mlp_ratio: see ``mlp_hidden``.
+    window: attention sliding window (number of visible keys, the query's own included);
+      ``None`` is full causal attention.
+    rope_theta: RoPE base wavelength.
+    max_seq_len: the longest sequence the model is meant for (training length; default cache
+      size).
+    dtype: compute dtype, ``"float32"`` or ``"bfloat16"``; logits are always fp32.
+    param_dtype: parameter storage dtype.
+    scan_layers: store blocks stacked on a leading ``"layers"`` axis, one group per repetition of
+      ``mixer_pattern`` (needs ``num_layers % len(mixer_pattern) == 0``), and run them with
+      ``lax.scan``: one compiled group instead of ``num_layers`` blocks.
+    remat: recompute each block (group, when scanning) in the backward pass instead of keeping its
+      activations.
+    tie_embeddings: the output head is the transposed embedding.
+    norm_eps: RMSNorm epsilon.
+    init_std: standard deviation of embeddings and input projections; output projections use
+      ``init_std / sqrt(2 num_layers)``.
+    gla_expand_k: GLA key width as a multiple of ``d_model`` (0.5 in the GLA paper).
+    gla_expand_v: GLA value width as a multiple of ``d_model``.
+    gla_gate_rank: rank of GLA's decay projection.
+    gla_gate_normalizer: ``τ`` in ``log α = logsigmoid(·) / τ``.
+    gla_chunk_size: chunk length of GLA's chunkwise-parallel form.
+    pararnn_heads: heads of the block-diagonal input projections of ParaGRU / ParaLSTM (their
+      state width is ``d_model``); ``None`` means ``num_heads``.
+    pararnn_max_iters: Newton iterations at most in ParaGRU / ParaLSTM; sequences not converged
+      by then are recomputed by the sequential scan, so this trades speed, never accuracy.
+  """
+
+  vocab_size: int = 256
+  d_model: int = 128
+  num_layers: int = 4
+  mixer_pattern: tuple[str, ...] = ("gla",)
+  num_heads: int = 4
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  mlp_hidden: int | None = None
+  mlp_ratio: float = 8 / 3
+  window: int | None = None
+  rope_theta: float = 10_000.0
+  max_seq_len: int = 1024
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = False
+  remat: bool = False
+  tie_embeddings: bool = True
+  norm_eps: float = 1e-6
+  init_std: float = 0.02
+  gla_expand_k: float = 0.5
+  gla_expand_v: float = 1.0
+  gla_gate_rank: int = 16
+  gla_gate_normalizer: float = 16.0
+  gla_chunk_size: int = 64
+  pararnn_heads: int | None = None
+  pararnn_max_iters: int = 10
+
+  def __post_init__(self):
+    if isinstance(self.mixer_pattern, str) or not isinstance(self.mixer_pattern, tuple):
+      raise ValueError(
+        f"mixer_pattern: expected a tuple of mixer names, got {self.mixer_pattern!r}"
+      )
+    if not self.mixer_pattern:
+      raise ValueError("mixer_pattern: expected at least one mixer name, got ()")
+    for name in self.mixer_pattern:
+      if name not in layers.MIXERS:
+        raise ValueError(
+          f"mixer_pattern: unknown mixer {name!r} in {self.mixer_pattern}; "
+          f"registered mixers: {tuple(sorted(layers.MIXERS))}"
+        )
+    for field in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"):
+      _check_positive(field, getattr(self, field))
+    for field in ("num_kv_heads", "head_dim", "mlp_hidden", "window", "pararnn_heads"):
+      if getattr(self, field) is not None:
+        _check_positive(field, getattr(self, field))
+    if self.num_heads % self.kv_heads:
+      raise ValueError(
+        f"num_kv_heads: expected a divisor of num_heads={self.num_heads}, got {self.num_kv_heads}"
+      )
+    if self.attn_head_dim < 2 or self.attn_head_dim % 2:
+      raise ValueError(
+        f"head_dim: expected an even attention head width (RoPE), got {self.attn_head_dim} "
+        f"(head_dim={self.head_dim}, d_model={self.d_model}, num_heads={self.num_heads})"
+      )
+    _check_positive("pararnn_max_iters", self.pararnn_max_iters)
+    if self.d_model % self.rnn_heads:
+      raise ValueError(
+        f"pararnn_heads: expected a divisor of d_model={self.d_model}, got {self.rnn_heads} "
+        f"(pararnn_heads={self.pararnn_heads}, num_heads={self.num_heads})"
+      )
+    for gla_field, expand in (
+      ("gla_expand_k", self.gla_expand_k),
+      ("gla_expand_v", self.gla_expand_v),
+    ):
+      width = int(expand * self.d_model)
+      if width < self.num_heads or width % self.num_heads:
+        raise ValueError(
+          f"{gla_field}: expected {gla_field} * d_model to be a positive multiple of "
+          f"num_heads={self.num_heads}, got {expand} * {self.d_model} = {width}"
+        )
+    for field in ("dtype", "param_dtype"):
+      if getattr(self, field) not in ("float32", "bfloat16", "float16"):
+        raise ValueError(
+          f"{field}: expected 'float32', 'bfloat16' or 'float16', got {getattr(self, field)!r}"
+        )
+    if self.scan_layers and self.num_layers % len(self.mixer_pattern):
+      raise ValueError(
+        f"num_layers: scan_layers=True needs a multiple of len(mixer_pattern)="
+        f"{len(self.mixer_pattern)}, got {self.num_layers}"
+      )
+
+  @property
+  def kv_heads(self) -> int:
+    """``num_kv_heads`` with its default resolved."""
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  @property
+  def rnn_heads(self) -> int:
+    """``pararnn_heads`` with its default resolved."""
+    return self.num_heads if self.pararnn_heads is None else self.pararnn_heads
+
+  @property
+  def attn_head_dim(self) -> int:
+    """``head_dim`` with its default resolved."""
+    return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
+
+  @property
+  def layer_mixers(self) -> tuple[str, ...]:
+    """The mixer name of every layer."""
+    return tuple(self.mixer_pattern[i % len(self.mixer_pattern)] for i in range(self.num_layers))
+
+  @property
+  def mlp_dim(self) -> int:
+    """The SwiGLU hidden width."""
+    if self.mlp_hidden is not None:
+      return self.mlp_hidden
+    return -(-int(self.mlp_ratio * self.d_model) // 64) * 64
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+
+def _check_positive(field: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{field}: expected a positive int, got {value!r}")

@@ -1,0 +1,226 @@
+"""The language model: embedding → blocks (mixer + SwiGLU MLP, pre-norm residual) → head."""
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from jaxrec import layers
+from jaxrec.layers._params import logical_param
+from jaxrec.models.config import LMConfig
+
+Cache = Any  # a pytree of the mixers' caches, laid out like the blocks (see LM.init_cache)
+
+
+class Block(nnx.Module):
+  """``x += mixer(norm(x)); x += mlp(norm(x))``."""
+
+  def __init__(self, cfg: LMConfig, mixer: str, *, rngs: nnx.Rngs):
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    norm = dict(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mixer_norm = layers.RMSNorm(cfg.d_model, **norm)
+    self.mixer = layers.get_mixer(mixer)(cfg, rngs=rngs)
+    self.mlp_norm = layers.RMSNorm(cfg.d_model, **norm)
+    self.mlp = layers.MLP(
+      cfg.d_model,
+      cfg.mlp_dim,
+      init_std=cfg.init_std,
+      num_layers=cfg.num_layers,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
+
+  def __call__(self, x, *, segment_ids=None, cache=None):
+    y, cache = self.mixer(self.mixer_norm(x), segment_ids=segment_ids, cache=cache)
+    x = x + y
+    return x + self.mlp(self.mlp_norm(x)), cache
+
+  def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype):
+    return self.mixer.init_cache(batch_size, max_length, dtype)
+
+
+class BlockGroup(nnx.Module):
+  """One repetition of ``mixer_pattern``: the unit that ``scan_layers`` stacks and scans."""
+
+  def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
+    self.blocks = nnx.List([Block(cfg, name, rngs=rngs) for name in cfg.mixer_pattern])
+
+  def __call__(self, x, *, segment_ids=None, cache=None):
+    caches = (None,) * len(self.blocks) if cache is None else cache
+    new = []
+    for block, c in zip(self.blocks, caches, strict=True):
+      x, c = block(x, segment_ids=segment_ids, cache=c)
+      new.append(c)
+    return x, None if cache is None else tuple(new)
+
+  def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype):
+    return tuple(block.init_cache(batch_size, max_length, dtype) for block in self.blocks)
+
+
+class LM(nnx.Module):
+  """Decoder-only language model configured by an ``LMConfig``.
+
+  Blocks are a list of ``Block`` (``layers[i]``), or with ``cfg.scan_layers`` one ``BlockGroup``
+  whose parameters carry a leading ``"layers"`` axis of ``num_layers / len(mixer_pattern)``
+  groups, run with ``lax.scan``. Parameters are annotated with logical axis names (see
+  ``jaxrec.layers._params``).
+
+  Usage::
+
+    model = LM(cfg, rngs=nnx.Rngs(0))
+    logits, _ = model(tokens)                              # training / scoring
+    cache = model.init_cache(batch_size, max_length)
+    logits, cache = model(prompt, cache=cache)             # prefill
+    logits, cache = model(next_tokens[:, None], cache=cache)  # one decoding step
+  """
+
+  def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
+    if not isinstance(cfg, LMConfig):
+      raise ValueError(f"cfg: expected an LMConfig, got {type(cfg).__name__}")
+    self.cfg = cfg
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    init = nnx.initializers.normal(cfg.init_std)
+    self.embedding = logical_param(
+      init, rngs.params(), (cfg.vocab_size, cfg.d_model), param_dtype, ("vocab", "embed")
+    )
+    if cfg.scan_layers:
+      self.layers = _stacked_groups(cfg, rngs)
+    else:
+      self.layers = nnx.List([Block(cfg, name, rngs=rngs) for name in cfg.layer_mixers])
+    self.final_norm = layers.RMSNorm(
+      cfg.d_model, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
+    if cfg.tie_embeddings:
+      self.head = None
+    else:
+      self.head = layers.Dense(
+        cfg.d_model,
+        cfg.vocab_size,
+        ("embed", "vocab"),
+        std=cfg.init_std,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+      )
+
+  def __call__(
+    self,
+    tokens: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    cache: Cache | None = None,
+  ) -> tuple[jax.Array, Cache | None]:
+    """Next-token logits.
+
+    Args:
+      tokens: int ``[B, T]``.
+      segment_ids: int ``[B, T]`` document ids of packed sequences; mixers neither attend nor
+        carry state across a change of id.
+      cache: from ``init_cache`` or a previous call; the tokens continue it.
+
+    Returns:
+      ``(logits, cache)``: fp32 ``[B, T, vocab_size]`` and the advanced cache (``None`` without
+      one).
+    """
+    self._validate(tokens, segment_ids)
+    cfg = self.cfg
+    x = jnp.take(self.embedding[...], tokens, axis=0).astype(cfg.compute_dtype)
+    if cfg.scan_layers:
+      x, cache = self._scan_blocks(x, segment_ids, cache)
+    else:
+      caches = (None,) * len(self.layers) if cache is None else cache
+      new = []
+      for block, c in zip(self.layers, caches, strict=True):
+        x, c = _call(block, cfg.remat)(x, segment_ids, c)
+        new.append(c)
+      cache = None if cache is None else tuple(new)
+    h = self.final_norm(x)
+    if self.head is None:
+      logits = jnp.einsum("btd,vd->btv", h, self.embedding[...].astype(h.dtype))
+    else:
+      logits = self.head(h)
+    return logits.astype(jnp.float32), cache
+
+  def _scan_blocks(self, x, segment_ids, cache):
+    graphdef, state = nnx.split(self.layers)
+
+    def body(x, group_and_cache):
+      group_state, c = group_and_cache
+      return nnx.merge(graphdef, group_state)(x, segment_ids=segment_ids, cache=c)
+
+    if self.cfg.remat:
+      body = jax.checkpoint(body, prevent_cse=False)
+    return lax.scan(body, x, (state, cache))
+
+  def init_cache(
+    self, batch_size: int, max_length: int | None = None, dtype: jnp.dtype | None = None
+  ) -> Cache:
+    """Empty decoding caches for every mixer.
+
+    Args:
+      batch_size: ``B``.
+      max_length: the most tokens the cache will hold (prompt and generated); default
+        ``cfg.max_seq_len``.
+      dtype: dtype of attention KV caches; default the compute dtype. Recurrent states are fp32.
+
+    Returns:
+      a tuple with one cache per layer, or with ``scan_layers`` one per ``mixer_pattern`` entry,
+      stacked over the groups.
+    """
+    max_length = self.cfg.max_seq_len if max_length is None else max_length
+    dtype = self.cfg.compute_dtype if dtype is None else jnp.dtype(dtype)
+    if self.cfg.scan_layers:
+      groups = self.cfg.num_layers // len(self.cfg.mixer_pattern)
+      group = self.layers.init_cache(batch_size, max_length, dtype)
+      return jax.tree.map(lambda a: jnp.broadcast_to(a, (groups, *a.shape)), group)
+    return tuple(block.init_cache(batch_size, max_length, dtype) for block in self.layers)
+
+  def _validate(self, tokens, segment_ids):
+    if jnp.ndim(tokens) != 2 or not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+      raise ValueError(
+        f"tokens: expected an integer [B, T] array, got {jnp.result_type(tokens)} "
+        f"shape {jnp.shape(tokens)}"
+      )
+    if segment_ids is not None and (
+      jnp.shape(segment_ids) != jnp.shape(tokens)
+      or not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer)
+    ):
+      raise ValueError(
+        f"segment_ids: expected an integer array of shape {jnp.shape(tokens)} [B, T], got "
+        f"{jnp.result_type(segment_ids)} shape {jnp.shape(segment_ids)}"
+      )
+
+
+def _stacked_groups(cfg: LMConfig, rngs: nnx.Rngs) -> BlockGroup:
+  """``num_layers / len(mixer_pattern)`` groups with independent initializations, stacked."""
+
+  @nnx.split_rngs(splits=cfg.num_layers // len(cfg.mixer_pattern))
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(rngs):
+    return BlockGroup(cfg, rngs=rngs)
+
+  return make(rngs)
+
+
+def _call(block: Block, remat: bool) -> Callable:
+  """``block`` as ``f(x, segment_ids, cache)``; with ``remat`` its activations are recomputed in
+  the backward pass (``jax.checkpoint`` over the block's split state)."""
+  if not remat:
+    return lambda x, segment_ids, cache: block(x, segment_ids=segment_ids, cache=cache)
+  graphdef, state = nnx.split(block)
+
+  @jax.checkpoint
+  def f(state, x, segment_ids, cache):
+    return nnx.merge(graphdef, state)(x, segment_ids=segment_ids, cache=cache)
+
+  return lambda x, segment_ids, cache: f(state, x, segment_ids, cache)
+
+
+def param_count_of(model: nnx.Module) -> int:
+  """Number of parameter scalars in ``model`` (concrete or abstract)."""
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,50 @@
+"""Named model sizes, and parameter counts evaluated without allocating parameters."""
+
+import dataclasses
+
+from flax import nnx
+
+from jaxrec.models.config import LMConfig
+from jaxrec.models.lm import LM, param_count_of
+
+_HYBRID = ("gla", "gla", "gla", "attention")
+
+PRESETS: dict[str, LMConfig] = {
+  # ~0.8M parameters: trains on a CPU in seconds.
+  "tiny": LMConfig(vocab_size=256, d_model=128, num_layers=4, num_heads=4, max_seq_len=512),
+  "tiny-hybrid": LMConfig(
+    vocab_size=256, d_model=128, num_layers=4, mixer_pattern=_HYBRID, num_heads=4, max_seq_len=512
+  ),
+  # ~10M parameters.
+  "small": LMConfig(vocab_size=256, d_model=320, num_layers=8, num_heads=5, max_seq_len=1024),
+  "small-hybrid": LMConfig(
+    vocab_size=256, d_model=320, num_layers=8, mixer_pattern=_HYBRID, num_heads=5, max_seq_len=1024
+  ),
+  # ~1.3B parameters: GLA with one grouped-query attention layer in four, bf16 compute.
+  "1b": LMConfig(
+    vocab_size=32_768,
+    d_model=2048,
+    num_layers=24,
+    mixer_pattern=_HYBRID,
+    num_heads=16,
+    num_kv_heads=4,
+    max_seq_len=4096,
+    dtype="bfloat16",
+    scan_layers=True,
+    remat=True,
+    tie_embeddings=False,
+  ),
+}
+
+
+def get_preset(name: str, **overrides) -> LMConfig:
+  """The preset ``name``, with any field replaced by ``overrides``."""
+  if name not in PRESETS:
+    raise ValueError(f"name: unknown preset {name!r}; expected one of {tuple(PRESETS)}")
+  return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def param_count(cfg: LMConfig) -> int:
+  """Parameters of ``LM(cfg)``, counted on an abstract model (``nnx.eval_shape``): no memory is
+  allocated, so this is cheap for any size."""
+  return param_count_of(nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(0))))

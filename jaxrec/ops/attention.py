@@ -1,0 +1,140 @@
+"""Softmax attention and its masks: causal, sliding window, packed segments.
+
+Axes: ``B`` batch, ``T`` query time, ``S`` key time, ``H`` query heads, ``K`` key/value heads
+(``H`` a multiple of ``K``: grouped-query attention), ``D`` head dim.
+
+Masks are built from explicit positions, so one function serves training (``T == S``) and
+decoding against a KV cache (``T`` new queries at positions ``index .. index + T - 1``, keys at
+cache slots ``0 .. S - 1``; slots not yet written lie in the future and the causal mask hides
+them). The softmax itself is ``jax.nn.dot_product_attention``.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from jaxrec.ops import _checks
+
+METHODS = ("auto", "xla", "cudnn")
+
+
+def attention_mask(
+  q_positions: jax.Array,
+  kv_positions: jax.Array,
+  *,
+  causal: bool = True,
+  window: int | None = None,
+  q_segment_ids: jax.Array | None = None,
+  kv_segment_ids: jax.Array | None = None,
+) -> jax.Array:
+  """Which keys each query may attend to.
+
+  Args:
+    q_positions: integer ``[B, T]``.
+    kv_positions: integer ``[B, S]``.
+    causal: keys at later positions than the query are hidden.
+    window: with ``causal``, only the ``window`` most recent keys, the query's own position
+      included, are visible: ``0 <= q_pos - kv_pos < window``.
+    q_segment_ids: integer ``[B, T]``; a query only sees keys of its own segment.
+    kv_segment_ids: integer ``[B, S]``; required with ``q_segment_ids``.
+
+  Returns:
+    bool ``[B, 1, T, S]``, true where attention is allowed.
+  """
+  dist = q_positions[:, :, None] - kv_positions[:, None, :]
+  mask = jnp.ones(dist.shape, bool)
+  if causal:
+    mask = dist >= 0
+  if window is not None:
+    mask &= dist < window
+  if q_segment_ids is not None:
+    mask &= q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+  return mask[:, None]
+
+
+def dot_product_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  causal: bool = True,
+  window: int | None = None,
+  segment_ids: jax.Array | None = None,
+  kv_segment_ids: jax.Array | None = None,
+  q_positions: jax.Array | None = None,
+  kv_positions: jax.Array | None = None,
+  scale: float | None = None,
+  method: str = "auto",
+) -> jax.Array:
+  """Masked softmax attention ``softmax(scale · q kᵀ + mask) v`` per head.
+
+  Args:
+    q: queries ``[B, T, H, D]``.
+    k: keys ``[B, S, K, D]``.
+    v: values ``[B, S, K, D]``.
+    causal: hide keys at later positions than the query.
+    window: sliding window, the number of most recent keys visible (``None``: all); needs
+      ``causal``.
+    segment_ids: integer ``[B, T]`` document ids of the queries (packed sequences): no attention
+      across documents.
+    kv_segment_ids: integer ``[B, S]`` ids of the keys; defaults to ``segment_ids`` (``T == S``).
+    q_positions: integer ``[B, T]`` or ``[T]``; defaults to the last ``T`` of ``S`` positions,
+      ``S - T .. S - 1``.
+    kv_positions: integer ``[B, S]`` or ``[S]``; defaults to ``0 .. S - 1``.
+    scale: logit scale; ``D ** -0.5`` when ``None``.
+    method: ``"auto" | "xla" | "cudnn"``, the ``implementation`` of
+      ``jax.nn.dot_product_attention`` (``"auto"`` lets JAX choose).
+
+  Returns:
+    ``[B, T, H, D]`` in the dtype of ``q``; the softmax is computed in fp32.
+  """
+  _validate(q, k, v, causal, window, segment_ids, kv_segment_ids, method)
+  batch, t = q.shape[:2]
+  s = k.shape[1]
+  if q_positions is None:
+    q_positions = jnp.arange(s - t, s)
+  if kv_positions is None:
+    kv_positions = jnp.arange(s)
+  q_positions = jnp.broadcast_to(q_positions, (batch, t))
+  kv_positions = jnp.broadcast_to(kv_positions, (batch, s))
+  if segment_ids is not None and kv_segment_ids is None:
+    kv_segment_ids = segment_ids
+  mask = attention_mask(
+    q_positions,
+    kv_positions,
+    causal=causal,
+    window=window,
+    q_segment_ids=segment_ids,
+    kv_segment_ids=kv_segment_ids,
+  )
+  dtype = q.dtype
+  k, v = k.astype(dtype), v.astype(dtype)
+  implementation = None if method == "auto" else method
+  return jax.nn.dot_product_attention(
+    q, k, v, mask=mask, scale=scale, implementation=implementation
+  )
+
+
+def _validate(q, k, v, causal, window, segment_ids, kv_segment_ids, method):
+  _checks.check_method(method, METHODS)
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    _checks.check_float(name, x)
+  _checks.check_rank("q", q, 4, "[B, T, H, D]")
+  _checks.check_rank("k", k, 4, "[B, S, K, D]")
+  batch, t, heads, dim = q.shape
+  _, s, kv_heads, _ = k.shape
+  _checks.check_shape("k", k, (batch, s, kv_heads, dim), "[B, S, K, D] (B, D of q)")
+  _checks.check_shape("v", v, k.shape, "[B, S, K, D] (the shape of k)")
+  if heads % kv_heads:
+    raise ValueError(f"k: expected a number of heads dividing {heads} (q's heads), got {kv_heads}")
+  if window is not None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+      raise ValueError(f"window: expected a positive int or None, got {window!r}")
+    if not causal:
+      raise ValueError("window: a sliding window needs causal=True, got causal=False")
+  _checks.check_segment_ids(segment_ids, (batch, t))
+  if kv_segment_ids is not None:
+    if segment_ids is None:
+      raise ValueError("kv_segment_ids: given without segment_ids (the queries' ids)")
+    _checks.check_shape("kv_segment_ids", kv_segment_ids, (batch, s), "[B, S]")
+  elif segment_ids is not None and t != s:
+    raise ValueError(f"kv_segment_ids: required when T != S (T={t}, S={s}) and segment_ids given")

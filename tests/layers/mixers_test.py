@@ -1,0 +1,189 @@
+"""Token mixers: forward and gradients against references written here, cached decoding against
+the full forward, and packed documents against separate runs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxrec import layers
+from jaxrec.models import LMConfig
+
+B, T, D = 2, 10, 16
+SPLIT = 6  # packed tests: document 0 is x[:, :SPLIT], document 1 the rest
+
+CASES = {
+  "attention": dict(mixer_pattern=("attention",)),
+  "attention-gqa-window": dict(mixer_pattern=("attention",), num_heads=4, num_kv_heads=2, window=3),
+  "gla": dict(mixer_pattern=("gla",), gla_chunk_size=16),
+}
+
+
+def _config(**kw):
+  # A large init_std keeps activations O(1), so the fp32 tolerances below are meaningful.
+  return LMConfig(**(dict(vocab_size=32, d_model=D, num_layers=1, num_heads=2, init_std=0.5) | kw))
+
+
+def _mixer(case):
+  cfg = _config(**CASES[case])
+  return cfg, layers.get_mixer(cfg.mixer_pattern[0])(cfg, rngs=nnx.Rngs(0))
+
+
+def _x(seed=0):
+  return np.random.default_rng(seed).standard_normal((B, T, D), np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Independent references: plain jnp with the module's parameters as a dict.
+
+
+def _rope(x, theta):
+  """RoPE as a complex rotation of the channel pairs (i, i + D/2)."""
+  half = x.shape[-1] // 2
+  z = x[..., :half] + 1j * x[..., half:]
+  freq = theta ** (-np.arange(half) / half)
+  z = z * jnp.exp(1j * np.arange(x.shape[1])[:, None, None] * freq)
+  return jnp.concatenate([z.real, z.imag], axis=-1).astype(x.dtype)
+
+
+def _attention_reference(p, x, cfg):
+  q = jnp.einsum("btd,dhk->bthk", x, p["q_proj"]["kernel"])
+  k = jnp.einsum("btd,dhk->bthk", x, p["k_proj"]["kernel"])
+  v = jnp.einsum("btd,dhk->bthk", x, p["v_proj"]["kernel"])
+  q, k = _rope(q, cfg.rope_theta), _rope(k, cfg.rope_theta)
+  group = cfg.num_heads // cfg.kv_heads
+  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+  logits = jnp.einsum("bthk,bshk->bhts", q, k) / np.sqrt(q.shape[-1])
+  t = np.arange(x.shape[1])
+  visible = t[:, None] >= t[None, :]
+  if cfg.window is not None:
+    visible &= t[:, None] - t[None, :] < cfg.window
+  probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
+  o = jnp.einsum("bhts,bshk->bthk", probs, v)
+  return jnp.einsum("bthk,hkd->btd", o, p["o_proj"]["kernel"])
+
+
+def _gla_reference(p, x, cfg):
+  q = jnp.einsum("btd,dhk->bthk", x, p["q_proj"]["kernel"])
+  k = jnp.einsum("btd,dhk->bthk", x, p["k_proj"]["kernel"])
+  v = jnp.einsum("btd,dhk->bthk", x, p["v_proj"]["kernel"])
+  low = jnp.einsum("btd,dr->btr", x, p["decay_down"]["kernel"])
+  gate_logits = jnp.einsum("btr,rhk->bthk", low, p["decay_up"]["kernel"]) + p["decay_up"]["bias"]
+  alpha = jax.nn.sigmoid(gate_logits) ** (1 / cfg.gla_gate_normalizer)
+
+  def step(state, inputs):
+    q_t, k_t, v_t, a_t = inputs
+    state = a_t[..., None] * state + k_t[..., :, None] * v_t[..., None, :]
+    return state, jnp.einsum("bhk,bhkv->bhv", q_t, state) / np.sqrt(q_t.shape[-1])
+
+  state0 = jnp.zeros((x.shape[0], q.shape[2], q.shape[3], v.shape[3]))
+  _, o = jax.lax.scan(step, state0, tuple(jnp.swapaxes(a, 0, 1) for a in (q, k, v, alpha)))
+  o = jnp.swapaxes(o, 0, 1)
+  o = o / jnp.sqrt(jnp.mean(o**2, axis=-1, keepdims=True) + cfg.norm_eps) * p["out_norm"]["scale"]
+  o = o * jax.nn.silu(jnp.einsum("btd,dhk->bthk", x, p["g_proj"]["kernel"]))
+  return jnp.einsum("bthk,hkd->btd", o, p["o_proj"]["kernel"])
+
+
+def _reference(cfg):
+  reference = _gla_reference if cfg.mixer_pattern[0] == "gla" else _attention_reference
+  return lambda p, x: reference(p, x, cfg)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_and_gradients_match_reference(case):
+  cfg, mixer = _mixer(case)
+  graphdef, state = nnx.split(mixer)
+  params = nnx.to_pure_dict(state)
+
+  def layer(params, x):
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)(x)[0]
+
+  reference = _reference(cfg)
+  x = _x()
+  w = np.random.default_rng(1).standard_normal(x.shape, np.float32)
+
+  def output_and_grads(f):
+    def loss(p, x):
+      y = f(p, x)
+      return jnp.sum(y * w), y
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+
+  got_grads, got = output_and_grads(layer)
+  want_grads, want = output_and_grads(reference)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  jax.tree.map(
+    lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5), got_grads, want_grads
+  )
+
+
+def _decode(mixer, x, cache):
+  """Feeds ``x [B, t, D]`` one token at a time (the same call with T = 1 and a cache)."""
+
+  def step(cache, x_t):
+    y, cache = mixer(x_t[:, None], cache=cache)
+    return cache, y[:, 0]
+
+  cache, y = jax.lax.scan(step, cache, jnp.swapaxes(x, 0, 1))
+  return jnp.swapaxes(y, 0, 1), cache
+
+
+@jax.jit
+def _cached_runs(mixer, x):
+  """Outputs of the same tokens computed with the cache in three ways, and the packed runs."""
+  empty = mixer.init_cache(B, T, jnp.float32)
+  full, no_cache = mixer(x)
+  steps, _ = _decode(mixer, x, empty)
+  prefill, cache = mixer(x[:, :SPLIT], cache=empty)
+  decoded, _ = _decode(mixer, x[:, SPLIT:], cache)
+  # Two packed documents, without and with a cache (the decode continues document 1).
+  seg = jnp.broadcast_to(jnp.where(jnp.arange(T) < SPLIT, 3, 7), (B, T)).astype(jnp.int32)
+  packed = mixer(x, segment_ids=seg)[0]
+  docs = (mixer(x[:, :SPLIT])[0], mixer(x[:, SPLIT:])[0])
+  _, cache = mixer(x[:, : T - 2], segment_ids=seg[:, : T - 2], cache=empty)
+  tail, _ = _decode(mixer, x[:, T - 2 :], cache)
+  return dict(
+    no_cache=no_cache,
+    full=full,
+    steps=steps,
+    prefill_decode=jnp.concatenate([prefill, decoded], 1),
+    packed=packed,
+    separate=jnp.concatenate(docs, 1),
+    packed_cache_tail=tail,
+  )
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cached_decoding_and_packing_match_full_forward(case):
+  _, mixer = _mixer(case)
+  out = _cached_runs(mixer, _x(2))
+  assert out["no_cache"] is None
+  close = dict(rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out["steps"], out["full"], **close)
+  np.testing.assert_allclose(out["prefill_decode"], out["full"], **close)
+  np.testing.assert_allclose(out["packed"], out["separate"], **close)
+  np.testing.assert_allclose(out["packed_cache_tail"], out["separate"][:, -2:], **close)
+  # The packed run must differ from the unpacked one, or the check above proves nothing.
+  assert np.abs(out["packed"][:, SPLIT:] - out["full"][:, SPLIT:]).max() > 1e-3
+
+
+def test_gla_cache_is_constant_size_and_attention_cache_grows():
+  _, gla = _mixer("gla")
+  _, attention = _mixer("attention")
+  assert (
+    gla.init_cache(B, 10, jnp.float32).state.shape
+    == gla.init_cache(B, 1000, jnp.float32).state.shape
+  )
+  assert attention.init_cache(B, 1000, jnp.bfloat16).k.shape == (B, 1000, 2, 8)
+  assert attention.init_cache(B, 1000, jnp.bfloat16).k.dtype == jnp.bfloat16
+
+
+def test_registry():
+  assert layers.get_mixer("attention") is layers.Attention
+  assert layers.get_mixer("gla") is layers.GatedLinearAttention
+  with pytest.raises(ValueError, match=r"unknown mixer 'lstm'.*'attention', 'gla'"):
+    layers.get_mixer("lstm")
+  with pytest.raises(ValueError, match="already registered"):
+    layers.register_mixer("gla")(layers.Attention)

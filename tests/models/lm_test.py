@@ -1,0 +1,153 @@
+"""The LM stack: shapes and dtypes, scanned vs looped layers, remat, presets, config errors,
+logical axis metadata."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxrec.models import LM, LMConfig, get_preset, param_count, param_count_of
+
+CFG = LMConfig(
+  vocab_size=32,
+  d_model=16,
+  num_layers=4,
+  mixer_pattern=("gla", "attention"),
+  num_heads=2,
+  init_std=0.3,
+  max_seq_len=16,
+  gla_chunk_size=16,
+)
+LOGICAL_AXES = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "rank", "norm", "layers"}
+
+
+def _tokens(b=2, t=8, seed=0):
+  return np.random.default_rng(seed).integers(0, CFG.vocab_size, (b, t)).astype(np.int32)
+
+
+@jax.jit
+def _logits(model, tokens):
+  return model(tokens)[0]
+
+
+def test_forward_shapes_and_bf16_compute():
+  cfg = dataclasses.replace(CFG, num_layers=2)
+  tokens = _tokens()
+  model = LM(cfg, rngs=nnx.Rngs(0))
+  logits = _logits(model, tokens)
+  assert logits.shape == (2, 8, CFG.vocab_size) and logits.dtype == jnp.float32
+  # Same seed, same fp32 parameters; only the compute dtype differs.
+  bf16 = LM(dataclasses.replace(cfg, dtype="bfloat16"), rngs=nnx.Rngs(0))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
+  logits_bf16 = _logits(bf16, tokens)
+  assert logits_bf16.dtype == jnp.float32
+  assert np.isfinite(logits_bf16).all()
+  np.testing.assert_allclose(logits_bf16, logits, atol=0.1 * np.abs(logits).max())
+
+
+def _to_scanned(pure, cfg):
+  """Stacks the looped model's blocks into the scanned layout: group g, pattern slot p."""
+  period = len(cfg.mixer_pattern)
+  blocks = pure.pop("layers")
+  groups = cfg.num_layers // period
+  stacked = {
+    p: jax.tree.map(lambda *xs: jnp.stack(xs), *(blocks[g * period + p] for g in range(groups)))
+    for p in range(period)
+  }
+  return pure | {"layers": {"blocks": stacked}}
+
+
+def _logits_and_grads(model, tokens):
+  graphdef, state = nnx.split(model, nnx.Param)
+
+  def loss(state):
+    logits = nnx.merge(graphdef, state)(tokens)[0]
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+
+  grads, logits = jax.jit(jax.grad(loss, has_aux=True))(state)
+  return logits, nnx.to_pure_dict(grads)
+
+
+def test_scanned_layers_and_remat_match_the_plain_loop():
+  """Same parameters: the looped model, the looped model with remat and the scanned model with
+  remat give the same logits and gradients (untied head, so the head path is covered too)."""
+  cfg = dataclasses.replace(CFG, tie_embeddings=False)
+  tokens = _tokens(seed=1)
+  loop = LM(cfg, rngs=nnx.Rngs(1))
+  pure = nnx.to_pure_dict(nnx.state(loop, nnx.Param))
+  remat = LM(dataclasses.replace(cfg, remat=True), rngs=nnx.Rngs(2))
+  nnx.update(remat, nnx.state(loop))
+  scanned = LM(dataclasses.replace(cfg, scan_layers=True, remat=True), rngs=nnx.Rngs(3))
+  state = nnx.state(scanned, nnx.Param)
+  nnx.replace_by_pure_dict(state, _to_scanned(dict(pure), cfg))
+  nnx.update(scanned, state)
+
+  want_logits, want_grads = _logits_and_grads(loop, tokens)
+  close = dict(rtol=1e-5, atol=1e-6)
+  for model in (remat, scanned):
+    logits, grads = _logits_and_grads(model, tokens)
+    np.testing.assert_allclose(logits, want_logits, **close)
+    if model is scanned:
+      grads_want = _to_scanned(dict(want_grads), cfg)
+    else:
+      grads_want = want_grads
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, **close), grads, grads_want)
+
+
+def test_tied_and_untied_heads():
+  tied = nnx.eval_shape(lambda: LM(CFG, rngs=nnx.Rngs(0)))
+  untied = nnx.eval_shape(
+    lambda: LM(dataclasses.replace(CFG, tie_embeddings=False), rngs=nnx.Rngs(0))
+  )
+  assert tied.head is None and untied.head.kernel.shape == (CFG.d_model, CFG.vocab_size)
+  assert param_count_of(untied) - param_count_of(tied) == CFG.d_model * CFG.vocab_size
+
+
+def test_presets_abstract_parameter_counts():
+  assert 0.9e9 <= param_count(get_preset("1b")) <= 1.6e9
+  assert 0.5e6 <= param_count(get_preset("tiny")) <= 2e6
+  assert 5e6 <= param_count(get_preset("small")) <= 20e6
+  assert get_preset("tiny", vocab_size=260).vocab_size == 260
+  with pytest.raises(ValueError, match="name: unknown preset 'huge'"):
+    get_preset("huge")
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_every_parameter_has_logical_axis_names(scan_layers):
+  cfg = dataclasses.replace(CFG, scan_layers=scan_layers, tie_embeddings=False)
+  model = nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(0)))
+  for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    names = param.get_metadata()["out_sharding"]
+    assert len(names) == len(param.shape), path
+    assert set(names) <= LOGICAL_AXES, path
+    assert (names[0] == "layers") == (scan_layers and path[0] == "layers"), path
+
+
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
+    (
+      dict(mixer_pattern=("gla", "lstm")),
+      r"mixer_pattern: unknown mixer 'lstm'.*'attention', 'gla'",
+    ),
+    (dict(mixer_pattern="gla"), "mixer_pattern: expected a tuple"),
+    (dict(num_kv_heads=3), "num_kv_heads: expected a divisor of num_heads=2"),
+    (dict(num_layers=3, scan_layers=True), "num_layers: scan_layers=True needs a multiple"),
+    (dict(dtype="float8"), "dtype: expected"),
+    (dict(d_model=0), "d_model: expected a positive int"),
+  ],
+)
+def test_config_errors_name_the_field(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    dataclasses.replace(CFG, **overrides)
+
+
+def test_bad_tokens_name_the_argument():
+  model = LM(dataclasses.replace(CFG, num_layers=2), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="tokens: expected an integer"):
+    model(np.zeros((2, 4), np.float32))
+  with pytest.raises(ValueError, match="segment_ids: expected an integer array of shape"):
+    model(_tokens(t=4), segment_ids=np.zeros((2, 5), np.int32))

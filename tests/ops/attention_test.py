@@ -1,0 +1,124 @@
+"""Softmax attention op against a naive numpy reference: masks, GQA, cache-style positions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrec.ops import attention
+
+
+def _reference(q, k, v, *, q_pos, kv_pos, window=None, q_seg=None, kv_seg=None):
+  """Per batch row, query and head: an explicit loop over the visible keys."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  b, t, h, d = q.shape
+  group = h // k.shape[2]
+  out = np.zeros_like(q)
+  for bi in range(b):
+    for ti in range(t):
+      for hi in range(h):
+        visible = [
+          s
+          for s in range(k.shape[1])
+          if kv_pos[bi, s] <= q_pos[bi, ti]
+          and (window is None or q_pos[bi, ti] - kv_pos[bi, s] < window)
+          and (q_seg is None or q_seg[bi, ti] == kv_seg[bi, s])
+        ]
+        logits = np.array([q[bi, ti, hi] @ k[bi, s, hi // group] for s in visible]) / np.sqrt(d)
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        out[bi, ti, hi] = sum(pi * v[bi, s, hi // group] for pi, s in zip(p, visible))
+  return out
+
+
+def _qkv(b, t, s, h, kv, d, seed=0):
+  rng = np.random.default_rng(seed)
+  q = rng.standard_normal((b, t, h, d), np.float32)
+  k = rng.standard_normal((b, s, kv, d), np.float32)
+  v = rng.standard_normal((b, s, kv, d), np.float32)
+  return q, k, v
+
+
+# One compilation per call signature instead of one per primitive in eager mode.
+_attention = jax.jit(
+  attention.dot_product_attention, static_argnames=("window", "causal", "method")
+)
+
+
+@pytest.mark.parametrize(
+  "heads,kv_heads,window,packed",
+  [(2, 2, None, False), (4, 2, None, False), (2, 2, 3, False), (4, 1, 4, True), (2, 2, None, True)],
+)
+def test_self_attention_matches_reference(heads, kv_heads, window, packed):
+  b, t, d = 2, 9, 8
+  q, k, v = _qkv(b, t, t, heads, kv_heads, d)
+  seg = None
+  if packed:
+    seg = np.array([[0, 0, 0, 0, 1, 1, 1, 1, 1], [3, 3, 5, 5, 5, 5, 5, 7, 7]])
+  pos = np.broadcast_to(np.arange(t), (b, t))
+  got = _attention(q, k, v, window=window, segment_ids=seg)
+  want = _reference(q, k, v, q_pos=pos, kv_pos=pos, window=window, q_seg=seg, kv_seg=seg)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_queries_against_a_longer_cache():
+  """Decoding form: 2 new queries at positions 4, 5 over 8 cache slots, 6 of them written."""
+  b, t, s, h, d = 1, 2, 8, 2, 4
+  q, k, v = _qkv(b, t, s, h, h, d, seed=1)
+  q_pos = np.array([[4, 5]])
+  kv_pos = np.arange(s)[None]
+  got = _attention(q, k, v, q_positions=q_pos, window=3)
+  want = _reference(q, k, v, q_pos=q_pos, kv_pos=kv_pos, window=3)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_match_a_jax_reference():
+  q, k, v = _qkv(1, 6, 6, 4, 2, 4, seed=2)
+  seg = np.array([[0, 0, 0, 1, 1, 1]])
+
+  def reference(q, k, v):
+    k, v = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+    logits = jnp.einsum("bthd,bshd->bhts", q, k) / 2.0
+    pos = jnp.arange(6)
+    mask = (pos[:, None] >= pos[None, :]) & (pos[:, None] - pos[None, :] < 2)
+    mask &= seg[0][:, None] == seg[0][None, :]
+    p = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+    return jnp.einsum("bhts,bshd->bthd", p, v)
+
+  def op(q, k, v):
+    return attention.dot_product_attention(q, k, v, window=2, segment_ids=seg)
+
+  w = np.random.default_rng(3).standard_normal(q.shape, np.float32)
+  got = jax.jit(jax.grad(lambda *a: jnp.sum(op(*a) * w), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.jit(jax.grad(lambda *a: jnp.sum(reference(*a) * w), argnums=(0, 1, 2)))(q, k, v)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_inputs_give_bf16_outputs_close_to_fp32():
+  q, k, v = _qkv(1, 5, 5, 2, 2, 8, seed=4)
+  got = _attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+  want = _attention(q, k, v)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
+    (dict(window=0), "window"),
+    (dict(window=2, causal=False), "window"),
+    (dict(method="flash"), "method"),
+    (dict(segment_ids=np.zeros((1, 4), np.float32)), "segment_ids"),
+  ],
+)
+def test_bad_arguments_name_the_argument(kwargs, match):
+  q, k, v = _qkv(1, 4, 4, 2, 2, 4)
+  with pytest.raises(ValueError, match=match):
+    attention.dot_product_attention(q, k, v, **kwargs)
+
+
+def test_heads_must_be_a_multiple_of_kv_heads():
+  q, k, v = _qkv(1, 4, 4, 3, 2, 4)
+  with pytest.raises(ValueError, match="k: expected a number of heads"):
+    attention.dot_product_attention(q, k, v)

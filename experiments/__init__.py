@@ -1,0 +1,1 @@
+"""Experiment launchers (absl apps) and their ``get_config()`` files."""

@@ -1,0 +1,85 @@
+"""Default language-model training run: a small GLA + attention hybrid on the stdlib corpus.
+
+Sized to train on two CPU cores in a few minutes (byte tokenizer, 128-token rows); every field can
+be overridden from the command line, e.g.::
+
+  python -m experiments.train --workdir /tmp/lm --config.steps=2000 \
+      --config.model.preset=small-hybrid --config.mesh.fsdp=2
+
+``model`` fields left ``None`` keep the preset's value. Continued pretraining with re-warming::
+
+  python -m experiments.train --workdir /tmp/lm2 --config.init_from=/tmp/lm \
+      --config.optim.schedule=wsd --config.optim.init_lr=3e-4
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.steps = 600
+  config.batch_size = 16  # global, split over --config.mesh.data × --config.mesh.fsdp
+  config.grad_accum_steps = 1  # microbatches per step (scanned inside the train step)
+
+  config.model = ml_collections.ConfigDict()
+  config.model.preset = "tiny"
+  config.model.mixer_pattern = ("gla", "gla", "attention")
+  config.model.num_layers = 3
+  config.model.d_model = config_dict.placeholder(int)
+  config.model.num_heads = config_dict.placeholder(int)
+  config.model.num_kv_heads = config_dict.placeholder(int)
+  config.model.head_dim = config_dict.placeholder(int)
+  config.model.mlp_hidden = config_dict.placeholder(int)
+  config.model.window = config_dict.placeholder(int)
+  config.model.gla_chunk_size = config_dict.placeholder(int)
+  config.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators (params stay fp32)
+  config.model.param_dtype = "float32"
+  config.model.scan_layers = config_dict.placeholder(bool)
+  config.model.remat = config_dict.placeholder(bool)
+  config.model.tie_embeddings = config_dict.placeholder(bool)
+
+  config.data = ml_collections.ConfigDict()
+  config.data.tokenizer = "byte"  # or the path of a HuggingFace tokenizer.json
+  config.data.train = "stdlib"  # or a path / glob of .txt / .jsonl files
+  config.data.validation = "stdlib"
+  config.data.seq_len = 128
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.schedule = "cosine"  # or "wsd" (warmup-stable-decay, re-warming from init_lr)
+  config.optim.learning_rate = 3e-3
+  config.optim.warmup_steps = 30
+  config.optim.end_lr_ratio = 0.1  # final learning rate / peak
+  config.optim.init_lr = 0.0  # WSD: where the (re-)warmup starts
+  config.optim.decay_steps = config_dict.placeholder(int)  # WSD cooldown; default steps // 5
+  config.optim.decay_shape = "1-sqrt"
+  config.optim.weight_decay = 0.1
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.95
+  config.optim.eps = 1e-8
+  config.optim.clip_norm = 1.0
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # -1: all devices not used by the other axes
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+  config.multihost = False  # call jax.distributed.initialize() first
+
+  config.log_every = 10
+  config.eval_every = 200  # 0: only the final evaluation
+  config.eval_batches = 40  # validation batches per evaluation (about the whole stdlib split)
+  config.checkpoint_every = 200  # 0: only the final checkpoint
+  config.max_to_keep = 2
+  config.resume = False
+  config.init_from = config_dict.placeholder(str)  # a run's workdir to take the parameters from
+  config.progress = config_dict.placeholder(bool)  # progress bar; default: when on a terminal
+
+  config.sample = ml_collections.ConfigDict()
+  config.sample.prompt = "def "
+  config.sample.max_new_tokens = 200
+  config.sample.temperature = 0.8
+  config.sample.top_k = config_dict.placeholder(int)
+  config.sample.top_p = 0.95
+  config.sample.seed = 0
+  return config

@@ -1,0 +1,62 @@
+"""Training: optimizers and schedules, sharding rules, train/eval steps, checkpoints, metrics, loop."""
+
+from jaxrec.train.checkpoint import Checkpointer, CheckpointError, restore_params
+from jaxrec.train.config_checks import ConfigError, model_config, validate_config
+from jaxrec.train.loop import train_and_evaluate
+from jaxrec.train.metrics import MetricsWriter, plot_losses, read_metrics, token_byte_lengths
+from jaxrec.train.optim import (
+  make_optimizer,
+  warmup_cosine_schedule,
+  weight_decay_mask,
+  wsd_schedule,
+)
+from jaxrec.train.sharding import (
+  LOGICAL_AXIS_RULES,
+  MESH_AXES,
+  batch_sharding,
+  global_batch,
+  logical_to_mesh,
+  make_mesh,
+  mesh_shape,
+  tree_shardings,
+)
+from jaxrec.train.step import (
+  TrainState,
+  abstract_train_state,
+  init_train_state,
+  make_eval_step,
+  make_train_step,
+  summarize,
+)
+
+__all__ = [
+  "LOGICAL_AXIS_RULES",
+  "MESH_AXES",
+  "CheckpointError",
+  "Checkpointer",
+  "ConfigError",
+  "MetricsWriter",
+  "TrainState",
+  "abstract_train_state",
+  "batch_sharding",
+  "global_batch",
+  "init_train_state",
+  "logical_to_mesh",
+  "make_eval_step",
+  "make_mesh",
+  "make_optimizer",
+  "make_train_step",
+  "mesh_shape",
+  "model_config",
+  "plot_losses",
+  "read_metrics",
+  "restore_params",
+  "summarize",
+  "token_byte_lengths",
+  "train_and_evaluate",
+  "tree_shardings",
+  "validate_config",
+  "warmup_cosine_schedule",
+  "weight_decay_mask",
+  "wsd_schedule",
+]

@@ -1,0 +1,153 @@
+"""Checkpoints: the train state and the data iterator saved together with orbax.
+
+One ``orbax.checkpoint.CheckpointManager`` per work directory; every step directory holds two
+items, ``state`` (the ``TrainState``, written with ``StandardSave``) and ``data`` (the grain
+iterator's position, ``grain.checkpoint.CheckpointSave``), so a resumed run sees exactly the
+batches that followed the save. Restoring goes into an abstract state whose
+``ShapeDtypeStruct`` s carry the target shardings, so arrays land directly where the step wants
+them, on any mesh.
+
+Nothing here deletes files except orbax's ``max_to_keep`` retention of this run's own saves: a
+missing, empty or unreadable directory raises an error naming it, and a fresh run refuses a
+directory that already holds checkpoints.
+"""
+
+import os
+
+import grain
+import orbax.checkpoint as ocp
+
+from jaxrec.train.step import TrainState
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint exists but cannot be read (truncated, missing items, wrong shapes)."""
+
+
+class Checkpointer:
+  """Saves and restores ``(TrainState, data iterator)`` pairs under ``directory``.
+
+  Args:
+    directory: the checkpoint directory (``<workdir>/checkpoints``).
+    resume: ``True`` to continue from the latest checkpoint, which must exist; ``False`` for a
+      fresh run, which must not find checkpoints there (they would be overwritten).
+    max_to_keep: how many of the newest checkpoints to keep.
+    save_interval_steps: ``save`` writes only at multiples of this (unless forced).
+
+  Raises:
+    NotADirectoryError: ``directory`` exists but is a file.
+    FileNotFoundError: ``resume`` and ``directory`` is missing or holds no checkpoint.
+    FileExistsError: not ``resume`` and ``directory`` already holds checkpoints.
+  """
+
+  def __init__(
+    self, directory: str, *, resume: bool, max_to_keep: int = 3, save_interval_steps: int = 1
+  ):
+    self.directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+      raise NotADirectoryError(
+        f"checkpoint directory {self.directory}: exists but is not a directory"
+      )
+    if resume and not os.path.isdir(self.directory):
+      raise FileNotFoundError(
+        f"checkpoint directory {self.directory}: does not exist, nothing to resume from "
+        "(check --workdir, or set --config.resume=False to start a fresh run)"
+      )
+    # Explicit policy: orbax's default adds an InitialSavePolicy that saves the very first step.
+    policy = ocp.checkpoint_managers.AnySavePolicy(
+      [
+        ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
+        ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+      ]
+    )
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, save_decision_policy=policy, create=True
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    steps = self._manager.all_steps()
+    if resume and not steps:
+      entries = sorted(os.listdir(self.directory))
+      raise FileNotFoundError(
+        f"checkpoint directory {self.directory}: holds no finished checkpoint to resume from "
+        f"(found {entries[:10] or 'nothing'}; a step directory named by its step number with a "
+        "'state' and a 'data' item is expected)"
+      )
+    if not resume and steps:
+      raise FileExistsError(
+        f"checkpoint directory {self.directory}: already holds checkpoints at steps {steps}; "
+        "set --config.resume=True to continue that run, or pick a new --workdir"
+      )
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: TrainState, data_iter, *, force: bool = False) -> bool:
+    """Saves at ``step`` if it is a save step (or ``force``); returns whether it saved."""
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)
+    )
+    return self._manager.save(step, args=args, force=force)
+
+  def restore(self, abstract_state: TrainState, data_iter, step: int | None = None) -> TrainState:
+    """Restores ``step`` (default: the latest) into ``abstract_state``'s shapes and shardings.
+
+    ``data_iter`` is moved, in place, to where the saved iterator was.
+
+    Raises:
+      CheckpointError: the checkpoint cannot be read; the message names its directory, the
+        underlying error and the other steps available. The files are left as they are.
+    """
+    step = self.latest_step() if step is None else step
+    args = ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=grain.checkpoint.CheckpointRestore(data_iter),
+    )
+    try:
+      restored = self._manager.restore(step, args=args)
+    except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+      others = [s for s in self._manager.all_steps() if s != step]
+      raise CheckpointError(
+        f"checkpoint {os.path.join(self.directory, str(step))}: cannot be restored "
+        f"({type(e).__name__}: {e}). Nothing was deleted; other steps there: {others or 'none'} "
+        "(move this step's directory aside to resume from the latest of them)"
+      ) from e
+    return restored.state
+
+  def close(self) -> None:
+    """Waits for pending (async) saves and releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def restore_params(directory: str, abstract_state: TrainState) -> TrainState:
+  """The latest train state under another run's ``directory``, for continued pretraining.
+
+  Opens the directory read-only and restores only the ``state`` item (not the data iterator).
+  ``abstract_state`` must have the saved run's structure (same model and optimizer chain).
+
+  Raises:
+    FileNotFoundError: ``directory`` is missing or holds no checkpoint.
+    CheckpointError: the checkpoint cannot be read.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"checkpoint directory {directory}: does not exist")
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  with ocp.CheckpointManager(directory, options=options) as manager:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"checkpoint directory {directory}: holds no finished checkpoint")
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+    try:
+      return manager.restore(step, args=args).state
+    except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+      raise CheckpointError(
+        f"checkpoint {os.path.join(directory, str(step))}: cannot be restored "
+        f"({type(e).__name__}: {e}). Nothing was deleted"
+      ) from e

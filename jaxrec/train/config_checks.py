@@ -1,0 +1,127 @@
+"""Validation of an experiment config before anything is built.
+
+Every error is a ``ConfigError`` whose message starts with the flag to fix, as the launcher spells
+it (``--config.mesh.fsdp: ...``), then what was expected and what was given.
+"""
+
+import dataclasses
+import re
+
+import ml_collections
+
+from jaxrec import layers
+from jaxrec.models import PRESETS, LMConfig, get_preset
+from jaxrec.train import optim, sharding
+
+SCHEDULES = ("cosine", "wsd")
+
+
+class ConfigError(ValueError):
+  """An experiment config field holds a bad value; the message names its flag."""
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> LMConfig:
+  """The ``LMConfig`` of ``config.model``: the preset with every non-``None`` field replaced.
+
+  Raises:
+    ConfigError: unknown preset, unknown mixer, or a field ``LMConfig`` rejects.
+  """
+  cfg = config.model
+  if cfg.preset not in PRESETS:
+    raise ConfigError(
+      f"--config.model.preset: expected one of {tuple(PRESETS)}, got {cfg.preset!r}"
+    )
+  unknown = [m for m in cfg.mixer_pattern if m not in layers.MIXERS]
+  if unknown:
+    raise ConfigError(
+      f"--config.model.mixer_pattern: unknown mixer {unknown[0]!r} in {tuple(cfg.mixer_pattern)}; "
+      f"registered mixers: {tuple(sorted(layers.MIXERS))}"
+    )
+  fields = {f.name for f in dataclasses.fields(LMConfig)}
+  overrides = {k: v for k, v in cfg.items() if k in fields and v is not None}
+  overrides["mixer_pattern"] = tuple(cfg.mixer_pattern)
+  try:
+    return get_preset(cfg.preset, **overrides, vocab_size=vocab_size)
+  except ValueError as e:
+    # LMConfig's messages start with the offending field; point at its flag when there is one.
+    match = re.match(r"(\w+):", str(e))
+    field = match.group(1) if match else None
+    flag = f"--config.model.{field}" if field in cfg else "--config.model"
+    raise ConfigError(f"{flag}: {e}") from e
+
+
+def validate_config(
+  config: ml_collections.ConfigDict, num_devices: int, num_processes: int
+) -> None:
+  """Checks the fields that can be checked without building anything.
+
+  Raises:
+    ConfigError: naming the flag of the first bad field.
+  """
+  for name in ("steps", "batch_size", "grad_accum_steps", "log_every"):
+    _check_positive(f"--config.{name}", config[name])
+  for name in ("eval_every", "checkpoint_every"):
+    _check_non_negative(f"--config.{name}", config[name])
+  _check_positive("--config.eval_batches", config.eval_batches)
+  _check_positive("--config.max_to_keep", config.max_to_keep)
+  _check_positive("--config.data.seq_len", config.data.seq_len)
+  model_config(config, vocab_size=256)
+  try:
+    data, fsdp, _ = sharding.mesh_shape(dict(config.mesh), num_devices, "--config.mesh")
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  shards = data * fsdp
+  if config.batch_size % shards:
+    raise ConfigError(
+      f"--config.batch_size: expected a multiple of the batch shards --config.mesh.data × "
+      f"--config.mesh.fsdp = {data} × {fsdp} = {shards}, got {config.batch_size}"
+    )
+  if config.batch_size % num_processes:
+    raise ConfigError(
+      f"--config.batch_size: expected a multiple of the {num_processes} processes, "
+      f"got {config.batch_size}"
+    )
+  if config.batch_size % (shards * config.grad_accum_steps):
+    raise ConfigError(
+      f"--config.grad_accum_steps: expected a divisor of batch_size / (data × fsdp) = "
+      f"{config.batch_size // shards}, got {config.grad_accum_steps}"
+    )
+  _validate_optim(config)
+
+
+def _validate_optim(config: ml_collections.ConfigDict) -> None:
+  opt = config.optim
+  if opt.schedule not in SCHEDULES:
+    raise ConfigError(f"--config.optim.schedule: expected one of {SCHEDULES}, got {opt.schedule!r}")
+  if opt.schedule == "wsd" and opt.decay_shape not in optim.DECAY_SHAPES:
+    raise ConfigError(
+      f"--config.optim.decay_shape: expected one of {optim.DECAY_SHAPES}, got {opt.decay_shape!r}"
+    )
+  if not opt.learning_rate > 0:
+    raise ConfigError(f"--config.optim.learning_rate: expected > 0, got {opt.learning_rate}")
+  _check_non_negative("--config.optim.warmup_steps", opt.warmup_steps)
+  decay = decay_steps(config) if opt.schedule == "wsd" else 0
+  _check_non_negative("--config.optim.decay_steps", decay)
+  if opt.warmup_steps + decay > config.steps:
+    raise ConfigError(
+      f"--config.optim.warmup_steps: warmup ({opt.warmup_steps}) plus decay ({decay}) steps "
+      f"must fit in --config.steps={config.steps}"
+    )
+  if opt.clip_norm is not None and not opt.clip_norm > 0:
+    raise ConfigError(f"--config.optim.clip_norm: expected > 0 or None, got {opt.clip_norm}")
+
+
+def decay_steps(config: ml_collections.ConfigDict) -> int:
+  """WSD cooldown length: ``optim.decay_steps``, or a fifth of the run when unset."""
+  given = config.optim.decay_steps
+  return config.steps // 5 if given is None else given
+
+
+def _check_positive(flag: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ConfigError(f"{flag}: expected a positive integer, got {value!r}")
+
+
+def _check_non_negative(flag: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise ConfigError(f"{flag}: expected a non-negative integer, got {value!r}")

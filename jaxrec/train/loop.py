@@ -1,0 +1,203 @@
+"""``train_and_evaluate(config, workdir)``: the language-model training loop.
+
+Sections, in order: devices and mesh → tokenizer and data → model and optimizer → initialize or
+restore → train (log, evaluate, checkpoint every N steps) → final evaluation, checkpoint, plot and
+a sample. ``config`` is the ``ConfigDict`` of ``experiments/configs/default.py``.
+
+The work directory holds ``checkpoints/`` (orbax: train state + data iterator), ``metrics.jsonl``,
+``loss.png`` and ``sample.txt``.
+"""
+
+import math
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+import jaxrec
+from jaxrec import data as data_lib
+from jaxrec.models import LM
+from jaxrec.train import checkpoint, config_checks, metrics, optim, sharding
+from jaxrec.train import step as step_lib
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains the configured LM, evaluates it, checkpoints it and samples from it.
+
+  Args:
+    config: the experiment config (see ``experiments/configs/default.py``).
+    workdir: output directory; with ``config.resume`` the run continues from its checkpoints.
+
+  Returns:
+    The final validation metrics (``loss``, ``bits_per_byte`` or ``bits_per_token``, ``tokens``),
+    the last train ``loss``, the ``step`` reached and the ``sample`` text.
+
+  Raises:
+    ConfigError: a config field is invalid; the message names its flag.
+    FileNotFoundError, FileExistsError, CheckpointError: see ``checkpoint.Checkpointer``.
+  """
+  # ---- Devices and mesh -------------------------------------------------------------------------
+  sharding.initialize_distributed(config.multihost)
+  config_checks.validate_config(config, jax.device_count(), jax.process_count())
+  mesh = sharding.make_mesh(sharding.mesh_shape(dict(config.mesh), jax.device_count()))
+  logging.info("mesh %s", dict(mesh.shape))
+
+  # ---- Tokenizer and data -----------------------------------------------------------------------
+  tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
+  byte_lengths = metrics.token_byte_lengths(tokenizer)
+  local_batch = config.batch_size // jax.process_count()
+  dataset_args = dict(
+    tokenizer=tokenizer,
+    seq_len=config.data.seq_len,
+    batch_size=local_batch,
+    seed=config.seed,
+    shard_index=jax.process_index(),
+    shard_count=jax.process_count(),
+  )
+  train_ds = data_lib.make_lm_dataset(_corpus(config.data.train, "train"), **dataset_args)
+  # The validation stream repeats, so every process has eval_batches batches; a fresh iterator
+  # per evaluation scores the same rows every time.
+  val_ds = data_lib.make_lm_dataset(
+    _corpus(config.data.validation, "validation"), shuffle=False, **dataset_args
+  )
+  train_iter = iter(train_ds)
+
+  # ---- Model and optimizer ----------------------------------------------------------------------
+  model_cfg = config_checks.model_config(config, tokenizer.vocab_size)
+  schedule = _schedule(config)
+  tx = optim.make_optimizer(
+    schedule,
+    weight_decay=config.optim.weight_decay,
+    b1=config.optim.b1,
+    b2=config.optim.b2,
+    eps=config.optim.eps,
+    clip_norm=config.optim.clip_norm,
+  )
+
+  def make_model():
+    return LM(model_cfg, rngs=nnx.Rngs(config.seed))
+
+  graphdef, abstract = step_lib.abstract_train_state(make_model, tx, mesh)
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
+  logging.info("model %s: %.2fM parameters", model_cfg, num_params / 1e6)
+
+  # ---- Initialize or restore --------------------------------------------------------------------
+  ckpt = checkpoint.Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    resume=config.resume,
+    max_to_keep=config.max_to_keep,
+    save_interval_steps=config.checkpoint_every or config.steps,
+  )
+  if config.resume:
+    state = ckpt.restore(abstract, train_iter)
+    logging.info("resumed from step %d", int(state.step))
+  else:
+    state = step_lib.init_train_state(make_model, tx, abstract)
+    if config.init_from:
+      source = checkpoint.restore_params(os.path.join(config.init_from, "checkpoints"), abstract)
+      state = state.replace(params=source.params, rest=source.rest)
+      logging.info("parameters from %s", config.init_from)
+
+  # ---- Train ------------------------------------------------------------------------------------
+  train_step = step_lib.make_train_step(
+    graphdef,
+    tx,
+    schedule,
+    abstract,
+    mesh,
+    accum_steps=config.grad_accum_steps,
+    byte_lengths=byte_lengths,
+  )
+  eval_step = step_lib.make_eval_step(graphdef, byte_lengths)
+
+  def evaluate(state):
+    sums = None
+    val_iter = iter(val_ds)
+    for _ in range(config.eval_batches):
+      out = jax.device_get(eval_step(state, sharding.global_batch(next(val_iter), mesh)))
+      sums = out if sums is None else jax.tree.map(np.add, sums, out)
+    return step_lib.summarize(jax.tree.map(np.float64, sums))
+
+  start = int(state.step)
+  train_metrics = {}
+  # Context managers: an interrupted run (preemption, Ctrl-C) still finishes its pending saves.
+  with (
+    jax.set_mesh(mesh),
+    ckpt,
+    metrics.MetricsWriter(workdir, config.steps, start, progress=config.progress) as writer,
+  ):
+    for step in range(start, config.steps):
+      batch = sharding.global_batch(next(train_iter), mesh)
+      state, step_metrics = train_step(state, batch)
+      done = step + 1
+      if done % config.log_every == 0 or done == config.steps:
+        train_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        writer.write(done, "train", train_metrics)
+      if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+        writer.write(done, "validation", evaluate(state))
+      if done < config.steps:
+        ckpt.save(done, state, train_iter)
+      writer.advance()
+
+    # ---- Final evaluation, checkpoint, plot, sample ---------------------------------------------
+    final = evaluate(state)
+    writer.write(config.steps, "validation", final)
+    if ckpt.latest_step() != config.steps:
+      ckpt.save(config.steps, state, train_iter, force=True)
+  plot = metrics.plot_losses(workdir)
+  with jax.set_mesh(mesh):
+    sample = _sample(nnx.merge(graphdef, state.params, state.rest), tokenizer, config.sample)
+
+  with open(os.path.join(workdir, "sample.txt"), "w", encoding="utf-8") as f:
+    f.write(sample)
+  bits = "bits_per_byte" if "bits_per_byte" in final else "bits_per_token"
+  print(f"step {config.steps}: validation {bits.replace('_', ' ')} {final[bits]:.4f}, plot {plot}")
+  print(f"sample:\n{config.sample.prompt}{sample}")
+  return {
+    **final,
+    "train_loss": train_metrics.get("loss", math.nan),
+    "step": config.steps,
+    "sample": sample,
+  }
+
+
+def _corpus(spec: str, split: str):
+  """``"stdlib"`` for the embedded corpus, otherwise paths or globs of .txt / .jsonl files."""
+  if spec == "stdlib":
+    return data_lib.stdlib_corpus(split=split)
+  return data_lib.text_file_corpus(spec.split(","))
+
+
+def _schedule(config: ml_collections.ConfigDict):
+  opt = config.optim
+  end_lr = opt.learning_rate * opt.end_lr_ratio
+  if opt.schedule == "wsd":
+    return optim.wsd_schedule(
+      opt.learning_rate,
+      config.steps,
+      opt.warmup_steps,
+      config_checks.decay_steps(config),
+      init_lr=opt.init_lr,
+      end_lr=end_lr,
+      decay_shape=opt.decay_shape,
+    )
+  return optim.warmup_cosine_schedule(opt.learning_rate, config.steps, opt.warmup_steps, end_lr)
+
+
+def _sample(model, tokenizer, sample: ml_collections.ConfigDict) -> str:
+  """Continues ``sample.prompt`` (after a bos token) and decodes the new tokens."""
+  prompt = [tokenizer.bos_id, *tokenizer.encode(sample.prompt)]
+  tokens = jaxrec.generate(
+    model,
+    prompt,
+    sample.max_new_tokens,
+    temperature=sample.temperature,
+    top_k=sample.top_k,
+    top_p=sample.top_p,
+    seed=sample.seed,
+  )
+  return tokenizer.decode(np.asarray(tokens)[0, len(prompt) :])

@@ -1,0 +1,142 @@
+"""Optimizer and learning-rate schedules.
+
+* ``warmup_cosine_schedule``: linear warmup from 0 to the peak, cosine decay to ``end_lr``.
+* ``wsd_schedule``: warmup-stable-decay. Its warmup starts from ``init_lr``, so continued
+  pretraining can *re-warm* from the learning rate a previous run ended at up to the peak, hold it,
+  then cool down (Ibrahim et al. 2024, "Simple and Scalable Strategies to Continually Pre-train
+  LLMs": re-warming and re-decaying recovers the loss of training from scratch on the union of the
+  data; Hägele et al. 2024 for the ``1-sqrt`` cooldown shape).
+* ``make_optimizer``: global-norm clipping, then AdamW with the weight decay masked off norms,
+  biases and the input embedding.
+
+Gradient accumulation is not an optax wrapper here: the train step (``step.py``) scans over
+microbatches and sums the token-weighted loss, so an accumulated step equals the large-batch step
+exactly (see there).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
+
+
+def warmup_cosine_schedule(
+  peak_lr: float, total_steps: int, warmup_steps: int, end_lr: float = 0.0
+) -> optax.Schedule:
+  """``0 -> peak_lr`` linearly over ``warmup_steps``, then cosine to ``end_lr`` at ``total_steps``."""
+  _check_steps(total_steps, warmup_steps, 0)
+  return optax.warmup_cosine_decay_schedule(
+    init_value=0.0,
+    peak_value=peak_lr,
+    warmup_steps=warmup_steps,
+    decay_steps=total_steps,
+    end_value=end_lr,
+  )
+
+
+def wsd_schedule(
+  peak_lr: float,
+  total_steps: int,
+  warmup_steps: int,
+  decay_steps: int,
+  *,
+  init_lr: float = 0.0,
+  end_lr: float = 0.0,
+  decay_shape: str = "1-sqrt",
+) -> optax.Schedule:
+  """Warmup-stable-decay, with re-warming from ``init_lr``.
+
+  Steps ``[0, warmup)``: linear ``init_lr -> peak_lr``; ``[warmup, total - decay)``: constant
+  ``peak_lr``; ``[total - decay, total]``: ``peak_lr -> end_lr`` with the given shape; constant
+  ``end_lr`` afterwards.
+
+  Args:
+    peak_lr: the stable learning rate.
+    total_steps: length of the schedule.
+    warmup_steps: steps of the (re-)warmup.
+    decay_steps: steps of the final cooldown.
+    init_lr: where the warmup starts; the last learning rate of the previous phase when
+      continuing pretraining, 0 for a fresh run.
+    end_lr: learning rate at the end of the cooldown.
+    decay_shape: ``"linear"``, ``"cosine"`` or ``"1-sqrt"`` (``1 - sqrt(progress)``).
+  """
+  _check_steps(total_steps, warmup_steps, decay_steps)
+  if decay_shape not in DECAY_SHAPES:
+    raise ValueError(f"decay_shape: expected one of {DECAY_SHAPES}, got {decay_shape!r}")
+  decay_start = total_steps - decay_steps
+
+  def schedule(count):
+    count = jnp.asarray(count, jnp.float32)
+    warm = init_lr + (peak_lr - init_lr) * count / max(warmup_steps, 1)
+    progress = jnp.clip((count - decay_start) / max(decay_steps, 1), 0.0, 1.0)
+    if decay_shape == "linear":
+      remaining = 1.0 - progress
+    elif decay_shape == "cosine":
+      remaining = 0.5 * (1.0 + jnp.cos(math.pi * progress))
+    else:
+      remaining = 1.0 - jnp.sqrt(progress)
+    cool = end_lr + (peak_lr - end_lr) * remaining
+    return jnp.where(count < warmup_steps, warm, jnp.where(count < decay_start, peak_lr, cool))
+
+  return schedule
+
+
+def weight_decay_mask(params):
+  """True for the parameters AdamW should decay.
+
+  Decayed: weight matrices, i.e. two or more logical axes besides a stacked ``layers`` axis.
+  Not decayed: biases (named ``bias``, whatever their rank), norm scales (a ``norm`` axis), and
+  the input embedding table (first axis ``vocab``), whose decay pulls rare tokens' rows to zero.
+  Parameters without logical names fall back to their rank.
+  """
+
+  def decays(path, v):
+    if getattr(path[-1], "key", None) == "bias":
+      return False
+    names = v.get_metadata().get("out_sharding") if isinstance(v, nnx.Variable) else None
+    if not names:
+      return jnp.ndim(v) >= 2
+    axes = [n for n in names if n != "layers"]
+    return len(axes) >= 2 and "norm" not in axes and axes[0] != "vocab"
+
+  return jax.tree_util.tree_map_with_path(
+    decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
+
+
+def make_optimizer(
+  schedule: optax.Schedule,
+  *,
+  weight_decay: float = 0.1,
+  b1: float = 0.9,
+  b2: float = 0.95,
+  eps: float = 1e-8,
+  clip_norm: float | None = 1.0,
+) -> optax.GradientTransformation:
+  """Clip by global norm (when ``clip_norm``), then AdamW with ``weight_decay_mask``."""
+  if clip_norm is not None and clip_norm <= 0:
+    raise ValueError(f"clip_norm: expected a positive number or None, got {clip_norm}")
+  adamw = optax.adamw(
+    schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask
+  )
+  if clip_norm is None:
+    return adamw
+  return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+
+
+def _check_steps(total_steps: int, warmup_steps: int, decay_steps: int) -> None:
+  if total_steps < 1:
+    raise ValueError(f"total_steps: expected a positive integer, got {total_steps}")
+  if warmup_steps < 0 or decay_steps < 0:
+    raise ValueError(
+      f"warmup_steps, decay_steps: expected non-negative, got {warmup_steps}, {decay_steps}"
+    )
+  if warmup_steps + decay_steps > total_steps:
+    raise ValueError(
+      f"warmup_steps + decay_steps: expected at most total_steps={total_steps}, "
+      f"got {warmup_steps} + {decay_steps}"
+    )

@@ -1,0 +1,218 @@
+"""Train state, sharded initialization, and the jitted train and eval steps.
+
+Both steps are pure ``jax.jit`` functions of arrays: the model's ``nnx.GraphDef`` is static (closed
+over) and ``nnx.merge`` rebuilds the module from the state inside the trace. Batches are dicts of
+``[B, T]`` arrays (``inputs``, ``targets``, ``segment_ids``, ``weights``), ``B`` split over the mesh
+axes ``data`` and ``fsdp``.
+
+Loss: softmax cross-entropy weighted by ``weights``, averaged over the weighted target tokens.
+Bits per byte: ``sum(w * ce) / ln 2 / sum(w * bytes(target))``, with the UTF-8 bytes each target
+token stands for (``metrics.token_byte_lengths``); special tokens count zero bytes. Without a byte
+count the step reports bits per token.
+"""
+
+import math
+from collections.abc import Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxrec.train import sharding as sharding_lib
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a checkpoint holds besides the data iterator.
+
+  Attributes:
+    step: number of optimizer updates applied, int32 scalar.
+    params: the model's ``nnx.Param`` state.
+    rest: the model's other state (read by the model, never updated by training).
+    opt_state: the optax state; its moments are ``nnx.Variable`` trees carrying the parameters'
+      logical axis names, so they are sharded like the parameters.
+  """
+
+  step: jax.Array
+  params: nnx.State
+  rest: nnx.State
+  opt_state: optax.OptState
+
+
+def abstract_train_state(
+  make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh
+) -> tuple[nnx.GraphDef, TrainState]:
+  """The model's graphdef and the train state as ``ShapeDtypeStruct`` s carrying their shardings.
+
+  Nothing is allocated. The shardings come from the parameters' logical axis names through
+  ``sharding.LOGICAL_AXIS_RULES``.
+  """
+  with nnx.use_eager_sharding(False):
+    graphdef = nnx.graphdef(nnx.eval_shape(make_model))
+  shapes = jax.eval_shape(lambda: _init(make_model, tx))
+  shardings = sharding_lib.tree_shardings(shapes, mesh)
+  abstract = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+  )
+  return graphdef, abstract
+
+
+def init_train_state(
+  make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, abstract: TrainState
+) -> TrainState:
+  """Initializes the model and optimizer directly into their shardings (one jitted call)."""
+  return jax.jit(lambda: _init(make_model, tx), out_shardings=_shardings(abstract))()
+
+
+def make_train_step(
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  abstract: TrainState,
+  mesh: Mesh,
+  *,
+  accum_steps: int = 1,
+  byte_lengths: np.ndarray | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+  """Returns ``train_step(state, batch) -> (state, metrics)``, jitted, donating ``state``.
+
+  Gradient accumulation scans over ``accum_steps`` microbatches inside the step rather than
+  wrapping the optimizer in ``optax.MultiSteps``: the weighted loss *sums* and token counts are
+  accumulated and divided once, so the update equals the full-batch update even when microbatches
+  hold different numbers of real tokens (``MultiSteps`` averages per-microbatch means); one call
+  is one optimizer update (learning rate, step counter and metrics stay per update); and no
+  gradient accumulator has to live in the optimizer state and the checkpoints.
+
+  Args:
+    graphdef: static model structure, from ``abstract_train_state``.
+    tx: the optimizer.
+    schedule: its learning-rate schedule, reported as ``learning_rate``.
+    abstract: the abstract train state (gives the shardings of input and output).
+    mesh: the device mesh.
+    accum_steps: microbatches per step; must divide the per-shard batch.
+    byte_lengths: ``[vocab]`` UTF-8 bytes per token id, or ``None`` for bits per token.
+
+  Returns:
+    The step. ``metrics`` has ``loss`` (nats per weighted token), ``bits_per_byte`` (or
+    ``bits_per_token``), ``grad_norm`` (global norm before clipping), ``learning_rate`` (the one
+    this update used) and ``tokens`` (weighted target tokens).
+  """
+  if accum_steps < 1:
+    raise ValueError(f"accum_steps: expected a positive integer, got {accum_steps}")
+  loss_sums = _make_loss_sums(graphdef, byte_lengths)
+  grad_fn = jax.grad(loss_sums, has_aux=True)
+  micro_sharding = NamedSharding(mesh, P(None, sharding_lib.BATCH_AXES))
+
+  def train_step(state: TrainState, batch: Batch):
+    if accum_steps == 1:
+      grads, sums = grad_fn(state.params, state.rest, batch)
+    else:
+      micro = jax.tree.map(lambda x: _microbatches(x, accum_steps, micro_sharding), batch)
+
+      def accumulate(carry, microbatch):
+        out = grad_fn(state.params, state.rest, microbatch)
+        return jax.tree.map(lambda c, x: c + x.astype(c.dtype), carry, out), None
+
+      # fp32 accumulators, also for half-precision parameters.
+      first = jax.tree.map(lambda x: x[0], micro)
+      zeros = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)),
+        jax.eval_shape(grad_fn, state.params, state.rest, first),
+      )
+      (grads, sums), _ = lax.scan(accumulate, zeros, micro)
+    # Sums over all microbatches divided once: the token-weighted mean of the whole batch.
+    tokens = jnp.maximum(sums["tokens"], 1.0)
+    grads = jax.tree.map(lambda g: g / tokens, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = _summarize(sums)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+    new_state = TrainState(step=state.step + 1, params=params, rest=state.rest, opt_state=opt_state)
+    return new_state, metrics
+
+  state_shardings = _shardings(abstract)
+  return jax.jit(
+    train_step,
+    in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+    out_shardings=(state_shardings, None),
+    donate_argnums=0,
+  )
+
+
+def make_eval_step(
+  graphdef: nnx.GraphDef, byte_lengths: np.ndarray | None = None
+) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+  """Returns ``eval_step(state, batch) -> sums``, jitted: ``loss_sum``, ``tokens`` (and ``bytes``).
+
+  Sums, not means, so the caller can add them over a validation set and divide once
+  (``summarize``).
+  """
+  loss_sums = _make_loss_sums(graphdef, byte_lengths)
+  return jax.jit(lambda state, batch: loss_sums(state.params, state.rest, batch)[1])
+
+
+def summarize(sums: dict) -> dict:
+  """Loss and bits per byte (or per token) from summed ``loss_sum``, ``tokens`` (, ``bytes``)."""
+  return {k: float(v) for k, v in _summarize(sums).items()}
+
+
+def _summarize(sums):
+  out = {"loss": sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0), "tokens": sums["tokens"]}
+  if "bytes" in sums:
+    out["bits_per_byte"] = sums["loss_sum"] / math.log(2) / jnp.maximum(sums["bytes"], 1.0)
+  else:
+    out["bits_per_token"] = out["loss"] / math.log(2)
+  return out
+
+
+def _make_loss_sums(graphdef: nnx.GraphDef, byte_lengths: np.ndarray | None):
+  table = None if byte_lengths is None else jnp.asarray(byte_lengths, jnp.float32)
+
+  def loss_sums(params, rest, batch):
+    model = nnx.merge(graphdef, params, rest)
+    logits, _ = model(batch["inputs"], segment_ids=batch["segment_ids"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), batch["targets"]
+    )
+    weights = batch["weights"].astype(jnp.float32)
+    sums = {"loss_sum": jnp.sum(ce * weights), "tokens": jnp.sum(weights)}
+    if table is not None:
+      sums["bytes"] = jnp.sum(weights * table[batch["targets"]])
+    return sums["loss_sum"], sums
+
+  return loss_sums
+
+
+def _microbatches(x: jax.Array, accum_steps: int, sharding: NamedSharding) -> jax.Array:
+  """``[B, ...] -> [A, B / A, ...]``, microbatch ``a`` holding rows ``a, a + A, ...``.
+
+  Strided rather than contiguous rows: each device's contiguous block of the batch then feeds
+  every microbatch, so the split moves no data between devices.
+  """
+  rows = x.shape[0]
+  if rows % accum_steps:
+    raise ValueError(f"accum_steps: expected a divisor of the batch size {rows}, got {accum_steps}")
+  x = x.reshape(rows // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+  return lax.with_sharding_constraint(x, sharding)
+
+
+def _init(make_model, tx) -> TrainState:
+  with nnx.use_eager_sharding(False):
+    model = make_model()
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params)
+  )
+
+
+def _shardings(abstract: TrainState):
+  return jax.tree.map(lambda x: x.sharding, abstract)

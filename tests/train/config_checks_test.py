@@ -1,0 +1,73 @@
+"""Config validation: every error names the flag to fix."""
+
+import pytest
+
+from experiments.configs import default
+from jaxrec.train import config_checks, loop
+
+ConfigError = config_checks.ConfigError
+
+
+def _config(**fields):
+  config = default.get_config()
+  for dotted, value in fields.items():
+    *parents, name = dotted.split("__")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
+  return config
+
+
+def test_default_config_is_valid():
+  config_checks.validate_config(default.get_config(), num_devices=8, num_processes=1)
+  cfg = config_checks.model_config(default.get_config(), vocab_size=259)
+  assert cfg.mixer_pattern == ("gla", "gla", "attention")
+  assert cfg.vocab_size == 259
+
+
+@pytest.mark.parametrize(
+  "fields, message",
+  [
+    (
+      {"model__mixer_pattern": ("gla", "lstm")},
+      r"--config.model.mixer_pattern: unknown mixer 'lstm'",
+    ),
+    ({"model__preset": "huge"}, r"--config.model.preset: expected one of"),
+    ({"model__num_kv_heads": 3}, r"--config.model.num_kv_heads: .*divisor of num_heads"),
+    ({"mesh__fsdp": 3}, r"--config.mesh.fsdp: expected a size dividing the 8 devices, got 3"),
+    ({"mesh__tensor": -1}, r"--config.mesh.data, --config.mesh.tensor: at most one"),
+    ({"mesh__data": 4, "mesh__fsdp": 4}, r"--config.mesh.data=4, --config.mesh.fsdp=4, .* got 16"),
+    (
+      {"batch_size": 12},
+      r"--config.batch_size: expected a multiple of the batch shards .* = 8, got 12",
+    ),
+    (
+      {"batch_size": 16, "grad_accum_steps": 3},
+      r"--config.grad_accum_steps: expected a divisor .* = 2",
+    ),
+    ({"steps": 0}, r"--config.steps: expected a positive integer, got 0"),
+    ({"optim__schedule": "step"}, r"--config.optim.schedule: expected one of \('cosine', 'wsd'\)"),
+    ({"optim__warmup_steps": 700}, r"--config.optim.warmup_steps: .* --config.steps=600"),
+    ({"optim__schedule": "wsd", "optim__decay_shape": "exp"}, r"--config.optim.decay_shape"),
+    ({"data__seq_len": 0}, r"--config.data.seq_len: expected a positive integer"),
+  ],
+)
+def test_errors_name_the_flag(fields, message):
+  with pytest.raises(ConfigError, match=message):
+    config_checks.validate_config(_config(**fields), num_devices=8, num_processes=1)
+
+
+def test_batch_must_split_over_processes():
+  config = _config(batch_size=8, mesh__data=1)
+  with pytest.raises(
+    ConfigError, match=r"--config.batch_size: expected a multiple of the 3 processes"
+  ):
+    config_checks.validate_config(config, num_devices=8, num_processes=3)
+
+
+def test_train_and_evaluate_validates_before_touching_the_workdir(tmp_path):
+  workdir = tmp_path / "run"
+  with pytest.raises(ConfigError, match=r"--config\.mesh\.fsdp"):
+    loop.train_and_evaluate(_config(mesh__fsdp=3), str(workdir))
+  assert not workdir.exists()

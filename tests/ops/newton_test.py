@@ -1,0 +1,236 @@
+"""jaxrec.ops.newton_rnn against a plain sequential lax.scan of the same cell written here (values)
+and jax.grad of that scan (gradients)."""
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrec.ops import NewtonInfo, newton_rnn
+from jaxrec.ops import rnn_cells as rc
+from jaxrec.ops.newton import (
+  JacobianStructure,
+  detect_jacobian_structure,
+  solve_linear_recurrence,
+)
+
+INPUT = 4
+
+
+def _reference(cell, params, xs, h0):
+  """h_t = cell(params, h_{t-1}, x_t), one sequence at a time, by lax.scan."""
+
+  def one(x, h):
+    def step(h, x_t):
+      h = cell(params, h, x_t)
+      return h, h
+
+    return jax.lax.scan(step, h, x)[1]
+
+  return jax.vmap(one)(xs, h0)
+
+
+@functools.cache
+def _cells(width):
+  """(name, cell, params) with states of width D = width."""
+  key = jax.random.key(1)
+  return {
+    "paragru": (rc.paragru_cell, rc.init_paragru(key, INPUT, width, num_heads=2)),
+    "gru": (rc.gru_cell, rc.init_gru(key, INPUT, width)),
+    "paralstm": (rc.paralstm_cell, rc.init_paralstm(key, INPUT, width // 2, num_heads=2)),
+    "tanh_rnn": (rc.tanh_rnn_cell, rc.init_tanh_rnn(key, INPUT, width)),
+  }
+
+
+def _inputs(batch, t, width, seed=0, dtype=jnp.float32):
+  # numpy draws: no per-shape compilation of random kernels.
+  rng = np.random.default_rng(seed)
+  xs = rng.standard_normal((batch, t, INPUT)).astype(dtype)
+  h0 = 0.5 * rng.standard_normal((batch, width)).astype(dtype)
+  return jnp.asarray(xs), jnp.asarray(h0)
+
+
+def _assert_close(x, y, tol):
+  np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", ["paragru", "gru", "paralstm", "tanh_rnn"])
+def test_matches_sequential_fp32(name):
+  cell, params = _cells(8)[name]
+  for batch, t in ((2, 1), (2, 17), (3, 1024)):
+    xs, h0 = _inputs(batch, t, 8, seed=t)
+    h, info = newton_rnn(cell, params, xs, h0, return_info=True)
+    _assert_close(h, _reference(cell, params, xs, h0), 1e-5)
+    assert isinstance(info, NewtonInfo)
+    assert np.all(info.converged) and not np.any(info.fallback), info
+    if t == 17 and info.structure.kind != "dense":
+      # The structured Jacobian path agrees with the generic dense one.
+      _assert_close(h, newton_rnn(cell, params, xs, h0, jacobian="dense"), 1e-6)
+
+
+@pytest.mark.parametrize("name", ["paragru", "paralstm"])
+def test_matches_sequential_long(name):
+  cell, params = _cells(4)[name]
+  xs, h0 = _inputs(1, 65537, 4)
+  h, info = newton_rnn(cell, params, xs, h0, return_info=True)
+  _assert_close(h, _reference(cell, params, xs, h0), 1e-5)
+  assert np.all(info.converged) and not np.any(info.fallback)
+
+
+@pytest.mark.parametrize("name", ["paragru", "paralstm"])
+def test_matches_sequential_fp64(name):
+  with jax.enable_x64(True):
+    cell, params = _cells(8)[name]
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    xs, h0 = _inputs(2, 300, 8, dtype=jnp.float64)
+    h, info = newton_rnn(cell, params, xs, h0, return_info=True)
+    assert h.dtype == jnp.float64
+    _assert_close(h, _reference(cell, params, xs, h0), 1e-10)
+    assert np.all(info.converged) and info.tol == 1e-12
+
+
+@pytest.mark.parametrize("name", ["paragru", "gru", "paralstm"])
+def test_gradients_match_sequential(name):
+  cell, params = _cells(8)[name]
+  xs, h0 = _inputs(2, 33, 8, seed=3)
+  weights = jax.random.normal(jax.random.key(9), (2, 33, 8))
+  solvers = {
+    "newton": lambda p, x, h: newton_rnn(cell, p, x, h),
+    "reference": lambda p, x, h: _reference(cell, p, x, h),
+  }
+  grads = {
+    key: jax.jit(jax.grad(lambda p, x, h, f=f: jnp.sum(weights * jnp.sin(f(p, x, h))), (0, 1, 2)))(
+      params, xs, h0
+    )
+    for key, f in solvers.items()
+  }
+  for got, want in zip(jax.tree.leaves(grads["newton"]), jax.tree.leaves(grads["reference"])):
+    scale = float(np.max(np.abs(want)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("method", ["sequential", "chunk", "associative"])
+def test_block_linear_solve(method):
+  """solve_linear_recurrence on 3×3 blocks against a float64 numpy loop, both layouts."""
+  rng = np.random.default_rng(8)
+  jac = jnp.asarray(0.4 * rng.standard_normal((2, 37, 2, 3, 3)), jnp.float32)
+  rhs = jnp.asarray(rng.standard_normal((2, 37, 6)), jnp.float32)
+  for layout, reverse in (("stacked", False), ("interleaved", True)):
+    structure = JacobianStructure("block", 3, layout)
+    solve = jax.jit(
+      solve_linear_recurrence, static_argnums=2, static_argnames=("reverse", "method")
+    )
+    got = solve(jac, rhs, structure, reverse=reverse, method=method)
+    blocks = np.asarray(structure.to_blocks(rhs), np.float64)
+    want, delta = np.zeros_like(blocks), np.zeros_like(blocks[:, 0])
+    for t in range(36, -1, -1) if reverse else range(37):
+      delta = np.einsum("bdij,bdj->bdi", np.asarray(jac[:, t], np.float64), delta) + blocks[:, t]
+      want[:, t] = delta
+    _assert_close(got, structure.from_blocks(jnp.asarray(want)), 1e-5)
+
+
+def _strong_tanh(width=6, scale=3.0):
+  params = rc.init_tanh_rnn(jax.random.key(2), INPUT, width)
+  return rc.tanh_rnn_cell, jax.tree.map(lambda w: scale * w, params)
+
+
+def test_causality_first_states_exact():
+  cell, params = _strong_tanh()
+  xs, h0 = _inputs(2, 40, 6)
+  ref = _reference(cell, params, xs, h0)
+  for k in (1, 3):
+    h, info = newton_rnn(cell, params, xs, h0, max_iters=k, fallback=None, return_info=True)
+    assert np.all(info.iterations == k) and not np.any(info.converged)
+    # The initial guess makes h_0 exact; each iteration adds (at least) one exact state.
+    _assert_close(h[:, : k + 1], ref[:, : k + 1], 1e-6)
+    assert np.max(np.abs(h - ref)) > 1e-3  # not yet converged: the check above is not vacuous
+
+
+def test_linear_cell_converges_in_one_iteration():
+  key_a, key_w = jax.random.split(jax.random.key(4))
+  params = {"a": jax.random.uniform(key_a, (8,), minval=-1.0, maxval=1.0)}
+  params["W"] = jax.random.normal(key_w, (INPUT, 8))
+  cell = lambda p, h, x: p["a"] * h + x @ p["W"]
+  xs, h0 = _inputs(2, 300, 8)
+  h, info = newton_rnn(cell, params, xs, h0, return_info=True)
+  assert info.structure == JacobianStructure("diagonal")
+  np.testing.assert_array_equal(info.iterations, [1, 1])
+  _assert_close(h, _reference(cell, params, xs, h0), 1e-5)
+
+
+def _rotation_cell(params, h, x):
+  """Adjacent pairs (h_2i, h_2i+1) rotate together: 2×2 interleaved blocks."""
+  pairs = h.reshape(-1, 2)
+  cos, sin = jnp.cos(params["theta"]), jnp.sin(params["theta"])
+  rotated = jnp.stack(
+    [cos * pairs[:, 0] - sin * pairs[:, 1], sin * pairs[:, 0] + cos * pairs[:, 1]]
+  )
+  return jnp.tanh(0.9 * rotated.T.reshape(-1) + x @ params["W"])
+
+
+def test_auto_detects_structure():
+  cells = _cells(8)
+  h_t, x_t = jnp.zeros(8), jnp.zeros(INPUT)
+  detect = lambda cell, params: detect_jacobian_structure(cell, params, x_t, h_t)
+  assert detect(*cells["paragru"]) == JacobianStructure("diagonal")
+  assert detect(*cells["paralstm"]) == JacobianStructure("block", 2, "stacked")
+  assert detect(*cells["gru"]) == JacobianStructure("dense")
+  rotation = {"theta": jnp.ones(4), "W": jnp.ones((INPUT, 8))}
+  assert detect(_rotation_cell, rotation) == JacobianStructure("block", 2, "interleaved")
+  # Structural, not value-dependent: a zero recurrent matrix is still a dense Jacobian.
+  gru_zero = dict(cells["gru"][1], U=jnp.zeros((3, 8, 8)))
+  assert detect(rc.gru_cell, gru_zero) == JacobianStructure("dense")
+
+
+def test_stiff_cell_damping_and_fallback():
+  cell, params = _strong_tanh(width=8, scale=100.0)
+  xs, h0 = _inputs(2, 1024, 8, seed=6)
+  ref = _reference(cell, params, xs, h0)
+  kwargs = dict(max_iters=10, fallback=None, return_info=True)
+  h_plain, _ = newton_rnn(cell, params, xs, h0, **kwargs)
+  h_damped, info = newton_rnn(cell, params, xs, h0, damping=0.0, **kwargs)
+  # Undamped Newton leaves the bounded range of tanh by orders of magnitude (or overflows); the
+  # damped step stays finite, with an unconverged solve reported rather than hidden.
+  assert not np.all(np.abs(h_plain) < 10.0)
+  assert np.all(np.isfinite(h_damped))
+  assert not np.any(info.converged) and not np.any(info.fallback)
+  assert np.all(info.residual > info.tol)
+  h, info = newton_rnn(cell, params, xs, h0, damping=1.0, max_iters=10, return_info=True)
+  assert np.all(info.fallback)
+  _assert_close(h, ref, 1e-5)
+
+
+def test_unconverged_without_info_warns():
+  cell, params = _strong_tanh()
+  xs, h0 = _inputs(2, 40, 6)
+  with pytest.warns(RuntimeWarning, match="did not converge"):
+    newton_rnn(cell, params, xs, h0, max_iters=1, fallback=None).block_until_ready()
+    jax.effects_barrier()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    newton_rnn(cell, params, xs, h0, max_iters=1).block_until_ready()  # fallback: no warning
+    jax.effects_barrier()
+
+
+def test_bad_arguments():
+  cell, params = _cells(8)["paragru"]
+  xs, h0 = _inputs(2, 5, 8)
+  with pytest.raises(ValueError, match=r"cell: expected an output of shape \(8,\)"):
+    newton_rnn(lambda p, h, x: jnp.concatenate([h, h]), params, xs, h0)
+  with pytest.raises(ValueError, match=r"cell: .*dtype float32"):
+    newton_rnn(lambda p, h, x: cell(p, h, x).astype(jnp.bfloat16), params, xs, h0)
+  with pytest.raises(ValueError, match="jacobian: expected one of"):
+    newton_rnn(cell, params, xs, h0, jacobian="tridiagonal")
+  with pytest.raises(ValueError, match="jacobian: block size 3 does not divide"):
+    newton_rnn(cell, params, xs, h0, jacobian=JacobianStructure("block", 3))
+  with pytest.raises(ValueError, match="fallback: expected one of"):
+    newton_rnn(cell, params, xs, h0, fallback="scan")
+  with pytest.raises(ValueError, match="h0: expected rank 2"):
+    newton_rnn(cell, params, xs, h0[0])
+  with pytest.raises(ValueError, match="xs: expected arrays"):
+    newton_rnn(cell, params, xs[:1], h0)
+  with pytest.raises(ValueError, match="damping: expected"):
+    newton_rnn(cell, params, xs, h0, damping=-1.0)

@@ -1,0 +1,296 @@
+"""jaxrec.ops.gla against independent references: a float64 numpy loop over time for values, and
+jax.grad of a plain lax.scan (written here) for gradients.
+
+Closeness is measured against the scale of the reference: ``max |x - ref| <= tol * max |ref|``.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxrec.ops import gated_linear_attention, gated_linear_attention_step
+
+FORMS = ["sequential", "chunk"]
+
+
+def _numpy_gla(q, k, v, g, h0=None, segment_ids=None, scale=None):
+  """S_t = diag(e^{g_t}) S_{t-1} + k_t v_tᵀ, o_t = scale q_tᵀ S_t, in float64, one step at a time."""
+  q, k, v, g = (np.asarray(x, np.float64) for x in (q, k, v, g))
+  batch, t, heads, dk = q.shape
+  scale = dk**-0.5 if scale is None else scale
+  if g.ndim == 3:
+    g = np.broadcast_to(g[..., None], q.shape)
+  state = np.zeros((batch, heads, dk, v.shape[-1]))
+  if h0 is not None:
+    state = np.array(h0, np.float64)
+  seg = None if segment_ids is None else np.asarray(segment_ids)
+  o = np.zeros((batch, t, heads, v.shape[-1]))
+  for i in range(t):
+    if seg is not None and i > 0:
+      state[seg[:, i] != seg[:, i - 1]] = 0.0
+    state = np.exp(g[:, i])[..., None] * state + k[:, i, :, :, None] * v[:, i, :, None, :]
+    o[:, i] = scale * np.einsum("bhk,bhkv->bhv", q[:, i], state)
+  return o, state
+
+
+def _scan_gla(q, k, v, g, h0, segment_ids):
+  """Autodiff reference: the recurrence as a plain lax.scan (default scale)."""
+  if g.ndim == 3:
+    g = jnp.broadcast_to(g[..., None], q.shape)
+  reset = jnp.zeros(q.shape[:2], bool)
+  if segment_ids is not None:
+    reset = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
+
+  def step(state, x):
+    q_t, k_t, v_t, g_t, r_t = x
+    state = jnp.where(r_t[:, None, None, None], 0.0, state)
+    state = jnp.exp(g_t)[..., None] * state + k_t[..., None] * v_t[..., None, :]
+    return state, q.shape[-1] ** -0.5 * jnp.einsum("bhk,bhkv->bhv", q_t, state)
+
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, reset))
+  state, o = jax.lax.scan(step, h0, xs)
+  return jnp.moveaxis(o, 0, 1), state
+
+
+def _inputs(b, t, h, dk, dv, scalar, seed=0, decay=(0.01, 1.0)):
+  """float32 numpy inputs (numpy, so that building them compiles nothing)."""
+  rng = np.random.default_rng(seed)
+  q, k = (rng.standard_normal((b, t, h, dk), np.float32) for _ in range(2))
+  v = rng.standard_normal((b, t, h, dv), np.float32)
+  g_shape = (b, t, h) if scalar else (b, t, h, dk)
+  g = -rng.uniform(decay[0], decay[1], g_shape).astype(np.float32)
+  h0 = rng.standard_normal((b, h, dk, dv), np.float32)
+  return q, k, v, g, h0
+
+
+def _segments(b, t, seed=0):
+  starts = np.random.default_rng(seed + 11).random((b, t)) < 0.1
+  return np.cumsum(starts, axis=1).astype(np.int32)
+
+
+def _assert_close(x, ref, tol):
+  x = np.asarray(x, np.float64)
+  ref = np.asarray(ref, np.float64)
+  assert x.shape == ref.shape
+  err = np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30)
+  assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
+
+
+@functools.cache
+def _gla(method, chunk_size=16, with_state=True, scale=None):
+  return jax.jit(
+    functools.partial(
+      gated_linear_attention,
+      method=method,
+      chunk_size=chunk_size,
+      output_final_state=with_state,
+      scale=scale,
+    )
+  )
+
+
+CASES = {
+  # name: (B, T, H, K, V, scalar decay, initial state, segments)
+  "channel_h0_ragged": (2, 37, 3, 8, 5, False, True, False),
+  "scalar_h0_ragged": (2, 37, 3, 8, 5, True, True, False),
+  "T1_H1": (1, 1, 1, 4, 4, False, False, False),
+  "scalar_T1": (1, 1, 2, 4, 6, True, True, False),
+  "channel_segments": (2, 50, 2, 8, 4, False, True, True),
+  "scalar_segments": (2, 50, 2, 8, 4, True, True, True),
+  "channel_exact_chunks": (1, 64, 1, 16, 8, False, False, True),
+}
+
+
+@pytest.mark.parametrize("method", FORMS)
+@pytest.mark.parametrize("case", CASES)
+def test_matches_numpy_reference(method, case):
+  b, t, h, dk, dv, scalar, with_h0, with_seg = CASES[case]
+  q, k, v, g, h0 = _inputs(b, t, h, dk, dv, scalar)
+  h0 = h0 if with_h0 else None
+  seg = _segments(b, t) if with_seg else None
+  o, state = _gla(method)(q, k, v, g, initial_state=h0, segment_ids=seg)
+  o_ref, state_ref = _numpy_gla(q, k, v, g, h0, seg)
+  assert o.dtype == jnp.float32 and state.dtype == jnp.float32
+  _assert_close(o, o_ref, 1e-5)
+  _assert_close(state, state_ref, 1e-5)
+
+
+def test_resets_at_chunk_edges_and_scale():
+  """Resets on the first and last step of a chunk, two in one chunk, and an explicit scale."""
+  q, k, v, g, h0 = _inputs(1, 40, 2, 8, 8, False, seed=3)
+  seg = np.zeros((1, 40), np.int32)
+  seg[0, 16:] += 1
+  seg[0, 31:] += 1
+  seg[0, 33:] += 1
+  seg[0, 36:] = 0  # an id seen before still starts a new segment
+  o_ref, state_ref = _numpy_gla(q, k, v, g, h0, seg, scale=0.3)
+  for method in FORMS:
+    o, state = _gla(method, scale=0.3)(q, k, v, g, initial_state=h0, segment_ids=seg)
+    _assert_close(o, o_ref, 1e-5)
+    _assert_close(state, state_ref, 1e-5)
+
+
+@pytest.mark.parametrize("scalar", [False, True])
+def test_bf16_inputs(scalar):
+  q, k, v, g, h0 = (jnp.asarray(x, jnp.bfloat16) for x in _inputs(2, 40, 2, 8, 8, scalar, seed=1))
+  o_ref, state_ref = _numpy_gla(*(np.asarray(x, np.float32) for x in (q, k, v, g, h0)))
+  for method in FORMS:
+    o, state = _gla(method)(q, k, v, g, initial_state=h0)
+    assert o.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+    _assert_close(o, o_ref, 1e-2)
+    _assert_close(state, state_ref, 1e-2)
+
+
+@pytest.mark.parametrize("scalar", [False, True])
+def test_gradients_match_scan_reference(scalar):
+  b, t, h = 2, 37, 2
+  q, k, v, g, h0 = _inputs(b, t, h, 8, 4, scalar, seed=2)
+  seg = _segments(b, t, seed=2)
+  w_o, w_s = (
+    np.random.default_rng(7).standard_normal((b, t, h, 4), np.float32),
+    np.random.default_rng(8).standard_normal(h0.shape, np.float32),
+  )
+
+  def loss(fn, *args):
+    o, state = fn(*args)
+    return jnp.sum(w_o * o) + jnp.sum(w_s * state)
+
+  argnums = (0, 1, 2, 3, 4)
+  ref = jax.jit(jax.grad(lambda *a: loss(lambda *x: _scan_gla(*x, seg), *a), argnums))(
+    q, k, v, g, h0
+  )
+  for method in FORMS:
+    fn = lambda *x, m=method: _gla(m)(*x[:4], initial_state=x[4], segment_ids=seg)
+    got = jax.jit(jax.grad(lambda *a, f=fn: loss(f, *a), argnums))(q, k, v, g, h0)
+    for name, x, r in zip(("q", "k", "v", "log_decay", "initial_state"), got, ref):
+      assert np.all(np.isfinite(x)), (method, name)
+      _assert_close(x, r, 1e-5)
+
+
+@pytest.mark.parametrize("method", FORMS)
+def test_split_sequence_with_state_passing(method):
+  """Two calls with the state handed over equal one pass; the segment live at the cut continues
+  into the second call (an initial state feeds the first segment of a call)."""
+  q, k, v, g, h0 = _inputs(2, 48, 2, 8, 8, False, seed=4)
+  cut = 21
+  seg = np.zeros((2, 48), np.int32)
+  seg[:, 7:] += 1
+  seg[:, 30:] += 1
+  seg[1, 12:] += 1
+  o, state = _gla(method)(q, k, v, g, initial_state=h0, segment_ids=seg)
+  first = (x[:, :cut] for x in (q, k, v, g))
+  second = (x[:, cut:] for x in (q, k, v, g))
+  o_a, state_a = _gla(method)(*first, initial_state=h0, segment_ids=seg[:, :cut])
+  o_b, state_b = _gla(method)(*second, initial_state=state_a, segment_ids=seg[:, cut:])
+  _assert_close(np.concatenate([o_a, o_b], axis=1), o, 1e-5)
+  _assert_close(state_b, state, 1e-5)
+
+
+@pytest.mark.parametrize("scalar", [False, True])
+def test_step_matches_full_sequence(scalar):
+  t = 9
+  q, k, v, g, h0 = _inputs(2, t, 3, 8, 4, scalar, seed=5)
+  o, state = _gla("chunk")(q, k, v, g, initial_state=h0)
+  step = jax.jit(gated_linear_attention_step)
+  state_t = h0
+  outs = []
+  for i in range(t):
+    o_t, state_t = step(q[:, i], k[:, i], v[:, i], g[:, i], state_t)
+    outs.append(o_t)
+  assert state_t.dtype == jnp.float32
+  _assert_close(np.stack(outs, axis=1), o, 1e-5)
+  _assert_close(state_t, state, 1e-5)
+
+
+@pytest.mark.parametrize("decay", [(5.0, 30.0), (0.0, 1e-4)], ids=["near_zero", "near_one"])
+def test_long_sequence_extreme_decays(decay):
+  """T = 65536 in chunks: strong decays must not overflow in the intra-chunk factors, weak ones
+  must not lose the long-range state."""
+  t = 65536
+  q, k, v, g, _ = _inputs(1, t, 1, 16, 16, False, seed=6, decay=decay)
+  o = np.asarray(_gla("chunk", chunk_size=64, with_state=False)(q, k, v, g))
+  assert np.all(np.isfinite(o))
+  o_ref, _ = _numpy_gla(q, k, v, g)
+  _assert_close(o, o_ref, 1e-5)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+  starts=st.lists(st.booleans(), min_size=24, max_size=24),
+  strength=st.sampled_from([1e-3, 0.3, 3.0, 40.0]),
+  seed=st.integers(0, 2**16),
+)
+def test_random_resets_and_decay_strengths(starts, strength, seed):
+  """One shape (one compile): random segment layouts and decay scales against numpy."""
+  q, k, v, g, h0 = _inputs(1, 24, 2, 8, 4, False, seed=seed, decay=(0.0, strength))
+  seg = np.cumsum(np.asarray(starts, np.int32))[None]
+  o, state = _gla("chunk", chunk_size=8)(q, k, v, g, initial_state=h0, segment_ids=seg)
+  o_ref, state_ref = _numpy_gla(q, k, v, g, h0, seg)
+  _assert_close(o, o_ref, 1e-5)
+  _assert_close(state, state_ref, 1e-5)
+
+
+def _bad(**overrides):
+  b, t, h, dk, dv = 2, 5, 3, 4, 6
+  args = {
+    "q": np.zeros((b, t, h, dk)),
+    "k": np.zeros((b, t, h, dk)),
+    "v": np.zeros((b, t, h, dv)),
+    "log_decay": np.zeros((b, t, h)),
+  }
+  args.update({k: v for k, v in overrides.items() if k in args})
+  kwargs = {k: v for k, v in overrides.items() if k not in args}
+  return args, kwargs
+
+
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
+    ({"q": np.zeros((2, 5, 4))}, r"q: expected rank 4 \[B, T, H, K\], got shape \(2, 5, 4\)"),
+    ({"k": np.zeros((2, 5, 3, 5))}, r"k: expected shape \(2, 5, 3, 4\)"),
+    ({"v": np.zeros((2, 4, 3, 6))}, r"v: expected shape \(2, 5, 3, 6\)"),
+    ({"v": np.zeros((2, 5, 3))}, r"v: expected rank 4"),
+    ({"log_decay": np.zeros((2, 5, 3, 6))}, r"log_decay: expected shape \(2, 5, 3, 4\) or"),
+    ({"log_decay": np.zeros((2, 5))}, r"log_decay: .*got \(2, 5\)"),
+    ({"q": np.zeros((2, 5, 3, 4), np.int32)}, r"q: expected a floating dtype, got int32"),
+    ({"log_decay": np.zeros((2, 5, 3), np.int32)}, r"log_decay: expected a floating dtype"),
+    ({"method": "fast"}, r"method: expected one of .*got 'fast'"),
+    ({"chunk_size": 0}, r"chunk_size: expected a positive power of two, got 0"),
+    ({"chunk_size": 48}, r"chunk_size: .*got 48"),
+    ({"chunk_size": 16.0}, r"chunk_size: .*got 16.0"),
+    ({"initial_state": np.zeros((2, 3, 6, 4))}, r"initial_state: expected shape \(2, 3, 4, 6\)"),
+    ({"segment_ids": np.zeros((2, 4), np.int32)}, r"segment_ids: expected shape \(2, 5\)"),
+    ({"segment_ids": np.zeros((2, 5))}, r"segment_ids: expected an integer dtype"),
+  ],
+)
+def test_validation_errors(overrides, match):
+  args, kwargs = _bad(**overrides)
+  with pytest.raises(ValueError, match=match):
+    gated_linear_attention(**args, **kwargs)
+
+
+@pytest.mark.parametrize(
+  "bad,match",
+  [
+    ({"state": np.zeros((2, 3, 4, 5))}, r"state: expected shape \(2, 3, 4, 6\) \[B, H, K, V\]"),
+    ({"q": np.zeros((2, 1, 3, 4))}, r"q: expected rank 3 \[B, H, K\]"),
+    ({"log_decay": np.zeros((2, 3, 6))}, r"log_decay: expected shape \(2, 3, 4\) or \(2, 3\)"),
+    ({"k": np.zeros((2, 3, 4), np.int8)}, r"k: expected a floating dtype, got int8"),
+  ],
+)
+def test_step_validation_errors(bad, match):
+  args = {
+    "q": np.zeros((2, 3, 4)),
+    "k": np.zeros((2, 3, 4)),
+    "v": np.zeros((2, 3, 6)),
+    "log_decay": np.zeros((2, 3)),
+    "state": np.zeros((2, 3, 4, 6)),
+  }
+  args.update(bad)
+  with pytest.raises(ValueError, match=match):
+    gated_linear_attention_step(**args)

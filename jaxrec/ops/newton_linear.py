@@ -144,7 +144,12 @@ def detect_jacobian_structure(cell: Cell, params, x_t, h_t, *, num_points: int =
     lambda v: jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)), tree
   )
   leaves, treedef = jax.tree.flatten(spec((params, x_t, h_t)))
-  return _detect_cached(cell, treedef, tuple(leaves), num_points)
+  try:
+    hash(cell)
+    detect = _detect_cached
+  except TypeError:  # an unhashable cell is probed on every call
+    detect = _detect_cached.__wrapped__
+  return detect(cell, treedef, tuple(leaves), num_points)
 
 
 @functools.lru_cache(maxsize=128)

@@ -1,0 +1,177 @@
+"""The fused Newton kernel (interpret mode) against the XLA Newton path after the same number of
+iterations, against a sequential lax.scan of the cells written here once converged, and gradients
+of newton_rnn(method="pallas") against jax.grad of that scan."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrec.ops import newton_rnn
+from jaxrec.ops import rnn_cells as rc
+from pallas_kernels.newton import newton_solve
+
+# T = 37 steps in time blocks of 16: three blocks, the last one ragged. Channel blocks of 2 or 4
+# leave the last channel block padded too.
+BATCH, T, BLOCK_T = 2, 37, 16
+
+
+def _paragru(params, h, u):
+  """ParaGRU with the input projections u [3, D] precomputed: elementwise over channels."""
+  a = params["a"]
+  z = jax.nn.sigmoid(a[0] * h + u[0])
+  r = jax.nn.sigmoid(a[1] * h + u[1])
+  return (1.0 - z) * h + z * jnp.tanh(a[2] * (r * h) + u[2])
+
+
+def _paralstm(params, s, u):
+  """ParaLSTM (CIFG, peepholes) on a stacked [c; h] state, projections u [3, d] precomputed."""
+  c, h = jnp.split(s, 2)
+  a, p = params["a"], params["p"]
+  f = jax.nn.sigmoid(a[0] * h + p[0] * c + u[0])
+  c = f * c + (1.0 - f) * jnp.tanh(a[2] * h + u[2])
+  o = jax.nn.sigmoid(a[1] * h + p[1] * c + u[1])
+  return jnp.concatenate([c, o * jnp.tanh(c)])
+
+
+def _rotation(params, h, u):
+  """Adjacent pairs (h_2i, h_2i+1) rotate by θ_i under a tanh: 2×2 interleaved blocks. The
+  inputs u [2, d] and the gain (0-d, shared by all channels) are per channel as well."""
+  pairs = h.reshape(-1, 2)
+  cos, sin = jnp.cos(params["theta"]), jnp.sin(params["theta"])
+  rotated = jnp.stack(
+    [cos * pairs[:, 0] - sin * pairs[:, 1], sin * pairs[:, 0] + cos * pairs[:, 1]]
+  )
+  return jnp.tanh(params["gain"] * rotated + u).T.reshape(-1)
+
+
+# name: (cell, k, layout, channels d, channel block)
+CELLS = {
+  "paragru": (_paragru, 1, "stacked", 6, 4),
+  "paralstm": (_paralstm, 2, "stacked", 3, 2),
+  "rotation": (_rotation, 2, "interleaved", 3, 2),
+}
+
+
+@functools.cache
+def _problem(name):
+  """(params, xs, h0); recurrent weights up to 1.5, three times ParaRNN's clip, so that Newton
+  needs several iterations."""
+  rng = np.random.default_rng(len(name))
+  _, k, _, d, _ = CELLS[name]
+  uniform = lambda *shape: rng.uniform(-1.5, 1.5, shape).astype(np.float32)
+  if name == "rotation":
+    params = {"theta": uniform(d), "gain": np.float32(1.2)}
+    xs = rng.standard_normal((BATCH, T, 2, d)).astype(np.float32)
+  else:
+    params = {"a": uniform(3, d)} | ({"p": uniform(2, d)} if k == 2 else {})
+    xs = rng.standard_normal((BATCH, T, 3, d)).astype(np.float32)
+  h0 = 0.5 * rng.standard_normal((BATCH, k * d)).astype(np.float32)
+  return params, jnp.asarray(xs), jnp.asarray(h0)
+
+
+def _reference(cell, params, xs, h0):
+  """h_t = cell(params, h_{t-1}, x_t), one sequence at a time, by lax.scan."""
+
+  def one(x, h):
+    def step(h, x_t):
+      h = cell(params, h, x_t)
+      return h, h
+
+    return jax.lax.scan(step, h, x)[1]
+
+  return jax.vmap(one)(xs, h0)
+
+
+def _solve(name, num_iters, **kwargs):
+  """newton_solve under jit (the elementwise probe then runs on traced arguments)."""
+  cell, k, layout, _, block_f = CELLS[name]
+  solve = functools.partial(
+    newton_solve, cell, num_iters=num_iters, block_size=k, layout=layout, block_t=BLOCK_T,
+    block_f=block_f, interpret=True, **kwargs,
+  )  # fmt: skip
+  return jax.jit(solve)(*_problem(name))
+
+
+def _assert_close(x, y, tol):
+  np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
+  ("name", "damping"), [("paragru", None), ("paralstm", None), ("paralstm", 0.5)]
+)
+def test_fused_iterations_match_xla_newton(name, damping):
+  """n fused iterations (time blocks carried across grid steps) equal n XLA Newton iterations."""
+  cell, _, _, _, _ = CELLS[name]
+  params, xs, h0 = _problem(name)
+  got = _solve(name, 2, damping=damping, time_blocks_per_program=1)
+  want, info = newton_rnn(
+    cell, params, xs, h0, max_iters=2, damping=damping, fallback=None, return_info=True
+  )
+  assert np.all(info.iterations == 2)  # no early stop in XLA either
+  _assert_close(got, want, 1e-5)
+  # Two iterations are far from the solution: the comparison above is not of two converged runs.
+  assert np.max(np.abs(got - _reference(cell, params, xs, h0))) > 1e-3
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_converged_matches_sequential(name):
+  """Converged, with two time blocks per program (a loop inside and a carry across programs)."""
+  cell, _, _, _, _ = CELLS[name]
+  params, xs, h0 = _problem(name)
+  got = _solve(name, 8, time_blocks_per_program=2)
+  _assert_close(got, _reference(cell, params, xs, h0), 1e-5)
+
+
+@pytest.mark.parametrize("name", ["paragru", "paralstm"])
+def test_newton_rnn_pallas_gradients(name):
+  cell, _, _, _, _ = CELLS[name]
+  params, xs, h0 = _problem(name)
+  weights = jnp.asarray(np.random.default_rng(9).standard_normal((BATCH, T, h0.shape[1])))
+
+  def loss(solve):
+    def f(p, x, h):
+      out = solve(p, x, h)
+      h, info = out if isinstance(out, tuple) else (out, None)
+      return jnp.sum(weights * jnp.sin(h)), (h, info)
+
+    return jax.jit(jax.value_and_grad(f, (0, 1, 2), has_aux=True))
+
+  pallas = lambda p, x, h: newton_rnn(cell, p, x, h, method="pallas", return_info=True)
+  (_, (h, info)), got = loss(pallas)(params, xs, h0)
+  (_, (h_ref, _)), want = loss(functools.partial(_reference, cell))(params, xs, h0)
+  assert np.all(info.converged) and not np.any(info.fallback), info
+  assert np.all(info.iterations == 10)
+  _assert_close(h, h_ref, 1e-5)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    scale = float(np.max(np.abs(w)))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("name", ["paragru", "paralstm"])
+def test_lowers_for_tpu(name):
+  """The kernel body, cell and JVP included, is expressible in Mosaic (lowered, not compiled)."""
+  cell, k, layout, _, _ = CELLS[name]
+  params, xs, h0 = _problem(name)
+  solve = functools.partial(
+    newton_solve, cell, num_iters=3, block_size=k, layout=layout, interpret=False
+  )
+  lowered = jax.jit(solve).trace(params, xs, h0).lower(lowering_platforms=("tpu",))
+  assert "tpu_custom_call" in lowered.as_text()
+
+
+def test_pallas_rejects_unsupported_cells():
+  params, xs, h0 = _problem("paragru")
+  clipped = lambda p, h, u: _paragru({"a": rc.clip_norm(p["a"])}, h, u)
+  with pytest.raises(ValueError, match=r"cell: expected a cell elementwise .* params\['a'\]"):
+    newton_rnn(clipped, params, xs, h0, method="pallas")
+  mixed = lambda p, h, u: _paragru(p, h, u + jnp.mean(u, axis=-1, keepdims=True))
+  with pytest.raises(ValueError, match=r"mixes channels through xs"):
+    newton_rnn(mixed, params, xs, h0, method="pallas")
+  gru = rc.init_gru(jax.random.key(0), 6, 6)
+  with pytest.raises(ValueError, match="method: 'pallas' needs a diagonal or 2x2-block"):
+    newton_rnn(rc.gru_cell, gru, xs[:, :, 0], h0, method="pallas")
+  with pytest.raises(ValueError, match=r"params\['a'\]: expected a last \(channel\) axis of size"):
+    newton_solve(_paragru, {"a": params["a"][:, :4]}, xs, h0, num_iters=1)

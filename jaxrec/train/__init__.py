@@ -2,7 +2,7 @@
 
 from jaxrec.train.checkpoint import Checkpointer, CheckpointError, restore_params
 from jaxrec.train.config_checks import ConfigError, model_config, validate_config
-from jaxrec.train.loop import train_and_evaluate
+from jaxrec.train.loop import restore_model, sample_text, train_and_evaluate
 from jaxrec.train.metrics import MetricsWriter, plot_losses, read_metrics, token_byte_lengths
 from jaxrec.train.optim import (
   make_optimizer,
@@ -50,7 +50,9 @@ __all__ = [
   "model_config",
   "plot_losses",
   "read_metrics",
+  "restore_model",
   "restore_params",
+  "sample_text",
   "summarize",
   "token_byte_lengths",
   "train_and_evaluate",

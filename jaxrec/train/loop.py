@@ -69,14 +69,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---- Model and optimizer ----------------------------------------------------------------------
   model_cfg = config_checks.model_config(config, tokenizer.vocab_size)
   schedule = _schedule(config)
-  tx = optim.make_optimizer(
-    schedule,
-    weight_decay=config.optim.weight_decay,
-    b1=config.optim.b1,
-    b2=config.optim.b2,
-    eps=config.optim.eps,
-    clip_norm=config.optim.clip_norm,
-  )
+  tx = _optimizer(config, schedule)
 
   def make_model():
     return LM(model_cfg, rngs=nnx.Rngs(config.seed))
@@ -150,7 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ckpt.save(config.steps, state, train_iter, force=True)
   plot = metrics.plot_losses(workdir)
   with jax.set_mesh(mesh):
-    sample = _sample(nnx.merge(graphdef, state.params, state.rest), tokenizer, config.sample)
+    sample = sample_text(nnx.merge(graphdef, state.params, state.rest), tokenizer, config.sample)
 
   with open(os.path.join(workdir, "sample.txt"), "w", encoding="utf-8") as f:
     f.write(sample)
@@ -163,6 +156,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     "step": config.steps,
     "sample": sample,
   }
+
+
+def restore_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[LM, Any]:
+  """The model of the latest checkpoint under ``workdir`` (trained with ``config``) and its
+  tokenizer, on the devices of ``config.mesh``."""
+  config_checks.validate_config(config, jax.device_count(), jax.process_count())
+  mesh = sharding.make_mesh(sharding.mesh_shape(dict(config.mesh), jax.device_count()))
+  tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
+  model_cfg = config_checks.model_config(config, tokenizer.vocab_size)
+  tx = _optimizer(config, _schedule(config))
+  graphdef, abstract = step_lib.abstract_train_state(
+    lambda: LM(model_cfg, rngs=nnx.Rngs(config.seed)), tx, mesh
+  )
+  state = checkpoint.restore_params(os.path.join(workdir, "checkpoints"), abstract)
+  return nnx.merge(graphdef, state.params, state.rest), tokenizer
+
+
+def _optimizer(config: ml_collections.ConfigDict, schedule):
+  return optim.make_optimizer(
+    schedule,
+    weight_decay=config.optim.weight_decay,
+    b1=config.optim.b1,
+    b2=config.optim.b2,
+    eps=config.optim.eps,
+    clip_norm=config.optim.clip_norm,
+  )
 
 
 def _corpus(spec: str, split: str):
@@ -188,7 +207,7 @@ def _schedule(config: ml_collections.ConfigDict):
   return optim.warmup_cosine_schedule(opt.learning_rate, config.steps, opt.warmup_steps, end_lr)
 
 
-def _sample(model, tokenizer, sample: ml_collections.ConfigDict) -> str:
+def sample_text(model, tokenizer, sample: ml_collections.ConfigDict) -> str:
   """Continues ``sample.prompt`` (after a bos token) and decodes the new tokens."""
   prompt = [tokenizer.bos_id, *tokenizer.encode(sample.prompt)]
   tokens = jaxrec.generate(

@@ -8,7 +8,7 @@ import pytest
 from absl import flags
 
 from experiments import train as launcher
-from jaxrec.train import metrics
+from jaxrec.train import metrics, restore_model, sample_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = [
@@ -67,6 +67,10 @@ def test_launcher_trains_checkpoints_and_samples(tmp_path, parsed_flags, capsys)
   assert "validation bits per byte" in out
   sample = (tmp_path / "sample.txt").read_text()
   assert f"sample:\ndef {sample}" in out
+
+  # experiments/sample.py's path: the restored checkpoint samples the same text with the same seed.
+  model, tokenizer = restore_model(launcher._CONFIG.value, str(tmp_path))
+  assert sample_text(model, tokenizer, launcher._CONFIG.value.sample) == sample
 
 
 def test_bad_flag_is_named_on_the_command_line(tmp_path):

@@ -169,9 +169,10 @@ def _check_decay_shape(log_decay, q_shape, axes):
 def _resolve_method(method: str) -> str:
   if method != "auto":
     return method
-  # The compiled kernel on accelerators; elsewhere the chunkwise XLA form, which on CPU is several
-  # times faster than the sequential scan for training (forward and backward).
-  return "pallas" if _dispatch.pallas_available() else "chunk"
+  # Measured in BENCHMARKS.md: on an H200 the chunkwise XLA form is 3-5x faster than the Triton
+  # kernel (whose chunk loop runs in one program per head), and on CPU it is 3-4x faster than the
+  # sequential scan for training. The kernel is the TPU path (Mosaic, chunk axis "arbitrary").
+  return "pallas" if _dispatch.default_backend() == "tpu" else "chunk"
 
 
 def _segment_starts(segment_ids: jax.Array) -> jax.Array:

@@ -34,6 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.mlp_hidden = config_dict.placeholder(int)
   config.model.window = config_dict.placeholder(int)
   config.model.gla_chunk_size = config_dict.placeholder(int)
+  config.model.pararnn_heads = config_dict.placeholder(int)
+  config.model.pararnn_max_iters = config_dict.placeholder(int)
   config.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators (params stay fp32)
   config.model.param_dtype = "float32"
   config.model.scan_layers = config_dict.placeholder(bool)

@@ -107,6 +107,11 @@ def _validate_optim(config: ml_collections.ConfigDict) -> None:
       f"--config.optim.warmup_steps: warmup ({opt.warmup_steps}) plus decay ({decay}) steps "
       f"must fit in --config.steps={config.steps}"
     )
+  if opt.schedule == "cosine" and opt.warmup_steps >= config.steps:
+    raise ConfigError(
+      f"--config.optim.warmup_steps: the cosine schedule needs steps left to decay over, "
+      f"expected < --config.steps={config.steps}, got {opt.warmup_steps}"
+    )
   if opt.clip_norm is not None and not opt.clip_norm > 0:
     raise ConfigError(f"--config.optim.clip_norm: expected > 0 or None, got {opt.clip_norm}")
 

@@ -49,6 +49,7 @@ def test_default_config_is_valid():
     ({"steps": 0}, r"--config.steps: expected a positive integer, got 0"),
     ({"optim__schedule": "step"}, r"--config.optim.schedule: expected one of \('cosine', 'wsd'\)"),
     ({"optim__warmup_steps": 700}, r"--config.optim.warmup_steps: .* --config.steps=600"),
+    ({"optim__warmup_steps": 600}, r"--config.optim.warmup_steps: .*expected < --config.steps=600"),
     ({"optim__schedule": "wsd", "optim__decay_shape": "exp"}, r"--config.optim.decay_shape"),
     ({"data__seq_len": 0}, r"--config.data.seq_len: expected a positive integer"),
   ],

@@ -10,6 +10,7 @@ The work directory holds ``checkpoints/`` (orbax: train state + data iterator), 
 
 import math
 import os
+import time
 from typing import Any
 
 import jax
@@ -117,6 +118,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   start = int(state.step)
   train_metrics = {}
+  tokens_per_step = config.batch_size * config.data.seq_len
+  # Throughput over each logging interval, timed from the end of the previous one (after its
+  # evaluation and checkpoint) to the host sync of this one; the first interval includes compiling.
+  clock, clock_step = time.perf_counter(), start
   # Context managers: an interrupted run (preemption, Ctrl-C) still finishes its pending saves.
   with (
     jax.set_mesh(mesh),
@@ -129,12 +134,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       done = step + 1
       if done % config.log_every == 0 or done == config.steps:
         train_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        elapsed = time.perf_counter() - clock
+        train_metrics["tokens_per_s"] = (done - clock_step) * tokens_per_step / elapsed
         writer.write(done, "train", train_metrics)
       if config.eval_every and done % config.eval_every == 0 and done < config.steps:
         writer.write(done, "validation", evaluate(state))
       if done < config.steps:
         ckpt.save(done, state, train_iter)
       writer.advance()
+      if done % config.log_every == 0:
+        clock, clock_step = time.perf_counter(), done
 
     # ---- Final evaluation, checkpoint, plot, sample ---------------------------------------------
     final = evaluate(state)

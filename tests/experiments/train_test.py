@@ -58,6 +58,7 @@ def test_launcher_trains_checkpoints_and_samples(tmp_path, parsed_flags, capsys)
   train = [records["train"][s]["loss"] for s in sorted(records["train"])]
   assert len(train) == 6
   assert train[-1] < train[0] - 1.0, train  # the loss falls
+  assert all(r["tokens_per_s"] > 0 for r in records["train"].values())
   validation = records["validation"]
   assert sorted(validation) == [15, 30]
   assert validation[30]["bits_per_byte"] < 7.0  # uniform over 259 ids is log2(259) = 8.02

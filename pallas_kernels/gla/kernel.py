@@ -21,22 +21,19 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels._backend import compiled_on, compiler_params
 from pallas_kernels.gla import subchunk
-
-
-def _on(backend: str, interpret: bool) -> bool:
-  return not interpret and jax.default_backend() == backend
 
 
 def _chunks_per_block(num_chunks: int, interpret: bool) -> int:
   """Chunks per grid step along time: one on TPU (sequential grid axis), all elsewhere."""
-  return 1 if _on("tpu", interpret) else num_chunks
+  return 1 if compiled_on("tpu", interpret) else num_chunks
 
 
 def _block_v(v_dim: int, interpret: bool) -> int:
-  if _on("tpu", interpret):
+  if compiled_on("tpu", interpret):
     return 128 if v_dim > 128 and v_dim % 128 == 0 else v_dim  # lane-aligned or full
-  if _on("gpu", interpret):
+  if compiled_on("gpu", interpret):
     # Value blocks are independent programs: more of them fill more SMs, and a [K, 32] state
     # leaves registers for the [c, c, K] decays.
     return 32 if v_dim > 32 and v_dim % 32 == 0 else v_dim
@@ -44,23 +41,14 @@ def _block_v(v_dim: int, interpret: bool) -> int:
 
 
 def _compiler_params(interpret: bool, k_dim: int):
-  """Backend-specific parameters; ``None`` for the CPU interpreter."""
-  if _on("tpu", interpret):
-    from jax.experimental.pallas import tpu as pltpu  # TPU-only module, imported where used
-
-    return pltpu.CompilerParams(
-      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
-    )
-  if _on("gpu", interpret):
-    # JAX >= 0.11 lowers pallas_call through Mosaic GPU by default, which stages whole blocks in
-    # shared memory (a whole-sequence block does not fit) and lacks the 3-D broadcasts used here.
-    # Triton parameters select the Triton backend, whose refs are global-memory pointers.
-    from jax.experimental.pallas import triton as pltriton  # GPU-only module, imported where used
-
-    # The [c, c, K] fp32 decays take c²K / (32 · num_warps) registers a thread: 128 at K <= 64
-    # with 4 warps, and at K = 128 with 8.
-    return pltriton.CompilerParams(num_warps=4 if k_dim <= 64 else 8, num_stages=1)
-  return None
+  # On GPU the [c, c, K] fp32 decays take c²K / (32 · num_warps) registers a thread: 128 at
+  # K <= 64 with 4 warps, and at K = 128 with 8.
+  return compiler_params(
+    interpret,
+    dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+    num_warps=4 if k_dim <= 64 else 8,
+    num_stages=1,
+  )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels._backend import compiled_on
 from pallas_kernels.gla import kernel, subchunk
 
 
@@ -109,7 +110,7 @@ def _validate(q, k, v, log_decay, initial_state, segment_ids, chunk_size, interp
     raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
   if t == 0 or t % chunk_size:
     raise ValueError(f"q: expected T a positive multiple of chunk_size={chunk_size}, got T={t}")
-  if not interpret and jax.default_backend() == "gpu":
+  if compiled_on("gpu", interpret):
     # Triton register tensors have power-of-2 sizes and its dots need every dim >= 16.
     for name, d in (("chunk_size", chunk_size), ("K", k_dim), ("V", v.shape[-1])):
       if d < 16 or d & (d - 1):

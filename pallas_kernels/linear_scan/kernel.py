@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels._backend import compiled_on, compiler_params
+
 _LANES = 128
 # TPU tiles: 8 sublanes x 128 lanes fp32 per time step, 128 steps per block keeps the three
 # double-buffered [128, 8, 128] fp32 blocks (a, b, h) at 3 MiB of VMEM.
@@ -48,13 +50,9 @@ def _scan_kernel(h0_ref, a_ref, b_ref, h_ref, carry_ref, *, block_t: int, revers
   carry_ref[...] = lax.fori_loop(0, block_t, step, carry_ref[...])
 
 
-def _on_gpu(interpret: bool) -> bool:
-  return not interpret and jax.default_backend() == "gpu"
-
-
 def _tiling(t: int, rows: int, interpret: bool, block_t: int | None) -> tuple[int, int]:
   """(time steps per block, lane rows per block)."""
-  if _on_gpu(interpret):
+  if compiled_on("gpu", interpret):
     # Triton loads must have a power-of-2 size, so one lane row per program; see module docstring.
     return t, 1
   tile_rows = min(rows, _TPU_ROWS)  # a block dim must be 8-aligned or the full dim
@@ -62,26 +60,8 @@ def _tiling(t: int, rows: int, interpret: bool, block_t: int | None) -> tuple[in
 
 
 def _compiler_params(interpret: bool):
-  """Backend-specific parameters; ``None`` in the interpreter.
-
-  The backend modules are imported only on their backend: the Triton one is deprecated.
-  """
-  if interpret:
-    return None
-  backend = jax.default_backend()
-  if backend == "tpu":
-    from jax.experimental.pallas import tpu as pltpu
-
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
-  if backend == "gpu":
-    # The Triton backend (deprecated in JAX 0.11: a DeprecationWarning) is what lowers a
-    # pallas_call on GPU: in JAX 0.11.2 Mosaic GPU has no pallas_call rule (only plgpu.kernel), and
-    # Triton refs are global-memory pointers, so a whole-sequence block costs no shared memory.
-    # Four warps (one thread per lane) measured fastest on an H200.
-    from jax.experimental.pallas import triton as pltriton
-
-    return pltriton.CompilerParams(num_warps=4)
-  return None
+  # On GPU four warps (one thread per lane) measured fastest on an H200.
+  return compiler_params(interpret, dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
 def _pad_to(x: jax.Array, axis: int, size: int, value: float) -> jax.Array:

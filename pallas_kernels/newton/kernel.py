@@ -74,6 +74,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels._backend import compiler_params
+
 # Values are lists of 2-D ``[Tb, Fb]`` tiles: ``h[a]`` (component ``a``) and ``jac[a][b]``
 # (``∂f_a/∂h_b``). Tiles rather than stacked arrays keep every operation 2-D and free of value
 # slicing, which Triton does not lower.
@@ -194,24 +196,7 @@ def _newton_kernel(*refs, cell, n_params, n_xs, num_iters, block_t, blocks, damp
 
 
 def _compiler_params(interpret: bool):
-  """Backend-specific parameters; ``None`` in the interpreter.
-
-  The backend modules are imported only on their backend: the Triton one is deprecated.
-  """
-  if interpret:
-    return None
-  backend = jax.default_backend()
-  if backend == "tpu":
-    from jax.experimental.pallas import tpu as pltpu
-
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
-  if backend == "gpu":
-    # Triton parameters select the Triton backend, whose refs are global-memory pointers, so a
-    # whole-sequence block costs no shared memory (see pallas_kernels/linear_scan/kernel.py).
-    from jax.experimental.pallas import triton as pltriton
-
-    return pltriton.CompilerParams(num_warps=4)
-  return None
+  return compiler_params(interpret, dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
 @functools.partial(

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from pallas_kernels._backend import compiled_on
 from pallas_kernels.newton import kernel
 
 LAYOUTS = ("stacked", "interleaved")
@@ -89,7 +90,7 @@ def newton_solve(
   block_f = block_f or pl.next_power_of_2(min(128, d))
   n_t = -(-t // block_t)
   if time_blocks_per_program is None:
-    on_gpu = not interpret and jax.default_backend() == "gpu"
+    on_gpu = compiled_on("gpu", interpret)
     time_blocks_per_program = n_t if on_gpu else 1
   span = block_t * time_blocks_per_program
   t_pad, d_pad = -(-t // span) * span, -(-d // block_f) * block_f

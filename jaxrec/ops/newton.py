@@ -241,14 +241,21 @@ def _newton_solve_bwd(cell, cfg, res, cotangents):
 _newton_solve.defvjp(_newton_solve_fwd, _newton_solve_bwd)
 
 
-def _warn_unconverged(converged, residual):
+def _warn_unconverged(
+  converged,
+  residual,
+  *,
+  name="newton_rnn",
+  outcome="fallback=None returned the unconverged iterate",
+  remedies="use fallback='sequential' or ",
+):
+  """Host-side warning for sequences that stopped unconverged (shared with newton_sharded)."""
   if not np.all(converged):
     bad = np.flatnonzero(~np.asarray(converged))
     warnings.warn(
-      f"newton_rnn: {bad.size} of {converged.size} sequences did not converge (batch indices "
-      f"{bad[:8].tolist()}, max residual {np.max(residual[bad]):.3g}) and fallback=None returned "
-      "the unconverged iterate; raise max_iters, set damping, use fallback='sequential' or pass "
-      "return_info=True to handle it yourself.",
+      f"{name}: {bad.size} of {converged.size} sequences did not converge (batch indices "
+      f"{bad[:8].tolist()}, max residual {np.max(residual[bad]):.3g}) and {outcome}; raise "
+      f"max_iters, set damping, {remedies}pass return_info=True to handle it yourself.",
       RuntimeWarning,
       stacklevel=1,
     )

@@ -30,7 +30,6 @@ one-more-exact-state-per-iteration guarantee and the iteration counts carry over
 
 import dataclasses
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +45,7 @@ from jaxrec.ops.newton import (
   _as_structure,
   _batched,
   _validate,
+  _warn_unconverged,
   damp_jacobian,
   detect_jacobian_structure,
   linearize_cell,
@@ -286,17 +286,12 @@ def _sharded_solve_bwd(cell, cfg, res, cotangents):
 _sharded_solve.defvjp(_sharded_solve_fwd, _sharded_solve_bwd)
 
 
-def _warn_unconverged(converged, residual):
-  if not np.all(converged):
-    bad = np.flatnonzero(~np.asarray(converged))
-    warnings.warn(
-      f"newton_rnn_sharded: {bad.size} of {converged.size} sequences did not converge (batch "
-      f"indices {bad[:8].tolist()}, max residual {np.max(residual[bad]):.3g}) and the last "
-      "iterate was returned; raise max_iters, set damping or pass return_info=True to handle "
-      "it yourself.",
-      RuntimeWarning,
-      stacklevel=1,
-    )
+_warn_sharded_unconverged = functools.partial(
+  _warn_unconverged,
+  name="newton_rnn_sharded",
+  outcome="the last iterate was returned",
+  remedies="or ",
+)
 
 
 def _solve(cell, cfg, warn, params, xs, h0):
@@ -306,7 +301,7 @@ def _solve(cell, cfg, warn, params, xs, h0):
   h, stats = _sharded_solve(cell, cfg, params, xs, h0)
   if warn:
     # Replicated first: the host callback reads them from one device.
-    jax.debug.callback(_warn_unconverged, *_place(cfg, (stats[2], stats[1]), P()))
+    jax.debug.callback(_warn_sharded_unconverged, *_place(cfg, (stats[2], stats[1]), P()))
   return h, stats
 
 

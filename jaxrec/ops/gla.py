@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxrec.ops import _checks, _dispatch
+from pallas_kernels import gla as pallas_gla
 
 METHODS = ("auto", "sequential", "chunk", "pallas")
 
@@ -182,8 +183,6 @@ def _segment_starts(segment_ids: jax.Array) -> jax.Array:
 
 
 def _pallas(q, k, v, log_decay, h0, segment_ids, scale, chunk_size):
-  from pallas_kernels import gla as pallas_gla  # imported here: the kernel package is optional
-
   t = q.shape[1]
   if log_decay.ndim == 3:
     log_decay = jnp.broadcast_to(log_decay[..., None], q.shape)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from testing_utils import decode_token_by_token as _decode
 
 from jaxrec import layers
 from jaxrec.models import LMConfig
@@ -117,17 +118,6 @@ def test_forward_and_gradients_match_reference(case):
   jax.tree.map(
     lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5), got_grads, want_grads
   )
-
-
-def _decode(mixer, x, cache):
-  """Feeds ``x [B, t, D]`` one token at a time (the same call with T = 1 and a cache)."""
-
-  def step(cache, x_t):
-    y, cache = mixer(x_t[:, None], cache=cache)
-    return cache, y[:, 0]
-
-  cache, y = jax.lax.scan(step, cache, jnp.swapaxes(x, 0, 1))
-  return jnp.swapaxes(y, 0, 1), cache
 
 
 @jax.jit

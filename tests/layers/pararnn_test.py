@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from testing_utils import decode_token_by_token as _decode
 
 import jaxrec
 from jaxrec import layers
@@ -111,17 +112,6 @@ def test_forward_and_gradients_match_sequential_scan(kind):
   )
   # The clipped diagonals still get a gradient for every entry.
   assert np.all(np.abs(got_grads[0]["recurrent"]) > 0)
-
-
-def _decode(mixer, x, cache):
-  """Feeds ``x [B, t, D]`` one token at a time (the same call with T = 1 and a cache)."""
-
-  def step(cache, x_t):
-    y, cache = mixer(x_t[:, None], cache=cache)
-    return cache, y[:, 0]
-
-  cache, y = jax.lax.scan(step, cache, jnp.swapaxes(x, 0, 1))
-  return jnp.swapaxes(y, 0, 1), cache
 
 
 @jax.jit

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from testing_utils import sequential_rnn as _reference
 
 from jaxrec.ops import newton_rnn, newton_rnn_sharded
 from jaxrec.ops import rnn_cells as rc
@@ -16,19 +17,6 @@ from jaxrec.ops.newton import JacobianStructure
 
 INPUT = 4
 WIDTH = 8
-
-
-def _reference(cell, params, xs, h0):
-  """h_t = cell(params, h_{t-1}, x_t), one sequence at a time, by lax.scan."""
-
-  def one(x, h):
-    def step(h, x_t):
-      h = cell(params, h, x_t)
-      return h, h
-
-    return jax.lax.scan(step, h, x)[1]
-
-  return jax.vmap(one)(xs, h0)
 
 
 @functools.cache

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from testing_utils import sequential_rnn as _reference
 
 from jaxrec.ops import NewtonInfo, newton_rnn
 from jaxrec.ops import rnn_cells as rc
@@ -18,19 +19,6 @@ from jaxrec.ops.newton import (
 )
 
 INPUT = 4
-
-
-def _reference(cell, params, xs, h0):
-  """h_t = cell(params, h_{t-1}, x_t), one sequence at a time, by lax.scan."""
-
-  def one(x, h):
-    def step(h, x_t):
-      h = cell(params, h, x_t)
-      return h, h
-
-    return jax.lax.scan(step, h, x)[1]
-
-  return jax.vmap(one)(xs, h0)
 
 
 @functools.cache

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from testing_utils import sequential_rnn as _reference
 
 from jaxrec.ops import newton_rnn
 from jaxrec.ops import rnn_cells as rc
@@ -70,19 +71,6 @@ def _problem(name):
     xs = rng.standard_normal((BATCH, T, 3, d)).astype(np.float32)
   h0 = 0.5 * rng.standard_normal((BATCH, k * d)).astype(np.float32)
   return params, jnp.asarray(xs), jnp.asarray(h0)
-
-
-def _reference(cell, params, xs, h0):
-  """h_t = cell(params, h_{t-1}, x_t), one sequence at a time, by lax.scan."""
-
-  def one(x, h):
-    def step(h, x_t):
-      h = cell(params, h, x_t)
-      return h, h
-
-    return jax.lax.scan(step, h, x)[1]
-
-  return jax.vmap(one)(xs, h0)
 
 
 def _solve(name, num_iters, **kwargs):

@@ -91,9 +91,11 @@ class NewtonInfo:
   Attributes:
     iterations: ``[B]`` int32, Newton iterations run for each sequence.
     residual: ``[B]``, ``max_t ‖h_t - f(h_{t-1}, x_t)‖_∞`` of the last Newton iterate (before
-      any fallback).
-    converged: ``[B]`` bool, the residual reached the tolerance.
-    fallback: ``[B]`` bool, the sequence was recomputed by the sequential scan.
+      any fallback): a true maximum, NaN if any entry is NaN and ``inf`` if one is infinite.
+    converged: ``[B]`` bool, the residual is finite and reached the tolerance; a non-finite
+      iterate never counts as converged.
+    fallback: ``[B]`` bool, the sequence was recomputed by the sequential scan (every
+      unconverged sequence, with ``fallback="sequential"``).
     structure: the Jacobian structure used (``None`` for ``method="sequential"``).
     tol: the absolute tolerance; a sequence converges when ``residual ≤ tol·max(1, max|h|)``.
   """
@@ -117,17 +119,49 @@ class _Config:
   pallas: bool
 
 
+def nan_max(x: jax.Array, axis) -> jax.Array:
+  """``jnp.max`` that returns NaN wherever a reduced entry is NaN.
+
+  XLA's max reductions are free to skip NaN operands (on CPU, inside a ``while_loop``, an
+  all-NaN row reduces to ``-inf``), so a residual of a diverged iterate would read as ``-inf``:
+  below any tolerance. This one is a real maximum.
+  """
+  return jnp.where(jnp.any(jnp.isnan(x), axis=axis), jnp.nan, jnp.max(x, axis=axis))
+
+
 def _residual(f, h):
-  return jnp.max(jnp.abs(f - h), axis=(1, 2))
+  """Per sequence ``max_t ‖h_t - f(h_{t-1}, x_t)‖_∞``: NaN if any entry is NaN, ``inf`` if one
+  is infinite (an infinite ``h_t`` or ``f_t`` gives ``inf`` or ``inf - inf = NaN``)."""
+  return nan_max(jnp.abs(f - h), axis=(1, 2))
 
 
 def _converged(residual, h, tol):
-  # Written as `<=` so that a NaN residual counts as not converged.
-  return residual <= tol * jnp.maximum(1.0, jnp.max(jnp.abs(h), axis=(1, 2)))
+  """The convergence test. A finite residual implies finite ``f`` and ``h`` (see ``_residual``),
+  so a non-finite iterate never passes, whatever the scale ``max|h|`` reads."""
+  scale = jnp.maximum(1.0, jnp.max(jnp.abs(h), axis=(1, 2)))
+  return jnp.isfinite(residual) & (residual <= tol * scale)
 
 
-def _sequential(cell, params, xs, h0):
-  """The reference: ``lax.scan`` over time of the cell mapped over the batch."""
+def all_finite(x: jax.Array) -> jax.Array:
+  """``[B]``: every entry of sequence ``b`` of ``x [B, ...]`` is finite."""
+  return jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
+
+
+def tree_all_finite(tree, batch: int | None = None) -> jax.Array:
+  """Every floating entry of ``tree`` is finite: per sequence ``[B]`` over ``[B, ...]`` leaves
+  when ``batch`` is given, else a scalar. Integer leaves and their ``float0`` cotangents count
+  as finite."""
+  check = all_finite if batch is not None else lambda x: jnp.all(jnp.isfinite(x))
+  out = jnp.ones(() if batch is None else (batch,), bool)
+  for x in jax.tree.leaves(tree):
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+      out = out & check(x)
+  return out
+
+
+def scan_states(cell, params, xs, h0):
+  """The reference solve: ``lax.scan`` over time of the cell mapped over the batch,
+  ``xs [B, T, ...]``, ``h0 [B, D]`` -> ``h [B, T, D]``."""
   step = jax.vmap(cell, in_axes=(None, 0, 0))
 
   def body(h, x_t):
@@ -150,17 +184,22 @@ def _iterate(cell, cfg: _Config, params, xs, h0):
   residual = _residual(f, h)
   iterations = jnp.zeros((batch,), jnp.int32)
 
+  # A sequence iterates until it converges or its iterate stops being finite: NaN and inf never
+  # recover (NaN propagates; an infinite step overflows the next residual), so iterating on is
+  # wasted and the sequence goes to the fallback.
+  pending = lambda h, residual: jnp.isfinite(residual) & ~_converged(residual, h, cfg.tol)
+
   def cond(state):
     step, h, _, _, residual, _ = state
-    return (step < cfg.max_iters) & ~jnp.all(_converged(residual, h, cfg.tol))
+    return (step < cfg.max_iters) & jnp.any(pending(h, residual))
 
   def body(state):
     step, h, f, jac, residual, iterations = state
-    active = ~_converged(residual, h, cfg.tol)
+    active = pending(h, residual)
     if cfg.damping is not None:
       jac = damp_jacobian(jac, cfg.damping)
     delta = solve_linear_recurrence(jac, f - h, structure, method=cfg.scan_method)
-    # Converged sequences keep their iterate bit for bit.
+    # Converged (and failed) sequences keep their iterate bit for bit.
     h = jnp.where(active[:, None, None], h + delta, h)
     f, jac = linearize_cell(cell, structure, params, shift_states(h, h0), xs)
     return step + 1, h, f, jac, _residual(f, h), iterations + active
@@ -200,7 +239,7 @@ def _newton(cell, cfg: _Config, params, xs, h0):
     # result only for the failed ones. Under vmap the cond becomes a select and always runs.
     h = lax.cond(
       jnp.any(fallback),
-      lambda: jnp.where(fallback[:, None, None], _sequential(cell, params, xs, h0), h),
+      lambda: jnp.where(fallback[:, None, None], scan_states(cell, params, xs, h0), h),
       lambda: h,
     )
   return h, (iterations, residual, converged, fallback)
@@ -232,10 +271,47 @@ def _newton_solve_bwd(cell, cfg, res, cotangents):
   jac_t = jnp.swapaxes(jac, -1, -2)
   # The adjoint at t uses J_{t+1}: shift left by one, nothing after the last step.
   jac_t = jnp.concatenate([jac_t[:, 1:], jnp.zeros_like(jac_t[:, :1])], axis=1)
-  lam = solve_linear_recurrence(jac_t, dh, structure, reverse=True, method=cfg.scan_method)
+  solve = functools.partial(solve_linear_recurrence, jac_t, dh, structure, reverse=True)
+  lam = solve(method=cfg.scan_method)
+  if cfg.fallback == "sequential":
+    # A parallel scan forms products of Jacobians, which can overflow (inf·0 = NaN) where the
+    # sequential recurrence stays finite: redo those sequences one step at a time.
+    bad = ~all_finite(lam)
+    lam = lax.cond(
+      jnp.any(bad),
+      lambda: jnp.where(bad[:, None, None], solve(method="sequential"), lam),
+      lambda: lam,
+    )
   _, pullback = jax.vjp(_batched(cell), params, h_prev, xs)
   dparams, dh_prev, dxs = pullback(lam.astype(h.dtype))
+  # Whatever its cause (a non-finite cotangent, input or Jacobian, or an overflowing adjoint
+  # without the fallback), a non-finite gradient is reported, never passed on silently.
+  finite = all_finite(lam) & all_finite(dh_prev) & tree_all_finite(dxs, h.shape[0])
+  params_finite = jnp.all(tree_all_finite(dparams))
+  # The host callback runs only when something is wrong: no device-to-host sync per step.
+  lax.cond(
+    jnp.all(finite) & params_finite,
+    lambda: None,
+    lambda: jax.debug.callback(_warn_nonfinite_gradient, finite, params_finite),
+  )
   return dparams, dxs, dh_prev[:, 0]
+
+
+def _warn_nonfinite_gradient(finite, params_finite, *, name="newton_rnn"):
+  """Host-side warning for a backward pass that produced non-finite gradients."""
+  if np.all(finite) and params_finite:
+    return
+  bad = np.flatnonzero(~np.asarray(finite))
+  where = f"{bad.size} of {finite.size} sequences (batch indices {bad[:8].tolist()})"
+  if not bad.size:
+    where = "the parameters"
+  warnings.warn(
+    f"{name}: the adjoint gradient is not finite for {where}; check the loss cotangent, the "
+    "inputs and the cell's Jacobian along the solution (a cell whose Jacobian products grow "
+    "without bound has exploding gradients in any form of backpropagation).",
+    RuntimeWarning,
+    stacklevel=1,
+  )
 
 
 _newton_solve.defvjp(_newton_solve_fwd, _newton_solve_bwd)
@@ -327,11 +403,13 @@ def newton_rnn(
       1e-12 for fp64 (well above its round-off, below any fp32 comparison).
     damping: ``None`` for plain Newton, or ``λ ≥ 0`` for the damped step of ``damp_jacobian``,
       which keeps stiff cells finite.
-    fallback: ``"sequential"`` recomputes the sequences that did not converge with ``lax.scan``
-      (a ``lax.cond`` runs it only if one failed, a per-sequence ``jnp.where`` keeps it only for
-      those); ``None`` returns the last iterate — reported in ``info``, and with a
-      ``RuntimeWarning`` (through ``jax.debug.callback``) when ``return_info=False``; its
-      gradient is then the adjoint at that inexact trajectory.
+    fallback: ``"sequential"`` recomputes the sequences that did not converge — including any
+      whose iterate or residual is not finite — with ``lax.scan`` (a ``lax.cond`` runs it only
+      if one failed, a per-sequence ``jnp.where`` keeps it only for those), and in the backward
+      pass redoes sequentially any sequence whose parallel adjoint scan is not finite; ``None``
+      returns the last iterate — reported in ``info``, and with a ``RuntimeWarning`` (through
+      ``jax.debug.callback``) when ``return_info=False``; its gradient is then the adjoint at
+      that inexact trajectory. Either way a non-finite gradient raises a ``RuntimeWarning``.
     method: ``"newton"``; ``"pallas"`` for the fused kernel of ``pallas_kernels.newton``
       (interpret mode on CPU), which runs exactly ``max_iters`` iterations per time block on chip
       (ParaRNN fixes 3) and needs a diagonal or ``2×2``-block Jacobian and a cell elementwise over
@@ -354,10 +432,11 @@ def newton_rnn(
     # fp32: about 8 ulp of a unit-size state; half precision: 8 ulp of its own.
     tol = 1e-12 if fp64 else max(1e-6, 8 * float(jnp.finfo(h0.dtype).eps))
   if method == "sequential":
-    h = _sequential(cell, params, xs, h0)
-    ok = jnp.ones((batch,), bool)
-    zeros = jnp.zeros((batch,), h0.dtype)
-    info = NewtonInfo(jnp.zeros((batch,), jnp.int32), zeros, ok, ~ok, None, tol)
+    h = scan_states(cell, params, xs, h0)
+    # The reference is exact by construction; only a non-finite trajectory is not "converged".
+    ok = all_finite(h)
+    residual = jnp.where(ok, 0.0, jnp.nan).astype(h0.dtype)
+    info = NewtonInfo(jnp.zeros((batch,), jnp.int32), residual, ok, jnp.zeros_like(ok), None, tol)
     return (h, info) if return_info else h
 
   x_t = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), xs)

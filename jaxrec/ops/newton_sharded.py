@@ -14,15 +14,22 @@ of ``xs`` and of the iterate ``h``. Every Newton iteration of ``jaxrec.ops.newto
    By linearity the true step is ``δ_t = δ̂_t + P_t δ_in,s``, where the δ entering each shard
    follows ``δ_in,0 = 0``, ``δ_in,s+1 = Φ_s δ_in,s + δ̂_last,s``. The ``n`` pairs
    ``(Φ_s, δ̂_last,s)`` are ``lax.all_gather``-ed and composed serially (``n`` is small).
-4. **Convergence** per sequence over the whole sequence: the residual and ``max|h|`` are reduced
-   with ``lax.pmax``; the loop runs while any sequence of any batch shard is unconverged, so
-   every device runs the same number of iterations.
+4. **Convergence** per sequence over the whole sequence: the residual (a true maximum: NaN if
+   any entry is) and ``max|h|`` are reduced with ``lax.pmax``; the loop runs while any sequence
+   of any batch shard is unconverged with a finite residual, so every device runs the same
+   number of iterations.
+
+**Fallback.** Sequences that end unconverged (or non-finite) are recomputed exactly, shard after
+shard: every shard runs ``lax.scan`` over its steps from the state its left neighbour handed it
+in the previous round, so after round ``r`` the first ``r + 1`` shards are exact and ``n``
+rounds give the sequential result in the wall time of one sequential scan of ``T`` steps.
 
 Gradients use the adjoint method of ``newton_rnn`` sharded the same way, in reverse:
 ``λ_t = ∂L/∂h_t + J_{t+1}ᵀ λ_{t+1}``, where the last step of a shard takes ``J_{t+1}`` from the
 first step of its *right* neighbour (a reverse halo), is solved locally from ``λ = 0`` and fixed
 up from the right; one VJP of the cell with cotangent ``λ`` then gives ``dxs``, ``dh0`` (on
-shard 0) and the parameter gradient, ``lax.psum``-med over the sequence and batch axes.
+shard 0) and the parameter gradient, ``lax.psum``-med over the sequence and batch axes. Where that parallel adjoint is not finite, the
+fallback redoes it shard after shard with a sequential linear solve, as in the forward pass.
 
 The result equals the unsharded solve up to rounding: each linear step is exact, so the
 one-more-exact-state-per-iteration guarantee and the iteration counts carry over.
@@ -45,12 +52,17 @@ from jaxrec.ops.newton import (
   _as_structure,
   _batched,
   _validate,
+  _warn_nonfinite_gradient,
   _warn_unconverged,
+  all_finite,
   damp_jacobian,
   detect_jacobian_structure,
   linearize_cell,
+  nan_max,
+  scan_states,
   shift_states,
   solve_linear_recurrence,
+  tree_all_finite,
 )
 
 
@@ -63,6 +75,7 @@ class _Config:
   max_iters: int
   tol: float
   damping: float | None
+  fallback: str | None
 
   @property
   def sequence_spec(self) -> P:
@@ -160,22 +173,39 @@ def _sharded_linear_solve(structure, jac, rhs, axis_name: str, *, reverse: bool 
 
 
 def _global_max(x, axis_name: str):
-  """Max over the shards of ``axis_name``, NaN as ``inf`` (an all-reduce max may drop NaN)."""
-  return lax.pmax(jnp.where(jnp.isnan(x), jnp.inf, x), axis_name)
+  """Max over the shards of ``axis_name``; NaN if any shard's is NaN (an all-reduce max may
+  drop NaN, so the NaN flag is reduced on its own)."""
+  nan = lax.pmax(jnp.isnan(x).astype(jnp.int32), axis_name) > 0
+  return jnp.where(nan, jnp.nan, lax.pmax(jnp.where(jnp.isnan(x), -jnp.inf, x), axis_name))
 
 
 def _residual(f, h, cfg: _Config):
-  """Per-sequence ``max_t ‖h_t - f(h_{t-1}, x_t)‖_∞`` over all shards, and its test against
-  ``tol·max(1, max|h|)`` (that of ``newton_rnn``)."""
-  residual = _global_max(jnp.max(jnp.abs(f - h), axis=(1, 2)), cfg.axis_name)
+  """Per-sequence ``max_t ‖h_t - f(h_{t-1}, x_t)‖_∞`` over all shards, and the convergence test
+  of ``newton_rnn``: finite and ``≤ tol·max(1, max|h|)``."""
+  residual = _global_max(nan_max(jnp.abs(f - h), axis=(1, 2)), cfg.axis_name)
   scale = _global_max(jnp.max(jnp.abs(h), axis=(1, 2)), cfg.axis_name)
-  return residual, residual <= cfg.tol * jnp.maximum(1.0, scale)
+  return residual, jnp.isfinite(residual) & (residual <= cfg.tol * jnp.maximum(1.0, scale))
 
 
-def _any_unconverged(converged, cfg: _Config):
-  """True on every device while a sequence of any batch shard is unconverged."""
-  pending = jnp.any(~converged).astype(jnp.int32)
-  return (lax.pmax(pending, cfg.batch_axes) if cfg.batch_axes else pending) > 0
+def _any_sequence(flags, cfg: _Config):
+  """True on every device if ``flags [B/shards]`` (equal over the sequence axis) holds for some
+  sequence of any batch shard: a predicate every device agrees on, as loops and conds around
+  collectives need."""
+  found = jnp.any(flags).astype(jnp.int32)
+  return (lax.pmax(found, cfg.batch_axes) if cfg.batch_axes else found) > 0
+
+
+def _shard_by_shard(solve_from, hand_over, start, cfg: _Config):
+  """The exact sequential result over the sharded time axis, by rounds.
+
+  Each round every shard runs ``solve_from(incoming)`` on its own steps, then ``hand_over``
+  passes the boundary of the result to the next shard in the direction of the recurrence; after
+  round ``r`` the first ``r + 1`` shards in that direction started from exact values, so ``n``
+  rounds (``T`` sequential steps of wall time on every device) give the sequential solution.
+  """
+  rounds = cfg.mesh.shape[cfg.axis_name] - 1
+  incoming = lax.fori_loop(0, rounds, lambda _, inc: hand_over(solve_from(inc)), start)
+  return solve_from(incoming)
 
 
 def _newton_shard(cell, cfg: _Config, params, xs, h0):
@@ -189,17 +219,20 @@ def _newton_shard(cell, cfg: _Config, params, xs, h0):
   f, jac = linearize(h)
   residual, converged = _residual(f, h, cfg)
 
+  # As in newton_rnn: a non-finite iterate stops iterating (it cannot recover) and falls back.
+  pending = lambda residual, converged: jnp.isfinite(residual) & ~converged
+
   def cond(state):
-    step, *_, converged, _ = state
-    return (step < cfg.max_iters) & _any_unconverged(converged, cfg)
+    step, _, _, _, residual, converged, _ = state
+    return (step < cfg.max_iters) & _any_sequence(pending(residual, converged), cfg)
 
   def body(state):
-    step, h, f, jac, _, converged, iterations = state
-    active = ~converged
+    step, h, f, jac, residual, converged, iterations = state
+    active = pending(residual, converged)
     if cfg.damping is not None:
       jac = damp_jacobian(jac, cfg.damping)
     delta = _sharded_linear_solve(structure, jac, f - h, axis)
-    # Converged sequences keep their iterate bit for bit.
+    # Converged (and failed) sequences keep their iterate bit for bit.
     h = jnp.where(active[:, None, None], h + delta, h)
     f, jac = linearize(h)
     return step + 1, h, f, jac, *_residual(f, h, cfg), iterations + active
@@ -207,7 +240,22 @@ def _newton_shard(cell, cfg: _Config, params, xs, h0):
   iterations = jnp.zeros_like(residual, jnp.int32)
   state = (jnp.int32(0), h, f, jac, residual, converged, iterations)
   _, h, _, _, residual, converged, iterations = lax.while_loop(cond, body, state)
-  return h, (iterations, residual, converged)
+  fallback = jnp.zeros_like(converged)
+  if cfg.fallback == "sequential":
+    fallback = ~converged
+    first = lax.axis_index(axis) == 0
+    exact = lambda: _shard_by_shard(
+      lambda h_in: scan_states(cell, params, xs, h_in),
+      lambda h: jnp.where(first, h0, _from_left(h[:, -1], axis)),
+      h0,
+      cfg,
+    )
+    h = lax.cond(
+      _any_sequence(fallback, cfg),
+      lambda: jnp.where(fallback[:, None, None], exact(), h),
+      lambda: h,
+    )
+  return h, (iterations, residual, converged, fallback)
 
 
 def _adjoint_shard(cell, cfg: _Config, params, xs, h0, h, dh):
@@ -220,6 +268,20 @@ def _adjoint_shard(cell, cfg: _Config, params, xs, h0, h, dh):
   # Jacobian (zeros after the global last step).
   jac_t = jnp.concatenate([jac_t[:, 1:], _from_right(jac_t[:, :1], axis)], axis=1)
   lam = _sharded_linear_solve(structure, jac_t, dh, axis, reverse=True)
+  if cfg.fallback == "sequential":
+    # λ entering a shard from the right enters through its last step: λ_last = J_{t+1}ᵀ λ_in
+    # + ∂L/∂h_last, a sequential reverse solve from there.
+    def solve_from(lam_in):
+      rhs = dh.at[:, -1].add(_apply(structure, jac_t[:, -1], lam_in))
+      return solve_linear_recurrence(jac_t, rhs, structure, reverse=True, method="sequential")
+
+    bad = lax.pmax((~all_finite(lam)).astype(jnp.int32), axis) > 0
+    exact = lambda: _shard_by_shard(
+      solve_from, lambda lam: _from_right(lam[:, 0], axis), jnp.zeros_like(dh[:, 0]), cfg
+    )
+    lam = lax.cond(
+      _any_sequence(bad, cfg), lambda: jnp.where(bad[:, None, None], exact(), lam), lambda: lam
+    )
   _, pullback = jax.vjp(_batched(cell), params, h_prev, xs)
   dparams, dh_prev, dxs = pullback(lam.astype(h.dtype))
   # Each shard holds its own steps' (and batch rows') share of the parameter gradient.
@@ -256,7 +318,7 @@ def _forward(cell, cfg: _Config, params, xs, h0):
     functools.partial(_newton_shard, cell, cfg),
     cfg,
     in_specs=(P(), seq, batch),
-    out_specs=(seq, (batch, batch, batch)),
+    out_specs=(seq, (batch, batch, batch, batch)),
   )
   return run(params, xs, h0)
 
@@ -280,18 +342,22 @@ def _sharded_solve_bwd(cell, cfg, res, cotangents):
     in_specs=(P(), seq, batch, seq, seq),
     out_specs=(P(), seq, batch),
   )
-  return run(params, xs, h0, h, _place(cfg, cotangents[0], seq))
+  dparams, dxs, dh0 = run(params, xs, h0, h, _place(cfg, cotangents[0], seq))
+  finite = all_finite(dh0) & tree_all_finite(dxs, h0.shape[0])
+  params_finite = jnp.all(tree_all_finite(dparams))
+  warn = functools.partial(_warn_nonfinite_gradient, name="newton_rnn_sharded")
+  lax.cond(
+    jnp.all(finite) & params_finite,
+    lambda: None,
+    lambda: jax.debug.callback(warn, *_place(cfg, (finite, params_finite), P())),
+  )
+  return dparams, dxs, dh0
 
 
 _sharded_solve.defvjp(_sharded_solve_fwd, _sharded_solve_bwd)
 
 
-_warn_sharded_unconverged = functools.partial(
-  _warn_unconverged,
-  name="newton_rnn_sharded",
-  outcome="the last iterate was returned",
-  remedies="or ",
-)
+_warn_sharded_unconverged = functools.partial(_warn_unconverged, name="newton_rnn_sharded")
 
 
 def _solve(cell, cfg, warn, params, xs, h0):
@@ -325,17 +391,16 @@ def newton_rnn_sharded(
   max_iters: int | None = None,
   tol: float | None = None,
   damping: float | None = None,
+  fallback: str | None = "sequential",
   return_info: bool = False,
 ):
   """``jaxrec.ops.newton_rnn`` with the time axis sharded over the mesh axis ``axis_name``.
 
-  Same cell contract, Jacobian structures, defaults, convergence test and adjoint gradients as
-  ``newton_rnn``; the algorithm is in the module docstring. Each of the ``n`` shards holds
-  ``T/n`` steps; per iteration it exchanges one halo state (``ppermute``), the ``n`` small
-  ``(transfer, last δ)`` pairs (``all_gather``) and per-sequence residuals (``pmax``), and keeps
-  the cumulative Jacobian products next to the Jacobians (twice their memory). There is no
-  sequential fallback: an unconverged solve returns its last iterate, reported in ``info`` (and
-  with a ``RuntimeWarning`` when ``return_info=False``).
+  Same cell contract, Jacobian structures, defaults, convergence test, fallback and adjoint
+  gradients as ``newton_rnn``; the algorithm is in the module docstring. Each of the ``n``
+  shards holds ``T/n`` steps; per iteration it exchanges one halo state (``ppermute``), the ``n``
+  small ``(transfer, last δ)`` pairs (``all_gather``) and per-sequence residuals (``pmax``), and
+  keeps the cumulative Jacobian products next to the Jacobians (twice their memory).
 
   Args:
     cell: ``(params, h_prev [D], x_t) -> h_t [D]``.
@@ -354,13 +419,16 @@ def newton_rnn_sharded(
     tol: absolute residual tolerance, scaled by ``max(1, max|h|)``; default 1e-6 (fp32) or
       1e-12 (fp64).
     damping: ``None`` or ``λ ≥ 0`` for ``damp_jacobian``.
-    return_info: also return a ``NewtonInfo`` (``fallback`` all false; a NaN residual shows as
-      ``inf``).
+    fallback: ``"sequential"`` recomputes the unconverged (or non-finite) sequences exactly,
+      shard after shard (module docstring), and likewise a non-finite adjoint in the backward
+      pass; ``None`` returns the last iterate, reported in ``info`` (and with a
+      ``RuntimeWarning`` when ``return_info=False``). A non-finite gradient always warns.
+    return_info: also return a ``NewtonInfo``.
 
   Returns:
     ``h [B, T, D]`` sharded like ``xs``, or ``(h, info)`` with ``return_info``.
   """
-  batch, t, width = _validate(cell, params, xs, h0, max_iters, tol, damping, None)
+  batch, t, width = _validate(cell, params, xs, h0, max_iters, tol, damping, fallback)
   batch_axes = _check_mesh(mesh, axis_name, batch_axes, batch, t)
   structure = _as_structure(jacobian)
   if structure is None:
@@ -381,17 +449,18 @@ def newton_rnn_sharded(
     max_iters=max_iters if max_iters is not None else (16 if fp64 else 10),
     tol=tol,
     damping=None if damping is None else float(damping),
+    fallback=fallback,
   )
   try:
     hash(cell)
     solve = _solve_jit
   except TypeError:
     solve = _solve
-  h, (iterations, residual, converged) = solve(cell, cfg, not return_info, params, xs, h0)
+  warn = fallback is None and not return_info
+  h, (iterations, residual, converged, fell_back) = solve(cell, cfg, warn, params, xs, h0)
   if not return_info:
     return h
-  fallback = jnp.zeros_like(converged)
-  return h, NewtonInfo(iterations, residual, converged, fallback, structure, tol)
+  return h, NewtonInfo(iterations, residual, converged, fell_back, structure, tol)
 
 
 def _check_mesh(mesh, axis_name, batch_axes, batch, t) -> tuple[str, ...]:

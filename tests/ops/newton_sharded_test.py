@@ -132,14 +132,12 @@ def test_intermediate_iterates_match_unsharded():
   params = jax.tree.map(lambda w: 3.0 * w, rc.init_tanh_rnn(jax.random.key(2), INPUT, WIDTH))
   mesh, _ = _meshes()["sequence8"]
   xs, h0 = _inputs(2, 40, seed=6)
-  kwargs = dict(max_iters=2, damping=0.5)
+  kwargs = dict(max_iters=2, damping=0.5, fallback=None)
   with pytest.warns(RuntimeWarning, match="did not converge"):
     h = newton_rnn_sharded(rc.tanh_rnn_cell, params, xs, h0, mesh=mesh, **kwargs)
     h.block_until_ready()
     jax.effects_barrier()
-  want, info = newton_rnn(
-    rc.tanh_rnn_cell, params, xs, h0, fallback=None, return_info=True, **kwargs
-  )
+  want, info = newton_rnn(rc.tanh_rnn_cell, params, xs, h0, return_info=True, **kwargs)
   assert info.structure.kind == "dense" and not np.any(info.converged)
   assert np.max(np.abs(want - _reference(rc.tanh_rnn_cell, params, xs, h0))) > 1e-2
   _assert_close(h, want, 1e-5)
@@ -160,3 +158,68 @@ def test_bad_arguments():
     newton_rnn_sharded(cell, params, xs, h0, mesh=mesh, batch_axes="sequence")
   with pytest.raises(ValueError, match="jacobian: block size 3 does not divide"):
     newton_rnn_sharded(cell, params, xs, h0, mesh=mesh, jacobian=JacobianStructure("block", 3))
+
+
+def test_nonfinite_inputs_fall_back_shard_by_shard():
+  """NaN in one step of sequence 0 (shard 2 of 8): never converged; the default fallback gives
+  the sequential scan's states exactly where they are finite, and a NaN gradient warns."""
+  cell, params = _cells()["paragru"]
+  mesh, _ = _meshes()["sequence8"]
+  xs, h0 = _inputs(2, 32, seed=7)
+  xs = xs.at[0, 9, 1].set(np.nan)
+  ref = np.asarray(_reference(cell, params, xs, h0))
+  h, info = newton_rnn_sharded(cell, params, xs, h0, mesh=mesh, return_info=True)
+  np.testing.assert_array_equal(info.converged, [False, True])
+  np.testing.assert_array_equal(info.fallback, [True, False])
+  assert np.isnan(info.residual[0])
+  np.testing.assert_array_equal(np.isfinite(h), np.isfinite(ref))
+  _assert_close(np.asarray(h)[np.isfinite(ref)], ref[np.isfinite(ref)], 1e-5)
+  h, info = newton_rnn_sharded(cell, params, xs, h0, mesh=mesh, fallback=None, return_info=True)
+  np.testing.assert_array_equal(info.converged, [False, True])
+  assert not np.any(info.fallback)
+  with pytest.warns(RuntimeWarning, match=r"not finite for 1 of 2 sequences \(batch indices \[0\]"):
+    grad = jax.grad(lambda x: jnp.sum(newton_rnn_sharded(cell, params, x, h0, mesh=mesh)))
+    jax.jit(grad)(xs).block_until_ready()
+    jax.effects_barrier()
+
+
+def test_unconverged_falls_back_to_the_exact_states_and_gradients():
+  """Two Newton steps are not enough for a stiff dense cell: the shard-by-shard fallback gives
+  the sequential scan's states and jax.grad's gradients."""
+  params = jax.tree.map(lambda w: 3.0 * w, rc.init_tanh_rnn(jax.random.key(2), INPUT, WIDTH))
+  mesh, _ = _meshes()["sequence8"]
+  xs, h0 = _inputs(2, 40, seed=6)
+  solve = lambda p, x: newton_rnn_sharded(rc.tanh_rnn_cell, p, x, h0, mesh=mesh, max_iters=2)
+  h, info = newton_rnn_sharded(
+    rc.tanh_rnn_cell, params, xs, h0, mesh=mesh, max_iters=2, return_info=True
+  )
+  assert np.all(info.fallback) and not np.any(info.converged)
+  _assert_close(h, _reference(rc.tanh_rnn_cell, params, xs, h0), 1e-5)
+  loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))
+  got = jax.jit(jax.grad(loss(solve), (0, 1)))(params, xs)
+  want = jax.grad(loss(lambda p, x: _reference(rc.tanh_rnn_cell, p, x, h0)), (0, 1))(params, xs)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(w))))
+
+
+def test_nonfinite_parallel_adjoint_falls_back_shard_by_shard():
+  """The cancelling-cotangent linear cell of newton_test: the adjoint is exactly zero before the
+  last two steps, but the sharded fix-up's Jacobian products overflow; the fallback redoes it
+  shard by shard."""
+  cell = lambda p, h, x: x[:, 0] * h + p * x[:, 1]
+  a = np.full((2, 32, WIDTH, 1), 1e20, np.float32)
+  xs = jnp.asarray(np.concatenate([a, np.zeros_like(a)], -1))
+  h0 = jnp.zeros((2, WIDTH), jnp.float32)
+  weights = np.zeros((2, 32, WIDTH), np.float32)
+  weights[:, -1], weights[:, -2] = 1.0, -1e20
+  loss = lambda solve: lambda x: jnp.sum(jnp.asarray(weights) * solve(x))
+  mesh, _ = _meshes()["sequence8"]
+  want = jax.grad(loss(lambda x: _reference(cell, jnp.float32(1.0), x, h0)))(xs)
+  assert np.all(np.isfinite(want))
+  solve = lambda fallback: (
+    lambda x: newton_rnn_sharded(cell, jnp.float32(1.0), x, h0, mesh=mesh, fallback=fallback)
+  )
+  _assert_close(jax.jit(jax.grad(loss(solve("sequential"))))(xs), want, 1e-5)
+  with pytest.warns(RuntimeWarning, match="adjoint gradient is not finite"):
+    jax.jit(jax.grad(loss(solve(None))))(xs).block_until_ready()
+    jax.effects_barrier()

@@ -222,3 +222,145 @@ def test_bad_arguments():
     newton_rnn(cell, params, xs[:1], h0)
   with pytest.raises(ValueError, match="damping: expected"):
     newton_rnn(cell, params, xs, h0, damping=-1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite iterates and gradients: never reported converged, never passed on silently.
+
+
+def _stiff_dense_gru(seed=0):
+  """The standard GRU with full U and every weight drawn with std 50/sqrt(fan_in), D = 8."""
+  rng = np.random.default_rng(seed)
+  draw = lambda shape, fan_in: jnp.asarray(50 * rng.standard_normal(shape) / np.sqrt(fan_in))
+  params = {"W": draw((3, INPUT, 8), INPUT), "U": draw((3, 8, 8), 8), "b": draw((3, 8), 1)}
+  return jax.tree.map(lambda p: p.astype(jnp.float32), params)
+
+
+def _check_never_falsely_converged(h, info):
+  finite = np.all(np.isfinite(np.asarray(h)), axis=(1, 2))
+  assert not np.any(np.asarray(info.converged) & ~finite), info
+  # A converged sequence has a finite residual at the tolerance; the residual is a real max.
+  conv = np.asarray(info.converged)
+  assert np.all(np.isfinite(np.asarray(info.residual))[conv])
+  assert not np.any(np.asarray(info.residual) == -np.inf), info
+
+
+def _assert_equal_where_finite(h, ref):
+  """``h`` equals ``ref`` where ``ref`` is finite, and is non-finite exactly where it is."""
+  h, ref = np.asarray(h), np.asarray(ref)
+  np.testing.assert_array_equal(np.isfinite(h), np.isfinite(ref))
+  _assert_close(h[np.isfinite(ref)], ref[np.isfinite(ref)], 1e-5)
+
+
+def test_stiff_dense_gru_is_never_falsely_converged():
+  params = _stiff_dense_gru()
+  xs, h0 = _inputs(2, 300, 8, seed=11)
+  ref = _reference(rc.gru_cell, params, xs, h0)
+  assert np.all(np.isfinite(ref))
+  for damping in (None, 1.0):
+    h, info = newton_rnn(
+      rc.gru_cell, params, xs, h0, damping=damping, fallback=None, return_info=True
+    )
+    _check_never_falsely_converged(h, info)
+  h, info = newton_rnn(rc.gru_cell, params, xs, h0, return_info=True)
+  _check_never_falsely_converged(h, info)
+  _assert_equal_where_finite(h, ref)
+
+
+def _poisoned(where, value, seed=12):
+  """The GRU problem with NaN or inf in one step of sequence 0 of ``xs``, in one parameter (all
+  sequences) or in sequence 1 of ``h0``."""
+  cell, params = _cells(8)["gru"]
+  xs, h0 = _inputs(2, 40, 8, seed=seed)
+  if where == "xs":
+    xs = xs.at[0, 9, 1].set(value)
+  elif where == "params":
+    params = dict(params, U=params["U"].at[1, 2, 3].set(value))
+  else:
+    h0 = h0.at[1, 4].set(value)
+  return cell, params, xs, h0
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("where", ["xs", "params", "h0"])
+def test_nonfinite_inputs_fall_back_or_are_flagged(where, value):
+  cell, params, xs, h0 = _poisoned(where, value)
+  ref = _reference(cell, params, xs, h0)
+  poisoned = ~np.all(np.isfinite(np.asarray(ref)), axis=(1, 2))
+  # NaN always poisons the trajectory; the GRU's saturating gates absorb an infinite input or
+  # weight, but not an infinite state.
+  assert np.any(poisoned) == (np.isnan(value) or where == "h0")
+  # Default fallback: the sequential scan's states, non-finite exactly where its are.
+  h, info = newton_rnn(cell, params, xs, h0, return_info=True)
+  _check_never_falsely_converged(h, info)
+  np.testing.assert_array_equal(info.fallback, ~np.asarray(info.converged))
+  assert np.all(np.asarray(info.fallback)[poisoned])
+  _assert_equal_where_finite(h, ref)
+  # No fallback: flagged unconverged, and a warning when there is no info to read it from.
+  h, info = newton_rnn(cell, params, xs, h0, fallback=None, return_info=True)
+  _check_never_falsely_converged(h, info)
+  assert not np.any(np.asarray(info.converged)[poisoned])
+  if np.any(poisoned):
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+      newton_rnn(cell, params, xs, h0, fallback=None).block_until_ready()
+      jax.effects_barrier()
+
+
+def _elementwise_gru(params, h, u):
+  """ParaGRU with its input projections ``u [3, D]`` precomputed and no norm clipping (which
+  reduces over channels): elementwise over channels, as the Pallas kernel requires."""
+  a = params["a"]
+  z = jax.nn.sigmoid(a[0] * h + u[0])
+  r = jax.nn.sigmoid(a[1] * h + u[1])
+  return (1.0 - z) * h + z * jnp.tanh(a[2] * (r * h) + u[2])
+
+
+def test_nonfinite_inputs_pallas_path():
+  """The fused kernel smears a NaN over its channel; the residual check still catches it."""
+  rng = np.random.default_rng(13)
+  params = {"a": jnp.asarray(rng.uniform(-0.5, 0.5, (3, 8)), jnp.float32)}
+  u = jnp.asarray(rng.standard_normal((2, 37, 3, 8)), jnp.float32).at[1, 20, 0, 2].set(jnp.nan)
+  h0 = jnp.zeros((2, 8), jnp.float32)
+  ref = _reference(_elementwise_gru, params, u, h0)
+  h, info = newton_rnn(_elementwise_gru, params, u, h0, method="pallas", return_info=True)
+  _check_never_falsely_converged(h, info)
+  np.testing.assert_array_equal(info.fallback, [False, True])
+  _assert_equal_where_finite(h, ref)
+
+
+def _cancelling_adjoint():
+  """A linear cell ``h_t = a_t h_{t-1} + x_t`` with ``a = 1e20`` and a loss whose last two
+  cotangents cancel: the adjoint is exactly 0 before them, but any parallel scan forms
+  ``a^k = inf`` and ``inf - inf = NaN``."""
+  cell = lambda p, h, x: x[:, 0] * h + p * x[:, 1]
+  a = np.full((2, 40, 2, 1), 1e20, np.float32)
+  xs = jnp.asarray(np.concatenate([a, np.zeros_like(a)], -1))
+  weights = np.zeros((2, 40, 2), np.float32)
+  weights[:, -1], weights[:, -2] = 1.0, -1e20
+  loss = lambda solve: lambda x: jnp.sum(jnp.asarray(weights) * solve(x))
+  return cell, jnp.float32(1.0), xs, jnp.zeros((2, 2), jnp.float32), loss
+
+
+def test_nonfinite_parallel_adjoint_falls_back():
+  cell, params, xs, h0, loss = _cancelling_adjoint()
+  want = jax.grad(loss(lambda x: _reference(cell, params, x, h0)))(xs)
+  assert np.all(np.isfinite(want))
+  solve = functools.partial(newton_rnn, cell, params, h0=h0, scan_method="associative")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    got = jax.grad(loss(lambda x: solve(xs=x)))(xs)
+    jax.effects_barrier()
+  _assert_close(got, want, 1e-5)
+  with pytest.warns(RuntimeWarning, match="adjoint gradient is not finite for 2 of 2 sequences"):
+    got = jax.grad(loss(lambda x: solve(xs=x, fallback=None)))(xs)
+    jax.effects_barrier()
+  assert not np.any(np.isfinite(got[:, 0]))
+
+
+def test_nonfinite_gradient_warns():
+  cell, params = _cells(8)["gru"]
+  xs, h0 = _inputs(2, 40, 8, seed=14)
+  xs = xs.at[1, 30, 0].set(np.nan)
+  with pytest.warns(RuntimeWarning, match=r"not finite for 1 of 2 sequences \(batch indices \[1\]"):
+    jax.grad(lambda x: jnp.sum(newton_rnn(cell, params, x, h0)))(xs).block_until_ready()
+    jax.effects_barrier()

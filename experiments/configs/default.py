@@ -66,7 +66,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh.data = -1  # -1: all devices not used by the other axes
   config.mesh.fsdp = 1
   config.mesh.tensor = 1
-  config.multihost = False  # call jax.distributed.initialize() first
+  config.multihost = False  # join a multi-process job with jax.distributed.initialize() first
+  # Detected on TPU pods, SLURM and GCE; elsewhere give all three (README, "Several hosts").
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator_address = config_dict.placeholder(str)  # "host0:1234"
+  config.distributed.num_processes = config_dict.placeholder(int)
+  config.distributed.process_id = config_dict.placeholder(int)
 
   config.log_every = 10
   config.eval_every = 200  # 0: only the final evaluation

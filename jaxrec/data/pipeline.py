@@ -1,11 +1,17 @@
-"""Language-modelling input pipeline on grain: shuffle, shard, tokenize, pack, batch.
+"""Language-modelling input pipeline on grain: shuffle, tokenize, pack, batch; one stream per row.
 
-Axes: ``B`` batch (per process), ``T`` time (``seq_len``).
+Axes: ``B`` global batch, ``T`` time (``seq_len``).
 
-Every document becomes ``[bos, *tokens, eos]``. Documents are concatenated and cut into rows of
-``seq_len + 1`` tokens with ``grain.experimental.ConcatThenSplitIterDataset``; a document that does
-not fit continues at the start of the next row, and only the last row of a finite stream is
-padded. A row ``r`` gives ``inputs = r[:-1]`` and ``targets = r[1:]``.
+Every document becomes ``[bos, *tokens, eos]``. **Each row of the global batch is its own packing
+stream**: row ``j`` takes documents ``j, j + B, j + 2B, …`` of the shuffled (and repeated)
+document order, concatenates them and cuts them into rows of ``seq_len + 1`` tokens with
+``grain.experimental.ConcatThenSplitIterDataset``; a document that does not fit continues at the
+start of the same row of the next batch, and only the last row of a finite stream is padded. A
+row ``r`` gives ``inputs = r[:-1]`` and ``targets = r[1:]``.
+
+A process loads only the rows its devices hold (``rows``), so it tokenizes only its share of the
+documents, and the global batch at every step — hence the whole training run — is the same for
+any number of processes: a run on 2 hosts of 4 devices equals one on 1 host of 8.
 
 ``segment_ids`` number the documents inside a row from 1 (0 is padding), so the model's recurrence
 and attention reset wherever the id changes; a document continued from the previous row restarts
@@ -37,58 +43,66 @@ def make_lm_dataset(
   batch_size: int,
   seed: int,
   shuffle: bool = True,
-  shard_index: int = 0,
-  shard_count: int = 1,
+  rows: Sequence[int] | None = None,
   num_epochs: int | None = None,
 ) -> grain.IterDataset:
-  """Builds the packed, batched token stream of one process.
+  """Builds the packed token stream of the rows ``rows`` of the global batch.
 
   Args:
     docs: documents, a random-access sequence of ``str`` (e.g. a ``DocumentCorpus``).
     tokenizer: a :class:`~jaxrec.data.tokenizers.Tokenizer`.
     seq_len: ``T``, tokens per row.
-    batch_size: ``B``, rows per batch of this process (``drop_remainder``).
+    batch_size: ``B``, rows of the *global* batch (over all processes).
     seed: seed of the document shuffle; every process must pass the same seed.
     shuffle: shuffle the documents, with a different order in every epoch.
-    shard_index: this process's shard, ``jax.process_index()``.
-    shard_count: number of shards, ``jax.process_count()``. Shards take every ``shard_count``-th
-      document of the (shuffled, repeated) stream, so they are disjoint within an epoch.
-    num_epochs: passes over ``docs``; ``None`` repeats forever.
+    rows: the global rows this process loads, in the order it hands them to
+      ``jax.make_array_from_process_local_data`` (``jaxrec.train.sharding.process_rows``);
+      default all ``B`` rows (one process).
+    num_epochs: passes over ``docs``; ``None`` repeats forever. A finite stream ends with the
+      first row stream that runs out.
 
   Returns:
-    A grain ``IterDataset`` of dicts of numpy arrays, each ``[B, T]``: ``inputs`` int32,
+    A grain ``IterDataset`` of dicts of numpy arrays, each ``[len(rows), T]``: ``inputs`` int32,
     ``targets`` int32, ``segment_ids`` int32 (document number within the row, 0 at padding) and
     ``weights`` float32 (1 where ``targets`` is a real next token of the input's document).
   """
   _check_positive_int("seq_len", seq_len)
   _check_positive_int("batch_size", batch_size)
-  _check_positive_int("shard_count", shard_count)
-  if not isinstance(shard_index, int | np.integer) or not 0 <= shard_index < shard_count:
+  rows = list(range(batch_size)) if rows is None else list(rows)
+  if (
+    not rows
+    or len(set(rows)) != len(rows)
+    or not all(isinstance(r, int | np.integer) and 0 <= r < batch_size for r in rows)
+  ):
     raise ValueError(
-      f"shard_index: expected an integer in [0, shard_count={shard_count}), got {shard_index!r}"
+      f"rows: expected distinct integers in [0, batch_size={batch_size}), got {rows[:16]}"
     )
   if num_epochs is not None:
     _check_positive_int("num_epochs", num_epochs)
   if len(docs) == 0:
     raise ValueError("docs: expected a non-empty corpus, got 0 documents")
-  if len(docs) < shard_count:
+  if num_epochs is not None and len(docs) * num_epochs < batch_size:
     raise ValueError(
-      f"docs: expected at least shard_count={shard_count} documents, got {len(docs)}"
+      f"docs: expected at least batch_size={batch_size} documents over {num_epochs} epoch(s), "
+      f"one per row stream, got {len(docs)}"
     )
 
   ds = grain.MapDataset.source(docs)
   if shuffle:
     # Shuffling before repeating draws a new permutation per epoch (grain seeds it with the epoch).
     ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs)
-  # Same seed on every process => same global order; striding it splits each epoch disjointly.
-  ds = ds[shard_index::shard_count]
-  ds = ds.map(_Tokenize(tokenizer))
-  it = grain.experimental.ConcatThenSplitIterDataset(
-    ds.to_iter_dataset(), length_struct={_TOKENS: seq_len + 1}
-  )
-  it = _TupleSlicesOnRestore(it).batch(batch_size, drop_remainder=True)
-  return it.map(_ShiftRows(tokenizer.pad_id))
+  # Same seed on every process => same global order, whatever the number of processes.
+  ds = ds.repeat(num_epochs).map(_Tokenize(tokenizer))
+  streams = [
+    _TupleSlicesOnRestore(
+      grain.experimental.ConcatThenSplitIterDataset(
+        ds[row::batch_size].to_iter_dataset(), length_struct={_TOKENS: seq_len + 1}
+      )
+    )
+    for row in rows
+  ]
+  batches = grain.experimental.ZipIterDataset(streams, strict=False).map(_StackRows())
+  return batches.map(_ShiftRows(tokenizer.pad_id))
 
 
 class _Tokenize(grain.transforms.Map):
@@ -100,6 +114,13 @@ class _Tokenize(grain.transforms.Map):
   def map(self, element: str) -> dict[str, np.ndarray]:
     tok = self._tokenizer
     return {_TOKENS: np.array([tok.bos_id, *tok.encode(element), tok.eos_id], np.int32)}
+
+
+class _StackRows(grain.transforms.Map):
+  """A tuple of packed rows (one per row stream) -> one dict of ``[rows, T + 1]`` arrays."""
+
+  def map(self, element: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
+    return {k: np.stack([row[k] for row in element]) for k in element[0]}
 
 
 class _ShiftRows(grain.transforms.Map):

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 import jaxrec
 from jaxrec import data as data_lib
@@ -42,22 +43,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     FileNotFoundError, FileExistsError, CheckpointError: see ``checkpoint.Checkpointer``.
   """
   # ---- Devices and mesh -------------------------------------------------------------------------
-  sharding.initialize_distributed(config.multihost)
+  if config.multihost:
+    sharding.initialize_distributed(**config.distributed)
   config_checks.validate_config(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(sharding.mesh_shape(dict(config.mesh), jax.device_count()))
   logging.info("mesh %s", dict(mesh.shape))
+  # One process writes the metrics, plot and sample; orbax coordinates the checkpoints itself.
+  primary = jax.process_index() == 0
 
   # ---- Tokenizer and data -----------------------------------------------------------------------
   tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
   byte_lengths = metrics.token_byte_lengths(tokenizer)
-  local_batch = config.batch_size // jax.process_count()
+  # Each process loads the rows of the global batch its devices hold: the batches, and so the
+  # run, are the same for any number of processes.
   dataset_args = dict(
     tokenizer=tokenizer,
     seq_len=config.data.seq_len,
-    batch_size=local_batch,
+    batch_size=config.batch_size,
     seed=config.seed,
-    shard_index=jax.process_index(),
-    shard_count=jax.process_count(),
+    rows=sharding.process_rows(mesh, config.batch_size),
   )
   train_ds = data_lib.make_lm_dataset(_corpus(config.data.train, "train"), **dataset_args)
   # The validation stream repeats, so every process has eval_batches batches; a fresh iterator
@@ -126,7 +130,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with (
     jax.set_mesh(mesh),
     ckpt,
-    metrics.MetricsWriter(workdir, config.steps, start, progress=config.progress) as writer,
+    metrics.MetricsWriter(
+      workdir, config.steps, start, progress=config.progress, write=primary
+    ) as writer,
   ):
     for step in range(start, config.steps):
       batch = sharding.global_batch(next(train_iter), mesh)
@@ -150,15 +156,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.write(config.steps, "validation", final)
     if ckpt.latest_step() != config.steps:
       ckpt.save(config.steps, state, train_iter, force=True)
-  plot = metrics.plot_losses(workdir)
   with jax.set_mesh(mesh):
     sample = sample_text(nnx.merge(graphdef, state.params, state.rest), tokenizer, config.sample)
-
-  with open(os.path.join(workdir, "sample.txt"), "w", encoding="utf-8") as f:
-    f.write(sample)
-  bits = "bits_per_byte" if "bits_per_byte" in final else "bits_per_token"
-  print(f"step {config.steps}: validation {bits.replace('_', ' ')} {final[bits]:.4f}, plot {plot}")
-  print(f"sample:\n{config.sample.prompt}{sample}")
+  if primary:
+    plot = metrics.plot_losses(workdir)
+    with open(os.path.join(workdir, "sample.txt"), "w", encoding="utf-8") as f:
+      f.write(sample)
+    bits = "bits_per_byte" if "bits_per_byte" in final else "bits_per_token"
+    print(
+      f"step {config.steps}: validation {bits.replace('_', ' ')} {final[bits]:.4f}, plot {plot}"
+    )
+    print(f"sample:\n{config.sample.prompt}{sample}")
   return {
     **final,
     "train_loss": train_metrics.get("loss", math.nan),
@@ -228,4 +236,6 @@ def sample_text(model, tokenizer, sample: ml_collections.ConfigDict) -> str:
     top_p=sample.top_p,
     seed=sample.seed,
   )
+  # Gathered first: under several processes the tokens are a global array.
+  tokens = multihost_utils.process_allgather(tokens, tiled=True)
   return tokenizer.decode(np.asarray(tokens)[0, len(prompt) :])

@@ -46,23 +46,34 @@ class MetricsWriter:
     total_steps: length of the run, for the bar.
     initial_step: where the bar starts (the restored step when resuming).
     progress: show a tqdm bar; by default only when stderr is a terminal.
+    write: write the file and show the bar; ``False`` on all but one process of a multi-process
+      run, which then only logs.
   """
 
   def __init__(
-    self, workdir: str, total_steps: int, initial_step: int = 0, progress: bool | None = None
+    self,
+    workdir: str,
+    total_steps: int,
+    initial_step: int = 0,
+    progress: bool | None = None,
+    *,
+    write: bool = True,
   ):
-    os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, METRICS_FILE)
-    self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 — closed in close()
-    enabled = sys.stderr.isatty() if progress is None else progress
+    self._file = None
+    if write:
+      os.makedirs(workdir, exist_ok=True)
+      self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 — closed in close()
+    enabled = write and (sys.stderr.isatty() if progress is None else progress)
     self._bar = tqdm.tqdm(
       total=total_steps, initial=initial_step, disable=not enabled, dynamic_ncols=True
     )
 
   def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
     record = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()}}
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
+    if self._file is not None:
+      self._file.write(json.dumps(record) + "\n")
+      self._file.flush()
     if self._bar.disable:  # no terminal (a batch job's log): one line per record instead
       values = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "split"))
       logging.info("step %d %s: %s", step, split, values)
@@ -74,7 +85,8 @@ class MetricsWriter:
 
   def close(self) -> None:
     self._bar.close()
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
 
   def __enter__(self) -> "MetricsWriter":
     return self

@@ -169,8 +169,28 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
   return out
 
 
-def initialize_distributed(multihost: bool) -> None:
-  """Joins the multi-host job (coordinator auto-detected on TPU, SLURM, GCE) when asked."""
-  if multihost:
-    jax.distributed.initialize()
-    logging.info("process %d of %d", jax.process_index(), jax.process_count())
+def process_rows(mesh: Mesh, batch_size: int) -> list[int]:
+  """The rows of a global ``[B, ...]`` batch held by this process's devices, in the order
+  ``jax.make_array_from_process_local_data`` reads them from the process's local rows (sorted).
+
+  With one process, all ``B`` rows; on several, each process's data pipeline loads only these.
+  """
+  indices = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+  return sorted({row for index in indices.values() for row in range(*index[0].indices(batch_size))})
+
+
+def initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
+  """Joins a multi-process job with ``jax.distributed.initialize``.
+
+  On TPU pods, SLURM and GCE every argument is detected and may stay ``None``; elsewhere give
+  all three (the same address and count on every process, ``process_id`` from 0). CPU processes
+  exchange collectives over gloo, JAX's default CPU implementation.
+  """
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
+  logging.info("process %d of %d", jax.process_index(), jax.process_count())

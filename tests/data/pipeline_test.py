@@ -1,4 +1,5 @@
-"""Tests for jaxrec.data.pipeline: packing, sharding, seeding and checkpointed resume."""
+"""Tests for jaxrec.data.pipeline: packing (one stream per batch row), rows per process,
+seeding and checkpointed resume."""
 
 import itertools
 
@@ -74,10 +75,10 @@ def _assert_batches_equal(expected, actual):
 @pytest.mark.parametrize(("seq_len", "batch_size"), [(1, 3), (7, 2), (16, 1)])
 def test_packing_matches_reference(seq_len, batch_size):
   got = _take(make_lm_dataset(DOCS, TOK, seq_len, batch_size, 0, shuffle=False, num_epochs=1))
-  ref = _reference_rows(DOCS, seq_len)
-  full = len(ref["inputs"]) // batch_size * batch_size  # drop_remainder
-  starts = range(0, full, batch_size)
-  expected = [{k: v[i : i + batch_size] for k, v in ref.items()} for i in starts]
+  # Row j packs documents j, j + B, ...; the stream ends with the shortest row stream.
+  per_row = [_reference_rows(DOCS[j::batch_size], seq_len) for j in range(batch_size)]
+  steps = min(len(r["inputs"]) for r in per_row)
+  expected = [{k: np.stack([r[k][i] for r in per_row]) for k in KEYS} for i in range(steps)]
   _assert_batches_equal(expected, got)
   if batch_size == 1:  # the padded last row is kept
     assert (got[-1]["targets"] == TOK.pad_id).any()
@@ -128,12 +129,17 @@ def test_seeds():
   assert any(not np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(run(7), different))
 
 
-def test_shards_are_disjoint_and_cover_an_epoch():
-  seen = []
-  for shard in range(2):
-    ds = make_lm_dataset(DOCS, TOK, 11, 1, seed=5, shard_index=shard, shard_count=2, num_epochs=1)
-    seen.append(_documents(_take(ds)))
-  assert len(seen[0]) == len(seen[1]) == len(DOCS) // 2
+def test_rows_of_a_process_are_those_of_the_global_batch():
+  """A process loading some rows sees exactly those rows of the one-process global batch, so
+  training does not depend on the number of processes; the rows' documents are disjoint."""
+  full = _take(make_lm_dataset(DOCS, TOK, 11, 4, seed=5), 5)
+  for rows in ([0, 1], [2, 3], [3]):
+    part = _take(make_lm_dataset(DOCS, TOK, 11, 4, seed=5, rows=rows), 5)
+    _assert_batches_equal([{k: b[k][rows] for k in KEYS} for b in full], part)
+  seen = [
+    _documents(_take(make_lm_dataset(DOCS, TOK, 11, 2, seed=5, rows=[r], num_epochs=1)))
+    for r in range(2)
+  ]
   assert not set(seen[0]) & set(seen[1])
   assert sorted(seen[0] + seen[1]) == sorted(DOCS)
 
@@ -177,12 +183,13 @@ def test_resume_through_orbax(docs, tmp_path):
   [
     ({"seq_len": 0}, "seq_len"),
     ({"batch_size": -2}, "batch_size"),
-    ({"shard_index": 2, "shard_count": 2}, "shard_index"),
-    ({"shard_index": -1}, "shard_index"),
-    ({"shard_count": 0}, "shard_count"),
+    ({"rows": [2]}, "rows"),
+    ({"rows": [-1]}, "rows"),
+    ({"rows": [0, 0]}, "rows"),
+    ({"rows": []}, "rows"),
     ({"num_epochs": 0}, "num_epochs"),
     ({"docs": []}, "docs"),
-    ({"docs": ["one"], "shard_count": 2}, "docs"),
+    ({"docs": ["one"], "num_epochs": 1}, "docs"),
   ],
 )
 def test_bad_arguments(kwargs, name):

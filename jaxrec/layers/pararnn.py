@@ -137,11 +137,17 @@ class _ParaRNN(nnx.Module):
     self.gate_proj = Dense(d, (h, n // h), names, std=init_std, **kw)
     self.cell_proj = _HeadwiseDense(h, n // h, _GATES, n // h, param_dtype=param_dtype, rngs=rngs)
     # Recurrent diagonals (and LSTM peepholes) uniform in ±0.5, the clipping bound of the cell.
+    # They are the gates' memory, not projections: weight decay would pull them towards a cell
+    # that ignores its state, so they opt out of it (see train.optim.weight_decay_mask).
     diag = _uniform(rnn_cells.NORM_CLIP)
     names = (None, "heads", "head_dim")
-    self.recurrent = logical_param(diag, rngs.params(), (_GATES, h, n // h), param_dtype, names)
+    self.recurrent = logical_param(
+      diag, rngs.params(), (_GATES, h, n // h), param_dtype, names, weight_decay=False
+    )
     if self._PEEPHOLES:
-      self.peephole = logical_param(diag, rngs.params(), (2, h, n // h), param_dtype, names)
+      self.peephole = logical_param(
+        diag, rngs.params(), (2, h, n // h), param_dtype, names, weight_decay=False
+      )
     self.out_norm = RMSNorm(n, eps=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     out_std = init_std / math.sqrt(2 * num_layers)
     self.out_proj = Dense((h, n // h), d, ("heads", "head_dim", "embed"), std=out_std, **kw)

@@ -39,7 +39,7 @@ from experiments.configs import default as default_config
 from jaxrec import data as data_lib
 from jaxrec import layers
 from jaxrec import train as train_lib
-from jaxrec.models import LM, LMConfig, param_count
+from jaxrec.models import LM, MIXERS, LMConfig, get_mixer, mixer_names, param_count
 
 SECTION = "ParaRNN LMs vs GLA and attention"
 _PARARNN = (layers.ParaGRU, layers.ParaLSTM)
@@ -161,7 +161,7 @@ def _measure(config, run_dir: str) -> dict:
     )
   )
   out = {}
-  if any(issubclass(layers.get_mixer(m), _PARARNN) for m in model_cfg.mixer_pattern):
+  if any(issubclass(get_mixer(m).module, _PARARNN) for m in model_cfg.mixer_pattern):
     models = {"init": make_model(), "trained": nnx.merge(graphdef, state.params, state.rest)}
     for name, model in models.items():
       with jax.set_mesh(mesh):
@@ -297,9 +297,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   mixers = list(_MIXERS.value)
-  unknown = [m for m in mixers if m not in layers.MIXERS]
+  unknown = [m for m in mixers if m not in MIXERS]
   if unknown:
-    raise app.UsageError(f"--mixers: unknown {unknown}; registered: {tuple(sorted(layers.MIXERS))}")
+    raise app.UsageError(f"--mixers: unknown {unknown}; registered: {mixer_names()}")
   overrides = _parse_overrides(mixers)
   configs = {m: _config(m, overrides[m]) for m in mixers}
   vocab = data_lib.load_tokenizer(configs[mixers[0]].data.tokenizer).vocab_size

@@ -1,4 +1,15 @@
-"""Flax NNX layers: token mixers (by name, see ``registry``), the SwiGLU MLP, norms."""
+"""Flax NNX layers: token mixers, the SwiGLU MLP, norms, dense projections.
+
+Every layer takes plain constructor arguments (sizes, options, dtypes, ``rngs``) and works on its
+own; ``jaxrec.models`` maps mixer names to these modules and builds them from an ``LMConfig``. A
+token mixer has::
+
+  __call__(x [B, T, D], *, segment_ids=None, cache=None) -> (y [B, T, D], cache)
+  init_cache(batch_size, max_length, dtype) -> cache
+
+``cache`` is a pytree (the mixer's decoding state); ``None`` in means no state is kept and
+``None`` comes back. Decoding is the same call with ``T = 1``.
+"""
 
 from jaxrec.layers.attention import Attention, KVCache
 from jaxrec.layers.gla import GatedLinearAttention, GLACache
@@ -6,11 +17,9 @@ from jaxrec.layers.linear import Dense
 from jaxrec.layers.mlp import MLP
 from jaxrec.layers.norms import RMSNorm
 from jaxrec.layers.pararnn import ParaGRU, ParaLSTM, ParaRNNCache
-from jaxrec.layers.registry import MIXERS, get_mixer, register_mixer
 from jaxrec.layers.rope import apply_rope
 
 __all__ = [
-  "MIXERS",
   "MLP",
   "Attention",
   "Dense",
@@ -22,6 +31,4 @@ __all__ = [
   "ParaRNNCache",
   "RMSNorm",
   "apply_rope",
-  "get_mixer",
-  "register_mixer",
 ]

@@ -1,20 +1,17 @@
 """Causal softmax attention mixer: grouped-query heads, RoPE, optional sliding window, KV cache."""
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from jaxrec.layers import _checks
 from jaxrec.layers.linear import Dense
-from jaxrec.layers.registry import register_mixer
 from jaxrec.layers.rope import apply_rope
 from jaxrec.ops import attention as attention_ops
-
-if TYPE_CHECKING:
-  from jaxrec.models.config import LMConfig
 
 
 class KVCache(NamedTuple):
@@ -34,25 +31,68 @@ class KVCache(NamedTuple):
   index: jax.Array
 
 
-@register_mixer("attention")
 class Attention(nnx.Module):
   """Multi-head causal attention with ``num_kv_heads`` shared key/value heads.
 
-  Reads from ``cfg``: ``d_model, num_heads, kv_heads, attn_head_dim, window, rope_theta,
-  init_std, num_layers, dtype, param_dtype``.
+  Args:
+    d_model: width ``D`` of the input and output.
+    num_heads: query heads ``H``.
+    num_kv_heads: key/value heads ``K``, a divisor of ``num_heads`` (grouped-query attention
+      when smaller); ``None`` means ``num_heads``.
+    head_dim: width of every head, even (RoPE rotates channel pairs); ``None`` means
+      ``d_model // num_heads``.
+    window: sliding window, the number of keys a query sees (its own included); ``None`` is
+      full causal attention.
+    rope_theta: RoPE base wavelength.
+    init_std: standard deviation of the query, key and value projections.
+    num_layers: depth of the model; the output projection starts at
+      ``init_std / sqrt(2 num_layers)`` (as ``MLP``).
+    dtype: compute dtype; the output comes back in it.
+    param_dtype: parameter storage dtype.
+    rngs: the ``params`` stream.
   """
 
-  def __init__(self, cfg: "LMConfig", *, rngs: nnx.Rngs):
-    d, h, kv, dh = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.attn_head_dim
+  def __init__(
+    self,
+    d_model: int,
+    num_heads: int,
+    *,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    window: int | None = None,
+    rope_theta: float = 10_000.0,
+    init_std: float = 0.02,
+    num_layers: int = 1,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    dtype, param_dtype = _checks.check_mixer_args(
+      d_model, num_heads, init_std, num_layers, dtype, param_dtype
+    )
+    kv = num_heads if num_kv_heads is None else num_kv_heads
+    _checks.check_positive_int("num_kv_heads", kv)
+    if num_heads % kv:
+      raise ValueError(f"num_kv_heads: expected a divisor of num_heads={num_heads}, got {kv}")
+    dh = d_model // num_heads if head_dim is None else head_dim
+    if isinstance(dh, bool) or not isinstance(dh, int) or dh < 2 or dh % 2:
+      raise ValueError(
+        f"head_dim: expected an even head width >= 2 (RoPE), got {dh} "
+        f"(head_dim={head_dim}, d_model={d_model}, num_heads={num_heads})"
+      )
+    if window is not None:
+      _checks.check_positive_int("window", window)
+    _checks.check_positive("rope_theta", rope_theta)
+    h = num_heads
     self.num_heads, self.num_kv_heads, self.head_dim = h, kv, dh
-    self.window = cfg.window
-    self.rope_theta = cfg.rope_theta
-    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
-    std = cfg.init_std
+    self.window = window
+    self.rope_theta = rope_theta
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    d, std = d_model, init_std
     self.q_proj = Dense(d, (h, dh), ("embed", "heads", "head_dim"), std=std, **kw)
     self.k_proj = Dense(d, (kv, dh), ("embed", "kv_heads", "head_dim"), std=std, **kw)
     self.v_proj = Dense(d, (kv, dh), ("embed", "kv_heads", "head_dim"), std=std, **kw)
-    out_std = std / math.sqrt(2 * cfg.num_layers)
+    out_std = std / math.sqrt(2 * num_layers)
     self.o_proj = Dense((h, dh), d, ("heads", "head_dim", "embed"), std=out_std, **kw)
 
   def __call__(

@@ -2,19 +2,16 @@
 Hardware-Efficient Training", §4.1), as a token mixer."""
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrec.layers import _checks
 from jaxrec.layers.linear import Dense
 from jaxrec.layers.norms import RMSNorm
-from jaxrec.layers.registry import register_mixer
 from jaxrec.ops import gla as gla_ops
-
-if TYPE_CHECKING:
-  from jaxrec.models.config import LMConfig
 
 
 class GLACache(NamedTuple):
@@ -23,36 +20,76 @@ class GLACache(NamedTuple):
   state: jax.Array
 
 
-@register_mixer("gla")
 class GatedLinearAttention(nnx.Module):
   """GLA: ``S_t = diag(α_t) S_{t-1} + k_t v_tᵀ``, ``o_t = S_tᵀ q_t / sqrt(K)``, then
   ``y = W_o (RMSNorm(o) ⊙ swish(W_g x))`` with RMSNorm per head.
 
   The decay is low-rank and data dependent (paper eq. in §4.1):
-  ``log α_t = logsigmoid(W_2 W_1 x_t + b) / τ``; ``τ = gla_gate_normalizer`` (16) keeps ``α`` near
-  1 at initialization so the state remembers far back.
+  ``log α_t = logsigmoid(W_2 W_1 x_t + b) / τ``; ``τ = gate_normalizer`` (16) keeps ``α`` near 1
+  at initialization so the state remembers far back.
 
-  Reads from ``cfg``: ``d_model, num_heads, gla_expand_k, gla_expand_v, gla_gate_rank,
-  gla_gate_normalizer, gla_chunk_size, norm_eps, init_std, num_layers, dtype, param_dtype``.
-  Key width ``gla_expand_k · d_model`` and value width ``gla_expand_v · d_model`` are split over
-  ``num_heads`` heads.
+  Args:
+    d_model: width ``D`` of the input and output.
+    num_heads: heads ``H``; the key width ``expand_k · D`` and the value width ``expand_v · D``
+      are split over them.
+    expand_k: key width as a multiple of ``d_model`` (0.5 in the GLA paper).
+    expand_v: value width as a multiple of ``d_model``.
+    gate_rank: rank ``r`` of the decay projection ``W_2 W_1``.
+    gate_normalizer: ``τ`` in ``log α = logsigmoid(·) / τ``.
+    chunk_size: chunk length of the chunkwise-parallel form (``jaxrec.ops.gated_linear_attention``).
+    norm_eps: epsilon of the per-head output RMSNorm.
+    init_std: standard deviation of the input projections.
+    num_layers: depth of the model; the output projection starts at
+      ``init_std / sqrt(2 num_layers)`` (as ``MLP``).
+    dtype: compute dtype; the output comes back in it. The decay path is always fp32.
+    param_dtype: parameter storage dtype.
+    rngs: the ``params`` stream.
   """
 
-  def __init__(self, cfg: "LMConfig", *, rngs: nnx.Rngs):
-    d, h = cfg.d_model, cfg.num_heads
-    dk = int(cfg.gla_expand_k * d) // h
-    dv = int(cfg.gla_expand_v * d) // h
+  def __init__(
+    self,
+    d_model: int,
+    num_heads: int,
+    *,
+    expand_k: float = 0.5,
+    expand_v: float = 1.0,
+    gate_rank: int = 16,
+    gate_normalizer: float = 16.0,
+    chunk_size: int = 64,
+    norm_eps: float = 1e-6,
+    init_std: float = 0.02,
+    num_layers: int = 1,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    dtype, param_dtype = _checks.check_mixer_args(
+      d_model, num_heads, init_std, num_layers, dtype, param_dtype
+    )
+    d, h = d_model, num_heads
+    for name, expand in (("expand_k", expand_k), ("expand_v", expand_v)):
+      _checks.check_positive(name, expand)
+      width = int(expand * d)
+      if width < h or width % h:
+        raise ValueError(
+          f"{name}: expected {name} * d_model to be a positive multiple of num_heads={h}, "
+          f"got {expand} * {d} = {width}"
+        )
+    _checks.check_positive_int("gate_rank", gate_rank)
+    _checks.check_positive("gate_normalizer", gate_normalizer)
+    _checks.check_positive_int("chunk_size", chunk_size)
+    _checks.check_positive("norm_eps", norm_eps, allow_zero=True)
+    dk, dv = int(expand_k * d) // h, int(expand_v * d) // h
     self.num_heads, self.key_dim, self.value_dim = h, dk, dv
-    self.gate_normalizer = cfg.gla_gate_normalizer
-    self.chunk_size = cfg.gla_chunk_size
-    dtype = jnp.dtype(cfg.dtype)
-    kw = dict(dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
-    std = cfg.init_std
+    self.gate_normalizer = gate_normalizer
+    self.chunk_size = chunk_size
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    std = init_std
     self.q_proj = Dense(d, (h, dk), ("embed", "heads", "head_dim"), std=std, **kw)
     self.k_proj = Dense(d, (h, dk), ("embed", "heads", "head_dim"), std=std, **kw)
     self.v_proj = Dense(d, (h, dv), ("embed", "heads", "head_dim"), std=std, **kw)
     self.g_proj = Dense(d, (h, dv), ("embed", "heads", "head_dim"), std=std, **kw)
-    r = cfg.gla_gate_rank
+    r = gate_rank
     # The decay path is computed in fp32 (it is rank r, so cheap): log α is close to 0, and bf16
     # rounding of it would compound over the products of decays across many steps.
     fp32 = kw | dict(dtype=jnp.float32)
@@ -60,10 +97,8 @@ class GatedLinearAttention(nnx.Module):
     self.decay_up = Dense(
       r, (h, dk), ("rank", "heads", "head_dim"), std=r**-0.5, use_bias=True, **fp32
     )
-    self.out_norm = RMSNorm(
-      dv, eps=cfg.norm_eps, dtype=dtype, param_dtype=kw["param_dtype"], rngs=rngs
-    )
-    out_std = std / math.sqrt(2 * cfg.num_layers)
+    self.out_norm = RMSNorm(dv, eps=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    out_std = std / math.sqrt(2 * num_layers)
     self.o_proj = Dense((h, dv), d, ("heads", "head_dim", "embed"), std=out_std, **kw)
 
   def __call__(

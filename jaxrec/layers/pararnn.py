@@ -18,20 +18,17 @@ its structure (diagonal, or ``2×2`` blocks for the LSTM's ``[c; h]``).
 """
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrec.layers import _checks
 from jaxrec.layers._params import logical_param
 from jaxrec.layers.linear import Dense
 from jaxrec.layers.norms import RMSNorm
-from jaxrec.layers.registry import register_mixer
 from jaxrec.ops import NewtonInfo, newton_rnn, rnn_cells
-
-if TYPE_CHECKING:
-  from jaxrec.models.config import LMConfig
 
 _GATES = 3  # GRU: z, r, ĥ; LSTM-CIFG: f, o, ĉ (the order of rnn_cells)
 
@@ -90,9 +87,20 @@ class _HeadwiseDense(nnx.Module):
 class _ParaRNN(nnx.Module):
   """The block of the module docstring; subclasses choose the cell.
 
-  Reads from ``cfg``: ``d_model, pararnn_heads (rnn_heads), pararnn_max_iters, norm_eps,
-  init_std, num_layers, dtype, param_dtype``. The state width ``N`` is ``d_model``, split over
-  ``rnn_heads`` heads for the block-diagonal input projection.
+  Args:
+    d_model: width ``D`` of the input and output, and the state width ``N``.
+    num_heads: heads ``H`` of the block-diagonal input projection ``B`` (a divisor of
+      ``d_model``); the recurrence itself is elementwise.
+    max_iters: Newton iterations at most; sequences not converged by then are recomputed by the
+      sequential scan, so this trades speed, never accuracy.
+    norm_eps: epsilon of the output RMSNorm.
+    init_std: standard deviation of the input and gate projections.
+    num_layers: depth of the model; the output projection starts at
+      ``init_std / sqrt(2 num_layers)`` (as ``MLP``).
+    dtype: compute dtype of the projections; the output comes back in it. The cell, its state
+      and the Newton solve are fp32.
+    param_dtype: parameter storage dtype.
+    rngs: the ``params`` stream.
   """
 
   _CELL = None  # newton_rnn cell, (params, s_prev [S], (u [3, N], reset [])) -> s [S]
@@ -100,24 +108,48 @@ class _ParaRNN(nnx.Module):
   _STATE_FACTOR = 1  # S = _STATE_FACTOR · N
   _PEEPHOLES = False
 
-  def __init__(self, cfg: "LMConfig", *, rngs: nnx.Rngs):
-    d = n = cfg.d_model
-    h = cfg.rnn_heads
-    self.width, self.num_heads, self.max_iters = n, h, cfg.pararnn_max_iters
-    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+  def __init__(
+    self,
+    d_model: int,
+    num_heads: int,
+    *,
+    max_iters: int = 10,
+    norm_eps: float = 1e-6,
+    init_std: float = 0.02,
+    num_layers: int = 1,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    dtype, param_dtype = _checks.check_mixer_args(
+      d_model, num_heads, init_std, num_layers, dtype, param_dtype
+    )
+    if d_model % num_heads:
+      raise ValueError(f"num_heads: expected a divisor of d_model={d_model}, got {num_heads}")
+    _checks.check_positive_int("max_iters", max_iters)
+    _checks.check_positive("norm_eps", norm_eps, allow_zero=True)
+    d = n = d_model
+    h = num_heads
+    self.width, self.num_heads, self.max_iters = n, h, max_iters
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     names = ("embed", "heads", "head_dim")
-    self.in_proj = Dense(d, (h, n // h), names, std=cfg.init_std, **kw)
-    self.gate_proj = Dense(d, (h, n // h), names, std=cfg.init_std, **kw)
+    self.in_proj = Dense(d, (h, n // h), names, std=init_std, **kw)
+    self.gate_proj = Dense(d, (h, n // h), names, std=init_std, **kw)
     self.cell_proj = _HeadwiseDense(h, n // h, _GATES, n // h, param_dtype=param_dtype, rngs=rngs)
     # Recurrent diagonals (and LSTM peepholes) uniform in ±0.5, the clipping bound of the cell.
+    # They are the gates' memory, not projections: weight decay would pull them towards a cell
+    # that ignores its state, so they opt out of it (see train.optim.weight_decay_mask).
     diag = _uniform(rnn_cells.NORM_CLIP)
     names = (None, "heads", "head_dim")
-    self.recurrent = logical_param(diag, rngs.params(), (_GATES, h, n // h), param_dtype, names)
+    self.recurrent = logical_param(
+      diag, rngs.params(), (_GATES, h, n // h), param_dtype, names, weight_decay=False
+    )
     if self._PEEPHOLES:
-      self.peephole = logical_param(diag, rngs.params(), (2, h, n // h), param_dtype, names)
-    self.out_norm = RMSNorm(n, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+      self.peephole = logical_param(
+        diag, rngs.params(), (2, h, n // h), param_dtype, names, weight_decay=False
+      )
+    self.out_norm = RMSNorm(n, eps=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    out_std = init_std / math.sqrt(2 * num_layers)
     self.out_proj = Dense((h, n // h), d, ("heads", "head_dim", "embed"), std=out_std, **kw)
 
   def __call__(
@@ -200,20 +232,19 @@ class _ParaRNN(nnx.Module):
     )
 
 
-@register_mixer("paragru")
 class ParaGRU(_ParaRNN):
   """ParaGRU: the GRU with diagonal recurrent weights (``rnn_cells.paragru_step``); diagonal
-  Jacobian, state ``[B, N]``."""
+  Jacobian, state ``[B, N]``. Built as ``ParaGRU(d_model, num_heads, *, max_iters, norm_eps,
+  init_std, num_layers, dtype, param_dtype, rngs)`` (arguments: ``_ParaRNN``)."""
 
   _CELL = staticmethod(_gru_cell)
   _JACOBIAN = "diagonal"
 
 
-@register_mixer("paralstm")
 class ParaLSTM(_ParaRNN):
   """ParaLSTM: the LSTM with coupled input and forget gates (CIFG), diagonal recurrent weights
   and peepholes (``rnn_cells.paralstm_step``); state ``[c; h]`` ``[B, 2N]`` whose Jacobian has
-  ``2×2`` blocks of diagonals."""
+  ``2×2`` blocks of diagonals. Built with the arguments of ``ParaGRU``."""
 
   _CELL = staticmethod(_lstm_cell)
   _JACOBIAN = "block"

@@ -1,16 +1,28 @@
-"""The LM stack: configuration, model, presets."""
+"""The LM stack: configuration, the mixer registry, model, presets.
+
+This package is the only reader of ``LMConfig``: ``registry`` maps mixer names to the layers of
+``jaxrec.layers`` and to the builders (``mixers``) that configure them from an ``LMConfig``.
+"""
 
 from jaxrec.models.config import LMConfig
 from jaxrec.models.lm import LM, Block, BlockGroup, param_count_of
+from jaxrec.models.mixers import build_mixer
 from jaxrec.models.presets import PRESETS, get_preset, param_count
+from jaxrec.models.registry import MIXERS, MixerEntry, get_mixer, mixer_names, register_mixer
 
 __all__ = [
   "LM",
+  "MIXERS",
   "PRESETS",
   "Block",
   "BlockGroup",
   "LMConfig",
+  "MixerEntry",
+  "build_mixer",
+  "get_mixer",
   "get_preset",
+  "mixer_names",
   "param_count",
   "param_count_of",
+  "register_mixer",
 ]

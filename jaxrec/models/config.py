@@ -4,18 +4,22 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from jaxrec import layers
+from jaxrec.models import registry
 
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
   """Configuration of ``LM``; every field is validated on construction.
 
+  Only ``jaxrec.models`` reads it: the builders of ``jaxrec.models.mixers`` turn the fields into
+  each mixer layer's constructor arguments (``gla_*`` for GLA, ``pararnn_*`` for ParaGRU /
+  ParaLSTM, the shared sizes and dtypes for all).
+
   Attributes:
     vocab_size: number of token ids.
     d_model: residual stream width ``D``.
     num_layers: number of blocks.
-    mixer_pattern: token mixer names (``jaxrec.layers.MIXERS``), repeated to ``num_layers``:
+    mixer_pattern: token mixer names (``jaxrec.models.MIXERS``), repeated to ``num_layers``:
       layer ``i`` uses ``mixer_pattern[i % len(mixer_pattern)]``.
     num_heads: query heads (attention) and heads (GLA).
     num_kv_heads: key/value heads of attention (grouped-query when < ``num_heads``); ``None``
@@ -86,10 +90,10 @@ class LMConfig:
     if not self.mixer_pattern:
       raise ValueError("mixer_pattern: expected at least one mixer name, got ()")
     for name in self.mixer_pattern:
-      if name not in layers.MIXERS:
+      if name not in registry.MIXERS:
         raise ValueError(
           f"mixer_pattern: unknown mixer {name!r} in {self.mixer_pattern}; "
-          f"registered mixers: {tuple(sorted(layers.MIXERS))}"
+          f"registered mixers: {registry.mixer_names()}"
         )
     for field in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"):
       _check_positive(field, getattr(self, field))

@@ -12,18 +12,20 @@ from jax import lax
 from jaxrec import layers
 from jaxrec.layers._params import logical_param
 from jaxrec.models.config import LMConfig
+from jaxrec.models.mixers import build_mixer
 
 Cache = Any  # a pytree of the mixers' caches, laid out like the blocks (see LM.init_cache)
 
 
 class Block(nnx.Module):
-  """``x += mixer(norm(x)); x += mlp(norm(x))``."""
+  """``x += mixer(norm(x)); x += mlp(norm(x))``; the mixer is the one registered as ``mixer``
+  (``jaxrec.models.registry``), built from ``cfg``."""
 
   def __init__(self, cfg: LMConfig, mixer: str, *, rngs: nnx.Rngs):
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     norm = dict(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.mixer_norm = layers.RMSNorm(cfg.d_model, **norm)
-    self.mixer = layers.get_mixer(mixer)(cfg, rngs=rngs)
+    self.mixer = build_mixer(mixer, cfg, rngs=rngs)
     self.mlp_norm = layers.RMSNorm(cfg.d_model, **norm)
     self.mlp = layers.MLP(
       cfg.d_model,

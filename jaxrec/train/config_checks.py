@@ -9,8 +9,7 @@ import re
 
 import ml_collections
 
-from jaxrec import layers
-from jaxrec.models import PRESETS, LMConfig, get_preset
+from jaxrec.models import MIXERS, PRESETS, LMConfig, get_preset, mixer_names
 from jaxrec.train import optim, sharding
 
 SCHEDULES = ("cosine", "wsd")
@@ -31,11 +30,11 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> LMConfig
     raise ConfigError(
       f"--config.model.preset: expected one of {tuple(PRESETS)}, got {cfg.preset!r}"
     )
-  unknown = [m for m in cfg.mixer_pattern if m not in layers.MIXERS]
+  unknown = [m for m in cfg.mixer_pattern if m not in MIXERS]
   if unknown:
     raise ConfigError(
       f"--config.model.mixer_pattern: unknown mixer {unknown[0]!r} in {tuple(cfg.mixer_pattern)}; "
-      f"registered mixers: {tuple(sorted(layers.MIXERS))}"
+      f"registered mixers: {mixer_names()}"
     )
   fields = {f.name for f in dataclasses.fields(LMConfig)}
   overrides = {k: v for k, v in cfg.items() if k in fields and v is not None}

@@ -7,7 +7,7 @@
   LLMs": re-warming and re-decaying recovers the loss of training from scratch on the union of the
   data; Hägele et al. 2024 for the ``1-sqrt`` cooldown shape).
 * ``make_optimizer``: global-norm clipping, then AdamW with the weight decay masked off norms,
-  biases and the input embedding.
+  biases, the input embedding and recurrent-gate parameters (``weight_decay_mask``).
 
 Gradient accumulation is not an optax wrapper here: the train step (``step.py``) scans over
 microbatches and sums the token-weighted loss, so an accumulated step equals the large-batch step
@@ -88,16 +88,34 @@ def wsd_schedule(
 def weight_decay_mask(params):
   """True for the parameters AdamW should decay.
 
-  Decayed: weight matrices, i.e. two or more logical axes besides a stacked ``layers`` axis.
-  Not decayed: biases (named ``bias``, whatever their rank), norm scales (a ``norm`` axis), and
-  the input embedding table (first axis ``vocab``), whose decay pulls rare tokens' rows to zero.
-  Parameters without logical names fall back to their rank.
+  A parameter's own say comes first: ``weight_decay`` metadata on its ``nnx.Variable``, set with
+  ``jaxrec.layers._params.logical_param(..., weight_decay=False)``, is obeyed whatever its shape.
+  Recurrent-gate parameters use it: ParaRNN's recurrent diagonals and peepholes are ``[3, H, N/H]``
+  arrays, matrices by their shape, but decay would pull them towards a cell that ignores its
+  state (Mamba keeps its ``A_log`` out of weight decay for the same reason). Later mixers'
+  recurrent diagonals and gate biases opt out the same way.
+
+  Without that metadata, the shape rules. Decayed: weight matrices, i.e. two or more logical axes
+  besides a stacked ``layers`` axis. Not decayed: biases (named ``bias``, whatever their rank),
+  norm scales (a ``norm`` axis), and the input embedding table (first axis ``vocab``), whose
+  decay pulls rare tokens' rows to zero. Parameters without logical names fall back to their
+  rank.
+
+  Args:
+    params: a pytree of parameters: an ``nnx.State`` of ``nnx.Param`` (their metadata is read),
+      or of plain arrays (rank rules only), as optax hands it over (parameters or updates).
+
+  Returns:
+    The same tree with a bool per parameter.
   """
 
   def decays(path, v):
+    metadata = v.get_metadata() if isinstance(v, nnx.Variable) else {}
+    if metadata.get("weight_decay") is not None:
+      return bool(metadata["weight_decay"])
     if getattr(path[-1], "key", None) == "bias":
       return False
-    names = v.get_metadata().get("out_sharding") if isinstance(v, nnx.Variable) else None
+    names = metadata.get("out_sharding")
     if not names:
       return jnp.ndim(v) >= 2
     axes = [n for n in names if n != "layers"]

@@ -1,4 +1,5 @@
-"""RMSNorm, SwiGLU MLP, RoPE and Dense against numpy references; logical axis metadata."""
+"""RMSNorm, SwiGLU MLP, RoPE and Dense against numpy references; logical axis and weight-decay
+metadata."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import pytest
 from flax import nnx
 
 from jaxrec import layers
+from jaxrec.layers._params import logical_param
 
 
 def _rng(seed=0):
@@ -69,3 +71,13 @@ def test_rope_matches_numpy_rotation_and_is_relative():
   np.testing.assert_allclose(
     np.einsum("bthd,bshd->bhts", shifted, shifted), scores, rtol=1e-4, atol=1e-4
   )
+
+
+def test_logical_param_records_weight_decay_only_when_given():
+  init, key = nnx.initializers.zeros_init(), jax.random.key(0)
+  kept = logical_param(init, key, (2, 3), jnp.float32, ("embed", "mlp"), weight_decay=False)
+  assert kept.get_metadata()["weight_decay"] is False
+  assert kept.get_metadata()["out_sharding"] == ("embed", "mlp")
+  assert "weight_decay" not in logical_param(init, key, (2,), jnp.float32, ("norm",)).get_metadata()
+  with pytest.raises(ValueError, match="weight_decay: expected True, False or None, got 1"):
+    logical_param(init, key, (2,), jnp.float32, ("norm",), weight_decay=1)

@@ -1,5 +1,6 @@
-"""Token mixers: forward and gradients against references written here, cached decoding against
-the full forward, and packed documents against separate runs."""
+"""Token mixers, built from plain constructor arguments: forward and gradients against references
+written here, cached decoding against the full forward, packed documents against separate runs,
+and the validation of their arguments."""
 
 import jax
 import jax.numpy as jnp
@@ -9,26 +10,22 @@ from flax import nnx
 from testing_utils import decode_token_by_token as _decode
 
 from jaxrec import layers
-from jaxrec.models import LMConfig
 
 B, T, D = 2, 10, 16
 SPLIT = 6  # packed tests: document 0 is x[:, :SPLIT], document 1 the rest
 
+# (module, constructor arguments besides d_model=D and rngs)
 CASES = {
-  "attention": dict(mixer_pattern=("attention",)),
-  "attention-gqa-window": dict(mixer_pattern=("attention",), num_heads=4, num_kv_heads=2, window=3),
-  "gla": dict(mixer_pattern=("gla",), gla_chunk_size=16),
+  "attention": (layers.Attention, dict(num_heads=2)),
+  "attention-gqa-window": (layers.Attention, dict(num_heads=4, num_kv_heads=2, window=3)),
+  "gla": (layers.GatedLinearAttention, dict(num_heads=2, chunk_size=16)),
 }
 
 
-def _config(**kw):
-  # A large init_std keeps activations O(1), so the fp32 tolerances below are meaningful.
-  return LMConfig(**(dict(vocab_size=32, d_model=D, num_layers=1, num_heads=2, init_std=0.5) | kw))
-
-
 def _mixer(case):
-  cfg = _config(**CASES[case])
-  return cfg, layers.get_mixer(cfg.mixer_pattern[0])(cfg, rngs=nnx.Rngs(0))
+  module, kw = CASES[case]
+  # A large init_std keeps activations O(1), so the fp32 tolerances below are meaningful.
+  return kw, module(D, init_std=0.5, **kw, rngs=nnx.Rngs(0))
 
 
 def _x(seed=0):
@@ -48,30 +45,30 @@ def _rope(x, theta):
   return jnp.concatenate([z.real, z.imag], axis=-1).astype(x.dtype)
 
 
-def _attention_reference(p, x, cfg):
+def _attention_reference(p, x, num_heads, num_kv_heads=None, window=None, theta=10_000.0):
   q = jnp.einsum("btd,dhk->bthk", x, p["q_proj"]["kernel"])
   k = jnp.einsum("btd,dhk->bthk", x, p["k_proj"]["kernel"])
   v = jnp.einsum("btd,dhk->bthk", x, p["v_proj"]["kernel"])
-  q, k = _rope(q, cfg.rope_theta), _rope(k, cfg.rope_theta)
-  group = cfg.num_heads // cfg.kv_heads
+  q, k = _rope(q, theta), _rope(k, theta)
+  group = num_heads // (num_kv_heads or num_heads)
   k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
   logits = jnp.einsum("bthk,bshk->bhts", q, k) / np.sqrt(q.shape[-1])
   t = np.arange(x.shape[1])
   visible = t[:, None] >= t[None, :]
-  if cfg.window is not None:
-    visible &= t[:, None] - t[None, :] < cfg.window
+  if window is not None:
+    visible &= t[:, None] - t[None, :] < window
   probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
   o = jnp.einsum("bhts,bshk->bthk", probs, v)
   return jnp.einsum("bthk,hkd->btd", o, p["o_proj"]["kernel"])
 
 
-def _gla_reference(p, x, cfg):
+def _gla_reference(p, x, gate_normalizer=16.0, eps=1e-6):
   q = jnp.einsum("btd,dhk->bthk", x, p["q_proj"]["kernel"])
   k = jnp.einsum("btd,dhk->bthk", x, p["k_proj"]["kernel"])
   v = jnp.einsum("btd,dhk->bthk", x, p["v_proj"]["kernel"])
   low = jnp.einsum("btd,dr->btr", x, p["decay_down"]["kernel"])
   gate_logits = jnp.einsum("btr,rhk->bthk", low, p["decay_up"]["kernel"]) + p["decay_up"]["bias"]
-  alpha = jax.nn.sigmoid(gate_logits) ** (1 / cfg.gla_gate_normalizer)
+  alpha = jax.nn.sigmoid(gate_logits) ** (1 / gate_normalizer)
 
   def step(state, inputs):
     q_t, k_t, v_t, a_t = inputs
@@ -81,19 +78,23 @@ def _gla_reference(p, x, cfg):
   state0 = jnp.zeros((x.shape[0], q.shape[2], q.shape[3], v.shape[3]))
   _, o = jax.lax.scan(step, state0, tuple(jnp.swapaxes(a, 0, 1) for a in (q, k, v, alpha)))
   o = jnp.swapaxes(o, 0, 1)
-  o = o / jnp.sqrt(jnp.mean(o**2, axis=-1, keepdims=True) + cfg.norm_eps) * p["out_norm"]["scale"]
+  o = o / jnp.sqrt(jnp.mean(o**2, axis=-1, keepdims=True) + eps) * p["out_norm"]["scale"]
   o = o * jax.nn.silu(jnp.einsum("btd,dhk->bthk", x, p["g_proj"]["kernel"]))
   return jnp.einsum("bthk,hkd->btd", o, p["o_proj"]["kernel"])
 
 
-def _reference(cfg):
-  reference = _gla_reference if cfg.mixer_pattern[0] == "gla" else _attention_reference
-  return lambda p, x: reference(p, x, cfg)
+def _reference(case, kw):
+  """The reference for a case; the layers' defaults (RoPE theta, GLA's τ, eps) are the
+  references' defaults."""
+  if case == "gla":
+    return _gla_reference
+  heads = {k: kw[k] for k in ("num_heads", "num_kv_heads", "window") if k in kw}
+  return lambda p, x: _attention_reference(p, x, **heads)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_forward_and_gradients_match_reference(case):
-  cfg, mixer = _mixer(case)
+  kw, mixer = _mixer(case)
   graphdef, state = nnx.split(mixer)
   params = nnx.to_pure_dict(state)
 
@@ -101,7 +102,7 @@ def test_forward_and_gradients_match_reference(case):
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)(x)[0]
 
-  reference = _reference(cfg)
+  reference = _reference(case, kw)
   x = _x()
   w = np.random.default_rng(1).standard_normal(x.shape, np.float32)
 
@@ -170,10 +171,25 @@ def test_gla_cache_is_constant_size_and_attention_cache_grows():
   assert attention.init_cache(B, 1000, jnp.bfloat16).k.dtype == jnp.bfloat16
 
 
-def test_registry():
-  assert layers.get_mixer("attention") is layers.Attention
-  assert layers.get_mixer("gla") is layers.GatedLinearAttention
-  with pytest.raises(ValueError, match=r"unknown mixer 'lstm'.*'attention', 'gla'"):
-    layers.get_mixer("lstm")
-  with pytest.raises(ValueError, match="already registered"):
-    layers.register_mixer("gla")(layers.Attention)
+@pytest.mark.parametrize(
+  "module,kw,match",
+  [
+    (layers.Attention, dict(num_heads=0), "num_heads: expected a positive int, got 0"),
+    (layers.Attention, dict(num_heads=4, num_kv_heads=3), "num_kv_heads: expected a divisor of"),
+    (layers.Attention, dict(num_heads=2, head_dim=5), "head_dim: expected an even head width"),
+    (layers.Attention, dict(num_heads=16), "head_dim: expected an even head width .* got 1"),
+    (layers.Attention, dict(num_heads=2, window=0), "window: expected a positive int"),
+    (layers.Attention, dict(num_heads=2, dtype="int8"), "dtype: expected a floating dtype"),
+    (layers.GatedLinearAttention, dict(num_heads=3), "expand_k: expected expand_k \\* d_model"),
+    (layers.GatedLinearAttention, dict(num_heads=2, gate_rank=0), "gate_rank: expected"),
+    (layers.GatedLinearAttention, dict(num_heads=2, chunk_size=1.5), "chunk_size: expected"),
+    (layers.GatedLinearAttention, dict(num_heads=2, gate_normalizer=0.0), "gate_normalizer"),
+    (layers.ParaGRU, dict(num_heads=3), "num_heads: expected a divisor of d_model=16, got 3"),
+    (layers.ParaLSTM, dict(num_heads=2, max_iters=0), "max_iters: expected a positive int"),
+    (layers.ParaLSTM, dict(num_heads=2, init_std=-1.0), "init_std: expected a non-negative"),
+    (layers.ParaGRU, dict(num_heads=2, param_dtype=None), "param_dtype: expected a floating"),
+  ],
+)
+def test_constructor_arguments_are_validated(module, kw, match):
+  with pytest.raises(ValueError, match=match):
+    module(D, **kw, rngs=nnx.Rngs(0))

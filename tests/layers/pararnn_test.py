@@ -2,8 +2,6 @@
 cached decoding against the full forward, packed documents against separate runs, the input
 projections kept out of the Newton loop, and an LM decoding through ``jaxrec.generate``."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,17 +15,13 @@ from jaxrec.models import LM, LMConfig
 
 B, T, D, HEADS = 2, 11, 16, 2
 SPLIT = 6  # packed tests: document 0 is x[:, :SPLIT], document 1 the rest
-KINDS = ("paragru", "paralstm")
-
-
-def _config(kind, **kw):
-  # A large init_std keeps activations O(1), so the fp32 tolerances below are meaningful.
-  base = dict(vocab_size=32, d_model=D, num_layers=1, num_heads=HEADS, init_std=0.5)
-  return LMConfig(**(base | dict(mixer_pattern=(kind,)) | kw))
+MODULES = {"paragru": layers.ParaGRU, "paralstm": layers.ParaLSTM}
+KINDS = tuple(MODULES)
 
 
 def _mixer(kind, **kw):
-  mixer = layers.get_mixer(kind)(_config(kind, **kw), rngs=nnx.Rngs(0))
+  # A large init_std keeps activations O(1), so the fp32 tolerances below are meaningful.
+  mixer = MODULES[kind](D, HEADS, init_std=0.5, **kw, rngs=nnx.Rngs(0))
   # Recurrent diagonals beyond the 0.5 bound, so the norm clipping is exercised.
   mixer.recurrent[...] = 4.0 * mixer.recurrent[...]
   if kind == "paralstm":
@@ -188,7 +182,7 @@ def test_projections_stay_outside_the_newton_loop_and_it_converges(kind):
 
 def test_bf16_compute_keeps_fp32_state():
   mixer = _mixer("paragru")
-  bf16 = _mixer("paragru", dtype="bfloat16")
+  bf16 = _mixer("paragru", dtype=jnp.bfloat16)
   x = _x(4)
   y, cache = bf16(x, cache=bf16.init_cache(B, T, jnp.bfloat16))
   assert y.dtype == jnp.bfloat16 and cache.state.dtype == jnp.float32
@@ -196,18 +190,14 @@ def test_bf16_compute_keeps_fp32_state():
   np.testing.assert_allclose(y.astype(np.float32), want, atol=0.05 * np.abs(want).max())
 
 
-def test_config_validates_pararnn_fields():
-  with pytest.raises(ValueError, match="pararnn_heads: expected a divisor of d_model=16, got 3"):
-    _config("paragru", pararnn_heads=3)
-  with pytest.raises(ValueError, match="pararnn_max_iters: expected a positive int"):
-    _config("paragru", pararnn_max_iters=0)
-  assert _config("paragru", pararnn_heads=4).rnn_heads == 4
-  assert _config("paragru").rnn_heads == HEADS
-
-
 def test_lm_greedy_generation_equals_argmax_of_full_forwards():
-  cfg = dataclasses.replace(
-    _config("paragru"), num_layers=2, mixer_pattern=("paragru", "paralstm"), init_std=0.3
+  cfg = LMConfig(
+    vocab_size=32,
+    d_model=D,
+    num_layers=2,
+    num_heads=HEADS,
+    mixer_pattern=("paragru", "paralstm"),
+    init_std=0.3,
   )
   model = LM(cfg, rngs=nnx.Rngs(0))
   prompt = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]], np.int32)

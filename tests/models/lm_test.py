@@ -138,6 +138,8 @@ def test_every_parameter_has_logical_axis_names(scan_layers):
     (dict(num_layers=3, scan_layers=True), "num_layers: scan_layers=True needs a multiple"),
     (dict(dtype="float8"), "dtype: expected"),
     (dict(d_model=0), "d_model: expected a positive int"),
+    (dict(pararnn_heads=3), "pararnn_heads: expected a divisor of d_model=16, got 3"),
+    (dict(pararnn_max_iters=0), "pararnn_max_iters: expected a positive int"),
   ],
 )
 def test_config_errors_name_the_field(overrides, match):

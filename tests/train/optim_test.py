@@ -1,9 +1,9 @@
 """Learning-rate schedules against closed forms; the weight-decay mask on a real model."""
 
-import math
-
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -72,26 +72,99 @@ def test_schedule_arguments_are_checked():
     optim.make_optimizer(optim.warmup_cosine_schedule(1.0, 10, 1), clip_norm=0.0)
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_weight_decay_mask_covers_kernels_only(scan_layers):
+# Every parameter that decays in an LM with every mixer, per block (the mixer, then its MLP);
+# everything else -- the embedding, norm scales, biases, ParaRNN's recurrent diagonals and
+# peepholes -- must not.
+_MLP = ("mlp.gate.kernel", "mlp.up.kernel", "mlp.down.kernel")
+DECAYED_PER_BLOCK = {
+  "gla": (
+    "mixer.q_proj.kernel",
+    "mixer.k_proj.kernel",
+    "mixer.v_proj.kernel",
+    "mixer.g_proj.kernel",
+    "mixer.decay_down.kernel",
+    "mixer.decay_up.kernel",
+    "mixer.o_proj.kernel",
+    *_MLP,
+  ),
+  "attention": (
+    "mixer.q_proj.kernel",
+    "mixer.k_proj.kernel",
+    "mixer.v_proj.kernel",
+    "mixer.o_proj.kernel",
+    *_MLP,
+  ),
+  "paragru": (
+    "mixer.in_proj.kernel",
+    "mixer.gate_proj.kernel",
+    "mixer.cell_proj.kernel",
+    "mixer.out_proj.kernel",
+    *_MLP,
+  ),
+}
+DECAYED_PER_BLOCK["paralstm"] = DECAYED_PER_BLOCK["paragru"]
+PATTERN = ("gla", "attention", "paragru", "paralstm")
+
+
+def _every_mixer_lm(scan_layers):
+  """The abstract parameters of a small LM with every mixer and an untied head."""
   cfg = get_preset(
     "tiny",
-    d_model=32,
-    num_layers=2,
+    vocab_size=32,
+    d_model=16,
+    num_layers=4 * (1 + scan_layers),
     num_heads=2,
-    mixer_pattern=("gla", "attention"),
+    mixer_pattern=PATTERN,
     scan_layers=scan_layers,
+    tie_embeddings=False,
   )
-  model = nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(0)))
-  _, params, _ = nnx.split(model, nnx.Param, ...)
-  mask = optim.weight_decay_mask(params)
+  return nnx.state(nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+
+
+def _paths(tree):
+  """``{"layers.0.mixer.q_proj.kernel": leaf}`` of a tree of ``nnx.Variable`` or arrays."""
   is_var = lambda x: isinstance(x, nnx.Variable)
-  paths = [
-    jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params, is_leaf=is_var)
-  ]
-  decayed = dict(zip(paths, jax.tree.leaves(mask), strict=True))
-  # Dense kernels (2-D or more) decay; embedding, norm scales and biases do not.
-  for path, flag in decayed.items():
-    assert flag == path.endswith("['kernel']"), path
-  assert any(path.endswith("['bias']") for path in decayed)  # GLA's decay projection has one
-  assert math.fsum(decayed.values()) > 0
+  return {
+    ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_var)
+  }
+
+
+def _expected_decayed(scan_layers):
+  prefix = "layers.blocks.{}" if scan_layers else "layers.{}"
+  return {"head.kernel"} | {
+    f"{prefix.format(i)}.{leaf}"
+    for i, name in enumerate(PATTERN)
+    for leaf in DECAYED_PER_BLOCK[name]
+  }
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_weight_decay_mask_names_exactly_the_decayed_parameters(scan_layers):
+  params = _every_mixer_lm(scan_layers)
+  mask = _paths(optim.weight_decay_mask(params))
+  decayed = {path for path, flag in mask.items() if flag}
+  assert decayed == _expected_decayed(scan_layers)
+  # The list is not vacuous: the recurrent gates are there, and left alone.
+  assert {"recurrent", "peephole"} <= {path.rsplit(".", 1)[-1] for path in mask}
+
+
+def test_adamw_decays_only_the_masked_parameters():
+  """Through the optimizer: with zero gradients an AdamW step moves exactly the decayed
+  parameters, each by ``-lr · weight_decay · p``."""
+  # Distinct values per parameter (numpy, so no per-shape eager compilation).
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+    lambda v: v.replace(rng.standard_normal(v.shape).astype(v.dtype)),
+    _every_mixer_lm(scan_layers=False),
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
+  lr, wd = 0.1, 0.5
+  tx = optim.make_optimizer(optax.constant_schedule(lr), weight_decay=wd, clip_norm=None)
+  zero_grad_update = lambda p: tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)[0]
+  updates = jax.jit(zero_grad_update)(params)
+  want = _expected_decayed(scan_layers=False)
+  values = _paths(params)
+  for path, update in _paths(updates).items():
+    expected = -lr * wd * np.asarray(values[path][...]) if path in want else 0.0
+    np.testing.assert_allclose(update[...], expected, rtol=1e-6, atol=0, err_msg=path)

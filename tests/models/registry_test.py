@@ -1,0 +1,112 @@
+"""The mixer registry: names to layers and builders, the builders' reading of ``LMConfig``, and a
+mixer registered from outside the package working in an LM. Abstract models only (no compiles)."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from jaxrec import layers
+from jaxrec.models import (
+  LM,
+  MIXERS,
+  LMConfig,
+  build_mixer,
+  get_mixer,
+  mixer_names,
+  register_mixer,
+)
+
+CFG = LMConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2, init_std=0.1)
+
+
+def _abstract(name, cfg):
+  return nnx.eval_shape(lambda: build_mixer(name, cfg, rngs=nnx.Rngs(0)))
+
+
+def test_built_in_mixers_are_registered_with_their_layers():
+  assert mixer_names() == ("attention", "gla", "paragru", "paralstm")
+  assert get_mixer("attention").module is layers.Attention
+  assert get_mixer("gla").module is layers.GatedLinearAttention
+  assert get_mixer("paragru").module is layers.ParaGRU
+  assert get_mixer("paralstm").module is layers.ParaLSTM
+  for name in mixer_names():
+    assert isinstance(_abstract(name, CFG), get_mixer(name).module), name
+
+
+def test_builders_pass_the_config_fields_on():
+  cfg = dataclasses.replace(
+    CFG,
+    num_heads=4,
+    num_kv_heads=1,
+    head_dim=6,
+    window=3,
+    rope_theta=500.0,
+    gla_expand_k=1.0,
+    gla_expand_v=2.0,
+    gla_gate_rank=5,
+    gla_gate_normalizer=8.0,
+    gla_chunk_size=32,
+    pararnn_heads=8,
+    pararnn_max_iters=3,
+    norm_eps=1e-3,
+    param_dtype="bfloat16",
+  )
+  attention = _abstract("attention", cfg)
+  assert (attention.num_heads, attention.num_kv_heads, attention.head_dim) == (4, 1, 6)
+  assert (attention.window, attention.rope_theta) == (3, 500.0)
+  assert attention.k_proj.kernel.shape == (16, 1, 6)
+  gla = _abstract("gla", cfg)
+  assert (gla.key_dim, gla.value_dim, gla.chunk_size, gla.gate_normalizer) == (4, 8, 32, 8.0)
+  assert gla.decay_down.kernel.shape == (16, 5) and gla.out_norm.eps == 1e-3
+  for name in ("paragru", "paralstm"):
+    rnn = _abstract(name, cfg)
+    assert (rnn.num_heads, rnn.max_iters, rnn.width) == (8, 3, 16), name
+    assert rnn.recurrent.dtype == jnp.bfloat16, name
+  # pararnn_heads defaults to num_heads.
+  assert _abstract("paragru", dataclasses.replace(cfg, pararnn_heads=None)).num_heads == 4
+
+
+def test_unknown_and_taken_names_are_errors():
+  with pytest.raises(ValueError, match=r"unknown mixer 'lstm'; registered mixers: \('attention'"):
+    get_mixer("lstm")
+  with pytest.raises(ValueError, match=r"mixer_pattern: unknown mixer 'lstm'.*'paralstm'"):
+    dataclasses.replace(CFG, mixer_pattern=("gla", "lstm"))
+  with pytest.raises(ValueError, match="'gla' is already registered to GatedLinearAttention"):
+    register_mixer("gla", layers.Attention)
+  with pytest.raises(ValueError, match=r"module: expected an nnx\.Module class"):
+    register_mixer("identity", lambda x: x)
+  assert get_mixer("gla").module is layers.GatedLinearAttention
+
+
+class _Scale(nnx.Module):
+  """A stand-in mixer with plain arguments: ``y = scale · x``, no state."""
+
+  def __init__(self, d_model: int, *, rngs: nnx.Rngs):
+    del rngs
+    self.scale = nnx.Param(jnp.full((d_model,), 0.5))
+
+  def __call__(self, x, *, segment_ids=None, cache=None):
+    return x * self.scale[...], cache
+
+  def init_cache(self, batch_size, max_length, dtype):
+    return ()
+
+
+def test_a_mixer_registered_outside_the_package_builds_in_an_lm():
+  built = []
+
+  @register_mixer("scale", _Scale)
+  def _build(cfg: LMConfig, *, rngs: nnx.Rngs) -> _Scale:
+    built.append(cfg)
+    return _Scale(cfg.d_model, rngs=rngs)
+
+  try:
+    cfg = dataclasses.replace(CFG, mixer_pattern=("scale", "gla"))
+    model = nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(0)))
+    assert isinstance(model.layers[0].mixer, _Scale)
+    assert isinstance(model.layers[1].mixer, layers.GatedLinearAttention)
+    assert built == [cfg]
+  finally:
+    del MIXERS["scale"]

@@ -1,0 +1,246 @@
+"""The import graph of ``jaxrec`` and ``pallas_kernels``: no cycle between modules, and the
+one-way layering of DESIGN.md.
+
+Dependencies point one way::
+
+  experiments -> models / train / inference / linearize -> layers -> ops -> pallas_kernels
+
+``pallas_kernels`` imports nothing from ``jaxrec``, and ``data`` is a leaf (it imports no other
+part of the project) used by the top layer (train, experiments). The graph is read from the source
+with ``ast``, so nothing is imported: every import that runs when a module is imported counts,
+including those under ``if TYPE_CHECKING:`` (a layer must not name a model even for typing) and
+in class bodies; imports inside functions (deferred) do not.
+"""
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WALKED = ("jaxrec", "pallas_kernels")  # the packages whose imports are read
+KNOWN = (*WALKED, "experiments")  # and the project modules an import may name
+
+# Rank of each part of the project: a module may import its own rank or lower.
+RANKS = {
+  "pallas_kernels": 0,
+  "jaxrec.ops": 1,
+  "jaxrec.layers": 2,
+  "jaxrec.models": 3,
+  "jaxrec.train": 3,
+  "jaxrec.inference": 3,
+  "jaxrec.linearize": 3,
+  "jaxrec": 3,  # jaxrec/__init__.py alone: it re-exports the public API (ops, generate)
+  "experiments": 4,
+}
+DATA = "jaxrec.data"  # the leaf: imports nothing of the project, imported from rank 3 up
+DATA_USERS = 3
+
+
+def module_files(root: pathlib.Path, packages) -> dict[str, pathlib.Path]:
+  """``{dotted module name: path}`` of every ``.py`` file under ``root/<package>``."""
+  files = {}
+  for package in packages:
+    for path in sorted((root / package).rglob("*.py")):
+      parts = path.relative_to(root).with_suffix("").parts
+      if parts[-1] == "__init__":
+        parts = parts[:-1]
+      files[".".join(parts)] = path
+  return files
+
+
+def _import_time_nodes(node):
+  """The import statements that run when the module is imported: everywhere but in functions."""
+  for child in ast.iter_child_nodes(node):
+    if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+      continue
+    if isinstance(child, ast.Import | ast.ImportFrom):
+      yield child
+    else:
+      yield from _import_time_nodes(child)
+
+
+def _resolve(name: str, modules) -> str | None:
+  """The longest prefix of ``name`` that is a project module (``a.b.attr`` -> ``a.b``)."""
+  parts = name.split(".")
+  for end in range(len(parts), 0, -1):
+    prefix = ".".join(parts[:end])
+    if prefix in modules:
+      return prefix
+  return None
+
+
+def imports_of(module: str, path: pathlib.Path, modules, is_package: bool):
+  """``[(imported project module, line)]`` of ``module``'s import-time imports."""
+  found = []
+  for node in _import_time_nodes(ast.parse(path.read_text(), filename=str(path))):
+    if isinstance(node, ast.Import):
+      names = [alias.name for alias in node.names]
+    else:
+      base = node.module or ""
+      if node.level:  # relative: from the module's package, up level - 1 packages
+        package = module.split(".") if is_package else module.split(".")[:-1]
+        package = package[: len(package) - node.level + 1]
+        base = ".".join([*package, base] if base else package)
+      # `from a import b` imports the module a.b when there is one, else a's attribute b.
+      names = [
+        f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+        for alias in node.names
+      ]
+    for name in names:
+      target = _resolve(name, modules)
+      if target is not None and target != module:
+        found.append((target, node.lineno))
+  return found
+
+
+def import_graph(root: pathlib.Path):
+  """``{module: {imported module: first line}}`` over the walked packages."""
+  modules = module_files(root, KNOWN)
+  graph = {}
+  for module, path in module_files(root, WALKED).items():
+    edges = {}
+    for target, line in imports_of(module, path, modules, path.name == "__init__.py"):
+      edges.setdefault(target, line)
+    graph[module] = edges
+  return graph
+
+
+def find_cycles(graph) -> list[list[str]]:
+  """One cycle ``[a, b, ..., a]`` per strongly connected component that has one (Tarjan), from
+  the component's first module by name."""
+  index, low, on_stack, stack, cycles = {}, {}, set(), [], []
+
+  def visit(v):
+    index[v] = low[v] = len(index)
+    stack.append(v)
+    on_stack.add(v)
+    for w in graph.get(v, ()):
+      if w not in graph:
+        continue
+      if w not in index:
+        visit(w)
+        low[v] = min(low[v], low[w])
+      elif w in on_stack:
+        low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+      component = set()
+      while True:
+        w = stack.pop()
+        on_stack.discard(w)
+        component.add(w)
+        if w == v:
+          break
+      if len(component) > 1:
+        cycles.append(_cycle_through(min(component), component, graph))
+
+  for v in sorted(graph):
+    if v not in index:
+      visit(v)
+  return cycles
+
+
+def _cycle_through(start, component, graph) -> list[str]:
+  """A shortest cycle ``[start, ..., start]`` inside ``component`` (breadth first)."""
+  parents, frontier = {start: None}, [start]
+  while frontier:
+    following = []
+    for v in frontier:
+      for w in sorted(graph[v]):
+        if w == start:
+          path = [v]
+          while parents[path[-1]] is not None:
+            path.append(parents[path[-1]])
+          return [*reversed(path), start]
+        if w in component and w not in parents:
+          parents[w] = v
+          following.append(w)
+    frontier = following
+  raise AssertionError(f"no cycle through {start}")
+
+
+def part_of(module: str) -> str:
+  """The layering part a module belongs to (the longest matching prefix)."""
+  for part in sorted((*RANKS, DATA), key=len, reverse=True):
+    if module == part or (part != "jaxrec" and module.startswith(part + ".")):
+      return part
+  raise ValueError(f"{module}: not placed in the layering; add its package to RANKS")
+
+
+def layering_violations(graph) -> list[str]:
+  """Every import against the one-way layering, as ``module:line imports target (why)``."""
+  bad = []
+  for module, edges in sorted(graph.items()):
+    src = part_of(module)
+    for target, line in sorted(edges.items()):
+      dst = part_of(target)
+      if src == dst:
+        continue
+      if src == DATA:
+        why = f"{DATA} is a leaf and imports nothing of the project"
+      elif dst == DATA:
+        why = None if RANKS[src] >= DATA_USERS else f"{src} is below the users of {DATA}"
+      else:
+        why = None if RANKS[src] >= RANKS[dst] else f"{src} may not import the higher {dst}"
+      if why:
+        bad.append(f"{module}:{line} imports {target} ({why})")
+  return bad
+
+
+def test_no_import_cycle_between_modules():
+  cycles = find_cycles(import_graph(ROOT))
+  assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_imports_follow_the_one_way_layering():
+  graph = import_graph(ROOT)
+  assert {"jaxrec.layers", "jaxrec.models", "pallas_kernels.gla"} <= set(graph)
+  violations = layering_violations(graph)
+  assert not violations, "imports against the layering:\n" + "\n".join(violations)
+
+
+def _write(root: pathlib.Path, files: dict[str, str]) -> None:
+  for name, text in files.items():
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_the_checks_catch_a_typing_only_cycle_and_an_upward_import(tmp_path):
+  """A miniature project with today's mistakes: the checks must name them."""
+  _write(
+    tmp_path,
+    {
+      "jaxrec/__init__.py": "",
+      "jaxrec/layers/__init__.py": "from jaxrec.layers.attention import Attention\n",
+      "jaxrec/layers/attention.py": (
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "  from jaxrec.models.config import LMConfig\n"
+        "def lazy():\n"
+        "  import jaxrec.train\n"
+      ),
+      "jaxrec/models/__init__.py": "",
+      "jaxrec/models/config.py": "from jaxrec import layers\n",
+      "jaxrec/train/__init__.py": "",
+      "jaxrec/data/__init__.py": "from ..layers import attention\n",
+      "jaxrec/ops/__init__.py": "",
+      "jaxrec/ops/scan.py": "import pallas_kernels.linear_scan\n",
+      "pallas_kernels/__init__.py": "",
+      "pallas_kernels/linear_scan.py": "from jaxrec.data import corpora\n",
+    },
+  )
+  graph = import_graph(tmp_path)
+  assert find_cycles(graph) == [
+    ["jaxrec.layers", "jaxrec.layers.attention", "jaxrec.models.config", "jaxrec.layers"]
+  ]
+  assert layering_violations(graph) == [
+    "jaxrec.data:1 imports jaxrec.layers.attention (jaxrec.data is a leaf and imports nothing "
+    "of the project)",
+    "jaxrec.layers.attention:3 imports jaxrec.models.config (jaxrec.layers may not import the "
+    "higher jaxrec.models)",
+    "pallas_kernels.linear_scan:1 imports jaxrec.data (pallas_kernels is below the users of "
+    "jaxrec.data)",
+  ]
+  with pytest.raises(ValueError, match=r"jaxrec\.extra: not placed in the layering"):
+    part_of("jaxrec.extra")

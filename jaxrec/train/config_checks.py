@@ -12,7 +12,8 @@ import typing
 import ml_collections
 from ml_collections import config_dict
 
-from jaxrec import data, layers
+from jaxrec import data as data_lib
+from jaxrec import layers
 from jaxrec.models import PRESETS, LMConfig, get_preset
 from jaxrec.train import optim, sharding
 
@@ -125,7 +126,7 @@ def validate_config(
 
 def _validate_tokenizer(spec: str) -> None:
   try:
-    data.load_tokenizer(spec)
+    data_lib.load_tokenizer(spec)
   except (FileNotFoundError, ImportError, ValueError) as e:
     # load_tokenizer names its argument ``spec``; the user's name for it is the flag.
     message = re.sub(r"^spec: ", "", str(e))

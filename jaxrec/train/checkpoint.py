@@ -213,7 +213,8 @@ def _check_shapes(manager, step: int, abstract_state: TrainState, directory: str
   wanted = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True))
   differences = [
     f"{'/'.join(key)}: saved {_shape(saved.get(key))}, built {_shape(wanted.get(key))}"
-    for key in sorted(saved.keys() | wanted.keys())
+    # Parameters first: their names say most about the model.
+    for key in sorted(saved.keys() | wanted.keys(), key=lambda k: (k[0] != "params", k))
     if _shape(saved.get(key)) != _shape(wanted.get(key))
   ]
   if differences:

@@ -22,17 +22,49 @@
 # `tests/colabs/quickstart_test.py` checks that the two agree and executes the notebook.
 
 # %%
-# Install jaxrec on Colab; skipped wherever it is already importable.
+# Install jaxrec from where this notebook came from. Inside a jaxrec checkout (the notebook opened
+# from its colabs/ folder): that checkout, editable. Elsewhere, when jaxrec is not installed yet (a
+# fresh Colab runtime): the git repository named by JAXREC_REPOSITORY, the one the notebook was
+# opened from, e.g. `%env JAXREC_REPOSITORY=git+https://github.com/OWNER/jaxrec`.
+# (The later cells import jaxrec after this one has run.)
+# ruff: noqa: E402
 import importlib.util
+import os
+import pathlib
 import subprocess
 import sys
 
-if importlib.util.find_spec("jaxrec") is None:
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "jaxrec"], check=True)
+
+def jaxrec_checkout(start: pathlib.Path) -> pathlib.Path | None:
+  """The nearest folder at or above `start` holding jaxrec's setup.cfg and package."""
+  for folder in (start, *start.parents):
+    setup = folder / "setup.cfg"
+    if (folder / "jaxrec" / "__init__.py").is_file() and "name = jaxrec" in setup.read_text():
+      return folder
+  return None
+
+
+checkout = jaxrec_checkout(pathlib.Path.cwd().resolve())
+found = importlib.util.find_spec("jaxrec")
+installed = pathlib.Path(found.origin).resolve().parents[1] if found else None
+if checkout is not None and installed != checkout:
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(checkout)], check=True)
+  sys.path.insert(0, str(checkout))  # an editable install is seen by new processes only
+  print(f"installed jaxrec from the checkout this notebook runs in: pip install -e {checkout}")
+elif installed is not None:
+  print(f"using jaxrec from {installed}")
+elif os.environ.get("JAXREC_REPOSITORY"):
+  repository = os.environ["JAXREC_REPOSITORY"]
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", repository], check=True)
+  print(f"installed jaxrec from {repository}")
+else:
+  raise RuntimeError(
+    "jaxrec is not installed and this notebook does not run inside a jaxrec checkout: set "
+    "JAXREC_REPOSITORY to the git repository it came from (%env JAXREC_REPOSITORY=git+https://"
+    "github.com/OWNER/jaxrec), or clone that repository and open colabs/quickstart.ipynb there"
+  )
 
 # %%
-import os
-
 import jax
 import matplotlib.pyplot as plt
 import numpy as np

@@ -1,42 +1,28 @@
 """Trains a language model: ``python -m experiments.train --workdir DIR [--config.FIELD=VALUE ...]``.
 
 The config is ``experiments/configs/default.py`` unless ``--config`` names another file; every
-field can be overridden, e.g. ``--config.model.preset=tiny --config.steps=100``. This file only
-parses flags; the loop is ``jaxrec.train.train_and_evaluate``.
+field can be overridden, e.g. ``--config.model.preset=small-hybrid --config.steps=100``. The run
+records its model, tokenizer and data in ``DIR/run.json``: ``--config.resume=True`` and
+``--config.init_from=DIR`` rebuild them from there, so only what changes needs a flag. This file
+only parses flags; the loop is ``jaxrec.train.train_and_evaluate``.
 """
 
-import logging as std_logging
-import os
+from absl import app, flags
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from experiments import _cli
+from jaxrec.train import train_and_evaluate
 
-from jaxrec.train import ConfigError, train_and_evaluate
-
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", _DEFAULT_CONFIG, "Training configuration file.", lock_config=True
-)
+_CONFIG = _cli.define_config_flag("Training configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
 flags.mark_flags_as_required(["workdir"])
-
-
-class _OrbaxWarningsOnly(std_logging.Filter):
-  """Orbax logs every step of every checkpoint write at INFO; keep only its warnings."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_OrbaxWarningsOnly())
-  try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except ConfigError as e:
-    raise app.UsageError(str(e)) from e
+  with _cli.short_errors():
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value, given=_cli.given_fields(_CONFIG))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main)

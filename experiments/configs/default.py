@@ -6,7 +6,8 @@ be overridden from the command line, e.g.::
   python -m experiments.train --workdir /tmp/lm --config.steps=2000 \
       --config.model.preset=small-hybrid --config.mesh.fsdp=2
 
-``model`` fields left ``None`` keep the preset's value. Continued pretraining with re-warming::
+``--config.model.preset`` gives that preset exactly; a ``model`` field given on the command line
+replaces the preset's value. Continued pretraining with re-warming::
 
   python -m experiments.train --workdir /tmp/lm2 --config.init_from=/tmp/lm \
       --config.optim.schedule=wsd --config.optim.init_lr=3e-4
@@ -15,32 +16,20 @@ be overridden from the command line, e.g.::
 import ml_collections
 from ml_collections import config_dict
 
+from jaxrec.train import config_checks
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.steps = 600
+  config.steps = 600  # more than optim.warmup_steps (cosine); at least warmup + decay (wsd)
   config.batch_size = 16  # global, split over --config.mesh.data × --config.mesh.fsdp
   config.grad_accum_steps = 1  # microbatches per step (scanned inside the train step)
 
-  config.model = ml_collections.ConfigDict()
-  config.model.preset = "tiny"
-  config.model.mixer_pattern = ("gla", "gla", "attention")
-  config.model.num_layers = 3
-  config.model.d_model = config_dict.placeholder(int)
-  config.model.num_heads = config_dict.placeholder(int)
-  config.model.num_kv_heads = config_dict.placeholder(int)
-  config.model.head_dim = config_dict.placeholder(int)
-  config.model.mlp_hidden = config_dict.placeholder(int)
-  config.model.window = config_dict.placeholder(int)
-  config.model.gla_chunk_size = config_dict.placeholder(int)
-  config.model.pararnn_heads = config_dict.placeholder(int)
-  config.model.pararnn_max_iters = config_dict.placeholder(int)
-  config.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators (params stay fp32)
-  config.model.param_dtype = "float32"
-  config.model.scan_layers = config_dict.placeholder(bool)
-  config.model.remat = config_dict.placeholder(bool)
-  config.model.tie_embeddings = config_dict.placeholder(bool)
+  # The preset, whole: every other model field (each LMConfig field) is unset and keeps the
+  # preset's value unless given, e.g. --config.model.num_layers=12 or
+  # --config.model.mixer_pattern=gla,gla,attention; --config.model.dtype=bfloat16 on accelerators.
+  config.model = config_checks.model_config_dict(preset="micro-hybrid")
 
   config.data = ml_collections.ConfigDict()
   config.data.tokenizer = "byte"  # or the path of a HuggingFace tokenizer.json

@@ -10,6 +10,16 @@ from jaxrec.models.lm import LM, param_count_of
 _HYBRID = ("gla", "gla", "gla", "attention")
 
 PRESETS: dict[str, LMConfig] = {
+  # ~0.7M parameters: the default training job (experiments/configs/default.py), a few minutes on
+  # two CPU cores.
+  "micro-hybrid": LMConfig(
+    vocab_size=256,
+    d_model=128,
+    num_layers=3,
+    mixer_pattern=("gla", "gla", "attention"),
+    num_heads=4,
+    max_seq_len=512,
+  ),
   # ~0.8M parameters: trains on a CPU in seconds.
   "tiny": LMConfig(vocab_size=256, d_model=128, num_layers=4, num_heads=4, max_seq_len=512),
   "tiny-hybrid": LMConfig(

@@ -1,4 +1,5 @@
-"""Training: optimizers and schedules, sharding rules, train/eval steps, checkpoints, metrics, loop."""
+"""Training: optimizers and schedules, sharding rules, train/eval steps, checkpoints, run records,
+metrics, loop."""
 
 from jaxrec.train.checkpoint import Checkpointer, CheckpointError, restore_params
 from jaxrec.train.config_checks import ConfigError, model_config, validate_config

@@ -8,16 +8,25 @@ batches that followed the save. Restoring goes into an abstract state whose
 them, on any mesh.
 
 Nothing here deletes files except orbax's ``max_to_keep`` retention of this run's own saves: a
-missing, empty or unreadable directory raises an error naming it, and a fresh run refuses a
-directory that already holds checkpoints.
+missing, empty or unreadable directory raises an error naming it, a fresh run refuses a directory
+that already holds checkpoints, and a save never goes to a step at or below the latest one
+(retention then only removes checkpoints older than the newest one this run wrote).
+
+A restore first compares the saved arrays' shapes (orbax's metadata) with the requested ones, so a
+different model is reported as such, before orbax starts reading: an array read that fails inside
+orbax's async machinery leaves other reads in flight, and those print hundreds of lines of
+``Event loop is closed`` when the process ends.
 """
 
 import os
 
 import grain
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxrec.train.step import TrainState
+
+CHECKPOINT_DIR = "checkpoints"  # under the work directory
 
 
 class CheckpointError(RuntimeError):
@@ -44,15 +53,7 @@ class Checkpointer:
     self, directory: str, *, resume: bool, max_to_keep: int = 3, save_interval_steps: int = 1
   ):
     self.directory = os.path.abspath(os.fspath(directory))
-    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
-      raise NotADirectoryError(
-        f"checkpoint directory {self.directory}: exists but is not a directory"
-      )
-    if resume and not os.path.isdir(self.directory):
-      raise FileNotFoundError(
-        f"checkpoint directory {self.directory}: does not exist, nothing to resume from "
-        "(check --workdir, or set --config.resume=False to start a fresh run)"
-      )
+    check_directory(self.directory, resume=resume)
     # Explicit policy: orbax's default adds an InitialSavePolicy that saves the very first step.
     policy = ocp.checkpoint_managers.AnySavePolicy(
       [
@@ -63,26 +64,26 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, save_decision_policy=policy, create=True
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
-    steps = self._manager.all_steps()
-    if resume and not steps:
-      entries = sorted(os.listdir(self.directory))
-      raise FileNotFoundError(
-        f"checkpoint directory {self.directory}: holds no finished checkpoint to resume from "
-        f"(found {entries[:10] or 'nothing'}; a step directory named by its step number with a "
-        "'state' and a 'data' item is expected)"
-      )
-    if not resume and steps:
-      raise FileExistsError(
-        f"checkpoint directory {self.directory}: already holds checkpoints at steps {steps}; "
-        "set --config.resume=True to continue that run, or pick a new --workdir"
-      )
+    self._manager = ocp.CheckpointManager(
+      self.directory, item_handlers=_item_handlers(), options=options
+    )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, state: TrainState, data_iter, *, force: bool = False) -> bool:
-    """Saves at ``step`` if it is a save step (or ``force``); returns whether it saved."""
+    """Saves at ``step`` if it is a save step (or ``force``); returns whether it saved.
+
+    Raises:
+      ValueError: ``step`` is at or below the latest checkpoint's (it would be overwritten with
+        another step's content, and retention would remove newer checkpoints).
+    """
+    latest = self.latest_step()
+    if latest is not None and step <= latest:
+      raise ValueError(
+        f"step: expected a step after the latest checkpoint {latest} in {self.directory}, "
+        f"got {step}"
+      )
     args = ocp.args.Composite(
       state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)
     )
@@ -94,10 +95,12 @@ class Checkpointer:
     ``data_iter`` is moved, in place, to where the saved iterator was.
 
     Raises:
-      CheckpointError: the checkpoint cannot be read; the message names its directory, the
-        underlying error and the other steps available. The files are left as they are.
+      CheckpointError: the checkpoint holds other shapes than ``abstract_state`` (a different
+        model), or cannot be read; the message names its directory, the underlying error and the
+        other steps available. The files are left as they are.
     """
     step = self.latest_step() if step is None else step
+    _check_shapes(self._manager, step, abstract_state, self.directory)
     args = ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
       data=grain.checkpoint.CheckpointRestore(data_iter),
@@ -109,7 +112,8 @@ class Checkpointer:
       raise CheckpointError(
         f"checkpoint {os.path.join(self.directory, str(step))}: cannot be restored "
         f"({type(e).__name__}: {e}). Nothing was deleted; other steps there: {others or 'none'} "
-        "(move this step's directory aside to resume from the latest of them)"
+        "(if this step's files are damaged, move its directory aside to resume from the latest "
+        "of them)"
       ) from e
     return restored.state
 
@@ -138,11 +142,15 @@ def restore_params(directory: str, abstract_state: TrainState) -> TrainState:
   directory = os.path.abspath(os.fspath(directory))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory {directory}: does not exist")
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-  with ocp.CheckpointManager(directory, options=options) as manager:
+  # The options read_only would otherwise reset, each with a warning.
+  options = ocp.CheckpointManagerOptions(
+    read_only=True, create=False, save_interval_steps=0, max_to_keep=None
+  )
+  with ocp.CheckpointManager(directory, item_handlers=_item_handlers(), options=options) as manager:
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"checkpoint directory {directory}: holds no finished checkpoint")
+    _check_shapes(manager, step, abstract_state, directory)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
     try:
       return manager.restore(step, args=args).state
@@ -151,3 +159,77 @@ def restore_params(directory: str, abstract_state: TrainState) -> TrainState:
         f"checkpoint {os.path.join(directory, str(step))}: cannot be restored "
         f"({type(e).__name__}: {e}). Nothing was deleted"
       ) from e
+
+
+def check_directory(directory: str, *, resume: bool) -> list[int]:
+  """The finished checkpoints' steps in ``directory``, ascending, after checking that a run may
+  use it; reads only the directory listing (no orbax manager is started).
+
+  Raises:
+    NotADirectoryError: ``directory`` exists but is a file.
+    FileNotFoundError: ``resume`` and ``directory`` is missing or holds no checkpoint.
+    FileExistsError: not ``resume`` and ``directory`` already holds checkpoints.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise NotADirectoryError(f"checkpoint directory {directory}: exists but is not a directory")
+  if not os.path.isdir(directory):
+    if resume:
+      raise FileNotFoundError(
+        f"checkpoint directory {directory}: does not exist, nothing to resume from "
+        "(check --workdir, or set --config.resume=False to start a fresh run)"
+      )
+    return []
+  steps = sorted(ocp.path.step.checkpoint_steps(directory))
+  if resume and not steps:
+    entries = sorted(os.listdir(directory))
+    raise FileNotFoundError(
+      f"checkpoint directory {directory}: holds no finished checkpoint to resume from "
+      f"(found {entries[:10] or 'nothing'}; a step directory named by its step number with a "
+      "'state' and a 'data' item is expected)"
+    )
+  if not resume and steps:
+    raise FileExistsError(
+      f"checkpoint directory {directory}: already holds checkpoints at steps {steps}; "
+      "set --config.resume=True to continue that run, or pick a new --workdir"
+    )
+  return steps
+
+
+def _item_handlers() -> dict:
+  """Handlers of the two items, so that orbax can read their metadata before a restore."""
+  return {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+
+
+def _check_shapes(manager, step: int, abstract_state: TrainState, directory: str) -> None:
+  """Raises ``CheckpointError`` if the saved state's arrays differ from ``abstract_state``'s."""
+  try:
+    metadata = manager.item_metadata(step)["state"]
+  except Exception:  # missing or unreadable metadata: the restore reports the damage
+    metadata = None
+  if metadata is None:
+    return
+  saved = ocp.tree.to_flat_dict(metadata)
+  wanted = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True))
+  differences = [
+    f"{'/'.join(key)}: saved {_shape(saved.get(key))}, built {_shape(wanted.get(key))}"
+    # Parameters first: their names say most about the model.
+    for key in sorted(saved.keys() | wanted.keys(), key=lambda k: (k[0] != "params", k))
+    if _shape(saved.get(key)) != _shape(wanted.get(key))
+  ]
+  if differences:
+    more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+    raise CheckpointError(
+      f"checkpoint {os.path.join(directory, str(step))}: holds a different model than the one "
+      f"built to restore it: {differences[0]}{more}. The run's model is recorded in its "
+      "workdir's run.json (a run without one needs the --config.model.* flags it was trained "
+      "with). Nothing was changed"
+    )
+
+
+def _shape(leaf) -> tuple | str:
+  """The shape of a saved (``ArrayMetadata``) or requested (``ShapeDtypeStruct``) leaf."""
+  if leaf is None:
+    return "nothing"
+  shape = getattr(leaf, "shape", None)
+  return np.shape(leaf) if shape is None else tuple(shape)

@@ -6,9 +6,13 @@ it (``--config.mesh.fsdp: ...``), then what was expected and what was given.
 
 import dataclasses
 import re
+import types
+import typing
 
 import ml_collections
+from ml_collections import config_dict
 
+from jaxrec import data as data_lib
 from jaxrec.models import MIXERS, PRESETS, LMConfig, get_preset, mixer_names
 from jaxrec.train import optim, sharding
 
@@ -17,6 +21,33 @@ SCHEDULES = ("cosine", "wsd")
 
 class ConfigError(ValueError):
   """An experiment config field holds a bad value; the message names its flag."""
+
+
+def model_config_dict(preset: str) -> ml_collections.ConfigDict:
+  """The ``model`` section of an experiment config: ``preset`` and every ``LMConfig`` field.
+
+  Every field but ``vocab_size`` (the tokenizer's) is an unset placeholder, so ``model_config``
+  gives exactly the preset, and a field set on the command line
+  (``--config.model.num_layers=12``) replaces the preset's value.
+  """
+  section = ml_collections.ConfigDict({"preset": preset})
+  for field in dataclasses.fields(LMConfig):
+    if field.name != "vocab_size":
+      section[field.name] = config_dict.placeholder(_value_type(field.type))
+  return section
+
+
+def _value_type(annotation) -> type:
+  """``int`` for ``int | None``, ``tuple`` for ``tuple[str, ...]``, else the annotation."""
+  if isinstance(annotation, types.UnionType):
+    (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+  return typing.get_origin(annotation) or annotation
+
+
+def split_mixer_pattern(pattern) -> tuple[str, ...]:
+  """``mixer_pattern`` as given, with comma-separated names split: ``("gla,attention",)`` (from
+  ``--config.model.mixer_pattern=gla,attention``) is ``("gla", "attention")``."""
+  return tuple(name.strip() for item in pattern for name in str(item).split(","))
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> LMConfig:
@@ -30,15 +61,18 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> LMConfig
     raise ConfigError(
       f"--config.model.preset: expected one of {tuple(PRESETS)}, got {cfg.preset!r}"
     )
-  unknown = [m for m in cfg.mixer_pattern if m not in MIXERS]
-  if unknown:
-    raise ConfigError(
-      f"--config.model.mixer_pattern: unknown mixer {unknown[0]!r} in {tuple(cfg.mixer_pattern)}; "
-      f"registered mixers: {mixer_names()}"
-    )
-  fields = {f.name for f in dataclasses.fields(LMConfig)}
+  fields = {f.name for f in dataclasses.fields(LMConfig)} - {"vocab_size"}
   overrides = {k: v for k, v in cfg.items() if k in fields and v is not None}
-  overrides["mixer_pattern"] = tuple(cfg.mixer_pattern)
+  if "mixer_pattern" in overrides:
+    pattern = split_mixer_pattern(overrides["mixer_pattern"])
+    unknown = [m for m in pattern if m not in MIXERS]
+    if unknown:
+      raise ConfigError(
+        f"--config.model.mixer_pattern: unknown mixer {unknown[0]!r} in {pattern}; registered "
+        f"mixers: {mixer_names()} (write e.g. "
+        "--config.model.mixer_pattern=gla,gla,attention)"
+      )
+    overrides["mixer_pattern"] = pattern
   try:
     return get_preset(cfg.preset, **overrides, vocab_size=vocab_size)
   except ValueError as e:
@@ -65,6 +99,7 @@ def validate_config(
   _check_positive("--config.max_to_keep", config.max_to_keep)
   _check_positive("--config.data.seq_len", config.data.seq_len)
   model_config(config, vocab_size=256)
+  _validate_tokenizer(config.data.tokenizer)
   try:
     data, fsdp, _ = sharding.mesh_shape(dict(config.mesh), num_devices, "--config.mesh")
   except ValueError as e:
@@ -86,6 +121,15 @@ def validate_config(
       f"{config.batch_size // shards}, got {config.grad_accum_steps}"
     )
   _validate_optim(config)
+
+
+def _validate_tokenizer(spec: str) -> None:
+  try:
+    data_lib.load_tokenizer(spec)
+  except (FileNotFoundError, ImportError, ValueError) as e:
+    # load_tokenizer names its argument ``spec``; the user's name for it is the flag.
+    message = re.sub(r"^spec: ", "", str(e))
+    raise ConfigError(f"--config.data.tokenizer: {message}") from e
 
 
 def _validate_optim(config: ml_collections.ConfigDict) -> None:

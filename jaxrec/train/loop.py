@@ -1,16 +1,21 @@
 """``train_and_evaluate(config, workdir)``: the language-model training loop.
 
-Sections, in order: devices and mesh → tokenizer and data → model and optimizer → initialize or
-restore → train (log, evaluate, checkpoint every N steps) → final evaluation, checkpoint, plot and
-a sample. ``config`` is the ``ConfigDict`` of ``experiments/configs/default.py``.
+Sections, in order: the run's config (from its record when resuming or continuing) → devices and
+mesh → tokenizer and data → model and optimizer → initialize or restore → train (log, evaluate,
+checkpoint every N steps) → final evaluation, checkpoint, plot and a sample. ``config`` is the
+``ConfigDict`` of ``experiments/configs/default.py``.
 
-The work directory holds ``checkpoints/`` (orbax: train state + data iterator), ``metrics.jsonl``,
-``loss.png`` and ``sample.txt``.
+The work directory holds ``run.json`` (the run record, see ``run_record``; with ``tokenizer.json``
+when the run has its own), ``checkpoints/`` (orbax: train state + data iterator),
+``metrics.jsonl``, ``loss.png`` and ``sample.txt``. Nothing is written before every check that
+can fail has passed (the config, the record, the checkpoint step).
 """
 
 import math
 import os
+import re
 import time
+from collections.abc import Collection
 from typing import Any
 
 import jax
@@ -23,25 +28,35 @@ from jax.experimental import multihost_utils
 import jaxrec
 from jaxrec import data as data_lib
 from jaxrec.models import LM
-from jaxrec.train import checkpoint, config_checks, metrics, optim, sharding
+from jaxrec.train import checkpoint, config_checks, metrics, optim, run_record, sharding
 from jaxrec.train import step as step_lib
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, given: Collection[str] | None = None
+) -> dict[str, Any]:
   """Trains the configured LM, evaluates it, checkpoints it and samples from it.
 
   Args:
     config: the experiment config (see ``experiments/configs/default.py``).
-    workdir: output directory; with ``config.resume`` the run continues from its checkpoints.
+    workdir: output directory; with ``config.resume`` the run continues from its checkpoints, up
+      to ``config.steps``, with the model, tokenizer and data of its record.
+    given: the dotted config fields given on the command line, which must agree with the run
+      record when resuming or continuing (``run_record.resolve``); ``None`` counts every set
+      field of ``config``.
 
   Returns:
     The final validation metrics (``loss``, ``bits_per_byte`` or ``bits_per_token``, ``tokens``),
     the last train ``loss``, the ``step`` reached and the ``sample`` text.
 
   Raises:
-    ConfigError: a config field is invalid; the message names its flag.
+    ConfigError: a config field is invalid, disagrees with the run record, or asks a resumed run
+      for no more steps than its checkpoint has; the message names its flag.
     FileNotFoundError, FileExistsError, CheckpointError: see ``checkpoint.Checkpointer``.
   """
+  # ---- The run's config -------------------------------------------------------------------------
+  config = run_record.resolve(config, workdir, given)
+
   # ---- Devices and mesh -------------------------------------------------------------------------
   if config.multihost:
     sharding.initialize_distributed(**config.distributed)
@@ -81,26 +96,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   graphdef, abstract = step_lib.abstract_train_state(make_model, tx, mesh)
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
-  logging.info("model %s: %.2fM parameters", model_cfg, num_params / 1e6)
+  logging.info(
+    "model (preset %s) %s: %.2fM parameters", config.model.preset, model_cfg, num_params / 1e6
+  )
 
   # ---- Initialize or restore --------------------------------------------------------------------
-  ckpt = checkpoint.Checkpointer(
-    os.path.join(workdir, "checkpoints"),
-    resume=config.resume,
-    max_to_keep=config.max_to_keep,
-    save_interval_steps=config.checkpoint_every or config.steps,
-  )
-  if config.resume:
-    state = ckpt.restore(abstract, train_iter)
-    logging.info("resumed from step %d", int(state.step))
-  else:
+  checkpoint_dir = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+  saved = checkpoint.check_directory(checkpoint_dir, resume=config.resume)
+  if config.resume and config.steps <= saved[-1]:
+    raise config_checks.ConfigError(
+      f"--config.steps: the run in {workdir} is at step {saved[-1]} (its latest checkpoint); "
+      f"expected more steps to train it further, got {config.steps}"
+    )
+  if not config.resume:
     state = step_lib.init_train_state(make_model, tx, abstract)
     if config.init_from:
-      source = checkpoint.restore_params(os.path.join(config.init_from, "checkpoints"), abstract)
+      source = checkpoint.restore_params(
+        os.path.join(config.init_from, checkpoint.CHECKPOINT_DIR), abstract
+      )
       state = state.replace(params=source.params, rest=source.rest)
-      logging.info("parameters from %s", config.init_from)
+      logging.info("parameters from %s (step %d)", config.init_from, int(source.step))
+    if primary:
+      run_record.set_aside_leftovers(workdir)
+      run_record.write(workdir, config, model_cfg, num_params)
+    if jax.process_count() > 1:  # the other processes start appending metrics after the move
+      multihost_utils.sync_global_devices("run record written")
 
-  # ---- Train ------------------------------------------------------------------------------------
   train_step = step_lib.make_train_step(
     graphdef,
     tx,
@@ -120,47 +141,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       sums = out if sums is None else jax.tree.map(np.add, sums, out)
     return step_lib.summarize(jax.tree.map(np.float64, sums))
 
-  start = int(state.step)
   train_metrics = {}
   tokens_per_step = config.batch_size * config.data.seq_len
-  # Throughput over each logging interval, timed from the end of the previous one (after its
-  # evaluation and checkpoint) to the host sync of this one; the first interval includes compiling.
-  clock, clock_step = time.perf_counter(), start
-  # Context managers: an interrupted run (preemption, Ctrl-C) still finishes its pending saves.
+  # Context managers: the checkpoint manager is closed however the run ends (left open, orbax's
+  # async machinery prints pages of errors at exit), and an interrupted run (preemption, Ctrl-C)
+  # still finishes its pending saves.
   with (
     jax.set_mesh(mesh),
-    ckpt,
-    metrics.MetricsWriter(
-      workdir, config.steps, start, progress=config.progress, write=primary
-    ) as writer,
+    checkpoint.Checkpointer(
+      checkpoint_dir,
+      resume=config.resume,
+      max_to_keep=config.max_to_keep,
+      save_interval_steps=config.checkpoint_every or config.steps,
+    ) as ckpt,
   ):
-    for step in range(start, config.steps):
-      batch = sharding.global_batch(next(train_iter), mesh)
-      state, step_metrics = train_step(state, batch)
-      done = step + 1
-      if done % config.log_every == 0 or done == config.steps:
-        train_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        elapsed = time.perf_counter() - clock
-        train_metrics["tokens_per_s"] = (done - clock_step) * tokens_per_step / elapsed
-        writer.write(done, "train", train_metrics)
-      if config.eval_every and done % config.eval_every == 0 and done < config.steps:
-        writer.write(done, "validation", evaluate(state))
-      if done < config.steps:
-        ckpt.save(done, state, train_iter)
-      writer.advance()
-      if done % config.log_every == 0:
-        clock, clock_step = time.perf_counter(), done
+    if config.resume:
+      state = ckpt.restore(abstract, train_iter)
+      if primary:
+        run_record.note_resume(workdir, config, int(state.step))
+      logging.info("resumed from step %d", int(state.step))
+    start = int(state.step)
 
-    # ---- Final evaluation, checkpoint, plot, sample ---------------------------------------------
-    final = evaluate(state)
-    writer.write(config.steps, "validation", final)
+    # ---- Train ----------------------------------------------------------------------------------
+    # Throughput over each logging interval, timed from the end of the previous one (after its
+    # evaluation and checkpoint) to the host sync of this one; the first includes compiling.
+    clock, clock_step = time.perf_counter(), start
+    with metrics.MetricsWriter(
+      workdir, config.steps, start, progress=config.progress, write=primary
+    ) as writer:
+      for step in range(start, config.steps):
+        batch = sharding.global_batch(next(train_iter), mesh)
+        state, step_metrics = train_step(state, batch)
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+          train_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          elapsed = time.perf_counter() - clock
+          train_metrics["tokens_per_s"] = (done - clock_step) * tokens_per_step / elapsed
+          writer.write(done, "train", train_metrics)
+        if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+          writer.write(done, "validation", evaluate(state))
+        if done < config.steps:
+          ckpt.save(done, state, train_iter)
+        writer.advance()
+        if done % config.log_every == 0:
+          clock, clock_step = time.perf_counter(), done
+
+      # ---- Final evaluation, checkpoint, plot, sample -------------------------------------------
+      final = evaluate(state)
+      writer.write(config.steps, "validation", final)
     if ckpt.latest_step() != config.steps:
       ckpt.save(config.steps, state, train_iter, force=True)
   with jax.set_mesh(mesh):
     sample = sample_text(nnx.merge(graphdef, state.params, state.rest), tokenizer, config.sample)
   if primary:
     plot = metrics.plot_losses(workdir)
-    with open(os.path.join(workdir, "sample.txt"), "w", encoding="utf-8") as f:
+    with open(os.path.join(workdir, metrics.SAMPLE_FILE), "w", encoding="utf-8") as f:
       f.write(sample)
     bits = "bits_per_byte" if "bits_per_byte" in final else "bits_per_token"
     print(
@@ -175,9 +210,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   }
 
 
-def restore_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[LM, Any]:
-  """The model of the latest checkpoint under ``workdir`` (trained with ``config``) and its
-  tokenizer, on the devices of ``config.mesh``."""
+def restore_model(
+  config: ml_collections.ConfigDict, workdir: str, given: Collection[str] | None = None
+) -> tuple[LM, Any, ml_collections.ConfigDict]:
+  """The model of the latest checkpoint under ``workdir``, its tokenizer and the run's config.
+
+  The model and tokenizer are built from the run record (``run_record.resolve`` with
+  ``purpose="sample"``): ``config``'s ``given`` fields must agree with it, except the mesh and the
+  ``sample`` settings; the returned config holds the sampling settings to use. The model lands on
+  the devices of ``config.mesh``.
+  """
+  config = run_record.resolve(config, workdir, given, purpose="sample")
   config_checks.validate_config(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(sharding.mesh_shape(dict(config.mesh), jax.device_count()))
   tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
@@ -186,8 +229,8 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[LM, 
   graphdef, abstract = step_lib.abstract_train_state(
     lambda: LM(model_cfg, rngs=nnx.Rngs(config.seed)), tx, mesh
   )
-  state = checkpoint.restore_params(os.path.join(workdir, "checkpoints"), abstract)
-  return nnx.merge(graphdef, state.params, state.rest), tokenizer
+  state = checkpoint.restore_params(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), abstract)
+  return nnx.merge(graphdef, state.params, state.rest), tokenizer, config
 
 
 def _optimizer(config: ml_collections.ConfigDict, schedule):
@@ -202,10 +245,21 @@ def _optimizer(config: ml_collections.ConfigDict, schedule):
 
 
 def _corpus(spec: str, split: str):
-  """``"stdlib"`` for the embedded corpus, otherwise paths or globs of .txt / .jsonl files."""
+  """``"stdlib"`` for the embedded corpus, otherwise paths or globs of .txt / .jsonl files.
+
+  Raises:
+    ConfigError: naming ``--config.data.<split>``, when the files are missing or not a corpus.
+  """
   if spec == "stdlib":
     return data_lib.stdlib_corpus(split=split)
-  return data_lib.text_file_corpus(spec.split(","))
+  try:
+    return data_lib.text_file_corpus(spec.split(","))
+  except (FileNotFoundError, ValueError) as e:
+    message = re.sub(r"^paths_or_globs: ", "", str(e))
+    raise config_checks.ConfigError(
+      f"--config.data.{split}: {message} (expected 'stdlib', or paths or globs of .txt / .jsonl "
+      "files, comma-separated)"
+    ) from e
 
 
 def _schedule(config: ml_collections.ConfigDict):

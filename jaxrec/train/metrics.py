@@ -1,8 +1,10 @@
 """Training metrics: a progress bar, ``metrics.jsonl`` in the work directory, a loss plot.
 
 Each JSONL line is one record ``{"step": int, "split": "train" | "validation", <name>: float}``.
-A resumed run appends to the same file, so steps after the restored checkpoint may appear twice;
-readers (``read_metrics``, the plot) keep the last record per ``(split, step)``.
+A resumed run appends to the same file, starting after its checkpoint's step, so the steps that an
+interrupted run logged after its last checkpoint appear twice, recomputed identically; readers
+(``read_metrics``, the plot) keep the last record per ``(split, step)``. A fresh run never appends
+to another run's file (``run_record.set_aside_leftovers``).
 """
 
 import json
@@ -21,6 +23,7 @@ from jaxrec.data import ByteTokenizer
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+SAMPLE_FILE = "sample.txt"
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray | None:

@@ -1,8 +1,12 @@
 """``colabs/quickstart``: the .ipynb matches its jupytext source, and the notebook runs on CPU."""
 
+import importlib.util
 import json
 import os
 import pathlib
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -42,6 +46,59 @@ def test_ipynb_matches_its_jupytext_source():
   for cell in committed.cells:
     if cell.cell_type == "code":
       assert cell.outputs == [] and cell.execution_count is None, cell.source
+
+
+def _install_cell() -> str:
+  """The notebook's first code cell, which installs jaxrec."""
+  return next(c for c in jupytext.read(SOURCE).cells if c.cell_type == "code").source
+
+
+def _run_install_cell(cwd, monkeypatch, installed_at):
+  """Runs the install cell in ``cwd`` with jaxrec found at ``installed_at`` (``None``: not
+  installed); returns the pip commands it ran (none is actually run)."""
+  calls = []
+  monkeypatch.chdir(cwd)
+  monkeypatch.setattr(subprocess, "run", lambda argv, **kw: calls.append(argv))
+  spec = (
+    None
+    if installed_at is None
+    else SimpleNamespace(origin=str(installed_at / "jaxrec/__init__.py"))
+  )
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
+  monkeypatch.setattr(sys, "path", list(sys.path))
+  exec(_install_cell(), {})
+  return calls
+
+
+@pytest.fixture
+def checkout(tmp_path):
+  root = tmp_path / "jaxrec-checkout"
+  (root / "jaxrec").mkdir(parents=True)
+  (root / "jaxrec" / "__init__.py").write_text("")
+  (root / "colabs").mkdir()
+  (root / "setup.cfg").write_text("[metadata]\nname = jaxrec\n")
+  return root
+
+
+def test_install_cell_installs_the_checkout_it_runs_in(checkout, monkeypatch, capsys):
+  calls = _run_install_cell(checkout / "colabs", monkeypatch, installed_at=None)
+  assert calls == [[sys.executable, "-m", "pip", "install", "-q", "-e", str(checkout)]]
+  assert sys.path[0] == str(checkout)
+  assert f"installed jaxrec from the checkout this notebook runs in: pip install -e {checkout}" in (
+    capsys.readouterr().out
+  )
+  # Run again once it is installed from there: nothing to do.
+  assert _run_install_cell(checkout / "colabs", monkeypatch, installed_at=checkout) == []
+
+
+def test_install_cell_elsewhere_installs_from_the_repository_it_names(tmp_path, monkeypatch):
+  monkeypatch.setenv("JAXREC_REPOSITORY", "git+https://example.org/jaxrec")
+  calls = _run_install_cell(tmp_path, monkeypatch, installed_at=None)
+  assert calls == [[sys.executable, "-m", "pip", "install", "-q", "git+https://example.org/jaxrec"]]
+  monkeypatch.delenv("JAXREC_REPOSITORY")
+  with pytest.raises(RuntimeError, match="JAXREC_REPOSITORY"):
+    _run_install_cell(tmp_path, monkeypatch, installed_at=None)
+  assert _run_install_cell(tmp_path, monkeypatch, installed_at=tmp_path / "site") == []
 
 
 def test_notebook_runs_on_cpu_and_the_loss_falls(tmp_path, monkeypatch):

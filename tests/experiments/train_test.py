@@ -1,93 +1,248 @@
-"""The launcher ``python -m experiments.train``: flags in, a trained model, metrics and a sample out."""
+"""The launchers as a user runs them: the README's Train → Resume → Continue → Sample commands,
+exactly as written but with small step counts and a tiny model, then the errors a user can cause.
 
+The commands run as subprocesses in a fresh folder (the README's relative ``runs/...`` paths) on
+one CPU device, sharing a persistent XLA cache: compiling is most of their time.
+"""
+
+import json
 import os
+import re
+import shlex
+import shutil
 import subprocess
 import sys
 
 import pytest
-from absl import flags
 
-from experiments import train as launcher
-from jaxrec.train import metrics, restore_model, sample_text
+from experiments.configs import default
+from jaxrec import models
+from jaxrec.train import ConfigError, metrics, train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRAIN_STEPS, RESUME_STEPS = 6, 9
+# "Every field can be overridden by a flag" (README): a tiny version of the Train command's model,
+# evaluated and checkpointed every 3 steps.
 TINY = [
   "--config.model.d_model=32",
-  "--config.model.num_layers=2",
   "--config.model.num_heads=2",
-  "--config.model.mixer_pattern=('gla','attention')",
+  "--config.model.num_layers=3",
   "--config.model.gla_chunk_size=8",
   "--config.data.seq_len=32",
   "--config.batch_size=8",
-  "--config.mesh.data=1",
+  "--config.optim.learning_rate=0.01",
+  "--config.optim.warmup_steps=2",
+  "--config.log_every=1",
+  "--config.eval_every=3",
+  "--config.eval_batches=2",
+  "--config.checkpoint_every=3",
+  "--config.sample.max_new_tokens=8",
 ]
 
 
-@pytest.fixture
-def parsed_flags(monkeypatch):
-  """Parses argv as the launcher's command line (config_flags reads overrides from sys.argv)."""
-
-  def parse(argv):
-    monkeypatch.setattr(sys, "argv", argv)
-    flags.FLAGS(argv)
-
-  yield parse
-  flags.FLAGS.unparse_flags()
-
-
-def test_launcher_trains_checkpoints_and_samples(tmp_path, parsed_flags, capsys):
-  argv = [
-    "train",
-    f"--config={os.path.join(REPO, 'experiments', 'configs', 'default.py')}",
-    f"--workdir={tmp_path}",
-    *TINY,
-    "--config.steps=30",
-    "--config.optim.learning_rate=0.01",
-    "--config.optim.warmup_steps=5",
-    "--config.log_every=5",
-    "--config.eval_every=15",
-    "--config.eval_batches=2",
-    "--config.checkpoint_every=15",
-    "--config.sample.max_new_tokens=8",
-    "--config.progress=False",
-  ]
-  parsed_flags(argv)
-  launcher.main(argv[:1])
-
-  records = metrics.read_metrics(str(tmp_path))
-  train = [records["train"][s]["loss"] for s in sorted(records["train"])]
-  assert len(train) == 6
-  assert train[-1] < train[0] - 1.0, train  # the loss falls
-  assert all(r["tokens_per_s"] > 0 for r in records["train"].values())
-  validation = records["validation"]
-  assert sorted(validation) == [15, 30]
-  assert validation[30]["bits_per_byte"] < 7.0  # uniform over 259 ids is log2(259) = 8.02
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["15", "30"]
-  assert (tmp_path / "loss.png").stat().st_size > 0
-  out = capsys.readouterr().out
-  assert "validation bits per byte" in out
-  sample = (tmp_path / "sample.txt").read_text()
-  assert f"sample:\ndef {sample}" in out
-
-  # experiments/sample.py's path: the restored checkpoint samples the same text with the same seed.
-  model, tokenizer = restore_model(launcher._CONFIG.value, str(tmp_path))
-  assert sample_text(model, tokenizer, launcher._CONFIG.value.sample) == sample
+def readme_command(title: str) -> list[str]:
+  """The argv of the bash block that follows the README paragraph starting ``**{title}``."""
+  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+    text = f.read()
+  match = re.search(rf"\*\*{re.escape(title)}.*?```bash\n(.*?)```", text, re.DOTALL)
+  assert match, f"README: no command under **{title}"
+  argv = shlex.split(match.group(1).replace("\\\n", " "))
+  assert argv[:2] == ["python", "-m"], argv
+  return [sys.executable, *argv[1:]]
 
 
-def test_bad_flag_is_named_on_the_command_line(tmp_path):
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.train",
-      f"--workdir={tmp_path / 'run'}",
-      "--config.mesh.fsdp=3",
+def with_steps(argv: list[str], steps: int) -> list[str]:
+  """``argv`` with its ``--config.steps`` set to ``steps`` (appended when absent)."""
+  kept = [a for a in argv if not a.startswith("--config.steps=")]
+  return [*kept, f"--config.steps={steps}"]
+
+
+def _env(cache_dir) -> dict[str, str]:
+  return {
+    **os.environ,
+    "PYTHONPATH": REPO,
+    "JAX_PLATFORMS": "cpu",
+    "JAX_NUM_CPU_DEVICES": "1",
+    "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+  }
+
+
+def _run(argv, cwd, env) -> subprocess.CompletedProcess:
+  return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def readme(tmp_path_factory):
+  """The README's four commands run in order in a fresh folder: (folder, {title: result}, env)."""
+  clone = tmp_path_factory.mktemp("clone")
+  env = _env(tmp_path_factory.mktemp("xla_cache"))
+  commands = {
+    "Train": [*with_steps(readme_command("Train"), TRAIN_STEPS), *TINY],
+    "Resume": with_steps(readme_command("Resume"), RESUME_STEPS),
+    # Its own defaults, shortened: 5 steps (warmup + the wsd cooldown, a fifth, must fit), a
+    # short evaluation and sample.
+    "Continue": [
+      *with_steps(readme_command("Continue pretraining"), 5),
+      "--config.optim.warmup_steps=1",
+      "--config.eval_batches=2",
+      "--config.sample.max_new_tokens=8",
     ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
+    "Sample": readme_command("Sample"),
+  }
+  results = {}
+  for title, argv in commands.items():
+    results[title] = _run(argv, clone, env)
+  return clone, results, env
+
+
+def _ok(result):
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  assert "Event loop is closed" not in result.stderr
+
+
+def _record(workdir):
+  with open(os.path.join(workdir, "run.json"), encoding="utf-8") as f:
+    return json.load(f)
+
+
+def test_readme_train_records_the_whole_preset_and_logs_its_size(readme):
+  clone, results, _ = readme
+  _ok(results["Train"])
+  record = _record(clone / "runs/hybrid")
+  want = models.get_preset(
+    "small-hybrid",
+    vocab_size=259,
+    d_model=32,
+    num_heads=2,
+    num_layers=3,
+    gla_chunk_size=8,
+    mixer_pattern=("gla", "gla", "attention"),
   )
+  assert (
+    models.LMConfig(**{**record["model"], "mixer_pattern": ("gla", "gla", "attention")}) == want
+  )
+  assert record["model"]["max_seq_len"] == 1024  # small-hybrid's, not the default preset's 512
+  n = models.param_count(want)
+  assert record["parameters"] == n
+  assert f"{n / 1e6:.2f}M parameters" in results["Train"].stderr
+
+  records = metrics.read_metrics(str(clone / "runs/hybrid"))
+  assert sorted(records["validation"]) == [3, 6, 9]  # Train's 3 and 6, then Resume's 9
+  losses = [records["train"][s]["loss"] for s in range(1, TRAIN_STEPS + 1)]
+  assert losses[-1] < losses[0] - 0.5, losses
+  assert "validation bits per byte" in results["Train"].stdout
+
+
+def test_readme_resume_needs_no_model_flags_and_continues_the_run(readme):
+  clone, results, _ = readme
+  _ok(results["Resume"])
+  assert f"resumed from step {TRAIN_STEPS}" in results["Resume"].stderr
+  workdir = clone / "runs/hybrid"
+  assert sorted(os.listdir(workdir / "checkpoints")) == [str(TRAIN_STEPS), str(RESUME_STEPS)]
+  assert sorted(metrics.read_metrics(str(workdir))["train"]) == list(range(1, RESUME_STEPS + 1))
+  resume = _record(workdir)["history"][-1]
+  assert resume["event"] == "resume" and resume["step"] == TRAIN_STEPS
+  assert resume["changed"]["steps"] == [TRAIN_STEPS, RESUME_STEPS]
+
+
+def test_readme_continue_takes_the_model_from_the_source_run(readme):
+  clone, results, _ = readme
+  _ok(results["Continue"])
+  assert f"parameters from runs/hybrid (step {RESUME_STEPS})" in results["Continue"].stderr
+  source, continued = _record(clone / "runs/hybrid"), _record(clone / "runs/continued")
+  assert continued["model"] == source["model"]
+  assert continued["config"]["optim"]["schedule"] == "wsd"
+  assert continued["config"]["data"]["seq_len"] == 128  # its own data settings: the default
+
+
+def test_readme_sample_needs_no_model_flags(readme):
+  _, results, _ = readme
+  _ok(results["Sample"])
+  assert results["Sample"].stdout.startswith("class ")
+  assert len(results["Sample"].stdout) > len("class ")
+
+
+def _copy_run(readme, tmp_path):
+  clone, results, _ = readme
+  _ok(results["Resume"])
+  workdir = tmp_path / "run"
+  shutil.copytree(clone / "runs/hybrid", workdir)
+  return workdir
+
+
+def _snapshot(root):
+  """{relative path: (size, modification time)} of every file under ``root``."""
+  return {
+    str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+    for p in root.rglob("*")
+    if p.is_file()
+  }
+
+
+@pytest.mark.parametrize("steps", [4, RESUME_STEPS])
+def test_resume_to_a_step_at_or_below_the_checkpoint_is_refused_and_writes_nothing(
+  readme, tmp_path, steps
+):
+  workdir = _copy_run(readme, tmp_path)
+  before = _snapshot(workdir)
+  config = default.get_config()
+  config.steps = steps
+  config.resume = True
+  with pytest.raises(
+    ConfigError, match=rf"--config.steps: .* at step {RESUME_STEPS} .* got {steps}"
+  ):
+    train_and_evaluate(config, str(workdir), given={"steps", "resume"})
+  assert _snapshot(workdir) == before
+
+
+def test_flags_that_disagree_with_the_record_are_listed_in_a_few_lines(readme, tmp_path):
+  workdir = _copy_run(readme, tmp_path)
+  before = _snapshot(workdir)
+  argv = [
+    *readme_command("Resume"),
+    "--config.model.d_model=64",
+    "--config.data.seq_len=64",
+    "--config.eval_every=2",  # may change on resume: not listed
+  ]
+  argv[argv.index("--workdir") + 1] = str(workdir)
+  result = _run(argv, tmp_path, readme[2])
   assert result.returncode != 0
-  assert "--config.mesh.fsdp: expected a size dividing the 8 devices, got 3" in result.stderr
+  lines = _messages(result.stderr)
+  assert lines[0].startswith(f"error: --config.resume takes the run from {workdir}/run.json")
+  assert lines[1:] == [
+    "  --config.data.seq_len: recorded 32, given 64",
+    "  --config.model.d_model: recorded 32, given 64",
+  ]
+  assert _snapshot(workdir) == before
+
+
+@pytest.mark.parametrize(
+  "flag, message",
+  [
+    (
+      "--config.stpes=10",
+      'error: --config.stpes: no such field in the config. Did you mean "steps"',
+    ),
+    (
+      "--config.model.nm_layers=3",
+      'error: --config.model.nm_layers: no such field in the config. Did you mean "num_layers"',
+    ),
+    ("--config.mesh.fsdp=3", "error: --config.mesh.fsdp: expected a size dividing the 8 devices"),
+  ],
+)
+def test_user_errors_are_one_line_naming_the_flag(tmp_path, flag, message):
+  env = {**os.environ, "PYTHONPATH": REPO, "JAX_NUM_CPU_DEVICES": "8"}
+  argv = [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path / 'run'}", flag]
+  result = _run(argv, tmp_path, env)
+  assert result.returncode != 0
+  lines = _messages(result.stderr)
+  assert len(lines) == 1 and lines[0].startswith(message), result.stderr
   assert not (tmp_path / "run").exists()
+
+
+def _messages(stderr: str) -> list[str]:
+  """stderr without absl's log lines (``I1130 00:00:00.000 ...``)."""
+  return [line for line in stderr.splitlines() if not re.match(r"[IWE]\d{4} ", line)]

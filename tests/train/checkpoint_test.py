@@ -141,3 +141,44 @@ def test_restore_params_reads_another_runs_latest_state(toy, tmp_path):
   assert _snapshot(tmp_path) == before  # read-only
   with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'other'}: does not exist"):
     checkpoint.restore_params(tmp_path / "other", abstract)
+
+
+def test_save_refuses_a_step_at_or_below_the_latest_and_changes_nothing(toy, tmp_path):
+  _, state = toy
+  _save(tmp_path, state, steps=(2, 4))
+  before = _snapshot(tmp_path)
+  ckpt = checkpoint.Checkpointer(tmp_path, resume=True, max_to_keep=2)
+  for step in (3, 4):
+    with pytest.raises(
+      ValueError, match=rf"step: expected a step after the latest checkpoint 4.*{step}"
+    ):
+      ckpt.save(step, state, iter(_data()), force=True)
+  ckpt.close()
+  assert _snapshot(tmp_path) == before
+
+
+def test_restoring_a_different_model_names_an_array_before_reading(toy, tmp_path):
+  abstract, state = toy
+  _save(tmp_path, state, steps=(1,))
+  smaller = abstract.replace(
+    params=jax.tree.map(
+      lambda x: (
+        jax.ShapeDtypeStruct((6, *x.shape[1:]), x.dtype, sharding=x.sharding)
+        if x.shape == (8, 4)
+        else x
+      ),
+      abstract.params,
+    )
+  )
+  before = _snapshot(tmp_path)
+  with (
+    checkpoint.Checkpointer(tmp_path, resume=True) as ckpt,
+    pytest.raises(
+      checkpoint.CheckpointError,
+      match=r"1: holds a different model .*params/w/value: saved \(8, 4\), built \(6, 4\)",
+    ),
+  ):
+    ckpt.restore(smaller, iter(_data()))
+  with pytest.raises(checkpoint.CheckpointError, match=r"holds a different model"):
+    checkpoint.restore_params(tmp_path, smaller)
+  assert _snapshot(tmp_path) == before

@@ -1,8 +1,11 @@
 """Config validation: every error names the flag to fix."""
 
+import dataclasses
+
 import pytest
 
 from experiments.configs import default
+from jaxrec import models
 from jaxrec.train import config_checks, loop
 
 ConfigError = config_checks.ConfigError
@@ -23,7 +26,30 @@ def test_default_config_is_valid():
   config_checks.validate_config(default.get_config(), num_devices=8, num_processes=1)
   cfg = config_checks.model_config(default.get_config(), vocab_size=259)
   assert cfg.mixer_pattern == ("gla", "gla", "attention")
-  assert cfg.vocab_size == 259
+  assert (cfg.num_layers, cfg.d_model, cfg.vocab_size) == (3, 128, 259)
+  assert round(models.param_count(cfg) / 1e6, 1) == 0.7  # the README's default job
+
+
+@pytest.mark.parametrize("name, millions", [("small-hybrid", 10.29), ("1b", 1178.57)])
+def test_a_preset_is_taken_whole(name, millions):
+  cfg = config_checks.model_config(_config(model__preset=name), vocab_size=259)
+  assert cfg == models.get_preset(name, vocab_size=259)
+  assert (
+    round(models.param_count(cfg) / 1e6, 2) == millions
+  )  # counted abstractly, nothing allocated
+
+
+def test_a_model_field_given_replaces_the_presets():
+  config = _config(model__preset="small-hybrid", model__num_layers=4)
+  config.model.mixer_pattern = ("gla,attention",)  # --config.model.mixer_pattern=gla,attention
+  cfg = config_checks.model_config(config, vocab_size=259)
+  preset = models.get_preset("small-hybrid", vocab_size=259)
+  assert cfg == dataclasses.replace(preset, num_layers=4, mixer_pattern=("gla", "attention"))
+
+
+def test_every_model_field_has_a_flag():
+  fields = {f.name for f in dataclasses.fields(models.LMConfig)} - {"vocab_size"}
+  assert set(default.get_config().model) == fields | {"preset"}
 
 
 @pytest.mark.parametrize(
@@ -67,8 +93,20 @@ def test_batch_must_split_over_processes():
     config_checks.validate_config(config, num_devices=8, num_processes=3)
 
 
-def test_train_and_evaluate_validates_before_touching_the_workdir(tmp_path):
+@pytest.mark.parametrize(
+  "fields, message",
+  [
+    ({"mesh__fsdp": 3}, r"--config\.mesh\.fsdp: "),
+    (
+      {"data__train": "missing/*.txt"},
+      r"--config\.data\.train: pattern 'missing/\*\.txt' matches no",
+    ),
+    ({"data__validation": "missing.jsonl"}, r"--config\.data\.validation: no such file 'missing"),
+    ({"data__tokenizer": "missing/tokenizer.json"}, r"--config\.data\.tokenizer: expected 'byte'"),
+  ],
+)
+def test_train_and_evaluate_validates_before_touching_the_workdir(tmp_path, fields, message):
   workdir = tmp_path / "run"
-  with pytest.raises(ConfigError, match=r"--config\.mesh\.fsdp"):
-    loop.train_and_evaluate(_config(mesh__fsdp=3), str(workdir))
+  with pytest.raises(ConfigError, match=message):
+    loop.train_and_evaluate(_config(**fields), str(workdir))
   assert not workdir.exists()

@@ -1,0 +1,173 @@
+"""The run record: a fresh run writes what it is; resume, init_from and sampling rebuild it from there.
+
+One short run with its own ``tokenizer.json``, in a workdir holding the leftovers of a run killed
+before its first checkpoint, serves every test here.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import pytest
+
+from experiments.configs import default
+from jaxrec import data, models
+from jaxrec.train import ConfigError, loop, metrics, restore_model, run_record, sample_text
+
+LEFTOVERS = {
+  "metrics.jsonl": b'{"step": 1, "split": "train", "loss": 99.0}\n{"step": 50, "split": "train"}\n',
+  "loss.png": b"the dead run's plot",
+  "sample.txt": b"the dead run's sample",
+  "run.json": b'{"format": 1, "config": {}}',
+  "checkpoints/5.orbax-checkpoint-tmp-1/state/x": b"half a save",
+}
+MODEL = {"d_model": 16, "num_heads": 2, "num_layers": 1, "mixer_pattern": ("attention",)}
+
+
+def _tokenizer_json(path):
+  """A word-level tokenizer.json with the usual special tokens."""
+  hf = pytest.importorskip("tokenizers")
+  tok = hf.Tokenizer(hf.models.WordLevel(unk_token="<unk>"))
+  tok.pre_tokenizer = hf.pre_tokenizers.Whitespace()
+  trainer = hf.trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+  tok.train_from_iterator(["def return import class self if else for in while ( ) : ="], trainer)
+  tok.save(str(path))
+
+
+def _config(tokenizer: str):
+  config = default.get_config()
+  for name, value in MODEL.items():
+    config.model[name] = value
+  config.data.tokenizer = tokenizer
+  config.data.seq_len = 16
+  config.batch_size = 8
+  config.mesh.data = 1
+  config.steps = 2
+  config.optim.warmup_steps = 1
+  config.log_every = 1
+  config.eval_batches = 1
+  config.sample.max_new_tokens = 4
+  config.progress = False
+  return config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """(workdir, tokenizer.json path): a 2-step run trained with its own tokenizer."""
+  tokenizer = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
+  _tokenizer_json(tokenizer)
+  workdir = tmp_path_factory.mktemp("run")
+  for name, content in LEFTOVERS.items():
+    os.makedirs(os.path.dirname(workdir / name), exist_ok=True)
+    (workdir / name).write_bytes(content)
+  loop.train_and_evaluate(_config(str(tokenizer)), str(workdir))
+  return workdir, tokenizer
+
+
+def _record(workdir):
+  with open(workdir / run_record.RECORD_FILE, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def test_a_fresh_run_moves_a_dead_runs_files_aside_and_starts_anew(run):
+  workdir, _ = run
+  (stale,) = [p for p in workdir.iterdir() if p.name.startswith("stale-")]
+  for name, content in LEFTOVERS.items():
+    assert (stale / name).read_bytes() == content, name
+  records = metrics.read_metrics(str(workdir))
+  assert sorted(records["train"]) == [1, 2]
+  assert all(r["loss"] < 10 for r in records["train"].values())
+  assert (workdir / "sample.txt").read_bytes() != LEFTOVERS["sample.txt"]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+
+
+def test_the_record_holds_the_resolved_model_and_a_copy_of_the_tokenizer(run):
+  workdir, tokenizer = run
+  record = _record(workdir)
+  vocab_size = data.load_tokenizer(str(tokenizer)).vocab_size
+  want = models.get_preset("micro-hybrid", vocab_size=vocab_size, **MODEL)
+  assert record["model"] == json.loads(json.dumps(dataclasses.asdict(want)))
+  assert record["parameters"] == models.param_count(want)
+  assert (workdir / "tokenizer.json").read_bytes() == tokenizer.read_bytes()
+  assert record["tokenizer"] == {
+    "spec": str(tokenizer),
+    "file": "tokenizer.json",
+    "sha256": hashlib.sha256(tokenizer.read_bytes()).hexdigest(),
+  }
+  assert record["data"] == {"train": "stdlib", "validation": "stdlib", "seq_len": 16}
+  assert record["config"]["steps"] == 2
+  assert not [p for p in os.listdir(workdir) if p.endswith(".tmp")]
+
+
+def test_sampling_needs_neither_the_model_nor_the_tokenizer_flags(run, tmp_path):
+  workdir, tokenizer = run
+  moved = tmp_path / "elsewhere.json"
+  os.replace(tokenizer, moved)  # the run must not depend on the original file
+  try:
+    model, tok, config = restore_model(default.get_config(), str(workdir), given=set())
+  finally:
+    os.replace(moved, tokenizer)
+  assert tok.vocab_size == _record(workdir)["model"]["vocab_size"]
+  assert config.sample.max_new_tokens == 4  # the run's own sampling settings
+  # The run sampled with the same settings and seed right after training.
+  assert sample_text(model, tok, config.sample) == (workdir / "sample.txt").read_text()
+
+
+def test_resume_lists_every_given_flag_that_disagrees(run):
+  workdir, _ = run
+  config = default.get_config()
+  config.resume = True
+  config.steps = 5
+  config.model.num_layers = 2
+  config.data.tokenizer = "byte"
+  config.optim.learning_rate = 1e-4
+  given = {"resume", "steps", "model.num_layers", "data.tokenizer", "optim.learning_rate"}
+  with pytest.raises(ConfigError) as error:
+    run_record.resolve(config, str(workdir), given)
+  lines = str(error.value).splitlines()
+  assert lines[0].startswith(f"--config.resume takes the run from {workdir}/run.json")
+  assert sorted(lines[1:]) == sorted(
+    [
+      "  --config.model.num_layers: recorded 1, given 2",
+      f"  --config.data.tokenizer: recorded {str(run[1])!r}, given 'byte'",
+      "  --config.optim.learning_rate: recorded 0.003, given 0.0001",
+    ]
+  )
+
+
+def test_resume_takes_the_recorded_config_and_the_changes_it_allows(run):
+  workdir, tokenizer = run
+  config = default.get_config()
+  config.resume = True
+  config.steps = 5
+  config.eval_every = 1
+  config.data.tokenizer = str(tokenizer)  # the same file: agrees
+  out = run_record.resolve(
+    config, str(workdir), {"resume", "steps", "eval_every", "data.tokenizer"}
+  )
+  assert (out.steps, out.eval_every, out.resume) == (5, 1, True)
+  assert (out.batch_size, out.data.seq_len, out.optim.warmup_steps) == (8, 16, 1)  # recorded
+  assert out.data.tokenizer == str(workdir / "tokenizer.json")
+  assert out.model.mixer_pattern == ("attention",) and out.model.d_model == 16
+
+
+def test_init_from_takes_model_and_tokenizer_and_nothing_else(run):
+  workdir, _ = run
+  config = default.get_config()
+  config.init_from = str(workdir)
+  config.optim.schedule = "wsd"
+  out = run_record.resolve(config, "unused", {"init_from", "optim.schedule"})
+  assert out.model.d_model == 16 and out.model.num_layers == 1
+  assert out.data.tokenizer == str(workdir / "tokenizer.json")
+  assert (out.steps, out.batch_size, out.data.seq_len) == (600, 16, 128)  # the new run's own
+  assert out.optim.schedule == "wsd"
+  config.model.d_model = 32
+  with pytest.raises(ConfigError, match=r"--config.model.d_model: recorded 16, given 32"):
+    run_record.resolve(config, "unused", {"init_from", "model.d_model"})
+
+
+def test_a_run_without_record_is_built_from_the_flags(tmp_path):
+  config = default.get_config()
+  config.resume = True
+  assert run_record.resolve(config, str(tmp_path), {"resume"}) is config

@@ -11,6 +11,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 
 def assert_close(actual, desired, *, rtol: float, atol: float = 0.0, err_msg: str = "") -> None:
@@ -131,6 +132,43 @@ def sequential_rnn(cell, params, xs, h0):
     return jax.lax.scan(step, h, x)[1]
 
   return jax.vmap(one)(xs, h0)
+
+
+def assert_rnn_grads_match(solve, cell, params, xs, h0, weights, *, rtol=1e-4):
+  """Gradients w.r.t. ``params``, ``xs`` and ``h0`` of ``sum(weights * sin(h))`` with
+  ``h = solve(params, xs, h0)`` against ``jax.grad`` through ``sequential_rnn``: every leaf
+  within ``rtol``, with ``atol = rtol * max |reference leaf|``."""
+
+  def grads(f):
+    loss = lambda p, x, h: jnp.sum(weights * jnp.sin(f(p, x, h)))
+    return jax.jit(jax.grad(loss, (0, 1, 2)))(params, xs, h0)
+
+  got = grads(solve)
+  want = grads(lambda p, x, h: sequential_rnn(cell, p, x, h))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert_close(g, w, rtol=rtol, atol=rtol * max_abs(w))
+
+
+def mixer_outputs_and_grads(mixer, reference, x, weights):
+  """``(y, (dparams, dx))`` of ``loss = sum(weights * y)`` for the mixer's ``y = mixer(x)[0]``
+  and for ``y = reference(params, x)``, a reference written on the mixer's parameters as a pure
+  dict; returns ``((y, grads) of the mixer, (y, grads) of the reference)``."""
+  graphdef, state = nnx.split(mixer)
+  params = nnx.to_pure_dict(state)
+
+  def layer(params, x):
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)(x)[0]
+
+  def output_and_grads(f):
+    def loss(p, x):
+      y = f(p, x)
+      return jnp.sum(y * weights), y
+
+    grads, y = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+    return y, grads
+
+  return output_and_grads(layer), output_and_grads(reference)
 
 
 def decode_token_by_token(mixer, x, cache):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from testing_utils import assert_close, max_abs
+from testing_utils import assert_close, max_abs, mixer_outputs_and_grads
 from testing_utils import decode_token_by_token as _decode
 
 import jaxrec
@@ -81,26 +81,10 @@ def _reference(kind, p, x, eps=1e-6):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_forward_and_gradients_match_sequential_scan(kind):
-  mixer = _mixer(kind)
-  graphdef, state = nnx.split(mixer)
-  params = nnx.to_pure_dict(state)
-
-  def layer(params, x):
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)(x)[0]
-
   x = _x()
   w = np.random.default_rng(1).standard_normal(x.shape, np.float32)
-
-  def output_and_grads(f):
-    def loss(p, x):
-      y = f(p, x)
-      return jnp.sum(y * w), y
-
-    return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, x)
-
-  got_grads, got = output_and_grads(layer)
-  want_grads, want = output_and_grads(lambda p, x: _reference(kind, p, x))
+  reference = lambda p, x: _reference(kind, p, x)
+  (got, got_grads), (want, want_grads) = mixer_outputs_and_grads(_mixer(kind), reference, x, w)
   assert_close(got, want, rtol=1e-5, atol=1e-5)
   jax.tree.map(lambda g, r: assert_close(g, r, rtol=1e-4, atol=1e-5), got_grads, want_grads)
   # The clipped diagonals still get a gradient for every entry.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
-from testing_utils import assert_close, max_abs
+from testing_utils import assert_close, assert_rnn_grads_match
 from testing_utils import sequential_rnn as _reference
 
 from jaxrec.ops import JacobianStructure, newton_rnn, newton_rnn_sharded
@@ -72,21 +72,8 @@ def test_gradients_match_sequential(name, mesh_name):
   mesh, batch_axes = _meshes()[mesh_name]
   xs, h0 = _inputs(4, 32, seed=2)
   weights = jnp.asarray(np.random.default_rng(9).standard_normal((4, 32, WIDTH)), jnp.float32)
-  solvers = {
-    "sharded": lambda p, x, h: newton_rnn_sharded(cell, p, x, h, mesh=mesh, batch_axes=batch_axes)[
-      0
-    ],
-    "reference": lambda p, x, h: _reference(cell, p, x, h),
-  }
-  grads = {
-    key: jax.jit(jax.grad(lambda p, x, h, f=f: jnp.sum(weights * jnp.sin(f(p, x, h))), (0, 1, 2)))(
-      params, xs, h0
-    )
-    for key, f in solvers.items()
-  }
-  for got, want in zip(jax.tree.leaves(grads["sharded"]), jax.tree.leaves(grads["reference"])):
-    scale = float(np.max(np.abs(want)))
-    assert_close(got, want, rtol=1e-4, atol=1e-4 * scale)
+  solve = lambda p, x, h: newton_rnn_sharded(cell, p, x, h, mesh=mesh, batch_axes=batch_axes)[0]
+  assert_rnn_grads_match(solve, cell, params, xs, h0, weights, rtol=1e-4)
 
 
 def _linear_diagonal_cell(params, h, x):
@@ -191,15 +178,12 @@ def test_unconverged_falls_back_to_the_exact_states_and_gradients():
   params = jax.tree.map(lambda w: 3.0 * w, rc.init_tanh_rnn(jax.random.key(2), INPUT, WIDTH))
   mesh, _ = _meshes()["sequence8"]
   xs, h0 = _inputs(2, 40, seed=6)
-  solve = lambda p, x: newton_rnn_sharded(rc.tanh_rnn_cell, p, x, h0, mesh=mesh, max_iters=2)[0]
-  h, info = newton_rnn_sharded(rc.tanh_rnn_cell, params, xs, h0, mesh=mesh, max_iters=2)
+  solve = lambda p, x, h: newton_rnn_sharded(rc.tanh_rnn_cell, p, x, h, mesh=mesh, max_iters=2)
+  h, info = solve(params, xs, h0)
   assert np.all(info.fallback) and not np.any(info.converged)
   assert_close(h, _reference(rc.tanh_rnn_cell, params, xs, h0), rtol=1e-5, atol=1e-5)
-  loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))
-  got = jax.jit(jax.grad(loss(solve), (0, 1)))(params, xs)
-  want = jax.grad(loss(lambda p, x: _reference(rc.tanh_rnn_cell, p, x, h0)), (0, 1))(params, xs)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    assert_close(g, w, rtol=1e-4, atol=1e-4 * max_abs(w))
+  solve_h = lambda p, x, h: solve(p, x, h)[0]
+  assert_rnn_grads_match(solve_h, rc.tanh_rnn_cell, params, xs, h0, 1.0, rtol=1e-4)
 
 
 def test_nonfinite_parallel_adjoint_falls_back_shard_by_shard():

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from testing_utils import assert_close, caught_host_warnings
+from testing_utils import assert_close, assert_rnn_grads_match, caught_host_warnings
 from testing_utils import sequential_rnn as _reference
 
 from jaxrec.ops import JacobianStructure, NewtonInfo, newton_rnn
@@ -79,19 +79,8 @@ def test_gradients_match_sequential(name):
   cell, params = _cells(8)[name]
   xs, h0 = _inputs(2, 33, 8, seed=3)
   weights = jax.random.normal(jax.random.key(9), (2, 33, 8))
-  solvers = {
-    "newton": lambda p, x, h: newton_rnn(cell, p, x, h)[0],
-    "reference": lambda p, x, h: _reference(cell, p, x, h),
-  }
-  grads = {
-    key: jax.jit(jax.grad(lambda p, x, h, f=f: jnp.sum(weights * jnp.sin(f(p, x, h))), (0, 1, 2)))(
-      params, xs, h0
-    )
-    for key, f in solvers.items()
-  }
-  for got, want in zip(jax.tree.leaves(grads["newton"]), jax.tree.leaves(grads["reference"])):
-    scale = float(np.max(np.abs(want)))
-    assert_close(got, want, rtol=1e-4, atol=1e-4 * scale)
+  solve = lambda p, x, h: newton_rnn(cell, p, x, h)[0]
+  assert_rnn_grads_match(solve, cell, params, xs, h0, weights, rtol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["sequential", "chunk", "associative"])

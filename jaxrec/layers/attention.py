@@ -12,7 +12,7 @@ from jaxrec.layers import _checks
 from jaxrec.layers.linear import Dense
 from jaxrec.layers.rope import apply_rope
 from jaxrec.ops import attention as attention_ops
-from jaxrec.ops.segments import segment_starts
+from jaxrec.ops import segment_starts
 from jaxrec.typing import Activations, AttentionKeys, KeySegmentIds, SegmentIds
 
 

@@ -69,7 +69,7 @@ def _loss(h):
 
 
 def _jitted(cell, method, mode):
-  solve = lambda p, x, h0: newton_rnn(cell, p, x, h0, method=method)
+  solve = lambda p, x, h0: newton_rnn(cell, p, x, h0, method=method)[0]
   if mode == "fwd":
     return jax.jit(solve)
   return jax.jit(jax.grad(lambda p, x, h0: _loss(solve(p, x, h0)), argnums=(0, 1, 2)))
@@ -101,7 +101,7 @@ def _python_loop(cell, mode):
 
 
 def _iterations(cell, params, xs, h0) -> int:
-  run = jax.jit(lambda p, x, h: newton_rnn(cell, p, x, h, return_info=True)[1].iterations)
+  run = jax.jit(lambda p, x, h: newton_rnn(cell, p, x, h)[1].iterations)
   return int(np.max(run(params, xs, h0)))
 
 

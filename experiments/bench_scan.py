@@ -74,7 +74,7 @@ def _gla_cases(t, heads, dim):
     if method in _GLA_METHODS:
       yield (
         method,
-        (lambda q, k, v, g, m=method: ops.gated_linear_attention(q, k, v, g, method=m)),
+        (lambda q, k, v, g, m=method: ops.gated_linear_attention(q, k, v, g, method=m)[0]),
         (q, k, v, g),
       )
   attention = lambda q, k, v, g: jax.nn.dot_product_attention(q, k, v, is_causal=True)

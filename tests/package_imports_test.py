@@ -1,5 +1,5 @@
-"""The import graph of ``jaxrec`` and ``pallas_kernels``: no cycle between modules, and the
-one-way layering of DESIGN.md.
+"""The import graph of ``jaxrec`` and ``pallas_kernels``: no cycle between modules, the one-way
+layering of DESIGN.md, and no module reaching for another's private names.
 
 Dependencies point one way::
 
@@ -10,6 +10,11 @@ part of the project) used by the top layer (train, experiments). The graph is re
 with ``ast``, so nothing is imported: every import that runs when a module is imported counts,
 including those under ``if TYPE_CHECKING:`` (a layer must not name a model even for typing) and
 in class bodies; imports inside functions (deferred) do not.
+
+Private names: what modules share is public where it is shared. A module never imports another
+module's ``_name`` (nor reads ``module._name`` off an imported module), anywhere in the file; a
+private *module* (``jaxrec/ops/_checks.py``) is private to its package, so only modules of that
+package (and its subpackages) import it.
 """
 
 import ast
@@ -24,6 +29,7 @@ KNOWN = (*WALKED, "experiments")  # and the project modules an import may name
 # Rank of each part of the project: a module may import its own rank or lower.
 RANKS = {
   "pallas_kernels": 0,
+  "jaxrec.typing": 1,  # the shape aliases: a leaf, named by every annotated module above kernels
   "jaxrec.ops": 1,
   "jaxrec.layers": 2,
   "jaxrec.models": 3,
@@ -199,6 +205,78 @@ def test_imports_follow_the_one_way_layering():
   assert not violations, "imports against the layering:\n" + "\n".join(violations)
 
 
+def _is_private(name: str) -> bool:
+  return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _private_module_owner(module: str) -> str | None:
+  """The package a private module belongs to: ``a.b`` for ``a.b._c`` (or ``a.b._c.d``)."""
+  parts = module.split(".")
+  for i, part in enumerate(parts):
+    if _is_private(part):
+      return ".".join(parts[:i])
+  return None
+
+
+def _may_use(importer: str, module: str) -> bool:
+  """Whether ``importer`` may name the project module ``module``: a private module only from
+  inside the package that owns it."""
+  owner = _private_module_owner(module)
+  return owner is None or importer == owner or importer.startswith(owner + ".")
+
+
+def private_name_uses(root: pathlib.Path) -> list[str]:
+  """Every use of another module's private name in the walked packages, as
+  ``module:line name``: ``from m import _x`` where ``_x`` is not a submodule the importer may
+  use, an import of a private module from outside its package, and ``alias._x`` where ``alias``
+  names an imported project module."""
+  modules = module_files(root, KNOWN)
+  bad = []
+  for module, path in module_files(root, WALKED).items():
+    tree = ast.parse(path.read_text(), filename=str(path))
+    aliases = {}  # local name -> the project module it is bound to
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        for alias in node.names:
+          if _resolve(alias.name, modules) is None:
+            continue
+          if not _may_use(module, alias.name):
+            bad.append(f"{module}:{node.lineno} {alias.name}")
+          local = alias.asname or alias.name.split(".")[0]
+          aliases[local] = alias.name if alias.asname else local
+      elif isinstance(node, ast.ImportFrom) and not node.level:
+        base = node.module or ""
+        if _resolve(base, modules) is None:
+          continue
+        if not _may_use(module, base):
+          bad.append(f"{module}:{node.lineno} {base}")
+          continue
+        for alias in node.names:
+          full = f"{base}.{alias.name}"
+          if full in modules:
+            if not _may_use(module, full):
+              bad.append(f"{module}:{node.lineno} {full}")
+            aliases[alias.asname or alias.name] = full
+          elif _is_private(alias.name):
+            bad.append(f"{module}:{node.lineno} {full}")
+    for node in ast.walk(tree):
+      if (
+        isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in aliases
+        and _is_private(node.attr)
+      ):
+        full = f"{aliases[node.value.id]}.{node.attr}"
+        if full not in modules or not _may_use(module, full):
+          bad.append(f"{module}:{node.lineno} {full}")
+  return sorted(set(bad))
+
+
+def test_no_module_uses_another_modules_private_names():
+  bad = private_name_uses(ROOT)
+  assert not bad, "private names used outside their module:\n" + "\n".join(bad)
+
+
 def _write(root: pathlib.Path, files: dict[str, str]) -> None:
   for name, text in files.items():
     path = root / name
@@ -244,3 +322,39 @@ def test_the_checks_catch_a_typing_only_cycle_and_an_upward_import(tmp_path):
   ]
   with pytest.raises(ValueError, match=r"jaxrec\.extra: not placed in the layering"):
     part_of("jaxrec.extra")
+
+
+def test_the_private_name_check_catches_what_the_newton_split_did(tmp_path):
+  """A miniature project: private names imported across modules, a private module used outside
+  its package, and a private attribute read off an imported module are caught; package-private
+  modules used inside their package are not."""
+  _write(
+    tmp_path,
+    {
+      "jaxrec/__init__.py": "",
+      "jaxrec/ops/__init__.py": "",
+      "jaxrec/ops/_checks.py": "def check(): pass\n",
+      "jaxrec/ops/newton.py": "from jaxrec.ops import _checks\ndef _validate(): pass\n",
+      "jaxrec/ops/sharded.py": (
+        "from jaxrec.ops.newton import _validate\n"
+        "from jaxrec.ops import newton as nt\n"
+        "def f():\n"
+        "  import jaxrec.ops._checks\n"
+        "  return nt._validate(), nt.__name__\n"
+      ),
+      "jaxrec/layers/__init__.py": "",
+      "jaxrec/layers/_params.py": "def logical_param(): pass\n",
+      "jaxrec/layers/linear.py": "from jaxrec.layers._params import logical_param\n",
+      "jaxrec/models/__init__.py": "",
+      "jaxrec/models/lm.py": "from jaxrec.layers._params import logical_param\n",
+      "pallas_kernels/__init__.py": "",
+      "pallas_kernels/_backend.py": "",
+      "pallas_kernels/gla/__init__.py": "",
+      "pallas_kernels/gla/kernel.py": "from pallas_kernels._backend import compiled_on\n",
+    },
+  )
+  assert private_name_uses(tmp_path) == [
+    "jaxrec.models.lm:1 jaxrec.layers._params",
+    "jaxrec.ops.sharded:1 jaxrec.ops.newton._validate",
+    "jaxrec.ops.sharded:5 jaxrec.ops.newton._validate",
+  ]

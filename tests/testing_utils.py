@@ -1,7 +1,123 @@
-"""Test-only references shared by several test files (on sys.path via setup.cfg's pythonpath)."""
+"""The test toolkit (on sys.path via setup.cfg's pythonpath): one closeness check, and the
+independent reference forms that several test files compare against, written once.
+
+The references are deliberately plain: one step at a time, a ``lax.scan`` or a float64 numpy
+loop, with segment resets derived here from ``segment_ids`` rather than by the library.
+"""
+
+import contextlib
+import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def assert_close(actual, desired, *, rtol: float, atol: float = 0.0, err_msg: str = "") -> None:
+  """Asserts ``|actual - desired| <= atol + rtol * |desired|`` elementwise (numpy's metric).
+
+  Both sides are compared in float64 and must have the same shape. A NaN never passes; an
+  infinity passes only against the same infinity. On failure the message reports the worst
+  absolute error and the worst error relative to ``|desired|``.
+
+  For a tolerance relative to the scale of the whole reference, pass
+  ``atol=tol * max_abs(desired)``.
+  """
+  actual = np.asarray(actual, np.float64)
+  desired = np.asarray(desired, np.float64)
+  assert actual.shape == desired.shape, f"{err_msg}: shape {actual.shape} != {desired.shape}"
+  np.testing.assert_allclose(
+    actual, desired, rtol=rtol, atol=atol, equal_nan=False, err_msg=err_msg
+  )
+
+
+def max_abs(x) -> float:
+  """``max |x|`` in float64: the scale of a reference, for ``atol``."""
+  return float(np.max(np.abs(np.asarray(x, np.float64))))
+
+
+@contextlib.contextmanager
+def caught_host_warnings():
+  """Records every warning raised in the block, those that ``jax.debug.callback`` raises on the
+  host included (it waits for them with ``jax.effects_barrier``); yields the list of messages,
+  filled when the block ends."""
+  messages = []
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    yield messages
+    jax.effects_barrier()
+  messages.extend(str(w.message) for w in caught)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference forms.
+
+
+def _resets(segment_ids, reverse=False):
+  """bool ``[B, T]``: the step's predecessor (in scan direction) lies in another segment."""
+  if reverse:
+    return jnp.pad(segment_ids[:, :-1] != segment_ids[:, 1:], ((0, 0), (0, 1)))
+  return jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
+
+
+def numpy_linear_scan(a, b, h0, reverse=False, segment_ids=None):
+  """``h_t = a_t h_{t-1} + b_t`` in float64, one step at a time; the state restarts from zero
+  where ``segment_ids`` changes. ``a, b [B, T, ...]``, ``h0 [B, ...]`` -> ``h [B, T, ...]``."""
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  h = np.asarray(h0, np.float64).copy()
+  out = np.zeros_like(b)
+  steps = range(a.shape[1] - 1, -1, -1) if reverse else range(a.shape[1])
+  prev = None
+  for t in steps:
+    at = a[:, t].copy()
+    if segment_ids is not None and prev is not None:
+      new = np.asarray(segment_ids)[:, t] != np.asarray(segment_ids)[:, prev]
+      at[new] = 0.0
+    h = at * h + b[:, t]
+    out[:, t] = h
+    prev = t
+  return out
+
+
+def lax_linear_scan(a, b, h0, reverse=False, segment_ids=None):
+  """The same recurrence as a plain ``lax.scan`` (no custom VJP), for ``jax.grad`` references;
+  returns ``(h [B, T, ...], h_last [B, ...])``."""
+  if segment_ids is not None:
+    reset = _resets(segment_ids, reverse)
+    a = jnp.where(reset.reshape(reset.shape + (1,) * (a.ndim - 2)), 0.0, a)
+
+  def step(h, ab):
+    h = ab[0] * h + ab[1]
+    return h, h
+
+  h_last, h = jax.lax.scan(
+    step, h0, (jnp.moveaxis(a, 1, 0), jnp.moveaxis(b, 1, 0)), reverse=reverse
+  )
+  return jnp.moveaxis(h, 0, 1), h_last
+
+
+def scan_gla(q, k, v, log_decay, h0, segment_ids=None, scale=None):
+  """Gated linear attention as a plain ``lax.scan`` in fp32:
+  ``S_t = diag(e^{g_t}) S_{t-1} + k_t v_tᵀ`` (``S`` zeroed where a segment starts),
+  ``o_t = scale · S_tᵀ q_t``. ``log_decay`` per key channel ``[B, T, H, K]`` or per head
+  ``[B, T, H]``; ``scale`` defaults to ``K ** -0.5``. Returns ``(o, final_state)``."""
+  q, k, v, log_decay = (jnp.asarray(x, jnp.float32) for x in (q, k, v, log_decay))
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  if log_decay.ndim == 3:
+    log_decay = jnp.broadcast_to(log_decay[..., None], q.shape)
+  reset = jnp.zeros(q.shape[:2], bool) if segment_ids is None else _resets(segment_ids)
+
+  def step(state, x):
+    q_t, k_t, v_t, g_t, reset_t = x
+    state = jnp.where(reset_t[:, None, None, None], 0.0, state)
+    state = jnp.exp(g_t)[..., None] * state + k_t[..., None] * v_t[..., None, :]
+    return state, scale * jnp.einsum("bhk,bhkv->bhv", q_t, state, precision="highest")
+
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, log_decay, reset))
+  state, o = jax.lax.scan(step, h0, xs)
+  return jnp.moveaxis(o, 0, 1), state
 
 
 def sequential_rnn(cell, params, xs, h0):
@@ -16,6 +132,43 @@ def sequential_rnn(cell, params, xs, h0):
     return jax.lax.scan(step, h, x)[1]
 
   return jax.vmap(one)(xs, h0)
+
+
+def assert_rnn_grads_match(solve, cell, params, xs, h0, weights, *, rtol=1e-4):
+  """Gradients w.r.t. ``params``, ``xs`` and ``h0`` of ``sum(weights * sin(h))`` with
+  ``h = solve(params, xs, h0)`` against ``jax.grad`` through ``sequential_rnn``: every leaf
+  within ``rtol``, with ``atol = rtol * max |reference leaf|``."""
+
+  def grads(f):
+    loss = lambda p, x, h: jnp.sum(weights * jnp.sin(f(p, x, h)))
+    return jax.jit(jax.grad(loss, (0, 1, 2)))(params, xs, h0)
+
+  got = grads(solve)
+  want = grads(lambda p, x, h: sequential_rnn(cell, p, x, h))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert_close(g, w, rtol=rtol, atol=rtol * max_abs(w))
+
+
+def mixer_outputs_and_grads(mixer, reference, x, weights):
+  """``(y, (dparams, dx))`` of ``loss = sum(weights * y)`` for the mixer's ``y = mixer(x)[0]``
+  and for ``y = reference(params, x)``, a reference written on the mixer's parameters as a pure
+  dict; returns ``((y, grads) of the mixer, (y, grads) of the reference)``."""
+  graphdef, state = nnx.split(mixer)
+  params = nnx.to_pure_dict(state)
+
+  def layer(params, x):
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)(x)[0]
+
+  def output_and_grads(f):
+    def loss(p, x):
+      y = f(p, x)
+      return jnp.sum(y * weights), y
+
+    grads, y = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+    return y, grads
+
+  return output_and_grads(layer), output_and_grads(reference)
 
 
 def decode_token_by_token(mixer, x, cache):

@@ -8,9 +8,12 @@ token mixer has::
   init_cache(batch_size, max_length, dtype) -> cache
 
 ``cache`` is a pytree (the mixer's decoding state); ``None`` in means no state is kept and
-``None`` comes back. Decoding is the same call with ``T = 1``.
+``None`` comes back. Decoding is the same call with ``T = 1``. Shapes are annotated with the
+aliases of ``jaxrec.typing``. ``logical_param`` is the parameter constructor every layer (and the
+model's embedding) uses: it names each axis for the sharding rules.
 """
 
+from jaxrec.layers._params import logical_param
 from jaxrec.layers.attention import Attention, KVCache
 from jaxrec.layers.gla import GatedLinearAttention, GLACache
 from jaxrec.layers.linear import Dense
@@ -31,4 +34,5 @@ __all__ = [
   "ParaRNNCache",
   "RMSNorm",
   "apply_rope",
+  "logical_param",
 ]

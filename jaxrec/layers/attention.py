@@ -12,22 +12,24 @@ from jaxrec.layers import _checks
 from jaxrec.layers.linear import Dense
 from jaxrec.layers.rope import apply_rope
 from jaxrec.ops import attention as attention_ops
+from jaxrec.ops import segment_starts
+from jaxrec.typing import Activations, AttentionKeys, KeySegmentIds, SegmentIds
 
 
 class KVCache(NamedTuple):
   """Keys and values of the tokens seen so far, written contiguously from slot 0.
 
   Attributes:
-    k: rotated keys ``[B, S, K, D]``.
-    v: values ``[B, S, K, D]``.
+    k: rotated keys ``[B, S, G, K]`` (``K = head_dim``).
+    v: values ``[B, S, G, K]``.
     segment_ids: int32 ``[B, S]``, the document of each written key, renumbered so that a new
       call continues the document of the last written token (as a recurrent state would).
     index: int32 scalar, the number of tokens written (the position of the next one).
   """
 
-  k: jax.Array
-  v: jax.Array
-  segment_ids: jax.Array
+  k: AttentionKeys
+  v: AttentionKeys
+  segment_ids: KeySegmentIds
   index: jax.Array
 
 
@@ -37,7 +39,7 @@ class Attention(nnx.Module):
   Args:
     d_model: width ``D`` of the input and output.
     num_heads: query heads ``H``.
-    num_kv_heads: key/value heads ``K``, a divisor of ``num_heads`` (grouped-query attention
+    num_kv_heads: key/value heads ``G``, a divisor of ``num_heads`` (grouped-query attention
       when smaller); ``None`` means ``num_heads``.
     head_dim: width of every head, even (RoPE rotates channel pairs); ``None`` means
       ``d_model // num_heads``.
@@ -74,34 +76,34 @@ class Attention(nnx.Module):
     _checks.check_positive_int("num_kv_heads", kv)
     if num_heads % kv:
       raise ValueError(f"num_kv_heads: expected a divisor of num_heads={num_heads}, got {kv}")
-    dh = d_model // num_heads if head_dim is None else head_dim
-    if isinstance(dh, bool) or not isinstance(dh, int) or dh < 2 or dh % 2:
+    width = d_model // num_heads if head_dim is None else head_dim
+    if isinstance(width, bool) or not isinstance(width, int) or width < 2 or width % 2:
       raise ValueError(
-        f"head_dim: expected an even head width >= 2 (RoPE), got {dh} "
+        f"head_dim: expected an even head width >= 2 (RoPE), got {width} "
         f"(head_dim={head_dim}, d_model={d_model}, num_heads={num_heads})"
       )
     if window is not None:
       _checks.check_positive_int("window", window)
     _checks.check_positive("rope_theta", rope_theta)
     h = num_heads
-    self.num_heads, self.num_kv_heads, self.head_dim = h, kv, dh
+    self.num_heads, self.num_kv_heads, self.head_dim = h, kv, width
     self.window = window
     self.rope_theta = rope_theta
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     d, std = d_model, init_std
-    self.q_proj = Dense(d, (h, dh), ("embed", "heads", "head_dim"), std=std, **kw)
-    self.k_proj = Dense(d, (kv, dh), ("embed", "kv_heads", "head_dim"), std=std, **kw)
-    self.v_proj = Dense(d, (kv, dh), ("embed", "kv_heads", "head_dim"), std=std, **kw)
+    self.q_proj = Dense(d, (h, width), ("embed", "heads", "head_dim"), std=std, **kw)
+    self.k_proj = Dense(d, (kv, width), ("embed", "kv_heads", "head_dim"), std=std, **kw)
+    self.v_proj = Dense(d, (kv, width), ("embed", "kv_heads", "head_dim"), std=std, **kw)
     out_std = std / math.sqrt(2 * num_layers)
-    self.o_proj = Dense((h, dh), d, ("heads", "head_dim", "embed"), std=out_std, **kw)
+    self.o_proj = Dense((h, width), d, ("heads", "head_dim", "embed"), std=out_std, **kw)
 
   def __call__(
     self,
-    x: jax.Array,
+    x: Activations,
     *,
-    segment_ids: jax.Array | None = None,
+    segment_ids: SegmentIds | None = None,
     cache: KVCache | None = None,
-  ) -> tuple[jax.Array, KVCache | None]:
+  ) -> tuple[Activations, KVCache | None]:
     """Attends causally over ``x [B, T, D]`` (and over the cache's keys when given).
 
     With a cache, the ``T`` tokens take positions ``cache.index ..`` and are appended to it; the
@@ -149,7 +151,7 @@ class Attention(nnx.Module):
     )
 
 
-def _continue_segments(cache: KVCache, segment_ids: jax.Array | None, batch_time) -> jax.Array:
+def _continue_segments(cache: KVCache, segment_ids: SegmentIds | None, batch_time) -> SegmentIds:
   """Cache-relative document ids ``[B, T]`` for new tokens.
 
   The first new token continues the document of the last cached one, and each change of
@@ -159,5 +161,4 @@ def _continue_segments(cache: KVCache, segment_ids: jax.Array | None, batch_time
   last = lax.dynamic_index_in_dim(cache.segment_ids, jnp.maximum(cache.index - 1, 0), 1)
   if segment_ids is None:
     return jnp.broadcast_to(last, batch_time)
-  starts = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
-  return last + jnp.pad(jnp.cumsum(starts, axis=1), ((0, 0), (1, 0)))
+  return last + jnp.cumsum(segment_starts(segment_ids), axis=1, dtype=jnp.int32)

@@ -12,12 +12,13 @@ from jaxrec.layers import _checks
 from jaxrec.layers.linear import Dense
 from jaxrec.layers.norms import RMSNorm
 from jaxrec.ops import gla as gla_ops
+from jaxrec.typing import Activations, MatrixState, SegmentIds
 
 
 class GLACache(NamedTuple):
   """The recurrent state, ``[B, H, K, V]`` fp32: O(1) in the sequence length."""
 
-  state: jax.Array
+  state: MatrixState
 
 
 class GatedLinearAttention(nnx.Module):
@@ -79,40 +80,42 @@ class GatedLinearAttention(nnx.Module):
     _checks.check_positive("gate_normalizer", gate_normalizer)
     _checks.check_positive_int("chunk_size", chunk_size)
     _checks.check_positive("norm_eps", norm_eps, allow_zero=True)
-    dk, dv = int(expand_k * d) // h, int(expand_v * d) // h
-    self.num_heads, self.key_dim, self.value_dim = h, dk, dv
+    key_dim, value_dim = int(expand_k * d) // h, int(expand_v * d) // h
+    self.num_heads, self.key_dim, self.value_dim = h, key_dim, value_dim
     self.gate_normalizer = gate_normalizer
     self.chunk_size = chunk_size
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     std = init_std
-    self.q_proj = Dense(d, (h, dk), ("embed", "heads", "head_dim"), std=std, **kw)
-    self.k_proj = Dense(d, (h, dk), ("embed", "heads", "head_dim"), std=std, **kw)
-    self.v_proj = Dense(d, (h, dv), ("embed", "heads", "head_dim"), std=std, **kw)
-    self.g_proj = Dense(d, (h, dv), ("embed", "heads", "head_dim"), std=std, **kw)
+    self.q_proj = Dense(d, (h, key_dim), ("embed", "heads", "head_dim"), std=std, **kw)
+    self.k_proj = Dense(d, (h, key_dim), ("embed", "heads", "head_dim"), std=std, **kw)
+    self.v_proj = Dense(d, (h, value_dim), ("embed", "heads", "head_dim"), std=std, **kw)
+    self.g_proj = Dense(d, (h, value_dim), ("embed", "heads", "head_dim"), std=std, **kw)
     r = gate_rank
     # The decay path is computed in fp32 (it is rank r, so cheap): log α is close to 0, and bf16
     # rounding of it would compound over the products of decays across many steps.
     fp32 = kw | dict(dtype=jnp.float32)
     self.decay_down = Dense(d, r, ("embed", "rank"), std=std, **fp32)
     self.decay_up = Dense(
-      r, (h, dk), ("rank", "heads", "head_dim"), std=r**-0.5, use_bias=True, **fp32
+      r, (h, key_dim), ("rank", "heads", "head_dim"), std=r**-0.5, use_bias=True, **fp32
     )
-    self.out_norm = RMSNorm(dv, eps=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.out_norm = RMSNorm(
+      value_dim, eps=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
     out_std = std / math.sqrt(2 * num_layers)
-    self.o_proj = Dense((h, dv), d, ("heads", "head_dim", "embed"), std=out_std, **kw)
+    self.o_proj = Dense((h, value_dim), d, ("heads", "head_dim", "embed"), std=out_std, **kw)
 
   def __call__(
     self,
-    x: jax.Array,
+    x: Activations,
     *,
-    segment_ids: jax.Array | None = None,
+    segment_ids: SegmentIds | None = None,
     cache: GLACache | None = None,
-  ) -> tuple[jax.Array, GLACache | None]:
+  ) -> tuple[Activations, GLACache | None]:
     """Mixes ``x [B, T, D]``; a cache is the state before ``x`` and comes back advanced."""
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     log_decay = jax.nn.log_sigmoid(self.decay_up(self.decay_down(x))) / self.gate_normalizer
     if cache is None:
-      o = gla_ops.gated_linear_attention(
+      o, _ = gla_ops.gated_linear_attention(
         q, k, v, log_decay, segment_ids=segment_ids, chunk_size=self.chunk_size
       )
     elif x.shape[1] == 1:

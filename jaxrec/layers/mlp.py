@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrec.layers.linear import Dense
+from jaxrec.typing import Activations
 
 
 class MLP(nnx.Module):
@@ -41,6 +42,6 @@ class MLP(nnx.Module):
     out_std = init_std / math.sqrt(2 * num_layers)
     self.down = Dense(hidden, dim, ("mlp", "embed"), std=out_std, **kw)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: Activations) -> Activations:
     """``x [..., D] -> [..., D]``."""
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))

@@ -28,7 +28,8 @@ from jaxrec.layers import _checks
 from jaxrec.layers._params import logical_param
 from jaxrec.layers.linear import Dense
 from jaxrec.layers.norms import RMSNorm
-from jaxrec.ops import NewtonInfo, newton_rnn, rnn_cells
+from jaxrec.ops import NewtonInfo, newton_rnn, rnn_cells, segment_starts
+from jaxrec.typing import Activations, RNNState, RNNStates, SegmentIds
 
 _GATES = 3  # GRU: z, r, ĥ; LSTM-CIFG: f, o, ĉ (the order of rnn_cells)
 
@@ -37,7 +38,7 @@ class ParaRNNCache(NamedTuple):
   """The recurrent state, ``[B, S]`` fp32 (``S = N`` for ParaGRU, ``2N`` for ParaLSTM's
   ``[c; h]``): O(1) in the sequence length."""
 
-  state: jax.Array
+  state: RNNState
 
 
 # Cells for newton_rnn: x_t = (u_t [3, N], reset_t []). Module-level functions, so every call
@@ -154,11 +155,11 @@ class _ParaRNN(nnx.Module):
 
   def __call__(
     self,
-    x: jax.Array,
+    x: Activations,
     *,
-    segment_ids: jax.Array | None = None,
+    segment_ids: SegmentIds | None = None,
     cache: ParaRNNCache | None = None,
-  ) -> tuple[jax.Array, ParaRNNCache | None]:
+  ) -> tuple[Activations, ParaRNNCache | None]:
     """Mixes ``x [B, T, D]``; a cache is the state before ``x`` and comes back advanced."""
     u, reset = self._inputs(x, segment_ids)
     if cache is not None and x.shape[1] == 1:
@@ -176,11 +177,11 @@ class _ParaRNN(nnx.Module):
 
   def recurrence(
     self,
-    x: jax.Array,
+    x: Activations,
     *,
-    segment_ids: jax.Array | None = None,
-    initial_state: jax.Array | None = None,
-  ) -> tuple[jax.Array, NewtonInfo]:
+    segment_ids: SegmentIds | None = None,
+    initial_state: RNNState | None = None,
+  ) -> tuple[RNNStates, NewtonInfo]:
     """The cell states over ``x [B, T, D]`` and the solver's diagnostics.
 
     Args:
@@ -213,8 +214,7 @@ class _ParaRNN(nnx.Module):
       reset = jnp.zeros((b, t), jnp.float32)
     else:
       # 1 where a new document starts; step 0 continues the given state (a cache, or zeros).
-      starts = segment_ids[:, 1:] != segment_ids[:, :-1]
-      reset = jnp.pad(starts, ((0, 0), (1, 0))).astype(jnp.float32)
+      reset = segment_starts(segment_ids).astype(jnp.float32)
     return u, reset
 
   def _solve(self, u, reset, initial_state):
@@ -228,7 +228,6 @@ class _ParaRNN(nnx.Module):
       initial_state,
       jacobian=self._JACOBIAN,
       max_iters=self.max_iters,
-      return_info=True,
     )
 
 

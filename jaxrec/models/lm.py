@@ -10,7 +10,7 @@ from flax import nnx
 from jax import lax
 
 from jaxrec import layers
-from jaxrec.layers._params import logical_param
+from jaxrec.layers import logical_param
 from jaxrec.models.config import LMConfig
 from jaxrec.models.mixers import build_mixer
 
@@ -70,7 +70,7 @@ class LM(nnx.Module):
   Blocks are a list of ``Block`` (``layers[i]``), or with ``cfg.scan_layers`` one ``BlockGroup``
   whose parameters carry a leading ``"layers"`` axis of ``num_layers / len(mixer_pattern)``
   groups, run with ``lax.scan``. Parameters are annotated with logical axis names (see
-  ``jaxrec.layers._params``).
+  ``jaxrec.layers.logical_param``).
 
   Usage::
 

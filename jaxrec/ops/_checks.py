@@ -6,9 +6,10 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 
 
-def check_method(method: str, allowed: Sequence[str]) -> None:
-  if method not in allowed:
-    raise ValueError(f"method: expected one of {tuple(allowed)}, got {method!r}")
+def check_choice(name: str, value, allowed: Sequence) -> None:
+  """``value`` must be one of ``allowed`` (the ``typing.get_args`` of an option's ``Literal``)."""
+  if value not in allowed:
+    raise ValueError(f"{name}: expected one of {tuple(allowed)}, got {value!r}")
 
 
 def check_float(name: str, x) -> None:

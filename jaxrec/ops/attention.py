@@ -1,7 +1,8 @@
 """Softmax attention and its masks: causal, sliding window, packed segments.
 
-Axes: ``B`` batch, ``T`` query time, ``S`` key time, ``H`` query heads, ``K`` key/value heads
-(``H`` a multiple of ``K``: grouped-query attention), ``D`` head dim.
+Axes (``jaxrec.typing``): ``B`` batch, ``T`` query time, ``S`` key time, ``H`` query heads, ``G``
+key/value heads (``H`` a multiple of ``G``: grouped-query attention), ``K`` the width of every
+head, ``head_dim``.
 
 Masks are built from explicit positions, so one function serves training (``T == S``) and
 decoding against a KV cache (``T`` new queries at positions ``index .. index + T - 1``, keys at
@@ -9,23 +10,35 @@ cache slots ``0 .. S - 1``; slots not yet written lie in the future and the caus
 them). The softmax itself is ``jax.nn.dot_product_attention``.
 """
 
+from typing import Literal, get_args
+
 import jax
 import jax.numpy as jnp
 
 from jaxrec.ops import _checks
+from jaxrec.typing import (
+  AttentionKeys,
+  AttentionMask,
+  KeyPositions,
+  KeySegmentIds,
+  Positions,
+  Queries,
+  SegmentIds,
+)
 
-METHODS = ("auto", "xla", "cudnn")
+AttentionMethod = Literal["auto", "xla", "cudnn"]
+METHODS = get_args(AttentionMethod)
 
 
 def attention_mask(
-  q_positions: jax.Array,
-  kv_positions: jax.Array,
+  q_positions: Positions,
+  kv_positions: KeyPositions,
   *,
   causal: bool = True,
   window: int | None = None,
-  q_segment_ids: jax.Array | None = None,
-  kv_segment_ids: jax.Array | None = None,
-) -> jax.Array:
+  q_segment_ids: SegmentIds | None = None,
+  kv_segment_ids: KeySegmentIds | None = None,
+) -> AttentionMask:
   """Which keys each query may attend to.
 
   Args:
@@ -52,25 +65,25 @@ def attention_mask(
 
 
 def dot_product_attention(
-  q: jax.Array,
-  k: jax.Array,
-  v: jax.Array,
+  q: Queries,
+  k: AttentionKeys,
+  v: AttentionKeys,
   *,
   causal: bool = True,
   window: int | None = None,
-  segment_ids: jax.Array | None = None,
-  kv_segment_ids: jax.Array | None = None,
-  q_positions: jax.Array | None = None,
-  kv_positions: jax.Array | None = None,
+  segment_ids: SegmentIds | None = None,
+  kv_segment_ids: KeySegmentIds | None = None,
+  q_positions: Positions | None = None,
+  kv_positions: KeyPositions | None = None,
   scale: float | None = None,
-  method: str = "auto",
-) -> jax.Array:
+  method: AttentionMethod = "auto",
+) -> Queries:
   """Masked softmax attention ``softmax(scale · q kᵀ + mask) v`` per head.
 
   Args:
-    q: queries ``[B, T, H, D]``.
-    k: keys ``[B, S, K, D]``.
-    v: values ``[B, S, K, D]``.
+    q: queries ``[B, T, H, K]``.
+    k: keys ``[B, S, G, K]``.
+    v: values ``[B, S, G, K]``.
     causal: hide keys at later positions than the query.
     window: sliding window, the number of most recent keys visible (``None``: all); needs
       ``causal``.
@@ -80,14 +93,23 @@ def dot_product_attention(
     q_positions: integer ``[B, T]`` or ``[T]``; defaults to the last ``T`` of ``S`` positions,
       ``S - T .. S - 1``.
     kv_positions: integer ``[B, S]`` or ``[S]``; defaults to ``0 .. S - 1``.
-    scale: logit scale; ``D ** -0.5`` when ``None``.
+    scale: logit scale; ``K ** -0.5`` when ``None``.
     method: ``"auto" | "xla" | "cudnn"``, the ``implementation`` of
       ``jax.nn.dot_product_attention`` (``"auto"`` lets JAX choose).
 
   Returns:
-    ``[B, T, H, D]`` in the dtype of ``q``; the softmax is computed in fp32.
+    ``[B, T, H, K]`` in the dtype of ``q``; the softmax is computed in fp32.
   """
-  _validate(q, k, v, causal, window, segment_ids, kv_segment_ids, method)
+  _validate(
+    q=q,
+    k=k,
+    v=v,
+    causal=causal,
+    window=window,
+    segment_ids=segment_ids,
+    kv_segment_ids=kv_segment_ids,
+    method=method,
+  )
   batch, t = q.shape[:2]
   s = k.shape[1]
   if q_positions is None:
@@ -114,16 +136,16 @@ def dot_product_attention(
   )
 
 
-def _validate(q, k, v, causal, window, segment_ids, kv_segment_ids, method):
-  _checks.check_method(method, METHODS)
+def _validate(*, q, k, v, causal, window, segment_ids, kv_segment_ids, method):
+  _checks.check_choice("method", method, METHODS)
   for name, x in (("q", q), ("k", k), ("v", v)):
     _checks.check_float(name, x)
-  _checks.check_rank("q", q, 4, "[B, T, H, D]")
-  _checks.check_rank("k", k, 4, "[B, S, K, D]")
-  batch, t, heads, dim = q.shape
+  _checks.check_rank("q", q, 4, "[B, T, H, K]")
+  _checks.check_rank("k", k, 4, "[B, S, G, K]")
+  batch, t, heads, head_dim = q.shape
   _, s, kv_heads, _ = k.shape
-  _checks.check_shape("k", k, (batch, s, kv_heads, dim), "[B, S, K, D] (B, D of q)")
-  _checks.check_shape("v", v, k.shape, "[B, S, K, D] (the shape of k)")
+  _checks.check_shape("k", k, (batch, s, kv_heads, head_dim), "[B, S, G, K] (B, K of q)")
+  _checks.check_shape("v", v, k.shape, "[B, S, G, K] (the shape of k)")
   if heads % kv_heads:
     raise ValueError(f"k: expected a number of heads dividing {heads} (q's heads), got {kv_heads}")
   if window is not None:

@@ -5,8 +5,9 @@ Per batch row and head, with a ``[K, V]`` state ``S`` (Yang et al. 2024, GLA, eq
   S_t = diag(exp(g_t)) S_{t-1} + k_t v_tᵀ        o_t = scale · S_tᵀ q_t
 
 The log-decay ``g_t`` (``log_decay``, expected ``<= 0``) is either per key channel, ``[B, T, H, K]``
-(GLA, RWKV-6 style), or one scalar per head, ``[B, T, H]`` (RetNet, Mamba-2/SSD style). Axes:
-``B`` batch, ``T`` time, ``H`` heads, ``K`` query/key dim, ``V`` value dim.
+(GLA, RWKV-6 style), or one scalar per head, ``[B, T, H]`` (RetNet, Mamba-2/SSD style). Axes
+(``jaxrec.typing``): ``B`` batch, ``T`` time, ``H`` heads, ``K`` query/key width ``key_dim``,
+``V`` value width ``value_dim``.
 
 Forms, selected with ``method``:
 
@@ -20,29 +21,45 @@ All gates, states and accumulations are fp32 (fp64 for fp64 inputs); outputs com
 dtype of ``q``. Gradients of the XLA forms are plain autodiff.
 """
 
-import jax
+from typing import Literal, get_args
+
 import jax.numpy as jnp
 from jax import lax
 
 from jaxrec.ops import _checks, _dispatch
+from jaxrec.ops.segments import segment_starts
+from jaxrec.typing import (
+  HeadOutputs,
+  Keys,
+  LogDecay,
+  MatrixState,
+  Queries,
+  SegmentIds,
+  StepKeys,
+  StepLogDecay,
+  StepQueries,
+  StepValues,
+  Values,
+)
 from pallas_kernels import gla as pallas_gla
 
-METHODS = ("auto", "sequential", "chunk", "pallas")
+GLAMethod = Literal["auto", "sequential", "chunk", "pallas"]
+METHODS = get_args(GLAMethod)
 
 
 def gated_linear_attention(
-  q: jax.Array,
-  k: jax.Array,
-  v: jax.Array,
-  log_decay: jax.Array,
+  q: Queries,
+  k: Keys,
+  v: Values,
+  log_decay: LogDecay,
   *,
-  initial_state: jax.Array | None = None,
+  initial_state: MatrixState | None = None,
   output_final_state: bool = False,
-  segment_ids: jax.Array | None = None,
+  segment_ids: SegmentIds | None = None,
   scale: float | None = None,
   chunk_size: int = 64,
-  method: str = "auto",
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+  method: GLAMethod = "auto",
+) -> tuple[HeadOutputs, MatrixState | None]:
   """Runs gated linear attention over axis 1.
 
   Args:
@@ -54,49 +71,68 @@ def gated_linear_attention(
     initial_state: state before the first step, ``[B, H, K, V]``; zeros when ``None``.
     output_final_state: also return the state after the last step.
     segment_ids: integer ``[B, T]``; the state restarts from zero wherever the id changes
-      (packed documents). ``initial_state`` only feeds the first segment.
+      (packed documents, see ``segment_starts``). ``initial_state`` only feeds the first segment.
     scale: query scale; ``K ** -0.5`` when ``None``.
     chunk_size: steps per chunk for ``"chunk"`` and ``"pallas"``, a power of two (``"chunk"``
       uses a shorter one when ``T`` is shorter). 64 is the fastest on CPU.
     method: ``"auto" | "sequential" | "chunk" | "pallas"``.
 
   Returns:
-    ``o`` ``[B, T, H, V]`` in the dtype of ``q``, or ``(o, final_state)`` with ``final_state``
-    ``[B, H, K, V]`` in fp32 (fp64 for fp64 inputs) when ``output_final_state``.
+    ``(o, final_state)``: ``o`` ``[B, T, H, V]`` in the dtype of ``q``, and, when
+    ``output_final_state``, the state after the last step ``[B, H, K, V]`` in fp32 (fp64 for
+    fp64 inputs), else ``None``.
   """
-  _validate(q, k, v, log_decay, initial_state, segment_ids, chunk_size, method)
-  batch, _, heads, dk = q.shape
+  _validate(
+    q=q,
+    k=k,
+    v=v,
+    log_decay=log_decay,
+    initial_state=initial_state,
+    segment_ids=segment_ids,
+    chunk_size=chunk_size,
+    method=method,
+  )
+  batch, _, heads, key_dim = q.shape
   out_dtype = q.dtype
   cdt = _checks.compute_dtype(q, k, v, log_decay)
-  scale = dk**-0.5 if scale is None else scale
+  scale = key_dim**-0.5 if scale is None else scale
   if initial_state is None:
-    h0 = jnp.zeros((batch, heads, dk, v.shape[-1]), cdt)
+    h0 = jnp.zeros((batch, heads, key_dim, v.shape[-1]), cdt)
   else:
     h0 = initial_state.astype(cdt)
+  reset = None if segment_ids is None else segment_starts(segment_ids)
 
   method = _resolve_method(method)
   if method == "pallas":
-    o, state = _pallas(q, k, v, log_decay.astype(cdt), h0, segment_ids, scale, chunk_size)
+    o, state = _pallas(
+      q=q,
+      k=k,
+      v=v,
+      log_decay=log_decay.astype(cdt),
+      h0=h0,
+      reset=reset,
+      scale=scale,
+      chunk_size=chunk_size,
+    )
   else:
-    reset = None if segment_ids is None else _segment_starts(segment_ids)
     q, k, v, log_decay = (x.astype(cdt) for x in (q, k, v, log_decay))
+    forms = dict(q=q, k=k, v=v, log_decay=log_decay, h0=h0, reset=reset, scale=scale)
     if method == "sequential":
-      o, state = _sequential(q, k, v, log_decay, h0, reset, scale)
+      o, state = _sequential(**forms)
     else:
-      o, state = _chunked(q, k, v, log_decay, h0, reset, scale, chunk_size)
-  o = o.astype(out_dtype)
-  return (o, state) if output_final_state else o
+      o, state = _chunked(**forms, chunk_size=chunk_size)
+  return o.astype(out_dtype), state if output_final_state else None
 
 
 def gated_linear_attention_step(
-  q: jax.Array,
-  k: jax.Array,
-  v: jax.Array,
-  log_decay: jax.Array,
-  state: jax.Array,
+  q: StepQueries,
+  k: StepKeys,
+  v: StepValues,
+  log_decay: StepLogDecay,
+  state: MatrixState,
   *,
   scale: float | None = None,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[StepValues, MatrixState]:
   """One decoding step of ``gated_linear_attention``.
 
   Args:
@@ -123,19 +159,19 @@ def gated_linear_attention_step(
 # Validation and dispatch.
 
 
-def _validate(q, k, v, log_decay, initial_state, segment_ids, chunk_size, method):
-  _checks.check_method(method, METHODS)
+def _validate(*, q, k, v, log_decay, initial_state, segment_ids, chunk_size, method):
+  _checks.check_choice("method", method, METHODS)
   for name, x in (("q", q), ("k", k), ("v", v), ("log_decay", log_decay)):
     _checks.check_float(name, x)
   _checks.check_rank("q", q, 4, "[B, T, H, K]")
-  batch, t, heads, dk = q.shape
+  batch, t, heads, key_dim = q.shape
   _checks.check_shape("k", k, q.shape, "[B, T, H, K] (the shape of q)")
   _checks.check_rank("v", v, 4, "[B, T, H, V]")
   _checks.check_shape("v", v, (batch, t, heads, v.shape[-1]), "[B, T, H, V] (B, T, H of q)")
   _check_decay_shape(log_decay, q.shape, "[B, T, H, K] or [B, T, H]")
   if initial_state is not None:
     _checks.check_float("initial_state", initial_state)
-    want = (batch, heads, dk, v.shape[-1])
+    want = (batch, heads, key_dim, v.shape[-1])
     _checks.check_shape("initial_state", initial_state, want, "[B, H, K, V]")
   _checks.check_segment_ids(segment_ids, (batch, t))
   if (
@@ -151,12 +187,12 @@ def _validate_step(q, k, v, log_decay, state):
   for name, x in (("q", q), ("k", k), ("v", v), ("log_decay", log_decay), ("state", state)):
     _checks.check_float(name, x)
   _checks.check_rank("q", q, 3, "[B, H, K]")
-  batch, heads, dk = q.shape
+  batch, heads, key_dim = q.shape
   _checks.check_shape("k", k, q.shape, "[B, H, K] (the shape of q)")
   _checks.check_rank("v", v, 3, "[B, H, V]")
   _checks.check_shape("v", v, (batch, heads, v.shape[-1]), "[B, H, V] (B, H of q)")
   _check_decay_shape(log_decay, q.shape, "[B, H, K] or [B, H]")
-  _checks.check_shape("state", state, (batch, heads, dk, v.shape[-1]), "[B, H, K, V]")
+  _checks.check_shape("state", state, (batch, heads, key_dim, v.shape[-1]), "[B, H, K, V]")
 
 
 def _check_decay_shape(log_decay, q_shape, axes):
@@ -167,7 +203,7 @@ def _check_decay_shape(log_decay, q_shape, axes):
     )
 
 
-def _resolve_method(method: str) -> str:
+def _resolve_method(method: GLAMethod) -> GLAMethod:
   if method != "auto":
     return method
   # Measured in BENCHMARKS.md: on an H200 the chunkwise XLA form is 3-5x faster than the Triton
@@ -176,34 +212,26 @@ def _resolve_method(method: str) -> str:
   return "pallas" if _dispatch.default_backend() == "tpu" else "chunk"
 
 
-def _segment_starts(segment_ids: jax.Array) -> jax.Array:
-  """``[B, T]`` bool, true where the id differs from the previous step's."""
-  change = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.pad(change, ((0, 0), (1, 0)))
-
-
-def _pallas(q, k, v, log_decay, h0, segment_ids, scale, chunk_size):
+def _pallas(*, q, k, v, log_decay, h0, reset, scale, chunk_size):
   t = q.shape[1]
   if log_decay.ndim == 3:
     log_decay = jnp.broadcast_to(log_decay[..., None], q.shape)
   pad = -t % chunk_size
   if pad:
-    # Zero inputs and zero log-decay leave the state untouched; repeating the last segment id
-    # keeps the padding in the last segment.
+    # Zero inputs and zero log-decay leave the state untouched, and padding steps start no
+    # segment: they stay in the last one.
     q, k, v, log_decay = (
       jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v, log_decay)
     )
-    if segment_ids is not None:
-      segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), mode="edge")
-  if segment_ids is not None:
-    segment_ids = segment_ids.astype(jnp.int32)
+    if reset is not None:
+      reset = jnp.pad(reset, ((0, 0), (0, pad)))
   o, state = pallas_gla.chunk_gla(
     q,
     k,
     v,
     log_decay,
-    h0.astype(jnp.float32),
-    segment_ids,
+    initial_state=h0.astype(jnp.float32),
+    segment_starts=reset,
     scale=scale,
     chunk_size=chunk_size,
     interpret=_dispatch.pallas_interpret(),
@@ -226,7 +254,7 @@ def _readout(q, state, scale):
   return scale * jnp.einsum("bhk,bhkv->bhv", q, state)
 
 
-def _sequential(q, k, v, log_decay, h0, reset, scale):
+def _sequential(*, q, k, v, log_decay, h0, reset, scale):
   def step(state, x):
     q_t, k_t, v_t, g_t, reset_t = x
     if reset_t is not None:
@@ -244,7 +272,7 @@ def _sequential(q, k, v, log_decay, h0, reset, scale):
 # The chunkwise-parallel form.
 
 
-def _chunked(q, k, v, log_decay, h0, reset, scale, chunk_size):
+def _chunked(*, q, k, v, log_decay, h0, reset, scale, chunk_size):
   """Chunkwise form. With ``G`` the cumulative log-decay inside a chunk (``G_0 = g_0``) and
   ``S`` the state entering it::
 
@@ -340,7 +368,7 @@ def _intra_scores(q, k, g, scalar):
   so the ``R × L`` block is one matmul of rescaled queries and keys. ``log2 C`` levels, each
   batched over all blocks of its size, build ``A`` from its diagonal ``q_i · k_i`` up.
   """
-  *lead, c, dk = q.shape
+  *lead, c, key_dim = q.shape
   if scalar:
     causal = jnp.tril(jnp.ones((c, c), bool))
     decay = _decay_where(causal, g[..., :, None] - g[..., None, :])
@@ -350,7 +378,7 @@ def _intra_scores(q, k, g, scalar):
   size = 1
   while size < c:
     pairs = c // (2 * size)
-    q2, k2, g2 = (x.reshape(*lead, pairs, 2, size, dk) for x in (q, k, g))
+    q2, k2, g2 = (x.reshape(*lead, pairs, 2, size, key_dim) for x in (q, k, g))
     g_r = g2[..., 0, -1:, :]
     q_right = q2[..., 1, :, :] * jnp.exp(g2[..., 1, :, :] - g_r)
     k_left = k2[..., 0, :, :] * jnp.exp(g_r - g2[..., 0, :, :])

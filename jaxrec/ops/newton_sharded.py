@@ -37,6 +37,7 @@ one-more-exact-state-per-iteration guarantee and the iteration counts carry over
 
 import dataclasses
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -45,25 +46,32 @@ from jax import lax
 from jax.sharding import AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxrec.ops.newton import (
+from jaxrec.ops.newton_core import (
   Cell,
+  Fallback,
+  JacobianKind,
   JacobianStructure,
   NewtonInfo,
-  _as_structure,
-  _batched,
-  _validate,
-  _warn_nonfinite_gradient,
-  _warn_unconverged,
   all_finite,
+  batched_cell,
   damp_jacobian,
-  detect_jacobian_structure,
+  default_max_iters,
+  default_tol,
+  is_converged,
+  jit_per_cell,
   linearize_cell,
-  nan_max,
+  max_residual,
+  resolve_jacobian,
   scan_states,
   shift_states,
   solve_linear_recurrence,
+  state_scale,
   tree_all_finite,
+  validate_newton_args,
+  warn_nonfinite_gradient,
+  warn_unconverged,
 )
+from jaxrec.typing import RNNInputs, RNNState, RNNStates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +83,7 @@ class _Config:
   max_iters: int
   tol: float
   damping: float | None
-  fallback: str | None
+  fallback: Fallback
 
   @property
   def sequence_spec(self) -> P:
@@ -182,9 +190,9 @@ def _global_max(x, axis_name: str):
 def _residual(f, h, cfg: _Config):
   """Per-sequence ``max_t ‖h_t - f(h_{t-1}, x_t)‖_∞`` over all shards, and the convergence test
   of ``newton_rnn``: finite and ``≤ tol·max(1, max|h|)``."""
-  residual = _global_max(nan_max(jnp.abs(f - h), axis=(1, 2)), cfg.axis_name)
-  scale = _global_max(jnp.max(jnp.abs(h), axis=(1, 2)), cfg.axis_name)
-  return residual, jnp.isfinite(residual) & (residual <= cfg.tol * jnp.maximum(1.0, scale))
+  residual = _global_max(max_residual(f, h), cfg.axis_name)
+  scale = _global_max(state_scale(h), cfg.axis_name)
+  return residual, is_converged(residual, scale, cfg.tol)
 
 
 def _any_sequence(flags, cfg: _Config):
@@ -215,7 +223,7 @@ def _newton_shard(cell, cfg: _Config, params, xs, h0):
   # Initial guess h_t = f(0, x_t) (ParaRNN eq. A.1), except the global first step f(h0, x_0).
   first = lax.axis_index(axis) == 0
   zeros = jnp.zeros((*h0.shape[:1], jax.tree.leaves(xs)[0].shape[1], h0.shape[1]), h0.dtype)
-  h = _batched(cell)(params, shift_states(zeros, jnp.where(first, h0, 0.0)), xs)
+  h = batched_cell(cell)(params, shift_states(zeros, jnp.where(first, h0, 0.0)), xs)
   f, jac = linearize(h)
   residual, converged = _residual(f, h, cfg)
 
@@ -282,7 +290,7 @@ def _adjoint_shard(cell, cfg: _Config, params, xs, h0, h, dh):
     lam = lax.cond(
       _any_sequence(bad, cfg), lambda: jnp.where(bad[:, None, None], exact(), lam), lambda: lam
     )
-  _, pullback = jax.vjp(_batched(cell), params, h_prev, xs)
+  _, pullback = jax.vjp(batched_cell(cell), params, h_prev, xs)
   dparams, dh_prev, dxs = pullback(lam.astype(h.dtype))
   # Each shard holds its own steps' (and batch rows') share of the parameter gradient.
   dparams = lax.psum(dparams, (axis, *cfg.batch_axes))
@@ -345,7 +353,7 @@ def _sharded_solve_bwd(cell, cfg, res, cotangents):
   dparams, dxs, dh0 = run(params, xs, h0, h, _place(cfg, cotangents[0], seq))
   finite = all_finite(dh0) & tree_all_finite(dxs, h0.shape[0])
   params_finite = jnp.all(tree_all_finite(dparams))
-  warn = functools.partial(_warn_nonfinite_gradient, name="newton_rnn_sharded")
+  warn = functools.partial(warn_nonfinite_gradient, name="newton_rnn_sharded")
   lax.cond(
     jnp.all(finite) & params_finite,
     lambda: None,
@@ -357,21 +365,25 @@ def _sharded_solve_bwd(cell, cfg, res, cotangents):
 _sharded_solve.defvjp(_sharded_solve_fwd, _sharded_solve_bwd)
 
 
-_warn_sharded_unconverged = functools.partial(_warn_unconverged, name="newton_rnn_sharded")
+_warn_sharded_unconverged = functools.partial(warn_unconverged, name="newton_rnn_sharded")
 
 
-def _solve(cell, cfg, warn, params, xs, h0):
+@jit_per_cell
+def _solve(cell, cfg, params, xs, h0):
   params = _place(cfg, params, P())
   xs = _place(cfg, xs, cfg.sequence_spec)
   h0 = _place(cfg, h0, cfg.batch_spec)
   h, stats = _sharded_solve(cell, cfg, params, xs, h0)
-  if warn:
-    # Replicated first: the host callback reads them from one device.
-    jax.debug.callback(_warn_sharded_unconverged, *_place(cfg, (stats[2], stats[1]), P()))
+  if cfg.fallback is None:
+    # Replicated first: the host callback reads them from one device, and runs only when a
+    # sequence did not converge (diagnostics carry no gradient).
+    converged, residual = _place(cfg, lax.stop_gradient((stats[2], stats[1])), P())
+    lax.cond(
+      jnp.all(converged),
+      lambda: None,
+      lambda: jax.debug.callback(_warn_sharded_unconverged, converged, residual),
+    )
   return h, stats
-
-
-_solve_jit = jax.jit(_solve, static_argnums=(0, 1, 2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,19 +393,18 @@ _solve_jit = jax.jit(_solve, static_argnums=(0, 1, 2))
 def newton_rnn_sharded(
   cell: Cell,
   params,
-  xs,
-  h0: jax.Array,
+  xs: RNNInputs,
+  h0: RNNState,
   *,
   mesh: Mesh,
   axis_name: str = "sequence",
   batch_axes: str | tuple[str, ...] | None = None,
-  jacobian: str | JacobianStructure = "auto",
+  jacobian: Literal["auto"] | JacobianKind | JacobianStructure = "auto",
   max_iters: int | None = None,
   tol: float | None = None,
   damping: float | None = None,
-  fallback: str | None = "sequential",
-  return_info: bool = False,
-):
+  fallback: Fallback = "sequential",
+) -> tuple[RNNStates, NewtonInfo]:
   """``jaxrec.ops.newton_rnn`` with the time axis sharded over the mesh axis ``axis_name``.
 
   Same cell contract, Jacobian structures, defaults, convergence test, fallback and adjoint
@@ -418,52 +429,44 @@ def newton_rnn_sharded(
     max_iters: Newton iterations at most; default 10 (fp32) or 16 (fp64).
     tol: absolute residual tolerance, scaled by ``max(1, max|h|)``; default 1e-6 (fp32) or
       1e-12 (fp64).
-    damping: ``None`` or ``λ ≥ 0`` for ``damp_jacobian``.
+    damping: ``None`` or ``λ ≥ 0`` for ``newton_core.damp_jacobian``.
     fallback: ``"sequential"`` recomputes the unconverged (or non-finite) sequences exactly,
       shard after shard (module docstring), and likewise a non-finite adjoint in the backward
-      pass; ``None`` returns the last iterate, reported in ``info`` (and with a
-      ``RuntimeWarning`` when ``return_info=False``). A non-finite gradient always warns.
-    return_info: also return a ``NewtonInfo``.
+      pass; ``None`` returns the last iterate, reported in ``info`` and by a ``RuntimeWarning``
+      when a sequence did not converge. A non-finite gradient always warns.
 
   Returns:
-    ``h [B, T, D]`` sharded like ``xs``, or ``(h, info)`` with ``return_info``.
+    ``(h, info)``: ``h [B, T, D]`` sharded like ``xs`` and the ``NewtonInfo`` diagnostics.
   """
-  batch, t, width = _validate(cell, params, xs, h0, max_iters, tol, damping, fallback)
-  batch_axes = _check_mesh(mesh, axis_name, batch_axes, batch, t)
-  structure = _as_structure(jacobian)
-  if structure is None:
-    x_t = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), xs)
-    structure = detect_jacobian_structure(cell, params, x_t, h0[0])
-  if width % structure.k(width):
-    raise ValueError(
-      f"jacobian: block size {structure.k(width)} does not divide the state width D={width}"
-    )
-  fp64 = jnp.dtype(h0.dtype) == jnp.float64
-  if tol is None:
-    tol = 1e-12 if fp64 else max(1e-6, 8 * float(jnp.finfo(h0.dtype).eps))
+  batch, t, _ = validate_newton_args(
+    cell,
+    params,
+    xs,
+    h0,
+    jacobian=jacobian,
+    max_iters=max_iters,
+    tol=tol,
+    damping=damping,
+    fallback=fallback,
+  )
+  batch_axes = _check_mesh(mesh=mesh, axis_name=axis_name, batch_axes=batch_axes, batch=batch, t=t)
+  structure = resolve_jacobian(jacobian, cell, params, xs, h0)
+  tol = default_tol(h0.dtype) if tol is None else tol
   cfg = _Config(
     structure=structure,
     mesh=mesh,
     axis_name=axis_name,
     batch_axes=batch_axes,
-    max_iters=max_iters if max_iters is not None else (16 if fp64 else 10),
+    max_iters=default_max_iters(h0.dtype) if max_iters is None else max_iters,
     tol=tol,
     damping=None if damping is None else float(damping),
     fallback=fallback,
   )
-  try:
-    hash(cell)
-    solve = _solve_jit
-  except TypeError:
-    solve = _solve
-  warn = fallback is None and not return_info
-  h, (iterations, residual, converged, fell_back) = solve(cell, cfg, warn, params, xs, h0)
-  if not return_info:
-    return h
+  h, (iterations, residual, converged, fell_back) = _solve(cell, cfg, params, xs, h0)
   return h, NewtonInfo(iterations, residual, converged, fell_back, structure, tol)
 
 
-def _check_mesh(mesh, axis_name, batch_axes, batch, t) -> tuple[str, ...]:
+def _check_mesh(*, mesh, axis_name, batch_axes, batch, t) -> tuple[str, ...]:
   """Checks the mesh axes and that they divide ``B`` and ``T``; returns ``batch_axes``."""
   if axis_name not in mesh.axis_names:
     raise ValueError(

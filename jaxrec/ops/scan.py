@@ -1,7 +1,8 @@
 """Diagonal linear recurrences ``h_t = a_t * h_{t-1} + b_t``.
 
-This is the core every recurrent mixer in jaxrec reduces to. Axes: ``B`` batch, ``T`` time, then
-any number of feature axes (``...``), so ``a, b`` are ``[B, T, ...]`` and states are ``[B, ...]``.
+This is the core every recurrent mixer in jaxrec reduces to. Axes (``jaxrec.typing``): ``B`` batch,
+``T`` time, then any number of feature axes ``*F``, so ``a, b`` are ``[B, T, *F]`` and states are
+``[B, *F]``.
 
 Forms, selected with ``method``:
 
@@ -21,27 +22,32 @@ g_{t+1}`` is itself a linear recurrence run in the opposite direction with the s
 
 import functools
 import math
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from jaxrec.ops import _checks, _dispatch
+from jaxrec.ops.segments import segment_starts
+from jaxrec.typing import ScanInputs, ScanState, SegmentIds
 from pallas_kernels import linear_scan as pallas_scan
 
-METHODS = ("auto", "sequential", "associative", "chunk", "pallas")
+ScanMethod = Literal["auto", "sequential", "associative", "chunk", "pallas"]
+METHODS = get_args(ScanMethod)
 
 
 def linear_scan(
-  a: jax.Array,
-  b: jax.Array,
+  a: ScanInputs,
+  b: ScanInputs,
   *,
-  initial_state: jax.Array | None = None,
+  initial_state: ScanState | None = None,
+  output_final_state: bool = False,
   reverse: bool = False,
-  segment_ids: jax.Array | None = None,
-  method: str = "auto",
+  segment_ids: SegmentIds | None = None,
+  method: ScanMethod = "auto",
   chunk_size: int | None = None,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[ScanInputs, ScanState | None]:
   """Runs ``h_t = a_t * h_{t-1} + b_t`` over axis 1.
 
   Args:
@@ -49,17 +55,26 @@ def linear_scan(
     b: input, same shape as ``a``.
     initial_state: ``h_{-1}``, ``[B, ...]``; zeros when ``None``. With ``reverse=True`` it is the
       state after the last step, ``h_T``.
+    output_final_state: also return the final state.
     reverse: run from ``t = T-1`` down to 0, ``h_t = a_t * h_{t+1} + b_t``.
     segment_ids: integer ``[B, T]``; the recurrence restarts from zero wherever the id changes
-      (packed documents). ``initial_state`` only feeds the first segment.
+      (packed documents, see ``segment_starts``). ``initial_state`` only feeds the first segment.
     method: ``"auto" | "sequential" | "associative" | "chunk" | "pallas"``.
     chunk_size: steps per chunk for ``"chunk"``; default about ``sqrt(T)``.
 
   Returns:
-    ``(h, h_last)``: all states ``[B, T, ...]`` in the input dtype, and the final state
-    ``[B, ...]`` (at ``t = T-1``, or ``t = 0`` when ``reverse``) in fp32 (fp64 for fp64 inputs).
+    ``(h, final_state)``: all states ``[B, T, ...]`` in the input dtype, and, when
+    ``output_final_state``, the final state ``[B, ...]`` (at ``t = T-1``, or ``t = 0`` when
+    ``reverse``) in fp32 (fp64 for fp64 inputs), else ``None``.
   """
-  _validate(a, b, initial_state, segment_ids, method, chunk_size)
+  _validate(
+    a=a,
+    b=b,
+    initial_state=initial_state,
+    segment_ids=segment_ids,
+    method=method,
+    chunk_size=chunk_size,
+  )
   cdt = _checks.compute_dtype(a, b)
   out_dtype = jnp.result_type(a, b)
   a = a.astype(cdt)
@@ -67,7 +82,7 @@ def linear_scan(
   h0 = jnp.zeros((a.shape[0], *a.shape[2:]), cdt) if initial_state is None else initial_state
   h0 = h0.astype(cdt)
   if segment_ids is not None:
-    reset = _segment_starts(segment_ids, reverse)
+    reset = segment_starts(segment_ids, reverse=reverse)
     a = jnp.where(reset.reshape(reset.shape + (1,) * (a.ndim - 2)), 0.0, a)
 
   method = _resolve_method(method)
@@ -75,13 +90,15 @@ def linear_scan(
     h = pallas_scan.linear_scan(a, b, h0, reverse=reverse, interpret=_dispatch.pallas_interpret())
   else:
     chunk = chunk_size or _default_chunk(a.shape[1])
-    h = _scan(a, b, h0, method, reverse, chunk)
-  h_last = h[:, 0] if reverse else h[:, -1]
-  return h.astype(out_dtype), h_last
+    h = _scan(a, b, h0, method=method, reverse=reverse, chunk=chunk)
+  final_state = None
+  if output_final_state:
+    final_state = h[:, 0] if reverse else h[:, -1]
+  return h.astype(out_dtype), final_state
 
 
-def _validate(a, b, initial_state, segment_ids, method, chunk_size):
-  _checks.check_method(method, METHODS)
+def _validate(*, a, b, initial_state, segment_ids, method, chunk_size):
+  _checks.check_choice("method", method, METHODS)
   _checks.check_float("a", a)
   _checks.check_float("b", b)
   if jnp.ndim(a) < 2:
@@ -96,7 +113,7 @@ def _validate(a, b, initial_state, segment_ids, method, chunk_size):
     raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
 
 
-def _resolve_method(method: str) -> str:
+def _resolve_method(method: ScanMethod) -> ScanMethod:
   if method != "auto":
     return method
   # Measured in BENCHMARKS.md: on TPU the Pallas kernel (recurrentgemma's choice); on GPU the
@@ -107,15 +124,6 @@ def _resolve_method(method: str) -> str:
 
 def _default_chunk(t: int) -> int:
   return max(8, 2 ** round(math.log2(max(math.sqrt(t), 1))))
-
-
-def _segment_starts(segment_ids: jax.Array, reverse: bool) -> jax.Array:
-  """True at the steps whose predecessor (in scan direction) lies in another segment."""
-  if reverse:
-    change = segment_ids[:, :-1] != segment_ids[:, 1:]
-    return jnp.pad(change, ((0, 0), (0, 1)))
-  change = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.pad(change, ((0, 0), (1, 0)))
 
 
 # ----------------------------------------------------------------------------------------------

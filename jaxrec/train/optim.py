@@ -89,7 +89,7 @@ def weight_decay_mask(params):
   """True for the parameters AdamW should decay.
 
   A parameter's own say comes first: ``weight_decay`` metadata on its ``nnx.Variable``, set with
-  ``jaxrec.layers._params.logical_param(..., weight_decay=False)``, is obeyed whatever its shape.
+  ``jaxrec.layers.logical_param(..., weight_decay=False)``, is obeyed whatever its shape.
   Recurrent-gate parameters use it: ParaRNN's recurrent diagonals and peepholes are ``[3, H, N/H]``
   arrays, matrices by their shape, but decay would pull them towards a cell that ignores its
   state (Mamba keeps its ``A_log`` out of weight decay for the same reason). Later mixers'

@@ -30,23 +30,23 @@ def _chunks_per_block(num_chunks: int, interpret: bool) -> int:
   return 1 if compiled_on("tpu", interpret) else num_chunks
 
 
-def _block_v(v_dim: int, interpret: bool) -> int:
+def _block_v(value_dim: int, interpret: bool) -> int:
   if compiled_on("tpu", interpret):
-    return 128 if v_dim > 128 and v_dim % 128 == 0 else v_dim  # lane-aligned or full
+    return 128 if value_dim > 128 and value_dim % 128 == 0 else value_dim  # lane-aligned or full
   if compiled_on("gpu", interpret):
     # Value blocks are independent programs: more of them fill more SMs, and a [K, 32] state
     # leaves registers for the [c, c, K] decays.
-    return 32 if v_dim > 32 and v_dim % 32 == 0 else v_dim
-  return v_dim
+    return 32 if value_dim > 32 and value_dim % 32 == 0 else value_dim
+  return value_dim
 
 
-def _compiler_params(interpret: bool, k_dim: int):
+def _compiler_params(interpret: bool, key_dim: int):
   # On GPU the [c, c, K] fp32 decays take c²K / (32 · num_warps) registers a thread: 128 at
   # K <= 64 with 4 warps, and at K = 128 with 8.
   return compiler_params(
     interpret,
     dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
-    num_warps=4 if k_dim <= 64 else 8,
+    num_warps=4 if key_dim <= 64 else 8,
     num_stages=1,
   )
 
@@ -137,28 +137,28 @@ class _Tiling(NamedTuple):
   num_chunks: int
   chunk: int
   sub: int
-  k_dim: int
-  v_dim: int
+  key_dim: int
+  value_dim: int
   block_v: int
   nb: int
 
   @property
   def grid(self):
-    return (self.batch, self.heads, self.v_dim // self.block_v, self.num_chunks // self.nb)
+    return (self.batch, self.heads, self.value_dim // self.block_v, self.num_chunks // self.nb)
 
 
 def _tiling(q, v, interpret) -> _Tiling:
-  batch, heads, n, chunk, k_dim = q.shape
-  v_dim = v.shape[-1]
+  batch, heads, n, chunk, key_dim = q.shape
+  value_dim = v.shape[-1]
   return _Tiling(
     batch,
     heads,
     n,
     chunk,
     subchunk.sub_chunk(chunk),
-    k_dim,
-    v_dim,
-    _block_v(v_dim, interpret),
+    key_dim,
+    value_dim,
+    _block_v(value_dim, interpret),
     _chunks_per_block(n, interpret),
   )
 
@@ -171,18 +171,20 @@ def _specs(t: _Tiling, seg: bool, reverse: bool):
   def tb(i):
     return n_t - 1 - i if reverse else i
 
-  qk = pl.BlockSpec((sq, sq, t.nb, t.chunk, t.k_dim), lambda b, h, j, i: (b, h, tb(i), 0, 0))
+  qk = pl.BlockSpec((sq, sq, t.nb, t.chunk, t.key_dim), lambda b, h, j, i: (b, h, tb(i), 0, 0))
   v = pl.BlockSpec((sq, sq, t.nb, t.chunk, t.block_v), lambda b, h, j, i: (b, h, tb(i), 0, j))
   gl = pl.BlockSpec(
-    (sq, sq, t.nb, t.chunk // t.sub, t.k_dim, 1), lambda b, h, j, i: (b, h, tb(i), 0, 0, 0)
+    (sq, sq, t.nb, t.chunk // t.sub, t.key_dim, 1), lambda b, h, j, i: (b, h, tb(i), 0, 0, 0)
   )
   ins = [qk, qk, v, qk, gl]
   if seg:
     pair = pl.BlockSpec((sq, t.nb, t.chunk, t.sub), lambda b, h, j, i: (b, tb(i), 0, 0))
     col = pl.BlockSpec((sq, t.nb, t.chunk, 1), lambda b, h, j, i: (b, tb(i), 0, 0))
     ins += [pair, col, col]
-  state = pl.BlockSpec((sq, sq, t.k_dim, t.block_v), lambda b, h, j, i: (b, h, 0, j))
-  states = pl.BlockSpec((sq, sq, t.nb, t.k_dim, t.block_v), lambda b, h, j, i: (b, h, tb(i), 0, j))
+  state = pl.BlockSpec((sq, sq, t.key_dim, t.block_v), lambda b, h, j, i: (b, h, 0, j))
+  states = pl.BlockSpec(
+    (sq, sq, t.nb, t.key_dim, t.block_v), lambda b, h, j, i: (b, h, tb(i), 0, j)
+  )
   return ins, v, state, states
 
 
@@ -227,7 +229,7 @@ def forward(
     out_specs.append(v_spec)
   if emit_states:
     out_shape.append(
-      jax.ShapeDtypeStruct((t.batch, t.heads, t.num_chunks, t.k_dim, t.v_dim), jnp.float32)
+      jax.ShapeDtypeStruct((t.batch, t.heads, t.num_chunks, t.key_dim, t.value_dim), jnp.float32)
     )
     out_specs.append(states_spec)
   out_shape.append(jax.ShapeDtypeStruct(h0.shape, jnp.float32))
@@ -244,7 +246,7 @@ def forward(
     grid=t.grid,
     in_specs=[*in_specs, state_spec],
     out_specs=tuple(out_specs),
-    compiler_params=_compiler_params(interpret, t.k_dim),
+    compiler_params=_compiler_params(interpret, t.key_dim),
     interpret=interpret,
     name="gla_fwd",
   )(q, k, v, g, g_last_col, *(seg or ()), h0)
@@ -274,11 +276,11 @@ def backward(q, k, v, g, g_last_col, seg, states, do, dht, *, scale, interpret=F
   """
   t = _tiling(q, v, interpret)
   in_specs, v_spec, state_spec, states_spec = _specs(t, seg is not None, reverse=True)
-  n_v = t.v_dim // t.block_v
+  n_v = t.value_dim // t.block_v
   n_t = t.num_chunks // t.nb
   sq = pl.Squeezed()
   share_spec = pl.BlockSpec(
-    (sq, sq, sq, t.nb, t.chunk, t.k_dim), lambda b, h, j, i: (j, b, h, n_t - 1 - i, 0, 0)
+    (sq, sq, sq, t.nb, t.chunk, t.key_dim), lambda b, h, j, i: (j, b, h, n_t - 1 - i, 0, 0)
   )
   share = jax.ShapeDtypeStruct((n_v, *q.shape), jnp.float32)
   return pl.pallas_call(
@@ -293,7 +295,7 @@ def backward(q, k, v, g, g_last_col, seg, states, do, dht, *, scale, interpret=F
     grid=t.grid,
     in_specs=[*in_specs, states_spec, v_spec, state_spec],
     out_specs=(share_spec, share_spec, share_spec, v_spec, state_spec),
-    compiler_params=_compiler_params(interpret, t.k_dim),
+    compiler_params=_compiler_params(interpret, t.key_dim),
     interpret=interpret,
     name="gla_bwd",
   )(q, k, v, g, g_last_col, *(seg or ()), states, do, dht)

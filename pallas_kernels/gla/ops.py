@@ -4,8 +4,8 @@ Per batch row and head, with a fp32 ``[K, V]`` state (GLA, Yang et al. 2024)::
 
   S_t = diag(exp(g_t)) S_{t-1} + k_t v_tᵀ        o_t = scale · q_tᵀ S_t
 
-Axes: ``B`` batch, ``T`` time, ``H`` heads, ``K`` key dim, ``V`` value dim, ``N = T / C`` chunks
-of ``C`` steps. This module reshapes to the kernels' ``[B, H, N, C, D]`` layout, cumulates the
+Axes (the letters of ``jaxrec.typing``): ``B`` batch, ``T`` time, ``H`` heads, ``K`` key width
+``key_dim``, ``V`` value width ``value_dim``, ``N = T / C`` chunks of ``C`` steps. This module reshapes to the kernels' ``[B, H, N, C, D]`` layout, cumulates the
 log-decay and builds the segment masks in XLA, and wraps the two ``pallas_call`` s of
 ``kernel.py`` in a ``jax.custom_vjp`` (``pallas_call`` has no autodiff rule).
 
@@ -23,23 +23,29 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import tpu as pltpu
+from jaxtyping import Bool, Float
 
 from pallas_kernels._backend import compiled_on
 from pallas_kernels.gla import kernel, subchunk
 
+Queries = Float[jax.Array, "B T H K"]
+Values = Float[jax.Array, "B T H V"]
+MatrixState = Float[jax.Array, "B H K V"]
+SegmentStarts = Bool[jax.Array, "B T"]
+
 
 def chunk_gla(
-  q: jax.Array,
-  k: jax.Array,
-  v: jax.Array,
-  log_decay: jax.Array,
-  initial_state: jax.Array | None,
-  segment_ids: jax.Array | None,
+  q: Queries,
+  k: Queries,
+  v: Values,
+  log_decay: Queries,
   *,
+  initial_state: MatrixState | None = None,
+  segment_starts: SegmentStarts | None = None,
   scale: float,
   chunk_size: int,
   interpret: bool | pltpu.InterpretParams,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[Values, MatrixState]:
   """Gated linear attention over axis 1, chunk by chunk, in Pallas kernels.
 
   Args:
@@ -48,8 +54,9 @@ def chunk_gla(
     v: values, ``[B, T, H, V]``.
     log_decay: ``g``, ``[B, T, H, K]``, fp32, expected ``<= 0`` (per key channel).
     initial_state: fp32 ``[B, H, K, V]``; zeros when ``None``.
-    segment_ids: int32 ``[B, T]`` or ``None``; the state restarts from zero at the first step of
-      every new segment (where the id changes). ``initial_state`` only feeds the first one.
+    segment_starts: bool ``[B, T]`` or ``None``: true at the first step of every packed document
+      but the first (``jaxrec.ops.segment_starts``), where the state restarts from zero;
+      ``initial_state`` only feeds the first document.
     scale: query scale.
     chunk_size: ``C``, steps per chunk; ``T`` must be a multiple (the caller pads). The kernels
       take ``C`` steps per grid step and keep one state per chunk for the backward pass; inside a
@@ -61,26 +68,33 @@ def chunk_gla(
     ``(o, final_state)``: ``o`` ``[B, T, H, V]`` in ``q``'s dtype, ``final_state`` fp32
     ``[B, H, K, V]``.
   """
-  _validate(q, k, v, log_decay, initial_state, segment_ids, chunk_size, interpret)
-  batch, _, heads, k_dim = q.shape
+  _validate(
+    q=q,
+    k=k,
+    v=v,
+    log_decay=log_decay,
+    initial_state=initial_state,
+    segment_starts=segment_starts,
+    chunk_size=chunk_size,
+    interpret=interpret,
+  )
+  batch, _, heads, key_dim = q.shape
   if initial_state is None:
-    initial_state = jnp.zeros((batch, heads, k_dim, v.shape[-1]), jnp.float32)
-  if segment_ids is not None:
-    segment_ids = segment_ids.astype(jnp.int32)
+    initial_state = jnp.zeros((batch, heads, key_dim, v.shape[-1]), jnp.float32)
   return _chunk_gla(
     q,
     k,
     v,
     log_decay.astype(jnp.float32),
     initial_state.astype(jnp.float32),
-    segment_ids,
-    float(scale),
-    chunk_size,
-    interpret,
+    segment_starts,
+    scale=float(scale),
+    chunk=chunk_size,
+    interpret=interpret,
   )
 
 
-def _validate(q, k, v, log_decay, initial_state, segment_ids, chunk_size, interpret):
+def _validate(*, q, k, v, log_decay, initial_state, segment_starts, chunk_size, interpret):
   for name, x in (("q", q), ("k", k), ("v", v), ("log_decay", log_decay)):
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
       raise ValueError(f"{name}: expected a floating dtype, got {jnp.result_type(x)}")
@@ -89,22 +103,22 @@ def _validate(q, k, v, log_decay, initial_state, segment_ids, chunk_size, interp
   for name, x in (("k", k), ("log_decay", log_decay)):
     if jnp.shape(x) != jnp.shape(q):
       raise ValueError(f"{name}: expected shape {q.shape} [B, T, H, K], got {jnp.shape(x)}")
-  batch, t, heads, k_dim = q.shape
+  batch, t, heads, key_dim = q.shape
   if jnp.ndim(v) != 4 or v.shape[:3] != (batch, t, heads):
     raise ValueError(f"v: expected shape ({batch}, {t}, {heads}, V) [B, T, H, V], got {v.shape}")
-  if initial_state is not None and initial_state.shape != (batch, heads, k_dim, v.shape[-1]):
-    want = (batch, heads, k_dim, v.shape[-1])
+  if initial_state is not None and initial_state.shape != (batch, heads, key_dim, v.shape[-1]):
+    want = (batch, heads, key_dim, v.shape[-1])
     raise ValueError(
       f"initial_state: expected shape {want} [B, H, K, V], got {jnp.shape(initial_state)}"
     )
-  if segment_ids is not None:
-    if jnp.shape(segment_ids) != (batch, t):
+  if segment_starts is not None:
+    if jnp.shape(segment_starts) != (batch, t):
       raise ValueError(
-        f"segment_ids: expected shape {(batch, t)} [B, T], got {jnp.shape(segment_ids)}"
+        f"segment_starts: expected shape {(batch, t)} [B, T], got {jnp.shape(segment_starts)}"
       )
-    if not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
+    if jnp.result_type(segment_starts) != jnp.bool_:
       raise ValueError(
-        f"segment_ids: expected an integer dtype, got {jnp.result_type(segment_ids)}"
+        f"segment_starts: expected a bool dtype, got {jnp.result_type(segment_starts)}"
       )
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
@@ -112,7 +126,7 @@ def _validate(q, k, v, log_decay, initial_state, segment_ids, chunk_size, interp
     raise ValueError(f"q: expected T a positive multiple of chunk_size={chunk_size}, got T={t}")
   if compiled_on("gpu", interpret):
     # Triton register tensors have power-of-2 sizes and its dots need every dim >= 16.
-    for name, d in (("chunk_size", chunk_size), ("K", k_dim), ("V", v.shape[-1])):
+    for name, d in (("chunk_size", chunk_size), ("key_dim", key_dim), ("value_dim", v.shape[-1])):
       if d < 16 or d & (d - 1):
         raise ValueError(f"{name}: expected a power of 2 >= 16 on GPU, got {d}")
 
@@ -133,30 +147,24 @@ def _from_chunks(x):
   return x.transpose(0, 2, 3, 1, 4).reshape(batch, n * chunk, heads, d)
 
 
-def _resets(segment_ids):
-  """``[B, T]`` bool: the step starts a new segment (never step 0)."""
-  change = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.pad(change, ((0, 0), (1, 0)))
-
-
 def _cumulated_decay(g, chunk):
   """The log-decay cumulated within each sub-chunk, in the kernel layout, and its last rows."""
-  batch, t, heads, k_dim = g.shape
+  batch, t, heads, key_dim = g.shape
   c = subchunk.sub_chunk(chunk)
-  g_cum = jnp.cumsum(g.reshape(batch, t // c, c, heads, k_dim), axis=2)
-  g_last = g_cum[:, :, -1].reshape(batch, t // chunk, chunk // c, heads, k_dim)
+  g_cum = jnp.cumsum(g.reshape(batch, t // c, c, heads, key_dim), axis=2)
+  g_last = g_cum[:, :, -1].reshape(batch, t // chunk, chunk // c, heads, key_dim)
   g_last_col = g_last.transpose(0, 3, 1, 2, 4)[..., None]  # [B, H, N, C / c, K, 1]
   return _to_chunks(g_cum.reshape(g.shape), chunk), g_last_col
 
 
-def _segment_masks(segment_ids, chunk) -> subchunk.SegmentMasks | None:
-  """Masks from run indices: ``run_t`` counts the resets up to ``t``, so two steps share a
-  segment iff their runs are equal (ids may repeat non-adjacently)."""
-  if segment_ids is None:
+def _segment_masks(starts, chunk) -> subchunk.SegmentMasks | None:
+  """Masks from run indices: ``run_t`` counts the segment starts up to ``t``, so two steps share
+  a segment iff their runs are equal."""
+  if starts is None:
     return None
-  batch, t = segment_ids.shape
+  batch, t = starts.shape
   c = subchunk.sub_chunk(chunk)
-  run = jnp.cumsum(_resets(segment_ids), axis=1, dtype=jnp.int32).reshape(batch, t // c, c)
+  run = jnp.cumsum(starts, axis=1, dtype=jnp.int32).reshape(batch, t // c, c)
   # The state entering sub-chunk u belongs to the run of the step before it (run 0 for u = 0:
   # the initial state feeds the first segment).
   run_in = jnp.pad(run[:, :-1, -1], ((0, 0), (1, 0)))
@@ -176,29 +184,29 @@ def _segment_masks(segment_ids, chunk) -> subchunk.SegmentMasks | None:
 # custom_vjp.
 
 
-def _prepare(q, k, v, g, segment_ids, chunk):
+def _prepare(q, k, v, g, starts, chunk):
   g_cum, g_last_col = _cumulated_decay(g, chunk)
   chunks = tuple(_to_chunks(x, chunk) for x in (q, k, v))
-  return (*chunks, g_cum, g_last_col, _segment_masks(segment_ids, chunk))
+  return (*chunks, g_cum, g_last_col, _segment_masks(starts, chunk))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _chunk_gla(q, k, v, g, h0, segment_ids, scale, chunk, interpret):
+def _chunk_gla(q, k, v, g, h0, starts, scale, chunk, interpret):
   o, _, ht = kernel.forward(
-    *_prepare(q, k, v, g, segment_ids, chunk), h0, scale=scale, interpret=interpret
+    *_prepare(q, k, v, g, starts, chunk), h0, scale=scale, interpret=interpret
   )
   return _from_chunks(o), ht
 
 
-def _chunk_gla_fwd(q, k, v, g, h0, segment_ids, scale, chunk, interpret):
-  out = _chunk_gla(q, k, v, g, h0, segment_ids, scale, chunk, interpret)
-  return out, (q, k, v, g, h0, segment_ids)
+def _chunk_gla_fwd(q, k, v, g, h0, starts, scale, chunk, interpret):
+  out = _chunk_gla(q, k, v, g, h0, starts, scale=scale, chunk=chunk, interpret=interpret)
+  return out, (q, k, v, g, h0, starts)
 
 
 def _chunk_gla_bwd(scale, chunk, interpret, res, cts):
-  q, k, v, g, h0, segment_ids = res
+  q, k, v, g, h0, starts = res
   do, dht = cts
-  prepared = _prepare(q, k, v, g, segment_ids, chunk)
+  prepared = _prepare(q, k, v, g, starts, chunk)
   # Chunk-entry states, recomputed rather than kept from the forward pass (as FLA does).
   _, states, _ = kernel.forward(
     *prepared, h0, scale=scale, emit_output=False, emit_states=True, interpret=interpret
@@ -212,12 +220,12 @@ def _chunk_gla_bwd(scale, chunk, interpret, res, cts):
     interpret=interpret,
   )
   dq, dk, dg = (_from_chunks(x.sum(0)) for x in (dq, dk, dg))
-  batch, t, heads, k_dim = g.shape
+  batch, t, heads, key_dim = g.shape
   c = subchunk.sub_chunk(chunk)
-  dg = lax.cumsum(dg.reshape(batch, t // c, c, heads, k_dim), axis=2, reverse=True)
+  dg = lax.cumsum(dg.reshape(batch, t // c, c, heads, key_dim), axis=2, reverse=True)
   dg = dg.reshape(g.shape)
-  if segment_ids is not None:
-    dg = jnp.where(_resets(segment_ids)[..., None, None], 0.0, dg)
+  if starts is not None:
+    dg = jnp.where(starts[..., None, None], 0.0, dg)
   return dq.astype(q.dtype), dk.astype(k.dtype), _from_chunks(dv), dg, dh0, None
 
 

@@ -15,22 +15,26 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Float
 
 from pallas_kernels.linear_scan import kernel
 
+ScanInputs = Float[jax.Array, "B T *F"]
+ScanState = Float[jax.Array, "B *F"]
+
 
 def linear_scan(
-  a: jax.Array,
-  b: jax.Array,
-  h0: jax.Array,
+  a: ScanInputs,
+  b: ScanInputs,
+  h0: ScanState,
   *,
   reverse: bool = False,
   interpret: bool = False,
   block_t: int | None = None,
-) -> jax.Array:
+) -> ScanInputs:
   """Runs ``h_t = a_t * h_{t-1} + b_t`` over axis 1 with a Pallas kernel.
 
-  Axes: ``B`` batch, ``T`` time, then any feature axes ``...`` (flattened to one inside).
+  Axes: ``B`` batch, ``T`` time, then any feature axes ``*F`` (flattened to one inside).
 
   Args:
     a: decay, ``[B, T, ...]``, fp32.

@@ -8,7 +8,7 @@ The cell contract is ParaRNN's (arXiv 2510.21450, §3) with the input projection
 and of every ``params`` leaf, the channel being the last axis of each leaf (0-d leaves are shared
 by all channels). Then the step Jacobian is diagonal (``k = 1``) or made of ``k×k`` blocks, and
 the kernel can run the cell on any block of channels. ``check_elementwise`` probes this with
-``jax.jacfwd`` before the first call, as ``jaxrec.ops.newton`` probes the Jacobian structure.
+``jax.jacfwd`` before the first call, as ``jaxrec.ops.newton_core`` probes the Jacobian structure.
 
 This module is forward only: the result is the root of ``h_t = cell(h_{t-1}, x_t)``, whose
 gradient is the adjoint (implicit) one rather than a derivative of the iterations;
@@ -18,34 +18,40 @@ gradient is the adjoint (implicit) one rather than a derivative of the iteration
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jaxtyping import Float, PyTree, Shaped
 
 from pallas_kernels._backend import compiled_on
 from pallas_kernels.newton import kernel
 
-LAYOUTS = ("stacked", "interleaved")
+Layout = Literal["stacked", "interleaved"]
+LAYOUTS = get_args(Layout)
+RNNState = Float[jax.Array, "B D"]
+RNNStates = Float[jax.Array, "B T D"]
+RNNInputs = PyTree[Shaped[jax.Array, "B T *X"]]
 _PROBE_CHANNELS = 4  # enough to see any coupling between channels
 
 
 def newton_solve(
   cell: Callable,
   params,
-  xs,
-  h0: jax.Array,
+  xs: RNNInputs,
+  h0: RNNState,
   *,
   num_iters: int,
   block_size: int = 1,
-  layout: str = "stacked",
+  layout: Layout = "stacked",
   damping: float | None = None,
   block_t: int | None = None,
   block_f: int | None = None,
   time_blocks_per_program: int | None = None,
   interpret: bool = False,
-) -> jax.Array:
+) -> RNNStates:
   """``num_iters`` Newton iterations on ``h_t = cell(params, h_{t-1}, x_t)``, fused in a kernel.
 
   Starts from ``h_t = cell(0, x_t)`` (``h_0 = cell(h0, x_0)``) and runs exactly ``num_iters``
@@ -77,7 +83,16 @@ def newton_solve(
     ``h [B, T, D]`` in ``h0``'s dtype.
   """
   _validate(
-    cell, h0, xs, num_iters, block_size, layout, damping, block_t, block_f, time_blocks_per_program
+    cell=cell,
+    h0=h0,
+    xs=xs,
+    num_iters=num_iters,
+    block_size=block_size,
+    layout=layout,
+    damping=damping,
+    block_t=block_t,
+    block_f=block_f,
+    time_blocks_per_program=time_blocks_per_program,
   )
   width = h0.shape[1]
   k = block_size
@@ -131,14 +146,14 @@ def newton_solve(
   return _from_components(h, layout)
 
 
-def _to_components(h: jax.Array, k: int, layout: str) -> jax.Array:
+def _to_components(h: jax.Array, k: int, layout: Layout) -> jax.Array:
   """``[..., D] -> [..., k, d]``."""
   if layout == "interleaved":
     return jnp.swapaxes(h.reshape(*h.shape[:-1], -1, k), -1, -2)
   return h.reshape(*h.shape[:-1], k, -1)
 
 
-def _from_components(h: jax.Array, layout: str) -> jax.Array:
+def _from_components(h: jax.Array, layout: Layout) -> jax.Array:
   """``[..., k, d] -> [..., D]``."""
   if layout == "interleaved":
     h = jnp.swapaxes(h, -1, -2)
@@ -159,7 +174,7 @@ class _TileCell:
   params_mid: tuple
   xs_def: jax.tree_util.PyTreeDef
   xs_mid: tuple
-  layout: str
+  layout: Layout
 
   def __call__(self, params, h_prev, xs):
     params = [p.reshape(*m, -1) if m else p for p, m in zip(params, self.params_mid)]
@@ -177,12 +192,12 @@ class _TileCell:
     return jax.vmap(step)(h_prev, xs)
 
 
-def check_elementwise(cell: Callable, params, x_t, h_t, *, block_size: int, layout: str) -> None:
+def check_elementwise(cell: Callable, params, x_t, h_t, *, block_size: int, layout: Layout) -> None:
   """Raises ``ValueError`` unless ``cell`` is elementwise over channels (module docstring).
 
   Probes ``jax.jacfwd`` of the cell restricted to a few channels at random points (floating leaves
   standard normal, others zero), so the check is structural, like the Jacobian-structure probe of
-  ``jaxrec.ops.newton``; cached per cell and shapes.
+  ``jaxrec.ops.newton_core``; cached per cell and shapes.
 
   Args:
     cell: ``(params, h_prev [D], x_t) -> h_t [D]``.
@@ -212,7 +227,15 @@ def check_elementwise(cell: Callable, params, x_t, h_t, *, block_size: int, layo
   except TypeError:  # an unhashable cell is probed on every call
     probe = _coupled_inputs.__wrapped__
   try:
-    coupled = probe(cell, treedef, tuple(leaves), jnp.result_type(h_t), probe_d, block_size, layout)
+    coupled = probe(
+      cell,
+      treedef,
+      leaves=tuple(leaves),
+      h_dtype=jnp.result_type(h_t),
+      d=probe_d,
+      k=block_size,
+      layout=layout,
+    )
   except (TypeError, ValueError, IndexError) as err:
     raise ValueError(
       f"cell: expected a cell elementwise over channels, which runs on any block of them; on "
@@ -259,7 +282,7 @@ def _coupled_inputs(cell, treedef, leaves, h_dtype, d, k, layout) -> tuple[int, 
 
 
 def _validate(
-  cell, h0, xs, num_iters, block_size, layout, damping, block_t, block_f, time_blocks_per_program
+  *, cell, h0, xs, num_iters, block_size, layout, damping, block_t, block_f, time_blocks_per_program
 ):
   try:
     hash(cell)

@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from testing_utils import assert_close
 
 from jaxrec import layers
-from jaxrec.layers._params import logical_param
+from jaxrec.layers import logical_param
 
 
 def _rng(seed=0):
@@ -22,10 +23,10 @@ def test_rms_norm_matches_numpy_and_keeps_bf16():
   scale = np.asarray(norm.scale[...])
   want = x / np.sqrt(np.mean(x**2, -1, keepdims=True) + 1e-5) * scale
   f = jax.jit(lambda m, x: m(x))
-  np.testing.assert_allclose(f(norm, x), want, rtol=1e-5, atol=1e-6)
+  assert_close(f(norm, x), want, rtol=1e-5, atol=1e-6)
   got_bf16 = f(norm, x.astype(jnp.bfloat16))
   assert got_bf16.dtype == jnp.bfloat16
-  np.testing.assert_allclose(got_bf16.astype(np.float32), want, rtol=2e-2, atol=2e-2)
+  assert_close(got_bf16.astype(np.float32), want, rtol=2e-2, atol=2e-2)
 
 
 def test_swiglu_mlp_matches_numpy():
@@ -34,7 +35,7 @@ def test_swiglu_mlp_matches_numpy():
   gate, up, down = (np.asarray(d.kernel[...]) for d in (mlp.gate, mlp.up, mlp.down))
   a = x @ gate
   want = ((a / (1 + np.exp(-a))) * (x @ up)) @ down
-  np.testing.assert_allclose(jax.jit(lambda m, x: m(x))(mlp, x), want, rtol=1e-5, atol=1e-6)
+  assert_close(jax.jit(lambda m, x: m(x))(mlp, x), want, rtol=1e-5, atol=1e-6)
 
 
 def test_dense_contracts_trailing_axes_with_bias():
@@ -44,7 +45,7 @@ def test_dense_contracts_trailing_axes_with_bias():
   dense.bias[...] = np.arange(5, dtype=np.float32)
   x = _rng(3).standard_normal((4, 2, 3)).astype(np.float32)
   want = x.reshape(4, 6) @ np.asarray(dense.kernel[...]).reshape(6, 5) + np.arange(5)
-  np.testing.assert_allclose(dense(x), want, rtol=1e-5, atol=1e-6)
+  assert_close(dense(x), want, rtol=1e-5, atol=1e-6)
   assert dense.kernel.get_metadata()["out_sharding"] == ("heads", "head_dim", "embed")
   assert dense.bias.get_metadata()["out_sharding"] == ("embed",)
 
@@ -64,13 +65,11 @@ def test_rope_matches_numpy_rotation_and_is_relative():
   want = np.concatenate(
     [x1 * np.cos(angle) - x2 * np.sin(angle), x2 * np.cos(angle) + x1 * np.sin(angle)], -1
   )
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert_close(got, want, rtol=1e-5, atol=1e-5)
   # q·k depends only on the distance: shifting every position leaves the scores unchanged.
   shifted = np.asarray(layers.apply_rope(x, pos + 7, theta=100.0))
   scores = np.einsum("bthd,bshd->bhts", got, got)
-  np.testing.assert_allclose(
-    np.einsum("bthd,bshd->bhts", shifted, shifted), scores, rtol=1e-4, atol=1e-4
-  )
+  assert_close(np.einsum("bthd,bshd->bhts", shifted, shifted), scores, rtol=1e-4, atol=1e-4)
 
 
 def test_logical_param_records_weight_decay_only_when_given():

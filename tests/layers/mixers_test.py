@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from testing_utils import assert_close, mixer_outputs_and_grads
 from testing_utils import decode_token_by_token as _decode
 
 from jaxrec import layers
@@ -95,30 +96,11 @@ def _reference(case, kw):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_forward_and_gradients_match_reference(case):
   kw, mixer = _mixer(case)
-  graphdef, state = nnx.split(mixer)
-  params = nnx.to_pure_dict(state)
-
-  def layer(params, x):
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)(x)[0]
-
-  reference = _reference(case, kw)
   x = _x()
   w = np.random.default_rng(1).standard_normal(x.shape, np.float32)
-
-  def output_and_grads(f):
-    def loss(p, x):
-      y = f(p, x)
-      return jnp.sum(y * w), y
-
-    return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, x)
-
-  got_grads, got = output_and_grads(layer)
-  want_grads, want = output_and_grads(reference)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  jax.tree.map(
-    lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5), got_grads, want_grads
-  )
+  (got, got_grads), (want, want_grads) = mixer_outputs_and_grads(mixer, _reference(case, kw), x, w)
+  assert_close(got, want, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda g, r: assert_close(g, r, rtol=1e-4, atol=1e-5), got_grads, want_grads)
 
 
 @jax.jit
@@ -152,10 +134,10 @@ def test_cached_decoding_and_packing_match_full_forward(case):
   out = _cached_runs(mixer, _x(2))
   assert out["no_cache"] is None
   close = dict(rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(out["steps"], out["full"], **close)
-  np.testing.assert_allclose(out["prefill_decode"], out["full"], **close)
-  np.testing.assert_allclose(out["packed"], out["separate"], **close)
-  np.testing.assert_allclose(out["packed_cache_tail"], out["separate"][:, -2:], **close)
+  assert_close(out["steps"], out["full"], **close)
+  assert_close(out["prefill_decode"], out["full"], **close)
+  assert_close(out["packed"], out["separate"], **close)
+  assert_close(out["packed_cache_tail"], out["separate"][:, -2:], **close)
   # The packed run must differ from the unpacked one, or the check above proves nothing.
   assert np.abs(out["packed"][:, SPLIT:] - out["full"][:, SPLIT:]).max() > 1e-3
 

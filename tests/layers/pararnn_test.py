@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from testing_utils import assert_close, max_abs, mixer_outputs_and_grads
 from testing_utils import decode_token_by_token as _decode
 
 import jaxrec
@@ -80,30 +81,12 @@ def _reference(kind, p, x, eps=1e-6):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_forward_and_gradients_match_sequential_scan(kind):
-  mixer = _mixer(kind)
-  graphdef, state = nnx.split(mixer)
-  params = nnx.to_pure_dict(state)
-
-  def layer(params, x):
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)(x)[0]
-
   x = _x()
   w = np.random.default_rng(1).standard_normal(x.shape, np.float32)
-
-  def output_and_grads(f):
-    def loss(p, x):
-      y = f(p, x)
-      return jnp.sum(y * w), y
-
-    return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, x)
-
-  got_grads, got = output_and_grads(layer)
-  want_grads, want = output_and_grads(lambda p, x: _reference(kind, p, x))
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  jax.tree.map(
-    lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5), got_grads, want_grads
-  )
+  reference = lambda p, x: _reference(kind, p, x)
+  (got, got_grads), (want, want_grads) = mixer_outputs_and_grads(_mixer(kind), reference, x, w)
+  assert_close(got, want, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda g, r: assert_close(g, r, rtol=1e-4, atol=1e-5), got_grads, want_grads)
   # The clipped diagonals still get a gradient for every entry.
   assert np.all(np.abs(got_grads[0]["recurrent"]) > 0)
 
@@ -143,11 +126,11 @@ def test_cached_decoding_and_packing_match_full_forward(kind):
   assert out["full_state"].shape == (B, (2 if kind == "paralstm" else 1) * D)
   assert out["full_state"].dtype == jnp.float32
   close = dict(rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(out["steps"], out["full"], **close)
-  np.testing.assert_allclose(out["prefill_decode"], out["full"], **close)
-  np.testing.assert_allclose(out["step_state"], out["full_state"], **close)
-  np.testing.assert_allclose(out["packed"], out["separate"], **close)
-  np.testing.assert_allclose(out["packed_cache_tail"], out["separate"][:, -2:], **close)
+  assert_close(out["steps"], out["full"], **close)
+  assert_close(out["prefill_decode"], out["full"], **close)
+  assert_close(out["step_state"], out["full_state"], **close)
+  assert_close(out["packed"], out["separate"], **close)
+  assert_close(out["packed_cache_tail"], out["separate"][:, -2:], **close)
   # The packed run must differ from the unpacked one, or the check above proves nothing.
   assert np.abs(out["packed"][:, SPLIT:] - out["full"][:, SPLIT:]).max() > 1e-3
 
@@ -187,7 +170,7 @@ def test_bf16_compute_keeps_fp32_state():
   y, cache = bf16(x, cache=bf16.init_cache(B, T, jnp.bfloat16))
   assert y.dtype == jnp.bfloat16 and cache.state.dtype == jnp.float32
   want = mixer(x)[0]
-  np.testing.assert_allclose(y.astype(np.float32), want, atol=0.05 * np.abs(want).max())
+  assert_close(y.astype(np.float32), want, rtol=0.0, atol=0.05 * max_abs(want))
 
 
 def test_lm_greedy_generation_equals_argmax_of_full_forwards():

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from testing_utils import assert_close, max_abs
 
 from jaxrec.models import LM, LMConfig, get_preset, param_count, param_count_of
 
@@ -45,7 +46,7 @@ def test_forward_shapes_and_bf16_compute():
   logits_bf16 = _logits(bf16, tokens)
   assert logits_bf16.dtype == jnp.float32
   assert np.isfinite(logits_bf16).all()
-  np.testing.assert_allclose(logits_bf16, logits, atol=0.1 * np.abs(logits).max())
+  assert_close(logits_bf16, logits, rtol=0.0, atol=0.1 * max_abs(logits))
 
 
 def _to_scanned(pure, cfg):
@@ -89,12 +90,12 @@ def test_scanned_layers_and_remat_match_the_plain_loop():
   close = dict(rtol=1e-5, atol=1e-6)
   for model in (remat, scanned):
     logits, grads = _logits_and_grads(model, tokens)
-    np.testing.assert_allclose(logits, want_logits, **close)
+    assert_close(logits, want_logits, **close)
     if model is scanned:
       grads_want = _to_scanned(dict(want_grads), cfg)
     else:
       grads_want = want_grads
-    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, **close), grads, grads_want)
+    jax.tree.map(lambda g, w: assert_close(g, w, **close), grads, grads_want)
 
 
 def test_tied_and_untied_heads():

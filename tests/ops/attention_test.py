@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from testing_utils import assert_close
 
 from jaxrec.ops import attention
 
@@ -58,7 +59,7 @@ def test_self_attention_matches_reference(heads, kv_heads, window, packed):
   pos = np.broadcast_to(np.arange(t), (b, t))
   got = _attention(q, k, v, window=window, segment_ids=seg)
   want = _reference(q, k, v, q_pos=pos, kv_pos=pos, window=window, q_seg=seg, kv_seg=seg)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_queries_against_a_longer_cache():
@@ -69,7 +70,7 @@ def test_queries_against_a_longer_cache():
   kv_pos = np.arange(s)[None]
   got = _attention(q, k, v, q_positions=q_pos, window=3)
   want = _reference(q, k, v, q_pos=q_pos, kv_pos=kv_pos, window=3)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_gradients_match_a_jax_reference():
@@ -92,7 +93,7 @@ def test_gradients_match_a_jax_reference():
   got = jax.jit(jax.grad(lambda *a: jnp.sum(op(*a) * w), argnums=(0, 1, 2)))(q, k, v)
   want = jax.jit(jax.grad(lambda *a: jnp.sum(reference(*a) * w), argnums=(0, 1, 2)))(q, k, v)
   for g, r in zip(got, want):
-    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+    assert_close(g, r, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_inputs_give_bf16_outputs_close_to_fp32():
@@ -100,7 +101,7 @@ def test_bf16_inputs_give_bf16_outputs_close_to_fp32():
   got = _attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
   want = _attention(q, k, v)
   assert got.dtype == jnp.bfloat16
-  np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=3e-2, atol=3e-2)
+  assert_close(got.astype(jnp.float32), want, rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.parametrize(

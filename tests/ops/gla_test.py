@@ -1,7 +1,8 @@
 """jaxrec.ops.gla against independent references: a float64 numpy loop over time for values, and
-jax.grad of a plain lax.scan (written here) for gradients.
+jax.grad of a plain lax.scan (testing_utils.scan_gla) for gradients.
 
-Closeness is measured against the scale of the reference: ``max |x - ref| <= tol * max |ref|``.
+Closeness is measured against the scale of the reference: every ``|x - ref| <= tol * max |ref|``
+(``atol=tol * max_abs(ref)``, ``rtol=0``).
 """
 
 import functools
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from testing_utils import assert_close, max_abs, scan_gla
 
 from jaxrec.ops import gated_linear_attention, gated_linear_attention_step
 
@@ -21,11 +23,11 @@ FORMS = ["sequential", "chunk"]
 def _numpy_gla(q, k, v, g, h0=None, segment_ids=None, scale=None):
   """S_t = diag(e^{g_t}) S_{t-1} + k_t v_tᵀ, o_t = scale q_tᵀ S_t, in float64, one step at a time."""
   q, k, v, g = (np.asarray(x, np.float64) for x in (q, k, v, g))
-  batch, t, heads, dk = q.shape
-  scale = dk**-0.5 if scale is None else scale
+  batch, t, heads, key_dim = q.shape
+  scale = key_dim**-0.5 if scale is None else scale
   if g.ndim == 3:
     g = np.broadcast_to(g[..., None], q.shape)
-  state = np.zeros((batch, heads, dk, v.shape[-1]))
+  state = np.zeros((batch, heads, key_dim, v.shape[-1]))
   if h0 is not None:
     state = np.array(h0, np.float64)
   seg = None if segment_ids is None else np.asarray(segment_ids)
@@ -38,47 +40,20 @@ def _numpy_gla(q, k, v, g, h0=None, segment_ids=None, scale=None):
   return o, state
 
 
-def _scan_gla(q, k, v, g, h0, segment_ids):
-  """Autodiff reference: the recurrence as a plain lax.scan (default scale)."""
-  if g.ndim == 3:
-    g = jnp.broadcast_to(g[..., None], q.shape)
-  reset = jnp.zeros(q.shape[:2], bool)
-  if segment_ids is not None:
-    reset = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
-
-  def step(state, x):
-    q_t, k_t, v_t, g_t, r_t = x
-    state = jnp.where(r_t[:, None, None, None], 0.0, state)
-    state = jnp.exp(g_t)[..., None] * state + k_t[..., None] * v_t[..., None, :]
-    return state, q.shape[-1] ** -0.5 * jnp.einsum("bhk,bhkv->bhv", q_t, state)
-
-  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, reset))
-  state, o = jax.lax.scan(step, h0, xs)
-  return jnp.moveaxis(o, 0, 1), state
-
-
-def _inputs(b, t, h, dk, dv, scalar, seed=0, decay=(0.01, 1.0)):
+def _inputs(b, t, h, key_dim, value_dim, scalar, seed=0, decay=(0.01, 1.0)):
   """float32 numpy inputs (numpy, so that building them compiles nothing)."""
   rng = np.random.default_rng(seed)
-  q, k = (rng.standard_normal((b, t, h, dk), np.float32) for _ in range(2))
-  v = rng.standard_normal((b, t, h, dv), np.float32)
-  g_shape = (b, t, h) if scalar else (b, t, h, dk)
+  q, k = (rng.standard_normal((b, t, h, key_dim), np.float32) for _ in range(2))
+  v = rng.standard_normal((b, t, h, value_dim), np.float32)
+  g_shape = (b, t, h) if scalar else (b, t, h, key_dim)
   g = -rng.uniform(decay[0], decay[1], g_shape).astype(np.float32)
-  h0 = rng.standard_normal((b, h, dk, dv), np.float32)
+  h0 = rng.standard_normal((b, h, key_dim, value_dim), np.float32)
   return q, k, v, g, h0
 
 
 def _segments(b, t, seed=0):
   starts = np.random.default_rng(seed + 11).random((b, t)) < 0.1
   return np.cumsum(starts, axis=1).astype(np.int32)
-
-
-def _assert_close(x, ref, tol):
-  x = np.asarray(x, np.float64)
-  ref = np.asarray(ref, np.float64)
-  assert x.shape == ref.shape
-  err = np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30)
-  assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
 
 
 @functools.cache
@@ -109,15 +84,15 @@ CASES = {
 @pytest.mark.parametrize("method", FORMS)
 @pytest.mark.parametrize("case", CASES)
 def test_matches_numpy_reference(method, case):
-  b, t, h, dk, dv, scalar, with_h0, with_seg = CASES[case]
-  q, k, v, g, h0 = _inputs(b, t, h, dk, dv, scalar)
+  b, t, h, key_dim, value_dim, scalar, with_h0, with_seg = CASES[case]
+  q, k, v, g, h0 = _inputs(b, t, h, key_dim, value_dim, scalar)
   h0 = h0 if with_h0 else None
   seg = _segments(b, t) if with_seg else None
   o, state = _gla(method)(q, k, v, g, initial_state=h0, segment_ids=seg)
   o_ref, state_ref = _numpy_gla(q, k, v, g, h0, seg)
   assert o.dtype == jnp.float32 and state.dtype == jnp.float32
-  _assert_close(o, o_ref, 1e-5)
-  _assert_close(state, state_ref, 1e-5)
+  assert_close(o, o_ref, rtol=0.0, atol=1e-5 * max_abs(o_ref))
+  assert_close(state, state_ref, rtol=0.0, atol=1e-5 * max_abs(state_ref))
 
 
 def test_resets_at_chunk_edges_and_scale():
@@ -131,8 +106,8 @@ def test_resets_at_chunk_edges_and_scale():
   o_ref, state_ref = _numpy_gla(q, k, v, g, h0, seg, scale=0.3)
   for method in FORMS:
     o, state = _gla(method, scale=0.3)(q, k, v, g, initial_state=h0, segment_ids=seg)
-    _assert_close(o, o_ref, 1e-5)
-    _assert_close(state, state_ref, 1e-5)
+    assert_close(o, o_ref, rtol=0.0, atol=1e-5 * max_abs(o_ref))
+    assert_close(state, state_ref, rtol=0.0, atol=1e-5 * max_abs(state_ref))
 
 
 @pytest.mark.parametrize("scalar", [False, True])
@@ -142,8 +117,8 @@ def test_bf16_inputs(scalar):
   for method in FORMS:
     o, state = _gla(method)(q, k, v, g, initial_state=h0)
     assert o.dtype == jnp.bfloat16 and state.dtype == jnp.float32
-    _assert_close(o, o_ref, 1e-2)
-    _assert_close(state, state_ref, 1e-2)
+    assert_close(o, o_ref, rtol=0.0, atol=1e-2 * max_abs(o_ref))
+    assert_close(state, state_ref, rtol=0.0, atol=1e-2 * max_abs(state_ref))
 
 
 @pytest.mark.parametrize("scalar", [False, True])
@@ -161,7 +136,7 @@ def test_gradients_match_scan_reference(scalar):
     return jnp.sum(w_o * o) + jnp.sum(w_s * state)
 
   argnums = (0, 1, 2, 3, 4)
-  ref = jax.jit(jax.grad(lambda *a: loss(lambda *x: _scan_gla(*x, seg), *a), argnums))(
+  ref = jax.jit(jax.grad(lambda *a: loss(lambda *x: scan_gla(*x, seg), *a), argnums))(
     q, k, v, g, h0
   )
   for method in FORMS:
@@ -169,7 +144,7 @@ def test_gradients_match_scan_reference(scalar):
     got = jax.jit(jax.grad(lambda *a, f=fn: loss(f, *a), argnums))(q, k, v, g, h0)
     for name, x, r in zip(("q", "k", "v", "log_decay", "initial_state"), got, ref):
       assert np.all(np.isfinite(x)), (method, name)
-      _assert_close(x, r, 1e-5)
+      assert_close(x, r, rtol=0.0, atol=1e-5 * max_abs(r))
 
 
 @pytest.mark.parametrize("method", FORMS)
@@ -187,8 +162,8 @@ def test_split_sequence_with_state_passing(method):
   second = (x[:, cut:] for x in (q, k, v, g))
   o_a, state_a = _gla(method)(*first, initial_state=h0, segment_ids=seg[:, :cut])
   o_b, state_b = _gla(method)(*second, initial_state=state_a, segment_ids=seg[:, cut:])
-  _assert_close(np.concatenate([o_a, o_b], axis=1), o, 1e-5)
-  _assert_close(state_b, state, 1e-5)
+  assert_close(np.concatenate([o_a, o_b], axis=1), o, rtol=0.0, atol=1e-5 * max_abs(o))
+  assert_close(state_b, state, rtol=0.0, atol=1e-5 * max_abs(state))
 
 
 @pytest.mark.parametrize("scalar", [False, True])
@@ -203,8 +178,8 @@ def test_step_matches_full_sequence(scalar):
     o_t, state_t = step(q[:, i], k[:, i], v[:, i], g[:, i], state_t)
     outs.append(o_t)
   assert state_t.dtype == jnp.float32
-  _assert_close(np.stack(outs, axis=1), o, 1e-5)
-  _assert_close(state_t, state, 1e-5)
+  assert_close(np.stack(outs, axis=1), o, rtol=0.0, atol=1e-5 * max_abs(o))
+  assert_close(state_t, state, rtol=0.0, atol=1e-5 * max_abs(state))
 
 
 @pytest.mark.parametrize("decay", [(5.0, 30.0), (0.0, 1e-4)], ids=["near_zero", "near_one"])
@@ -213,10 +188,10 @@ def test_long_sequence_extreme_decays(decay):
   must not lose the long-range state."""
   t = 65536
   q, k, v, g, _ = _inputs(1, t, 1, 16, 16, False, seed=6, decay=decay)
-  o = np.asarray(_gla("chunk", chunk_size=64, with_state=False)(q, k, v, g))
-  assert np.all(np.isfinite(o))
+  o, state = _gla("chunk", chunk_size=64, with_state=False)(q, k, v, g)
+  assert state is None and np.all(np.isfinite(o))
   o_ref, _ = _numpy_gla(q, k, v, g)
-  _assert_close(o, o_ref, 1e-5)
+  assert_close(o, o_ref, rtol=0.0, atol=1e-5 * max_abs(o_ref))
 
 
 @settings(max_examples=8, deadline=None)
@@ -231,16 +206,16 @@ def test_random_resets_and_decay_strengths(starts, strength, seed):
   seg = np.cumsum(np.asarray(starts, np.int32))[None]
   o, state = _gla("chunk", chunk_size=8)(q, k, v, g, initial_state=h0, segment_ids=seg)
   o_ref, state_ref = _numpy_gla(q, k, v, g, h0, seg)
-  _assert_close(o, o_ref, 1e-5)
-  _assert_close(state, state_ref, 1e-5)
+  assert_close(o, o_ref, rtol=0.0, atol=1e-5 * max_abs(o_ref))
+  assert_close(state, state_ref, rtol=0.0, atol=1e-5 * max_abs(state_ref))
 
 
 def _bad(**overrides):
-  b, t, h, dk, dv = 2, 5, 3, 4, 6
+  b, t, h, key_dim, value_dim = 2, 5, 3, 4, 6
   args = {
-    "q": np.zeros((b, t, h, dk)),
-    "k": np.zeros((b, t, h, dk)),
-    "v": np.zeros((b, t, h, dv)),
+    "q": np.zeros((b, t, h, key_dim)),
+    "k": np.zeros((b, t, h, key_dim)),
+    "v": np.zeros((b, t, h, value_dim)),
     "log_decay": np.zeros((b, t, h)),
   }
   args.update({k: v for k, v in overrides.items() if k in args})

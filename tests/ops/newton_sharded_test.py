@@ -1,5 +1,5 @@
-"""jaxrec.ops.newton_rnn_sharded on 8 fake CPU devices, against a sequential lax.scan written here
-(values; jax.grad of it for gradients) and against the unsharded newton_rnn."""
+"""jaxrec.ops.newton_rnn_sharded on 8 fake CPU devices, against a sequential lax.scan
+(testing_utils; values, and jax.grad of it for gradients) and against the unsharded newton_rnn."""
 
 import functools
 
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from testing_utils import assert_close, assert_rnn_grads_match
 from testing_utils import sequential_rnn as _reference
 
-from jaxrec.ops import newton_rnn, newton_rnn_sharded
+from jaxrec.ops import JacobianStructure, newton_rnn, newton_rnn_sharded
 from jaxrec.ops import rnn_cells as rc
-from jaxrec.ops.newton import JacobianStructure
 
 INPUT = 4
 WIDTH = 8
@@ -47,22 +47,16 @@ def _inputs(batch, t, seed=0):
   return jnp.asarray(xs), jnp.asarray(h0)
 
 
-def _assert_close(x, y, tol):
-  np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
-
-
 @pytest.mark.parametrize("mesh_name", ["sequence8", "data2_sequence4"])
 @pytest.mark.parametrize("name", ["paragru", "paralstm"])
 def test_matches_sequential_and_unsharded(name, mesh_name):
   cell, params = _cells()[name]
   mesh, batch_axes = _meshes()[mesh_name]
   xs, h0 = _inputs(4, 32, seed=1)
-  h, info = newton_rnn_sharded(
-    cell, params, xs, h0, mesh=mesh, batch_axes=batch_axes, return_info=True
-  )
-  _assert_close(h, _reference(cell, params, xs, h0), 1e-5)
-  h_unsharded, info_unsharded = newton_rnn(cell, params, xs, h0, return_info=True)
-  _assert_close(h, h_unsharded, 1e-5)
+  h, info = newton_rnn_sharded(cell, params, xs, h0, mesh=mesh, batch_axes=batch_axes)
+  assert_close(h, _reference(cell, params, xs, h0), rtol=1e-5, atol=1e-5)
+  h_unsharded, info_unsharded = newton_rnn(cell, params, xs, h0)
+  assert_close(h, h_unsharded, rtol=1e-5, atol=1e-5)
   kind = {"paragru": "diagonal", "paralstm": "block"}[name]
   assert info.structure.kind == kind
   assert np.all(info.converged) and not np.any(info.fallback)
@@ -78,19 +72,8 @@ def test_gradients_match_sequential(name, mesh_name):
   mesh, batch_axes = _meshes()[mesh_name]
   xs, h0 = _inputs(4, 32, seed=2)
   weights = jnp.asarray(np.random.default_rng(9).standard_normal((4, 32, WIDTH)), jnp.float32)
-  solvers = {
-    "sharded": lambda p, x, h: newton_rnn_sharded(cell, p, x, h, mesh=mesh, batch_axes=batch_axes),
-    "reference": lambda p, x, h: _reference(cell, p, x, h),
-  }
-  grads = {
-    key: jax.jit(jax.grad(lambda p, x, h, f=f: jnp.sum(weights * jnp.sin(f(p, x, h))), (0, 1, 2)))(
-      params, xs, h0
-    )
-    for key, f in solvers.items()
-  }
-  for got, want in zip(jax.tree.leaves(grads["sharded"]), jax.tree.leaves(grads["reference"])):
-    scale = float(np.max(np.abs(want)))
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4 * scale)
+  solve = lambda p, x, h: newton_rnn_sharded(cell, p, x, h, mesh=mesh, batch_axes=batch_axes)[0]
+  assert_rnn_grads_match(solve, cell, params, xs, h0, weights, rtol=1e-4)
 
 
 def _linear_diagonal_cell(params, h, x):
@@ -119,10 +102,10 @@ def test_linear_cells_exact_in_one_iteration():
   mesh, _ = _meshes()["sequence8"]
   xs, h0 = _inputs(2, 64, seed=5)
   for kind, (cell, params) in cases.items():
-    h, info = newton_rnn_sharded(cell, params, xs, h0, mesh=mesh, return_info=True)
+    h, info = newton_rnn_sharded(cell, params, xs, h0, mesh=mesh)
     assert info.structure.kind == kind
     np.testing.assert_array_equal(info.iterations, [1, 1])
-    _assert_close(h, _reference(cell, params, xs, h0), 1e-5)
+    assert_close(h, _reference(cell, params, xs, h0), rtol=1e-5, atol=1e-5)
 
 
 def test_intermediate_iterates_match_unsharded():
@@ -133,14 +116,16 @@ def test_intermediate_iterates_match_unsharded():
   mesh, _ = _meshes()["sequence8"]
   xs, h0 = _inputs(2, 40, seed=6)
   kwargs = dict(max_iters=2, damping=0.5, fallback=None)
-  with pytest.warns(RuntimeWarning, match="did not converge"):
-    h = newton_rnn_sharded(rc.tanh_rnn_cell, params, xs, h0, mesh=mesh, **kwargs)
+  with pytest.warns(RuntimeWarning, match="newton_rnn_sharded: 2 of 2 sequences did not converge"):
+    h, _ = newton_rnn_sharded(rc.tanh_rnn_cell, params, xs, h0, mesh=mesh, **kwargs)
     h.block_until_ready()
     jax.effects_barrier()
-  want, info = newton_rnn(rc.tanh_rnn_cell, params, xs, h0, return_info=True, **kwargs)
+  with pytest.warns(RuntimeWarning, match="newton_rnn: 2 of 2 sequences did not converge"):
+    want, info = newton_rnn(rc.tanh_rnn_cell, params, xs, h0, **kwargs)
+    jax.effects_barrier()
   assert info.structure.kind == "dense" and not np.any(info.converged)
   assert np.max(np.abs(want - _reference(rc.tanh_rnn_cell, params, xs, h0))) > 1e-2
-  _assert_close(h, want, 1e-5)
+  assert_close(h, want, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_arguments():
@@ -168,17 +153,21 @@ def test_nonfinite_inputs_fall_back_shard_by_shard():
   xs, h0 = _inputs(2, 32, seed=7)
   xs = xs.at[0, 9, 1].set(np.nan)
   ref = np.asarray(_reference(cell, params, xs, h0))
-  h, info = newton_rnn_sharded(cell, params, xs, h0, mesh=mesh, return_info=True)
+  h, info = newton_rnn_sharded(cell, params, xs, h0, mesh=mesh)
   np.testing.assert_array_equal(info.converged, [False, True])
   np.testing.assert_array_equal(info.fallback, [True, False])
   assert np.isnan(info.residual[0])
   np.testing.assert_array_equal(np.isfinite(h), np.isfinite(ref))
-  _assert_close(np.asarray(h)[np.isfinite(ref)], ref[np.isfinite(ref)], 1e-5)
-  h, info = newton_rnn_sharded(cell, params, xs, h0, mesh=mesh, fallback=None, return_info=True)
+  assert_close(np.asarray(h)[np.isfinite(ref)], ref[np.isfinite(ref)], rtol=1e-5, atol=1e-5)
+  with pytest.warns(
+    RuntimeWarning, match=r"1 of 2 sequences did not converge \(batch indices \[0\]"
+  ):
+    h, info = newton_rnn_sharded(cell, params, xs, h0, mesh=mesh, fallback=None)
+    jax.effects_barrier()
   np.testing.assert_array_equal(info.converged, [False, True])
   assert not np.any(info.fallback)
   with pytest.warns(RuntimeWarning, match=r"not finite for 1 of 2 sequences \(batch indices \[0\]"):
-    grad = jax.grad(lambda x: jnp.sum(newton_rnn_sharded(cell, params, x, h0, mesh=mesh)))
+    grad = jax.grad(lambda x: jnp.sum(newton_rnn_sharded(cell, params, x, h0, mesh=mesh)[0]))
     jax.jit(grad)(xs).block_until_ready()
     jax.effects_barrier()
 
@@ -189,17 +178,12 @@ def test_unconverged_falls_back_to_the_exact_states_and_gradients():
   params = jax.tree.map(lambda w: 3.0 * w, rc.init_tanh_rnn(jax.random.key(2), INPUT, WIDTH))
   mesh, _ = _meshes()["sequence8"]
   xs, h0 = _inputs(2, 40, seed=6)
-  solve = lambda p, x: newton_rnn_sharded(rc.tanh_rnn_cell, p, x, h0, mesh=mesh, max_iters=2)
-  h, info = newton_rnn_sharded(
-    rc.tanh_rnn_cell, params, xs, h0, mesh=mesh, max_iters=2, return_info=True
-  )
+  solve = lambda p, x, h: newton_rnn_sharded(rc.tanh_rnn_cell, p, x, h, mesh=mesh, max_iters=2)
+  h, info = solve(params, xs, h0)
   assert np.all(info.fallback) and not np.any(info.converged)
-  _assert_close(h, _reference(rc.tanh_rnn_cell, params, xs, h0), 1e-5)
-  loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))
-  got = jax.jit(jax.grad(loss(solve), (0, 1)))(params, xs)
-  want = jax.grad(loss(lambda p, x: _reference(rc.tanh_rnn_cell, p, x, h0)), (0, 1))(params, xs)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(w))))
+  assert_close(h, _reference(rc.tanh_rnn_cell, params, xs, h0), rtol=1e-5, atol=1e-5)
+  solve_h = lambda p, x, h: solve(p, x, h)[0]
+  assert_rnn_grads_match(solve_h, rc.tanh_rnn_cell, params, xs, h0, 1.0, rtol=1e-4)
 
 
 def test_nonfinite_parallel_adjoint_falls_back_shard_by_shard():
@@ -217,9 +201,9 @@ def test_nonfinite_parallel_adjoint_falls_back_shard_by_shard():
   want = jax.grad(loss(lambda x: _reference(cell, jnp.float32(1.0), x, h0)))(xs)
   assert np.all(np.isfinite(want))
   solve = lambda fallback: (
-    lambda x: newton_rnn_sharded(cell, jnp.float32(1.0), x, h0, mesh=mesh, fallback=fallback)
+    lambda x: newton_rnn_sharded(cell, jnp.float32(1.0), x, h0, mesh=mesh, fallback=fallback)[0]
   )
-  _assert_close(jax.jit(jax.grad(loss(solve("sequential"))))(xs), want, 1e-5)
+  assert_close(jax.jit(jax.grad(loss(solve("sequential"))))(xs), want, rtol=1e-5, atol=1e-5)
   with pytest.warns(RuntimeWarning, match="adjoint gradient is not finite"):
     jax.jit(jax.grad(loss(solve(None))))(xs).block_until_ready()
     jax.effects_barrier()

@@ -1,4 +1,4 @@
-"""jaxrec.ops.newton_rnn against a plain sequential lax.scan of the same cell written here (values)
+"""jaxrec.ops.newton_rnn against a plain sequential lax.scan of the same cell (testing_utils; values)
 and jax.grad of that scan (gradients)."""
 
 import functools
@@ -8,15 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from testing_utils import assert_close, assert_rnn_grads_match, caught_host_warnings
 from testing_utils import sequential_rnn as _reference
 
-from jaxrec.ops import NewtonInfo, newton_rnn
+from jaxrec.ops import JacobianStructure, NewtonInfo, newton_rnn
 from jaxrec.ops import rnn_cells as rc
-from jaxrec.ops.newton import (
-  JacobianStructure,
-  detect_jacobian_structure,
-  solve_linear_recurrence,
-)
+from jaxrec.ops.newton_core import detect_jacobian_structure, solve_linear_recurrence
 
 INPUT = 4
 
@@ -41,30 +38,27 @@ def _inputs(batch, t, width, seed=0, dtype=jnp.float32):
   return jnp.asarray(xs), jnp.asarray(h0)
 
 
-def _assert_close(x, y, tol):
-  np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
-
-
 @pytest.mark.parametrize("name", ["paragru", "gru", "paralstm", "tanh_rnn"])
 def test_matches_sequential_fp32(name):
   cell, params = _cells(8)[name]
   for batch, t in ((2, 1), (2, 17), (3, 1024)):
     xs, h0 = _inputs(batch, t, 8, seed=t)
-    h, info = newton_rnn(cell, params, xs, h0, return_info=True)
-    _assert_close(h, _reference(cell, params, xs, h0), 1e-5)
+    h, info = newton_rnn(cell, params, xs, h0)
+    assert_close(h, _reference(cell, params, xs, h0), rtol=1e-5, atol=1e-5)
     assert isinstance(info, NewtonInfo)
     assert np.all(info.converged) and not np.any(info.fallback), info
     if t == 17 and info.structure.kind != "dense":
       # The structured Jacobian path agrees with the generic dense one.
-      _assert_close(h, newton_rnn(cell, params, xs, h0, jacobian="dense"), 1e-6)
+      h_dense, _ = newton_rnn(cell, params, xs, h0, jacobian="dense")
+      assert_close(h, h_dense, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["paragru", "paralstm"])
 def test_matches_sequential_long(name):
   cell, params = _cells(4)[name]
   xs, h0 = _inputs(1, 65537, 4)
-  h, info = newton_rnn(cell, params, xs, h0, return_info=True)
-  _assert_close(h, _reference(cell, params, xs, h0), 1e-5)
+  h, info = newton_rnn(cell, params, xs, h0)
+  assert_close(h, _reference(cell, params, xs, h0), rtol=1e-5, atol=1e-5)
   assert np.all(info.converged) and not np.any(info.fallback)
 
 
@@ -74,9 +68,9 @@ def test_matches_sequential_fp64(name):
     cell, params = _cells(8)[name]
     params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
     xs, h0 = _inputs(2, 300, 8, dtype=jnp.float64)
-    h, info = newton_rnn(cell, params, xs, h0, return_info=True)
+    h, info = newton_rnn(cell, params, xs, h0)
     assert h.dtype == jnp.float64
-    _assert_close(h, _reference(cell, params, xs, h0), 1e-10)
+    assert_close(h, _reference(cell, params, xs, h0), rtol=1e-10, atol=1e-10)
     assert np.all(info.converged) and info.tol == 1e-12
 
 
@@ -85,19 +79,8 @@ def test_gradients_match_sequential(name):
   cell, params = _cells(8)[name]
   xs, h0 = _inputs(2, 33, 8, seed=3)
   weights = jax.random.normal(jax.random.key(9), (2, 33, 8))
-  solvers = {
-    "newton": lambda p, x, h: newton_rnn(cell, p, x, h),
-    "reference": lambda p, x, h: _reference(cell, p, x, h),
-  }
-  grads = {
-    key: jax.jit(jax.grad(lambda p, x, h, f=f: jnp.sum(weights * jnp.sin(f(p, x, h))), (0, 1, 2)))(
-      params, xs, h0
-    )
-    for key, f in solvers.items()
-  }
-  for got, want in zip(jax.tree.leaves(grads["newton"]), jax.tree.leaves(grads["reference"])):
-    scale = float(np.max(np.abs(want)))
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4 * scale)
+  solve = lambda p, x, h: newton_rnn(cell, p, x, h)[0]
+  assert_rnn_grads_match(solve, cell, params, xs, h0, weights, rtol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["sequential", "chunk", "associative"])
@@ -117,7 +100,7 @@ def test_block_linear_solve(method):
     for t in range(36, -1, -1) if reverse else range(37):
       delta = np.einsum("bdij,bdj->bdi", np.asarray(jac[:, t], np.float64), delta) + blocks[:, t]
       want[:, t] = delta
-    _assert_close(got, structure.from_blocks(jnp.asarray(want)), 1e-5)
+    assert_close(got, structure.from_blocks(jnp.asarray(want)), rtol=1e-5, atol=1e-5)
 
 
 def _strong_tanh(width=6, scale=3.0):
@@ -130,10 +113,12 @@ def test_causality_first_states_exact():
   xs, h0 = _inputs(2, 40, 6)
   ref = _reference(cell, params, xs, h0)
   for k in (1, 3):
-    h, info = newton_rnn(cell, params, xs, h0, max_iters=k, fallback=None, return_info=True)
+    with pytest.warns(RuntimeWarning, match="2 of 2 sequences did not converge"):
+      h, info = newton_rnn(cell, params, xs, h0, max_iters=k, fallback=None)
+      jax.effects_barrier()
     assert np.all(info.iterations == k) and not np.any(info.converged)
     # The initial guess makes h_0 exact; each iteration adds (at least) one exact state.
-    _assert_close(h[:, : k + 1], ref[:, : k + 1], 1e-6)
+    assert_close(h[:, : k + 1], ref[:, : k + 1], rtol=1e-6, atol=1e-6)
     assert np.max(np.abs(h - ref)) > 1e-3  # not yet converged: the check above is not vacuous
 
 
@@ -143,10 +128,10 @@ def test_linear_cell_converges_in_one_iteration():
   params["W"] = jax.random.normal(key_w, (INPUT, 8))
   cell = lambda p, h, x: p["a"] * h + x @ p["W"]
   xs, h0 = _inputs(2, 300, 8)
-  h, info = newton_rnn(cell, params, xs, h0, return_info=True)
+  h, info = newton_rnn(cell, params, xs, h0)
   assert info.structure == JacobianStructure("diagonal")
   np.testing.assert_array_equal(info.iterations, [1, 1])
-  _assert_close(h, _reference(cell, params, xs, h0), 1e-5)
+  assert_close(h, _reference(cell, params, xs, h0), rtol=1e-5, atol=1e-5)
 
 
 def _rotation_cell(params, h, x):
@@ -177,29 +162,31 @@ def test_stiff_cell_damping_and_fallback():
   cell, params = _strong_tanh(width=8, scale=100.0)
   xs, h0 = _inputs(2, 1024, 8, seed=6)
   ref = _reference(cell, params, xs, h0)
-  kwargs = dict(max_iters=10, fallback=None, return_info=True)
-  h_plain, _ = newton_rnn(cell, params, xs, h0, **kwargs)
-  h_damped, info = newton_rnn(cell, params, xs, h0, damping=0.0, **kwargs)
+  kwargs = dict(max_iters=10, fallback=None)
+  with pytest.warns(RuntimeWarning, match="did not converge"):
+    h_plain, _ = newton_rnn(cell, params, xs, h0, **kwargs)
+    h_damped, info = newton_rnn(cell, params, xs, h0, damping=0.0, **kwargs)
+    jax.effects_barrier()
   # Undamped Newton leaves the bounded range of tanh by orders of magnitude (or overflows); the
   # damped step stays finite, with an unconverged solve reported rather than hidden.
   assert not np.all(np.abs(h_plain) < 10.0)
   assert np.all(np.isfinite(h_damped))
   assert not np.any(info.converged) and not np.any(info.fallback)
   assert np.all(info.residual > info.tol)
-  h, info = newton_rnn(cell, params, xs, h0, damping=1.0, max_iters=10, return_info=True)
+  h, info = newton_rnn(cell, params, xs, h0, damping=1.0, max_iters=10)
   assert np.all(info.fallback)
-  _assert_close(h, ref, 1e-5)
+  assert_close(h, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_unconverged_without_info_warns():
+def test_unconverged_without_fallback_warns():
   cell, params = _strong_tanh()
   xs, h0 = _inputs(2, 40, 6)
   with pytest.warns(RuntimeWarning, match="did not converge"):
-    newton_rnn(cell, params, xs, h0, max_iters=1, fallback=None).block_until_ready()
+    newton_rnn(cell, params, xs, h0, max_iters=1, fallback=None)[0].block_until_ready()
     jax.effects_barrier()
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    newton_rnn(cell, params, xs, h0, max_iters=1).block_until_ready()  # fallback: no warning
+    newton_rnn(cell, params, xs, h0, max_iters=1)[0].block_until_ready()  # fallback: no warning
     jax.effects_barrier()
 
 
@@ -249,7 +236,7 @@ def _assert_equal_where_finite(h, ref):
   """``h`` equals ``ref`` where ``ref`` is finite, and is non-finite exactly where it is."""
   h, ref = np.asarray(h), np.asarray(ref)
   np.testing.assert_array_equal(np.isfinite(h), np.isfinite(ref))
-  _assert_close(h[np.isfinite(ref)], ref[np.isfinite(ref)], 1e-5)
+  assert_close(h[np.isfinite(ref)], ref[np.isfinite(ref)], rtol=1e-5, atol=1e-5)
 
 
 def test_stiff_dense_gru_is_never_falsely_converged():
@@ -258,11 +245,12 @@ def test_stiff_dense_gru_is_never_falsely_converged():
   ref = _reference(rc.gru_cell, params, xs, h0)
   assert np.all(np.isfinite(ref))
   for damping in (None, 1.0):
-    h, info = newton_rnn(
-      rc.gru_cell, params, xs, h0, damping=damping, fallback=None, return_info=True
-    )
+    with caught_host_warnings() as caught:
+      h, info = newton_rnn(rc.gru_cell, params, xs, h0, damping=damping, fallback=None)
     _check_never_falsely_converged(h, info)
-  h, info = newton_rnn(rc.gru_cell, params, xs, h0, return_info=True)
+    # fallback=None warns exactly when some sequence did not converge.
+    assert any("did not converge" in m for m in caught) == (not np.all(info.converged)), caught
+  h, info = newton_rnn(rc.gru_cell, params, xs, h0)
   _check_never_falsely_converged(h, info)
   _assert_equal_where_finite(h, ref)
 
@@ -291,19 +279,17 @@ def test_nonfinite_inputs_fall_back_or_are_flagged(where, value):
   # weight, but not an infinite state.
   assert np.any(poisoned) == (np.isnan(value) or where == "h0")
   # Default fallback: the sequential scan's states, non-finite exactly where its are.
-  h, info = newton_rnn(cell, params, xs, h0, return_info=True)
+  h, info = newton_rnn(cell, params, xs, h0)
   _check_never_falsely_converged(h, info)
   np.testing.assert_array_equal(info.fallback, ~np.asarray(info.converged))
   assert np.all(np.asarray(info.fallback)[poisoned])
   _assert_equal_where_finite(h, ref)
-  # No fallback: flagged unconverged, and a warning when there is no info to read it from.
-  h, info = newton_rnn(cell, params, xs, h0, fallback=None, return_info=True)
+  # No fallback: flagged unconverged, and a warning exactly when a sequence did not converge.
+  with caught_host_warnings() as caught:
+    h, info = newton_rnn(cell, params, xs, h0, fallback=None)
   _check_never_falsely_converged(h, info)
   assert not np.any(np.asarray(info.converged)[poisoned])
-  if np.any(poisoned):
-    with pytest.warns(RuntimeWarning, match="did not converge"):
-      newton_rnn(cell, params, xs, h0, fallback=None).block_until_ready()
-      jax.effects_barrier()
+  assert any("did not converge" in m for m in caught) == (not np.all(info.converged)), caught
 
 
 def _elementwise_gru(params, h, u):
@@ -322,7 +308,7 @@ def test_nonfinite_inputs_pallas_path():
   u = jnp.asarray(rng.standard_normal((2, 37, 3, 8)), jnp.float32).at[1, 20, 0, 2].set(jnp.nan)
   h0 = jnp.zeros((2, 8), jnp.float32)
   ref = _reference(_elementwise_gru, params, u, h0)
-  h, info = newton_rnn(_elementwise_gru, params, u, h0, method="pallas", return_info=True)
+  h, info = newton_rnn(_elementwise_gru, params, u, h0, method="pallas")
   _check_never_falsely_converged(h, info)
   np.testing.assert_array_equal(info.fallback, [False, True])
   _assert_equal_where_finite(h, ref)
@@ -345,12 +331,12 @@ def test_nonfinite_parallel_adjoint_falls_back():
   cell, params, xs, h0, loss = _cancelling_adjoint()
   want = jax.grad(loss(lambda x: _reference(cell, params, x, h0)))(xs)
   assert np.all(np.isfinite(want))
-  solve = functools.partial(newton_rnn, cell, params, h0=h0, scan_method="associative")
+  solve = lambda **kw: newton_rnn(cell, params, h0=h0, scan_method="associative", **kw)[0]
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     got = jax.grad(loss(lambda x: solve(xs=x)))(xs)
     jax.effects_barrier()
-  _assert_close(got, want, 1e-5)
+  assert_close(got, want, rtol=1e-5, atol=1e-5)
   with pytest.warns(RuntimeWarning, match="adjoint gradient is not finite for 2 of 2 sequences"):
     got = jax.grad(loss(lambda x: solve(xs=x, fallback=None)))(xs)
     jax.effects_barrier()
@@ -362,5 +348,5 @@ def test_nonfinite_gradient_warns():
   xs, h0 = _inputs(2, 40, 8, seed=14)
   xs = xs.at[1, 30, 0].set(np.nan)
   with pytest.warns(RuntimeWarning, match=r"not finite for 1 of 2 sequences \(batch indices \[1\]"):
-    jax.grad(lambda x: jnp.sum(newton_rnn(cell, params, x, h0)))(xs).block_until_ready()
+    jax.grad(lambda x: jnp.sum(newton_rnn(cell, params, x, h0)[0]))(xs).block_until_ready()
     jax.effects_barrier()

@@ -1,53 +1,24 @@
-"""jaxrec.ops.linear_scan against independent references: a float64 numpy loop for values, and
-jax.grad of a plain lax.scan (written here, no custom_vjp) for gradients."""
+"""jaxrec.ops.linear_scan against independent references (testing_utils): a float64 numpy loop
+for values, and jax.grad of a plain lax.scan (no custom_vjp) for gradients."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from testing_utils import assert_close, lax_linear_scan, numpy_linear_scan
 
 from jaxrec.ops import linear_scan
 
 METHODS = ["sequential", "associative", "chunk", "pallas"]
 
 
-def _numpy_scan(a, b, h0, reverse=False, segment_ids=None):
-  a = np.asarray(a, np.float64)
-  b = np.asarray(b, np.float64)
-  h = np.asarray(h0, np.float64).copy()
-  out = np.zeros_like(b)
-  steps = range(a.shape[1] - 1, -1, -1) if reverse else range(a.shape[1])
-  prev = None
-  for t in steps:
-    at = a[:, t].copy()
-    if segment_ids is not None and prev is not None:
-      new = np.asarray(segment_ids)[:, t] != np.asarray(segment_ids)[:, prev]
-      at[new] = 0.0
-    h = at * h + b[:, t]
-    out[:, t] = h
-    prev = t
-  return out
-
-
 def _lax_scan_loss(a, b, h0, reverse, segment_ids, w_h, w_last):
   """Autodiff reference: sum(w_h * h) + sum(w_last * h_last) with a plain lax.scan."""
-  if segment_ids is not None:
-    if reverse:
-      reset = jnp.pad(segment_ids[:, :-1] != segment_ids[:, 1:], ((0, 0), (0, 1)))
-    else:
-      reset = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
-    a = jnp.where(reset.reshape(reset.shape + (1,) * (a.ndim - 2)), 0.0, a)
-
-  def step(h, ab):
-    h = ab[0] * h + ab[1]
-    return h, h
-
-  h_last, h = jax.lax.scan(
-    step, h0, (jnp.moveaxis(a, 1, 0), jnp.moveaxis(b, 1, 0)), reverse=reverse
-  )
-  return jnp.sum(w_h * jnp.moveaxis(h, 0, 1)) + jnp.sum(w_last * h_last)
+  h, h_last = lax_linear_scan(a, b, h0, reverse, segment_ids)
+  return jnp.sum(w_h * h) + jnp.sum(w_last * h_last)
 
 
 def _inputs(shape, seed=0, dtype=jnp.float32):
@@ -63,12 +34,6 @@ def _inputs(shape, seed=0, dtype=jnp.float32):
 def _segments(batch, t, seed=0):
   starts = jax.random.bernoulli(jax.random.key(seed + 7), 0.15, (batch, t))
   return jnp.cumsum(starts, axis=1).astype(jnp.int32)
-
-
-def _assert_close(x, y, rtol):
-  np.testing.assert_allclose(
-    np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=rtol
-  )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -87,38 +52,43 @@ def test_forward_and_gradients_match_reference(method, shape, reverse, with_h0, 
   seg = _segments(shape[0], shape[1]) if with_segments else None
   kwargs = dict(reverse=reverse, segment_ids=seg, method=method, chunk_size=8)
 
-  h, h_last = linear_scan(a, b, initial_state=h0 if with_h0 else None, **kwargs)
-  expected = _numpy_scan(a, b, h0, reverse, seg)
-  _assert_close(h, expected, 1e-5)
-  _assert_close(h_last, expected[:, 0] if reverse else expected[:, -1], 1e-5)
+  h, h_last = linear_scan(
+    a, b, initial_state=h0 if with_h0 else None, output_final_state=True, **kwargs
+  )
+  expected = numpy_linear_scan(a, b, h0, reverse, seg)
+  assert_close(h, expected, rtol=1e-5, atol=1e-5)
+  assert_close(h_last, expected[:, 0] if reverse else expected[:, -1], rtol=1e-5, atol=1e-5)
   assert h.dtype == jnp.float32 and h_last.dtype == jnp.float32
 
   def loss(a, b, h0):
-    h, h_last = linear_scan(a, b, initial_state=h0, **kwargs)
+    h, h_last = linear_scan(a, b, initial_state=h0, output_final_state=True, **kwargs)
     return jnp.sum(w_h * h) + jnp.sum(w_last * h_last)
 
   grads = jax.grad(loss, argnums=(0, 1, 2))(a, b, h0)
   ref_grads = jax.grad(_lax_scan_loss, argnums=(0, 1, 2))(a, b, h0, reverse, seg, w_h, w_last)
   for name, g, r in zip(["a", "b", "h0"], grads, ref_grads, strict=True):
-    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=f"d{name} ({method})")
+    assert_close(g, r, rtol=1e-5, atol=1e-5, err_msg=f"d{name} ({method})")
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_bf16_inputs(method):
   a, b, h0, _, _ = _inputs((2, 40, 8), dtype=jnp.bfloat16)
-  h, h_last = linear_scan(a, b, initial_state=h0, method=method, chunk_size=8)
+  h, h_last = linear_scan(
+    a, b, initial_state=h0, output_final_state=True, method=method, chunk_size=8
+  )
   assert h.dtype == jnp.bfloat16 and h_last.dtype == jnp.float32
-  _assert_close(h, _numpy_scan(a, b, h0), 1e-2)
+  assert_close(h, numpy_linear_scan(a, b, h0), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("method", ["chunk"])
 def test_split_sequence_with_state_handover_equals_one_pass(method):
   a, b, h0, _, _ = _inputs((2, 45, 3))
-  full, full_last = linear_scan(a, b, initial_state=h0, method=method)
-  first, mid = linear_scan(a[:, :20], b[:, :20], initial_state=h0, method=method)
-  second, last = linear_scan(a[:, 20:], b[:, 20:], initial_state=mid, method=method)
-  _assert_close(jnp.concatenate([first, second], axis=1), full, 1e-6)
-  _assert_close(last, full_last, 1e-6)
+  scan = functools.partial(linear_scan, output_final_state=True, method=method)
+  full, full_last = scan(a, b, initial_state=h0)
+  first, mid = scan(a[:, :20], b[:, :20], initial_state=h0)
+  second, last = scan(a[:, 20:], b[:, 20:], initial_state=mid)
+  assert_close(jnp.concatenate([first, second], axis=1), full, rtol=1e-6, atol=1e-6)
+  assert_close(last, full_last, rtol=1e-6, atol=1e-6)
 
 
 @settings(max_examples=5, deadline=None)
@@ -132,14 +102,14 @@ def test_split_sequence_with_state_handover_equals_one_pass(method):
 def test_chunk_matches_reference_over_random_shapes(batch, t, width, chunk, reverse):
   a, b, h0, _, _ = _inputs((batch, t, width), seed=t)
   h, _ = linear_scan(a, b, initial_state=h0, reverse=reverse, method="chunk", chunk_size=chunk)
-  _assert_close(h, _numpy_scan(a, b, h0, reverse), 1e-5)
+  assert_close(h, numpy_linear_scan(a, b, h0, reverse), rtol=1e-5, atol=1e-5)
 
 
 def test_auto_matches_sequential():
   a, b, h0, _, _ = _inputs((2, 33, 4))
   h_auto, _ = linear_scan(a, b, initial_state=h0)
   h_seq, _ = linear_scan(a, b, initial_state=h0, method="sequential")
-  _assert_close(h_auto, h_seq, 1e-5)
+  assert_close(h_auto, h_seq, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -161,3 +131,9 @@ def test_bad_input_names_the_argument(kwargs, match):
   a, b = args.pop("a"), args.pop("b")
   with pytest.raises(ValueError, match=match):
     linear_scan(a, b, **args)
+
+
+def test_final_state_only_when_asked():
+  a, b, h0, _, _ = _inputs((2, 9, 3))
+  h, final = linear_scan(a, b, initial_state=h0, method="sequential")
+  assert final is None and h.shape == a.shape

@@ -1,10 +1,11 @@
-"""Tests of the Pallas linear-scan kernel (interpret mode) against independent references."""
+"""Tests of the Pallas linear-scan kernel (interpret mode) against independent references: the
+float64 numpy loop and the plain lax.scan of testing_utils."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
+from testing_utils import assert_close, lax_linear_scan, numpy_linear_scan
 
 from jaxrec import ops
 from pallas_kernels.linear_scan import linear_scan
@@ -32,35 +33,15 @@ def _inputs(shape, seed=0):
   return a, b, h0
 
 
-def _numpy_scan(a, b, h0, reverse):
-  a, b = np.float64(a), np.float64(b)
-  h = np.float64(h0)
-  out = np.empty_like(a)
-  steps = range(a.shape[1] - 1, -1, -1) if reverse else range(a.shape[1])
-  for t in steps:
-    h = a[:, t] * h + b[:, t]
-    out[:, t] = h
-  return out
-
-
-def _lax_scan(a, b, h0, reverse):
-  def step(h, ab):
-    h = ab[0] * h + ab[1]
-    return h, h
-
-  xs = (jnp.moveaxis(a, 1, 0), jnp.moveaxis(b, 1, 0))
-  return jnp.moveaxis(lax.scan(step, h0, xs, reverse=reverse)[1], 0, 1)
-
-
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize(("shape", "block_t"), CASES)
 def test_matches_numpy_and_sequential(shape, block_t, reverse):
   a, b, h0 = _inputs(shape)
   h = linear_scan(a, b, h0, reverse=reverse, interpret=True, block_t=block_t)
   assert h.shape == shape and h.dtype == jnp.float32
-  np.testing.assert_allclose(h, _numpy_scan(a, b, h0, reverse), rtol=RTOL, atol=ATOL)
+  assert_close(h, numpy_linear_scan(a, b, h0, reverse), rtol=RTOL, atol=ATOL)
   seq, _ = ops.linear_scan(a, b, initial_state=h0, reverse=reverse, method="sequential")
-  np.testing.assert_allclose(h, seq, rtol=RTOL, atol=ATOL)
+  assert_close(h, seq, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
@@ -76,30 +57,30 @@ def test_gradients_match_lax_scan(shape, block_t, reverse):
   pallas = loss(
     lambda a, b, h0: linear_scan(a, b, h0, reverse=reverse, interpret=True, block_t=block_t)
   )
-  reference = loss(lambda a, b, h0: _lax_scan(a, b, h0, reverse))
+  reference = loss(lambda a, b, h0: lax_linear_scan(a, b, h0, reverse)[0])
   got = jax.jit(jax.grad(pallas, argnums=(0, 1, 2)))(a, b, h0)
   want = jax.grad(reference, argnums=(0, 1, 2))(a, b, h0)
   for name, g, w in zip(("da", "db", "dh0"), got, want, strict=True):
-    np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL, err_msg=name)
+    assert_close(g, w, rtol=RTOL, atol=ATOL, err_msg=name)
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_jaxrec_pallas_method_with_segments(reverse):
   a, b, h0 = _inputs((2, 21, 2, 3), seed=3)
   segment_ids = np.repeat(np.array([[0, 0, 1, 1, 1, 2, 3], [5, 5, 5, 5, 6, 6, 6]]), 3, axis=1)
-  kwargs = dict(initial_state=h0, reverse=reverse, segment_ids=segment_ids)
+  kwargs = dict(initial_state=h0, output_final_state=True, reverse=reverse, segment_ids=segment_ids)
   h, last = ops.linear_scan(a, b, method="pallas", **kwargs)
   h_seq, last_seq = ops.linear_scan(a, b, method="sequential", **kwargs)
-  np.testing.assert_allclose(h, h_seq, rtol=RTOL, atol=ATOL)
-  np.testing.assert_allclose(last, last_seq, rtol=RTOL, atol=ATOL)
+  assert_close(h, h_seq, rtol=RTOL, atol=ATOL)
+  assert_close(last, last_seq, rtol=RTOL, atol=ATOL)
 
 
 def test_vmap_and_empty_time():
   a, b, _ = _inputs((3, 2, 9, 4), seed=4)
   h0 = np.random.default_rng(5).normal(size=(3, 2, 4)).astype(np.float32)
   h = jax.vmap(lambda a, b, h0: linear_scan(a, b, h0, interpret=True))(a, b, h0)
-  want = np.stack([_numpy_scan(a[i], b[i], h0[i], False) for i in range(3)])
-  np.testing.assert_allclose(h, want, rtol=RTOL, atol=ATOL)
+  want = np.stack([numpy_linear_scan(a[i], b[i], h0[i], False) for i in range(3)])
+  assert_close(h, want, rtol=RTOL, atol=ATOL)
   assert linear_scan(a[0, :, :0], b[0, :, :0], h0[0], interpret=True).shape == (2, 0, 4)
 
 

@@ -2,7 +2,8 @@
 exactly as written but with small step counts and a tiny model, then the errors a user can cause.
 
 The commands run as subprocesses in a fresh folder (the README's relative ``runs/...`` paths) on
-one CPU device, sharing a persistent XLA cache: compiling is most of their time.
+one CPU device, sharing the test run's persistent XLA cache (``tests/conftest.py``): compiling is
+most of their time.
 """
 
 import json
@@ -57,15 +58,12 @@ def with_steps(argv: list[str], steps: int) -> list[str]:
   return [*kept, f"--config.steps={steps}"]
 
 
-def _env(cache_dir) -> dict[str, str]:
+def _env() -> dict[str, str]:
   return {
     **os.environ,
     "PYTHONPATH": REPO,
     "JAX_PLATFORMS": "cpu",
     "JAX_NUM_CPU_DEVICES": "1",
-    "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
   }
 
 
@@ -77,7 +75,7 @@ def _run(argv, cwd, env) -> subprocess.CompletedProcess:
 def readme(tmp_path_factory):
   """The README's four commands run in order in a fresh folder: (folder, {title: result}, env)."""
   clone = tmp_path_factory.mktemp("clone")
-  env = _env(tmp_path_factory.mktemp("xla_cache"))
+  env = _env()
   commands = {
     "Train": [*with_steps(readme_command("Train"), TRAIN_STEPS), *TINY],
     "Resume": with_steps(readme_command("Resume"), RESUME_STEPS),

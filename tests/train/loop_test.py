@@ -2,11 +2,9 @@
 
 import os
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from experiments.configs import default
 from jaxrec.train import loop, metrics
@@ -34,24 +32,6 @@ def tiny_config():
   config.sample.max_new_tokens = 0
   config.progress = False
   return config
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-  """A persistent XLA cache for this module: the three runs compile the same programs."""
-  options = {
-    "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
-    "jax_persistent_cache_min_compile_time_secs": 0.0,
-    "jax_persistent_cache_min_entry_size_bytes": 0,
-  }
-  previous = {name: getattr(jax.config, name) for name in options}
-  for name, value in options.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-  yield
-  for name, value in previous.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
 
 
 class _Preempted(Exception):

@@ -43,15 +43,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _train(workdir, steps, *, processes, cache, resume=False):
+def _train(workdir, steps, *, processes, resume=False):
   """Runs ``python -m experiments.train`` as ``processes`` processes sharing 8 CPU devices."""
   env = dict(
     os.environ,
     JAX_PLATFORMS="cpu",
     JAX_NUM_CPU_DEVICES=str(8 // processes),
-    # The resumed run reuses the first run's compilations.
-    JAX_COMPILATION_CACHE_DIR=str(cache),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    # Compiling is most of the time; the resumed run reuses the first run's compilations from
+    # the test run's persistent cache (tests/conftest.py).
     JAX_DISABLE_MOST_OPTIMIZATIONS="1",
   )
   command = [
@@ -97,13 +96,12 @@ def _losses(workdir):
 
 
 def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path):
-  cache = tmp_path / "xla_cache"
   multi, single = tmp_path / "two_processes", tmp_path / "one_process"
-  outputs = _train(multi, 4, processes=2, cache=cache)
+  outputs = _train(multi, 4, processes=2)
   assert "process 1 of 2" in outputs[1]
   assert sorted(os.listdir(multi / "checkpoints")) == ["2", "4"]
-  _train(multi, 8, processes=2, cache=cache, resume=True)
-  _train(single, 8, processes=1, cache=cache)
+  _train(multi, 8, processes=2, resume=True)
+  _train(single, 8, processes=1)
 
   got, got_validation = _losses(multi)
   want, want_validation = _losses(single)

@@ -16,11 +16,12 @@ model's embedding) uses: it names each axis for the sharding rules.
 from jaxrec.layers._params import logical_param
 from jaxrec.layers.attention import Attention, KVCache
 from jaxrec.layers.gla import GatedLinearAttention, GLACache
+from jaxrec.layers.liger import LigerAttention, LigerCache
 from jaxrec.layers.linear import Dense
 from jaxrec.layers.mlp import MLP
 from jaxrec.layers.norms import RMSNorm
 from jaxrec.layers.pararnn import ParaGRU, ParaLSTM, ParaRNNCache
-from jaxrec.layers.rope import apply_rope
+from jaxrec.layers.rope import apply_rope, rope_frequencies
 
 __all__ = [
   "MLP",
@@ -29,10 +30,13 @@ __all__ = [
   "GLACache",
   "GatedLinearAttention",
   "KVCache",
+  "LigerAttention",
+  "LigerCache",
   "ParaGRU",
   "ParaLSTM",
   "ParaRNNCache",
   "RMSNorm",
   "apply_rope",
   "logical_param",
+  "rope_frequencies",
 ]

@@ -1,10 +1,14 @@
-"""The LM stack: configuration, the mixer registry, model, presets.
+"""The LM stack: configuration, the mixer registry, model, presets, Hugging Face checkpoints.
 
 This package is the only reader of ``LMConfig``: ``registry`` maps mixer names to the layers of
 ``jaxrec.layers`` and to the builders (``mixers``) that configure them from an ``LMConfig``.
+Llama-family models (Llama 2 and 3, Qwen2) are ``LM`` s configured from a Hugging Face
+``config.json`` (``hf_config``); ``hf`` loads and writes their safetensors checkpoints.
 """
 
 from jaxrec.models.config import LMConfig
+from jaxrec.models.hf import load_pretrained, load_pretrained_tokenizer, save_pretrained
+from jaxrec.models.hf_config import config_from_hf, hf_config_of
 from jaxrec.models.lm import LM, Block, BlockGroup, param_count_of
 from jaxrec.models.mixers import build_mixer
 from jaxrec.models.presets import PRESETS, get_preset, param_count
@@ -19,10 +23,15 @@ __all__ = [
   "LMConfig",
   "MixerEntry",
   "build_mixer",
+  "config_from_hf",
   "get_mixer",
   "get_preset",
+  "hf_config_of",
+  "load_pretrained",
+  "load_pretrained_tokenizer",
   "mixer_names",
   "param_count",
   "param_count_of",
   "register_mixer",
+  "save_pretrained",
 ]

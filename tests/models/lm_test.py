@@ -132,7 +132,7 @@ def test_every_parameter_has_logical_axis_names(scan_layers):
   [
     (
       dict(mixer_pattern=("gla", "lstm")),
-      r"mixer_pattern: unknown mixer 'lstm'.*'attention', 'gla'",
+      r"mixer_pattern: unknown mixer 'lstm'.*'attention', 'gla', 'liger'",
     ),
     (dict(mixer_pattern="gla"), "mixer_pattern: expected a tuple"),
     (dict(num_kv_heads=3), "num_kv_heads: expected a divisor of num_heads=2"),
@@ -141,6 +141,12 @@ def test_every_parameter_has_logical_axis_names(scan_layers):
     (dict(d_model=0), "d_model: expected a positive int"),
     (dict(pararnn_heads=3), "pararnn_heads: expected a divisor of d_model=16, got 3"),
     (dict(pararnn_max_iters=0), "pararnn_max_iters: expected a positive int"),
+    (dict(liger_variant="gsa"), r"liger_variant: expected one of \('gla', 'hgrn2'\)"),
+    (dict(liger_window=0), "liger_window: expected a positive int"),
+    (dict(liger_gate_source="value"), "liger_gate_source: expected one of"),
+    (dict(qkv_bias=1), "qkv_bias: expected True or False"),
+    (dict(rope_scaling={"rope_type": "llama3"}), "rope_scaling: expected a positive number"),
+    (dict(rope_scaling=[1, 2]), "rope_scaling: expected a mapping"),
   ],
 )
 def test_config_errors_name_the_field(overrides, match):

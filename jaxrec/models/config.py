@@ -65,7 +65,9 @@ class LMConfig:
       by then are recomputed by the sequential scan, so this trades speed, never accuracy.
     liger_variant: the recurrence of ``"liger"`` layers (``jaxrec.layers.LigerAttention``):
       ``"gla"`` or ``"hgrn2"``.
-    liger_window: keys seen by their sliding-window softmax branch; ``None`` drops the branch.
+    liger_window: keys seen by their sliding-window softmax branch; ``None`` drops the branch
+      (``jaxrec.linearize.liger`` sets the paper's 64 unless told otherwise; a default of
+      ``None`` lets run records restore either choice, as their unset fields keep defaults).
     liger_gate_source: ``"key"`` (the gate is the key projection) or ``"projection"`` (a new
       random projection, the paper's ablation).
     liger_chunk_size: chunk length of their recurrence's chunkwise-parallel form.
@@ -100,7 +102,7 @@ class LMConfig:
   pararnn_heads: int | None = None
   pararnn_max_iters: int = 10
   liger_variant: str = "gla"
-  liger_window: int | None = 64
+  liger_window: int | None = None
   liger_gate_source: str = "key"
   liger_chunk_size: int = 64
 

@@ -10,6 +10,7 @@ from flax import nnx
 from jax import lax
 
 from jaxrec import layers
+from jaxrec.inference.longctx.policy import check_policy
 from jaxrec.layers import logical_param
 from jaxrec.models.config import LMConfig
 from jaxrec.models.mixers import build_mixer
@@ -37,13 +38,20 @@ class Block(nnx.Module):
       rngs=rngs,
     )
 
-  def __call__(self, x, *, segment_ids=None, cache=None):
-    y, cache = self.mixer(self.mixer_norm(x), segment_ids=segment_ids, cache=cache)
+  def __call__(self, x, *, segment_ids=None, cache=None, policy=None, layer=0):
+    kw = dict(policy=policy, layer=layer) if self._reads_policy(policy) else {}
+    y, cache = self.mixer(self.mixer_norm(x), segment_ids=segment_ids, cache=cache, **kw)
     x = x + y
     return x + self.mlp(self.mlp_norm(x)), cache
 
-  def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype):
-    return self.mixer.init_cache(batch_size, max_length, dtype)
+  def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype, policy=None):
+    kw = dict(policy=policy) if self._reads_policy(policy) else {}
+    return self.mixer.init_cache(batch_size, max_length, dtype, **kw)
+
+  def _reads_policy(self, policy) -> bool:
+    """A long-context policy governs the mixers that attend with ``Attention``'s own call; other
+    mixers (recurrent ones, Liger's) run unchanged beside it."""
+    return policy is not None and type(self.mixer).__call__ is layers.Attention.__call__
 
 
 class BlockGroup(nnx.Module):
@@ -116,6 +124,7 @@ class LM(nnx.Module):
     *,
     segment_ids: jax.Array | None = None,
     cache: Cache | None = None,
+    policy: Any | None = None,
   ) -> tuple[jax.Array, Cache | None]:
     """Next-token logits.
 
@@ -124,12 +133,15 @@ class LM(nnx.Module):
       segment_ids: int ``[B, T]`` document ids of packed sequences; mixers neither attend nor
         carry state across a change of id.
       cache: from ``init_cache`` or a previous call; the tokens continue it.
+      policy: a long-context policy (``jaxrec.inference.longctx``) for the attention layers, each
+        told its depth; the cache must come from ``init_cache(..., policy=policy)``.
 
     Returns:
       ``(logits, cache)``: fp32 ``[B, T, vocab_size]`` and the advanced cache (``None`` without
       one).
     """
     self._validate(tokens, segment_ids)
+    self._check_policy(policy)
     cfg = self.cfg
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(cfg.compute_dtype)
     if cfg.scan_layers:
@@ -137,8 +149,8 @@ class LM(nnx.Module):
     else:
       caches = (None,) * len(self.layers) if cache is None else cache
       new = []
-      for block, c in zip(self.layers, caches, strict=True):
-        x, c = _call(block, cfg.remat)(x, segment_ids, c)
+      for layer, (block, c) in enumerate(zip(self.layers, caches, strict=True)):
+        x, c = _call(block, cfg.remat, policy, layer)(x, segment_ids, c)
         new.append(c)
       cache = None if cache is None else tuple(new)
     h = self.final_norm(x)
@@ -160,7 +172,11 @@ class LM(nnx.Module):
     return lax.scan(body, x, (state, cache))
 
   def init_cache(
-    self, batch_size: int, max_length: int | None = None, dtype: jnp.dtype | None = None
+    self,
+    batch_size: int,
+    max_length: int | None = None,
+    dtype: jnp.dtype | None = None,
+    policy: Any | None = None,
   ) -> Cache:
     """Empty decoding caches for every mixer.
 
@@ -169,18 +185,32 @@ class LM(nnx.Module):
       max_length: the most tokens the cache will hold (prompt and generated); default
         ``cfg.max_seq_len``.
       dtype: dtype of attention KV caches; default the compute dtype. Recurrent states are fp32.
+      policy: a long-context policy; its attention layers get the policy's caches.
 
     Returns:
       a tuple with one cache per layer, or with ``scan_layers`` one per ``mixer_pattern`` entry,
       stacked over the groups.
     """
+    self._check_policy(policy)
     max_length = self.cfg.max_seq_len if max_length is None else max_length
     dtype = self.cfg.compute_dtype if dtype is None else jnp.dtype(dtype)
+    if policy is not None:
+      return tuple(block.init_cache(batch_size, max_length, dtype, policy) for block in self.layers)
     if self.cfg.scan_layers:
       groups = self.cfg.num_layers // len(self.cfg.mixer_pattern)
       group = self.layers.init_cache(batch_size, max_length, dtype)
       return jax.tree.map(lambda a: jnp.broadcast_to(a, (groups, *a.shape)), group)
     return tuple(block.init_cache(batch_size, max_length, dtype) for block in self.layers)
+
+  def _check_policy(self, policy):
+    if policy is None:
+      return
+    check_policy(policy)
+    if self.cfg.scan_layers:
+      raise ValueError(
+        "policy: long-context policies need each layer's depth; build the model with "
+        "scan_layers=False (got scan_layers=True)"
+      )
 
   def _validate(self, tokens, segment_ids):
     if jnp.ndim(tokens) != 2 or not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
@@ -209,16 +239,18 @@ def _stacked_groups(cfg: LMConfig, rngs: nnx.Rngs) -> BlockGroup:
   return make(rngs)
 
 
-def _call(block: Block, remat: bool) -> Callable:
-  """``block`` as ``f(x, segment_ids, cache)``; with ``remat`` its activations are recomputed in
-  the backward pass (``jax.checkpoint`` over the block's split state)."""
+def _call(block: Block, remat: bool, policy: Any = None, layer: int = 0) -> Callable:
+  """``block`` as ``f(x, segment_ids, cache)`` (at depth ``layer`` under ``policy``); with
+  ``remat`` its activations are recomputed in the backward pass (``jax.checkpoint`` over the
+  block's split state)."""
+  kw = dict(policy=policy, layer=layer)
   if not remat:
-    return lambda x, segment_ids, cache: block(x, segment_ids=segment_ids, cache=cache)
+    return lambda x, segment_ids, cache: block(x, segment_ids=segment_ids, cache=cache, **kw)
   graphdef, state = nnx.split(block)
 
   @jax.checkpoint
   def f(state, x, segment_ids, cache):
-    return nnx.merge(graphdef, state)(x, segment_ids=segment_ids, cache=cache)
+    return nnx.merge(graphdef, state)(x, segment_ids=segment_ids, cache=cache, **kw)
 
   return lambda x, segment_ids, cache: f(state, x, segment_ids, cache)
 

@@ -1,0 +1,27 @@
+"""Long-context inference policies for ``jaxrec.layers.Attention`` (see ``policy``'s docstring).
+
+Each method is a static config object with its paper's defaults, given per call to
+``jaxrec.generate(..., policy=...)``, ``loglikelihood(model, tokens, policy=...)`` or ``LM``:
+
+* ``lm_infinite(global_tokens, window, distance_cap)``: Λ-shaped mask with a distance cap;
+* ``set_based(prefix, options, suffix)``: order-invariant options (2-D mask and positions).
+"""
+
+from jaxrec.inference.longctx.lm_infinite import LMInfinite, LMInfiniteCache
+from jaxrec.inference.longctx.policy import Policy, cache_bytes, check_policy
+from jaxrec.inference.longctx.set_based import SetBased, SetBasedCache
+
+lm_infinite = LMInfinite
+set_based = SetBased
+
+__all__ = [
+  "LMInfinite",
+  "LMInfiniteCache",
+  "Policy",
+  "SetBased",
+  "SetBasedCache",
+  "cache_bytes",
+  "check_policy",
+  "lm_infinite",
+  "set_based",
+]

@@ -1,0 +1,77 @@
+"""The long-context policy protocol: how ``jaxrec.layers.Attention`` reads its keys.
+
+A policy is a frozen (hashable, static) dataclass with the paper's defaults. Given to
+``Attention.__call__`` (through ``LM.__call__``, ``LM.init_cache``, ``jaxrec.generate`` and
+``loglikelihood``), it takes over the attention of the layer after the projections:
+
+* ``init_cache(attn, batch_size, max_length, dtype)`` builds the layer's cache: what it holds
+  (pre-RoPE keys and their positions where the method rotates keys at attention time, pruned
+  channels, recycled indices ...);
+* ``attend(attn, q, k, v, cache=..., layer=...)`` gets the layer's un-rotated queries ``[B, T, H,
+  K]`` and keys and values ``[B, T, G, K]`` and returns the heads' outputs ``[B, T, H, K]`` and
+  the advanced cache; ``cache=None`` is a one-shot pass over the whole sequence (scoring),
+  ``layer`` the depth of the layer (LM-Infinite's top-k starts at layer 4).
+
+``attn`` lends the layer's RoPE (``attn.rope``) and head counts. Without a policy ``Attention``
+runs its own path unchanged. Packed sequences (``segment_ids``) are not supported by policies.
+"""
+
+import abc
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy(abc.ABC):
+  """Base class of the long-context policies (see the module docstring)."""
+
+  @abc.abstractmethod
+  def init_cache(self, attn, batch_size: int, max_length: int, dtype: jnp.dtype):
+    """The layer's empty cache, with room for ``max_length`` tokens where it keeps them all."""
+
+  @abc.abstractmethod
+  def attend(self, attn, q, k, v, *, cache, layer: int):
+    """``(heads [B, T, H, K], cache)`` for un-rotated ``q [B, T, H, K]`` and ``k, v [B, T, G,
+    K]``."""
+
+
+def check_policy(policy) -> None:
+  """Raises ``ValueError`` unless ``policy`` is ``None`` or a ``Policy``."""
+  if policy is not None and not isinstance(policy, Policy):
+    raise ValueError(
+      "policy: expected None or a jaxrec.inference.longctx policy (lm_infinite, recycled, "
+      f"longheads, think, set_based), got {policy!r}"
+    )
+
+
+def cache_bytes(cache) -> int:
+  """Bytes held by the arrays of a cache (any pytree of arrays, e.g. ``LM.init_cache``'s)."""
+  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(cache))
+
+
+def check_int(name: str, value, minimum: int) -> None:
+  """Raises ``ValueError`` naming ``name`` unless ``value`` is an int ``>= minimum``."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+def repeat_kv(x: jax.Array, heads: int) -> jax.Array:
+  """``[B, S, G, K]`` -> ``[B, S, H, K]``: each key/value head serves ``H / G`` query heads."""
+  return jnp.repeat(x, heads // x.shape[2], axis=2)
+
+
+def scores(q: jax.Array, k: jax.Array) -> jax.Array:
+  """fp32 ``q·k / sqrt(K)`` ``[B, H, T, S]`` for ``q [B, T, H, K]``, ``k [B, S, G, K]``."""
+  k = repeat_kv(k, q.shape[2])
+  s = jnp.einsum("bthk,bshk->bhts", q.astype(jnp.float32), k.astype(jnp.float32))
+  return s / jnp.sqrt(jnp.float32(q.shape[-1]))
+
+
+def softmax_values(s: jax.Array, mask: jax.Array, v: jax.Array, dtype) -> jax.Array:
+  """``softmax(s where mask) v`` -> ``[B, T, H, K]`` for ``s [B, H, T, S]``, ``v [B, S, G, K]``;
+  the softmax in fp32, the output in ``dtype``."""
+  p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+  v = repeat_kv(v, s.shape[1]).astype(jnp.float32)
+  return jnp.einsum("bhts,bshk->bthk", p, v).astype(dtype)

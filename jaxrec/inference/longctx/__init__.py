@@ -4,15 +4,18 @@ Each method is a static config object with its paper's defaults, given per call 
 ``jaxrec.generate(..., policy=...)``, ``loglikelihood(model, tokens, policy=...)`` or ``LM``:
 
 * ``lm_infinite(global_tokens, window, distance_cap)``: Λ-shaped mask with a distance cap;
-* ``set_based(prefix, options, suffix)``: order-invariant options (2-D mask and positions).
+* ``set_based(prefix, options, suffix)``: order-invariant options (2-D mask and positions);
+* ``think(channel_ratio, eviction=SnapKV(...))``: pruned key channels, optional token eviction.
 """
 
 from jaxrec.inference.longctx.lm_infinite import LMInfinite, LMInfiniteCache
 from jaxrec.inference.longctx.policy import Policy, cache_bytes, check_policy
 from jaxrec.inference.longctx.set_based import SetBased, SetBasedCache
+from jaxrec.inference.longctx.think import SnapKV, ThinK, ThinKCache, ThinKEmpty
 
 lm_infinite = LMInfinite
 set_based = SetBased
+think = ThinK
 
 __all__ = [
   "LMInfinite",
@@ -20,8 +23,13 @@ __all__ = [
   "Policy",
   "SetBased",
   "SetBasedCache",
+  "SnapKV",
+  "ThinK",
+  "ThinKCache",
+  "ThinKEmpty",
   "cache_bytes",
   "check_policy",
   "lm_infinite",
   "set_based",
+  "think",
 ]

@@ -4,16 +4,20 @@ Each method is a static config object with its paper's defaults, given per call 
 ``jaxrec.generate(..., policy=...)``, ``loglikelihood(model, tokens, policy=...)`` or ``LM``:
 
 * ``lm_infinite(global_tokens, window, distance_cap)``: Λ-shaped mask with a distance cap;
+* ``recycled(k, stride)`` (``dynamic=True``: query-similarity schedule): a small recycled cache
+  refreshed by periodic full steps;
 * ``set_based(prefix, options, suffix)``: order-invariant options (2-D mask and positions);
 * ``think(channel_ratio, eviction=SnapKV(...))``: pruned key channels, optional token eviction.
 """
 
 from jaxrec.inference.longctx.lm_infinite import LMInfinite, LMInfiniteCache
 from jaxrec.inference.longctx.policy import Policy, cache_bytes, check_policy
+from jaxrec.inference.longctx.recycled import Recycled, RecycledCache
 from jaxrec.inference.longctx.set_based import SetBased, SetBasedCache
 from jaxrec.inference.longctx.think import SnapKV, ThinK, ThinKCache, ThinKEmpty
 
 lm_infinite = LMInfinite
+recycled = Recycled
 set_based = SetBased
 think = ThinK
 
@@ -21,6 +25,8 @@ __all__ = [
   "LMInfinite",
   "LMInfiniteCache",
   "Policy",
+  "Recycled",
+  "RecycledCache",
   "SetBased",
   "SetBasedCache",
   "SnapKV",
@@ -30,6 +36,7 @@ __all__ = [
   "cache_bytes",
   "check_policy",
   "lm_infinite",
+  "recycled",
   "set_based",
   "think",
 ]

@@ -4,6 +4,7 @@ Each method is a static config object with its paper's defaults, given per call 
 ``jaxrec.generate(..., policy=...)``, ``loglikelihood(model, tokens, policy=...)`` or ``LM``:
 
 * ``lm_infinite(global_tokens, window, distance_cap)``: Λ-shaped mask with a distance cap;
+* ``longheads(chunk_size, chunks_per_head)``: each head attends to its own top chunks;
 * ``recycled(k, stride)`` (``dynamic=True``: query-similarity schedule): a small recycled cache
   refreshed by periodic full steps;
 * ``set_based(prefix, options, suffix)``: order-invariant options (2-D mask and positions);
@@ -11,12 +12,14 @@ Each method is a static config object with its paper's defaults, given per call 
 """
 
 from jaxrec.inference.longctx.lm_infinite import LMInfinite, LMInfiniteCache
+from jaxrec.inference.longctx.longheads import LongHeads, LongHeadsCache, LongHeadsEmpty
 from jaxrec.inference.longctx.policy import Policy, cache_bytes, check_policy
 from jaxrec.inference.longctx.recycled import Recycled, RecycledCache
 from jaxrec.inference.longctx.set_based import SetBased, SetBasedCache
 from jaxrec.inference.longctx.think import SnapKV, ThinK, ThinKCache, ThinKEmpty
 
 lm_infinite = LMInfinite
+longheads = LongHeads
 recycled = Recycled
 set_based = SetBased
 think = ThinK
@@ -24,6 +27,9 @@ think = ThinK
 __all__ = [
   "LMInfinite",
   "LMInfiniteCache",
+  "LongHeads",
+  "LongHeadsCache",
+  "LongHeadsEmpty",
   "Policy",
   "Recycled",
   "RecycledCache",
@@ -36,6 +42,7 @@ __all__ = [
   "cache_bytes",
   "check_policy",
   "lm_infinite",
+  "longheads",
   "recycled",
   "set_based",
   "think",

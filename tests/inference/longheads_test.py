@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from longctx_reference import attend, attention_layer, output, projections, rope
+from longctx_reference import attention_layer, output, projections, rope
 from testing_utils import assert_close
 
 from jaxrec import layers

@@ -13,27 +13,39 @@ Optionally (``top_k > 0``, the authors' later addition) the last query of each c
 ``>= top_k_from_layer`` also sees the ``top_k`` middle keys ``G <= j <= i - L`` that score highest
 under ``(R_{top_k_insert_at} q_i)·k_j / sqrt(K)``, with those scores.
 
-The cache holds pre-RoPE keys (rotated at attention time): the ``G`` global ones and a ring of the
-last ``L`` (``O(G + L)`` memory and decoding time, whatever the context), and with ``top_k`` every
-key. Every call runs blockwise: queries in blocks of ``min(T, L)`` against the ``L + block`` keys
-that can reach them plus the global keys, ``O(T·(L + G))`` time.
+The cache holds the ``G`` global keys un-rotated (they are seen at the capped distance) and a ring
+of the last ``L`` keys rotated at their own positions (local scores are the true RoPE scores, so
+rotating them once is exact): ``O(G + L)`` memory and decoding time, whatever the context; with
+``top_k`` also every key un-rotated. A multi-token call runs blockwise: queries in blocks of
+``min(T, L)`` against the ``L + block`` keys that can reach them plus the global keys,
+``O(T·(L + G))`` time; decoding one token writes its key into the ring in place and merges the
+local and global softmax terms without copying the ring.
 """
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxrec.inference.longctx.policy import Policy, check_int, repeat_kv
+from jaxrec.inference.longctx.policy import (
+  Policy,
+  check_int,
+  repeat_kv,
+  scores,
+  weighted_values,
+)
 
 
 class LMInfiniteCache(NamedTuple):
   """Pre-RoPE keys and values of an LM-Infinite layer.
 
   Attributes:
-    k_global, v_global: ``[B, G, Gk, K]``, the first ``G`` tokens (slot = position).
-    k_ring, v_ring: ``[B, L, Gk, K]``, the last ``L`` tokens (slot = position mod ``L``).
+    k_global, v_global: ``[B, G, Gk, K]``, the first ``G`` tokens (slot = position), keys
+      un-rotated.
+    k_ring, v_ring: ``[B, L, Gk, K]``, the last ``L`` tokens (slot = position mod ``L``), keys
+      rotated at their positions.
     k_all, v_all: ``[B, S, Gk, K]`` every token (slot = position) with ``top_k``, else ``[B, 0,
       Gk, K]``.
     index: int32 scalar, the number of tokens seen.
@@ -104,41 +116,83 @@ class LMInfinite(Policy):
     index = cache.index
     big_l, g = self.window, self.global_tokens
     new_k, new_v = k.astype(cache.k_ring.dtype), v.astype(cache.v_ring.dtype)
+    new_rot = attn.rope(k, index + jnp.arange(t)).astype(cache.k_ring.dtype)
     # Global slots: position s, from the cache if already seen, else from the new tokens.
     slots = jnp.arange(g)
     from_new = jnp.clip(slots - index, 0, max(t - 1, 0))
     seen = (slots < index)[None, :, None, None]
     k_glob = jnp.where(seen, cache.k_global, new_k[:, from_new])
     v_glob = jnp.where(seen, cache.v_global, new_v[:, from_new])
-    # Local keys in position order: the ring (positions index - L ..), then the new tokens.
-    shift = -(index % big_l)
-    k_loc = jnp.concatenate([jnp.roll(cache.k_ring, shift, axis=1), new_k], axis=1)
-    v_loc = jnp.concatenate([jnp.roll(cache.v_ring, shift, axis=1), new_v], axis=1)
     if self.top_k:
       k_all = jax.lax.dynamic_update_slice_in_dim(cache.k_all, new_k, index, 1)
       v_all = jax.lax.dynamic_update_slice_in_dim(cache.v_all, new_v, index, 1)
     else:
       k_all, v_all = cache.k_all, cache.v_all
     middle = (k_all, v_all) if self.top_k and layer >= self.top_k_from_layer else None
-    o = self._blockwise(attn, q, k_loc, v_loc, k_glob, v_glob, index, middle)
+    if t == 1 and not fresh:
+      k_ring = jax.lax.dynamic_update_slice_in_dim(cache.k_ring, new_rot, index % big_l, 1)
+      v_ring = jax.lax.dynamic_update_slice_in_dim(cache.v_ring, new_v, index % big_l, 1)
+      o = self._decode(attn, q, k_ring, v_ring, k_glob, v_glob, index, middle)
+    else:
+      # Local keys in position order: the ring (positions index - L ..), then the new tokens.
+      shift = -(index % big_l)
+      k_loc = jnp.concatenate([jnp.roll(cache.k_ring, shift, axis=1), new_rot], axis=1)
+      v_loc = jnp.concatenate([jnp.roll(cache.v_ring, shift, axis=1), new_v], axis=1)
+      o = self._blockwise(attn, q, k_loc, v_loc, k_glob, v_glob, index, middle)
+      tail = slice(k_loc.shape[1] - big_l, None)
+      k_ring = jnp.roll(k_loc[:, tail], (index + t) % big_l, axis=1)
+      v_ring = jnp.roll(v_loc[:, tail], (index + t) % big_l, axis=1)
     if fresh:
       return o, None
-    last = index + t
-    tail = slice(k_loc.shape[1] - big_l, None)
-    new_cache = LMInfiniteCache(
+    return o, LMInfiniteCache(
       k_global=k_glob,
       v_global=v_glob,
-      k_ring=jnp.roll(k_loc[:, tail], last % big_l, axis=1),
-      v_ring=jnp.roll(v_loc[:, tail], last % big_l, axis=1),
+      k_ring=k_ring,
+      v_ring=v_ring,
       k_all=k_all,
       v_all=v_all,
-      index=last,
+      index=index + t,
     )
-    return o, new_cache
+
+  def _decode(self, attn, q, k_ring, v_ring, k_glob, v_glob, index, middle):
+    """One query at ``index`` against the ring (slot ``s`` holds position ``index - ((index - s)
+    mod L)``), the global keys and the top-k middle; softmax terms merged by their maxima."""
+    big_l, g = self.window, self.global_tokens
+    ring_pos = index - (index - jnp.arange(big_l)) % big_l
+    q_rot = attn.rope(q, index[None])
+    q_cap = attn.rope(q, jnp.minimum(self.distance_cap, index)[None])
+    parts = [
+      (scores(q_rot, k_ring), ring_pos >= 0, v_ring),
+      (scores(q_cap, k_glob), jnp.arange(g) <= index - big_l, v_glob),
+    ]
+    if middle is not None:
+      parts.append(self._middle(attn, q, index, middle))
+    parts = [(jnp.where(m, s, -jnp.inf), v) for s, m, v in parts]
+    top = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1, keepdims=True) for s, _ in parts])
+    weights = [jnp.exp(s - top) for s, _ in parts]
+    total = sum(jnp.sum(w, axis=-1) for w in weights)  # [B, H, 1]
+    o = sum(weighted_values(w, v) for w, (_, v) in zip(weights, parts, strict=True))
+    return (o / total.transpose(0, 2, 1)[..., None]).astype(q.dtype)
+
+  def _middle(self, attn, q, index, middle):
+    """``(scores [B, H, 1, k], mask, values [B, k, ...])`` of the last query's top-k middle keys
+    (``G <= j <= i - L``) scored at distance ``top_k_insert_at``; per head, so values are
+    gathered per query head."""
+    k_all, v_all = middle
+    h = q.shape[2]
+    i = index + q.shape[1] - 1
+    last = attn.rope(q[:, -1:], jnp.full((1,), self.top_k_insert_at))
+    sm = scores(last, k_all)[:, :, 0]  # [B, H, S]
+    j = jnp.arange(k_all.shape[1])
+    candidate = (j >= self.global_tokens) & (j <= i - self.window)
+    top, idx = jax.lax.top_k(jnp.where(candidate, sm, -jnp.inf), min(self.top_k, k_all.shape[1]))
+    vv = jnp.take_along_axis(repeat_kv(v_all, h), idx.transpose(0, 2, 1)[..., None], axis=1)
+    return top[:, :, None], top[:, :, None] > -jnp.inf, vv
 
   def _blockwise(self, attn, q, k_loc, v_loc, k_glob, v_glob, index, middle):
-    """Queries in blocks of ``min(T, L)``, each against its ``L + block`` local keys (``k_loc``:
-    positions ``index - L ..``), the global keys and, for the last query, the top-k middle."""
+    """Queries in blocks of ``min(T, L)``, each against its ``L + block`` local keys (``k_loc``,
+    rotated: positions ``index - L ..``), the global keys and, for the last query, the top-k
+    middle."""
     b, t, h, dim = q.shape
     big_l, g = self.window, self.global_tokens
     block = min(t, big_l)
@@ -151,7 +205,7 @@ class LMInfinite(Policy):
     q_cap = attn.rope(qp, jnp.minimum(self.distance_cap, q_pos)).astype(jnp.float32)
     kp = jnp.pad(k_loc, ((0, 0), (0, pad), (0, 0), (0, 0)))
     vp = jnp.pad(v_loc, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    k_rot = repeat_kv(attn.rope(kp, k_pos), h).astype(jnp.float32)
+    k_rot = repeat_kv(kp, h).astype(jnp.float32)
     vp = repeat_kv(vp, h).astype(jnp.float32)
     take = jnp.arange(nb)[:, None] * block + jnp.arange(big_l + block)  # [nb, L + block]
     kb, vb, pb = k_rot[:, take], vp[:, take], k_pos[take]
@@ -176,18 +230,11 @@ class LMInfinite(Policy):
 
   def _with_middle(self, attn, q, s, m, vals, middle, index, block, nb):
     """Adds the top-k middle keys to the last query's row (in the last block)."""
-    k_all, v_all = middle
-    b, t, h, dim = q.shape
-    i = index + t - 1
-    last = attn.rope(q[:, -1:], jnp.full((1,), self.top_k_insert_at)).astype(jnp.float32)
-    kk = repeat_kv(k_all, h).astype(jnp.float32)
-    sm = jnp.einsum("bqhk,bshk->bhqs", last, kk)[:, :, 0] / jnp.sqrt(jnp.float32(dim))
-    j = jnp.arange(k_all.shape[1])
-    candidate = (j >= self.global_tokens) & (j <= i - self.window)
-    top, idx = jax.lax.top_k(jnp.where(candidate, sm, -jnp.inf), min(self.top_k, k_all.shape[1]))
+    b, t = q.shape[:2]
+    top, _, vv = self._middle(attn, q, index, middle)
+    top = top[:, :, 0]
     row = (nb - 1, (t - 1) % block)
     extra_s = jnp.full((*s.shape[:-1], top.shape[-1]), -jnp.inf).at[:, row[0], :, row[1]].set(top)
-    vv = jnp.take_along_axis(repeat_kv(v_all, h), idx.transpose(0, 2, 1)[..., None], axis=1)
     vv = jnp.broadcast_to(vv[:, None], (b, nb, *vv.shape[1:]))
     s = jnp.concatenate([s, extra_s], axis=-1)
     m = jnp.concatenate([jnp.broadcast_to(m, s.shape[:-1] + m.shape[-1:]), extra_s > -jnp.inf], -1)

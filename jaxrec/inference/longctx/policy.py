@@ -63,15 +63,25 @@ def repeat_kv(x: jax.Array, heads: int) -> jax.Array:
 
 
 def scores(q: jax.Array, k: jax.Array) -> jax.Array:
-  """fp32 ``q·k / sqrt(K)`` ``[B, H, T, S]`` for ``q [B, T, H, K]``, ``k [B, S, G, K]``."""
-  k = repeat_kv(k, q.shape[2])
-  s = jnp.einsum("bthk,bshk->bhts", q.astype(jnp.float32), k.astype(jnp.float32))
-  return s / jnp.sqrt(jnp.float32(q.shape[-1]))
+  """fp32 ``q·k / sqrt(K)`` ``[B, H, T, S]`` for ``q [B, T, H, K]``, ``k [B, S, G, K]`` (each key
+  head serving its ``H / G`` query heads, without copying the keys)."""
+  b, t, h, dim = q.shape
+  g = k.shape[2]
+  qg = q.astype(jnp.float32).reshape(b, t, g, h // g, dim)
+  s = jnp.einsum("btgrk,bsgk->bgrts", qg, k.astype(jnp.float32))
+  return s.reshape(b, h, t, k.shape[1]) / jnp.sqrt(jnp.float32(dim))
+
+
+def weighted_values(p: jax.Array, v: jax.Array) -> jax.Array:
+  """fp32 ``p v`` ``[B, T, H, K]`` for weights ``p [B, H, T, S]`` and ``v [B, S, G, K]``."""
+  b, h, t, n = p.shape
+  g = v.shape[2]
+  out = jnp.einsum("bgrts,bsgk->btgrk", p.reshape(b, g, h // g, t, n), v.astype(jnp.float32))
+  return out.reshape(b, t, h, v.shape[-1])
 
 
 def softmax_values(s: jax.Array, mask: jax.Array, v: jax.Array, dtype) -> jax.Array:
   """``softmax(s where mask) v`` -> ``[B, T, H, K]`` for ``s [B, H, T, S]``, ``v [B, S, G, K]``;
   the softmax in fp32, the output in ``dtype``."""
   p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
-  v = repeat_kv(v, s.shape[1]).astype(jnp.float32)
-  return jnp.einsum("bhts,bshk->bthk", p, v).astype(dtype)
+  return weighted_values(p, v).astype(dtype)

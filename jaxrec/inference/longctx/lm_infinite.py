@@ -23,7 +23,6 @@ local and global softmax terms without copying the ring.
 """
 
 import dataclasses
-import functools
 from typing import NamedTuple
 
 import jax
@@ -32,9 +31,9 @@ import jax.numpy as jnp
 from jaxrec.inference.longctx.policy import (
   Policy,
   check_int,
+  merged_softmax_values,
   repeat_kv,
   scores,
-  weighted_values,
 )
 
 
@@ -44,8 +43,8 @@ class LMInfiniteCache(NamedTuple):
   Attributes:
     k_global, v_global: ``[B, G, Gk, K]``, the first ``G`` tokens (slot = position), keys
       un-rotated.
-    k_ring, v_ring: ``[B, L, Gk, K]``, the last ``L`` tokens (slot = position mod ``L``), keys
-      rotated at their positions.
+    k_ring, v_ring: ``[B, R, Gk, K]``, ``R = min(L, S)``, the last ``R`` tokens (slot = position
+      mod ``R``), keys rotated at their positions.
     k_all, v_all: ``[B, S, Gk, K]`` every token (slot = position) with ``top_k``, else ``[B, 0,
       Gk, K]``.
     index: int32 scalar, the number of tokens seen.
@@ -98,11 +97,12 @@ class LMInfinite(Policy):
     head = (attn.num_kv_heads, attn.head_dim)
     zeros = lambda n: jnp.zeros((batch_size, n, *head), dtype)
     full = max_length if self.top_k else 0
+    ring = min(self.window, max_length)  # a shorter ring holds every token the cache will see
     return LMInfiniteCache(
       k_global=zeros(self.global_tokens),
       v_global=zeros(self.global_tokens),
-      k_ring=zeros(self.window),
-      v_ring=zeros(self.window),
+      k_ring=zeros(ring),
+      v_ring=zeros(ring),
       k_all=zeros(full),
       v_all=zeros(full),
       index=jnp.zeros((), jnp.int32),
@@ -112,7 +112,7 @@ class LMInfinite(Policy):
     b, t = q.shape[:2]
     fresh = cache is None
     if fresh:
-      cache = self.init_cache(attn, b, t if self.top_k else 0, k.dtype)
+      cache = self.init_cache(attn, b, t, k.dtype)
     index = cache.index
     big_l, g = self.window, self.global_tokens
     new_k, new_v = k.astype(cache.k_ring.dtype), v.astype(cache.v_ring.dtype)
@@ -129,19 +129,21 @@ class LMInfinite(Policy):
     else:
       k_all, v_all = cache.k_all, cache.v_all
     middle = (k_all, v_all) if self.top_k and layer >= self.top_k_from_layer else None
+    ring = cache.k_ring.shape[1]
     if t == 1 and not fresh:
-      k_ring = jax.lax.dynamic_update_slice_in_dim(cache.k_ring, new_rot, index % big_l, 1)
-      v_ring = jax.lax.dynamic_update_slice_in_dim(cache.v_ring, new_v, index % big_l, 1)
+      k_ring = jax.lax.dynamic_update_slice_in_dim(cache.k_ring, new_rot, index % ring, 1)
+      v_ring = jax.lax.dynamic_update_slice_in_dim(cache.v_ring, new_v, index % ring, 1)
       o = self._decode(attn, q, k_ring, v_ring, k_glob, v_glob, index, middle)
     else:
-      # Local keys in position order: the ring (positions index - L ..), then the new tokens.
-      shift = -(index % big_l)
-      k_loc = jnp.concatenate([jnp.roll(cache.k_ring, shift, axis=1), new_rot], axis=1)
-      v_loc = jnp.concatenate([jnp.roll(cache.v_ring, shift, axis=1), new_v], axis=1)
+      # Local keys in position order: the ring (positions index - L ..; a ring shorter than L
+      # is padded in front), then the new tokens.
+      front = ((0, 0), (big_l - ring, 0), (0, 0), (0, 0))
+      local = lambda r, x: jnp.concatenate([jnp.pad(jnp.roll(r, -(index % ring), 1), front), x], 1)
+      k_loc, v_loc = local(cache.k_ring, new_rot), local(cache.v_ring, new_v)
       o = self._blockwise(attn, q, k_loc, v_loc, k_glob, v_glob, index, middle)
-      tail = slice(k_loc.shape[1] - big_l, None)
-      k_ring = jnp.roll(k_loc[:, tail], (index + t) % big_l, axis=1)
-      v_ring = jnp.roll(v_loc[:, tail], (index + t) % big_l, axis=1)
+      tail = slice(k_loc.shape[1] - ring, None)
+      k_ring = jnp.roll(k_loc[:, tail], (index + t) % ring, axis=1)
+      v_ring = jnp.roll(v_loc[:, tail], (index + t) % ring, axis=1)
     if fresh:
       return o, None
     return o, LMInfiniteCache(
@@ -158,7 +160,8 @@ class LMInfinite(Policy):
     """One query at ``index`` against the ring (slot ``s`` holds position ``index - ((index - s)
     mod L)``), the global keys and the top-k middle; softmax terms merged by their maxima."""
     big_l, g = self.window, self.global_tokens
-    ring_pos = index - (index - jnp.arange(big_l)) % big_l
+    ring = k_ring.shape[1]
+    ring_pos = index - (index - jnp.arange(ring)) % ring
     q_rot = attn.rope(q, index[None])
     q_cap = attn.rope(q, jnp.minimum(self.distance_cap, index)[None])
     parts = [
@@ -167,12 +170,7 @@ class LMInfinite(Policy):
     ]
     if middle is not None:
       parts.append(self._middle(attn, q, index, middle))
-    parts = [(jnp.where(m, s, -jnp.inf), v) for s, m, v in parts]
-    top = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1, keepdims=True) for s, _ in parts])
-    weights = [jnp.exp(s - top) for s, _ in parts]
-    total = sum(jnp.sum(w, axis=-1) for w in weights)  # [B, H, 1]
-    o = sum(weighted_values(w, v) for w, (_, v) in zip(weights, parts, strict=True))
-    return (o / total.transpose(0, 2, 1)[..., None]).astype(q.dtype)
+    return merged_softmax_values(parts, q.dtype)
 
   def _middle(self, attn, q, index, middle):
     """``(scores [B, H, 1, k], mask, values [B, k, ...])`` of the last query's top-k middle keys

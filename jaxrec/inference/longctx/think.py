@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jaxrec.inference.longctx.policy import (
   Policy,
   check_int,
+  merged_softmax_values,
   repeat_kv,
   scores,
   softmax_values,
@@ -137,12 +138,8 @@ class ThinK(Policy):
     s_old = scores(q_kept, cache.k_old) * math.sqrt(keep.shape[-1] / dim)
     s_new = scores(qr, cache.k_new)
     visible_new = (jnp.arange(k_new.shape[1]) < cache.filled)[None, None, None]
-    s = jnp.concatenate([s_old, s_new], axis=-1)
-    mask = jnp.concatenate(
-      [jnp.ones(s_old.shape, bool), jnp.broadcast_to(visible_new, s_new.shape)], -1
-    )
-    v_all = jnp.concatenate([cache.v_old, cache.v_new], axis=1)
-    return softmax_values(s, mask, v_all, q.dtype), cache
+    parts = [(s_old, True, cache.v_old), (s_new, visible_new, cache.v_new)]
+    return merged_softmax_values(parts, q.dtype), cache
 
   def _prefill(self, attn, q, k, v, cache):
     b, t = q.shape[:2]

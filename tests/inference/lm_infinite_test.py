@@ -122,7 +122,11 @@ def test_receptive_field_of_a_model_is_bit_exact(model):
   changed = tokens.copy()
   changed[0, G - 1] = (changed[0, G - 1] + 7) % 32  # a global token is always seen
   assert np.abs(np.asarray(f(changed)) - np.asarray(f(tokens))).max() > 0
-  assert loglikelihood(model, tokens, policy=policy).shape == (1, 39)
+  # Teacher-forced decoding through the cache scores as the parallel pass.
+  parallel = loglikelihood(model, tokens, policy=policy)
+  assert parallel.shape == (1, 39)
+  decoded = loglikelihood(model, tokens, policy=policy, prefill=11)
+  assert_close(decoded, parallel, rtol=0, atol=1e-4)
 
 
 def test_bad_settings_are_refused(model):

@@ -91,7 +91,7 @@ def merged_softmax_values(parts, dtype) -> jax.Array:
   """One softmax over several key sets without concatenating them: ``parts`` is a list of
   ``(s [B, H, T, S_i], mask, v [B, S_i, G_i, K])``; each set's exponentials are taken against the
   common maximum and the weighted values summed. Returns ``[B, T, H, K]`` in ``dtype``."""
-  parts = [(jnp.where(m, s, -jnp.inf), v) for s, m, v in parts]
+  parts = [(jnp.where(m, s, -jnp.inf), v) for s, m, v in parts if s.shape[-1]]
   top = parts[0][0].max(axis=-1, keepdims=True)
   for s, _ in parts[1:]:
     top = jnp.maximum(top, s.max(axis=-1, keepdims=True))

@@ -2,6 +2,8 @@
 full ``T x S`` scores of one attention layer with a method's mask and positions, written with
 numpy's own RoPE, independent of the library's blockwise and cached paths."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -42,3 +44,16 @@ def attend(s, mask, v):
 def output(attn, heads):
   """The layer's output projection of ``heads [B, T, H, K]``."""
   return np.asarray(attn.o_proj(np.asarray(heads, np.float32)), np.float64)
+
+
+def run_chunks(attn, x, policy, chunks, layer=0):
+  """``attn`` (under ``policy``, ``None`` for plain attention) fed ``x [B, T, D]`` through a cache
+  in consecutive calls of the given lengths: ``(outputs [B, T, D], final cache)``."""
+  step = jax.jit(lambda x, c: attn(x, cache=c, policy=policy, layer=layer))
+  cache = attn.init_cache(x.shape[0], x.shape[1], jnp.float32, policy=policy)
+  outs, start = [], 0
+  for n in chunks:
+    y, cache = step(x[:, start : start + n], cache)
+    outs.append(y)
+    start += n
+  return np.concatenate(outs, axis=1), cache

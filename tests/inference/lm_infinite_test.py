@@ -2,11 +2,10 @@
 decoding, top-k middle tokens); T <= window equals attention; the receptive field of a model."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from longctx_reference import attend, attention_layer, output, projections, rope
+from longctx_reference import attend, attention_layer, output, projections, rope, run_chunks
 from testing_utils import assert_close
 
 from jaxrec.inference import loglikelihood
@@ -52,15 +51,7 @@ def setup():
 
 
 def _run_chunks(attn, x, policy, chunks, layer=0):
-  """Outputs of ``attn`` fed ``x`` in consecutive chunks of the given lengths through a cache."""
-  step = jax.jit(lambda x, c: attn(x, cache=c, policy=policy, layer=layer))
-  cache = attn.init_cache(x.shape[0], x.shape[1], jnp.float32, policy=policy)
-  outs, start = [], 0
-  for n in chunks:
-    y, cache = step(x[:, start : start + n], cache)
-    outs.append(y)
-    start += n
-  return np.concatenate(outs, axis=1)
+  return run_chunks(attn, x, policy, chunks, layer)[0]
 
 
 def test_prefill_blockwise_and_decoding_match_the_dense_lambda_mask(setup):

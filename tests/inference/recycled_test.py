@@ -2,11 +2,9 @@
 recycle steps masked to C_r and the tokens since, C_r = top-k of the pooled attention), static
 and dynamic; stride 1 and k >= T are plain attention."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from longctx_reference import attend, attention_layer, output, projections, rope
+from longctx_reference import attend, attention_layer, output, projections, rope, run_chunks
 from testing_utils import assert_close
 
 from jaxrec.inference.longctx import recycled
@@ -15,13 +13,8 @@ T0, NEW = 10, 8
 
 
 def _decode(attn, x, policy):
-  step = jax.jit(lambda x, c: attn(x, cache=c, policy=policy))
-  cache = attn.init_cache(x.shape[0], x.shape[1], jnp.float32, policy=policy)
-  outs = []
-  for x_i in [x[:, :T0]] + [x[:, i : i + 1] for i in range(T0, x.shape[1])]:
-    y, cache = step(x_i, cache)
-    outs.append(y)
-  return np.concatenate(outs, 1)
+  """Prefill ``x[:, :T0]``, then decode the rest one token at a time."""
+  return run_chunks(attn, x, policy, (T0,) + (1,) * (x.shape[1] - T0))[0]
 
 
 def simulate(attn, x, policy):
@@ -102,13 +95,7 @@ def test_schedule_matches_a_step_by_step_simulation(setup, policy):
 
 def test_degenerate_settings_equal_attention(setup):
   attn, x = setup
-  step = jax.jit(lambda x, c: attn(x, cache=c))
-  cache = attn.init_cache(2, T0 + NEW, jnp.float32)
-  want = []
-  for x_i in [x[:, :T0]] + [x[:, i : i + 1] for i in range(T0, T0 + NEW)]:
-    y, cache = step(x_i, cache)
-    want.append(y)
-  want = np.concatenate(want, 1)
+  want = _decode(attn, x, None)
   for policy in (
     recycled(k=2, stride=1),
     recycled(k=T0 + NEW, stride=4),

@@ -2,11 +2,9 @@
 SnapKV eviction as a mask) for token-by-token decoding; prefill unchanged; ratio 0 is attention;
 planted dead channels are exactly the pruned ones; memory of the pruned keys."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from longctx_reference import attend, attention_layer, output, projections, rope
+from longctx_reference import attend, attention_layer, output, projections, rope, run_chunks
 from testing_utils import assert_close
 
 from jaxrec.inference.longctx import SnapKV, cache_bytes, think
@@ -15,14 +13,8 @@ T0, NEW, OBS, D = 12, 3, 4, 8
 
 
 def _decode(attn, x, policy):
-  """Prefill ``x[:, :T0]`` then decode the rest one token at a time: outputs and final cache."""
-  step = jax.jit(lambda x, c: attn(x, cache=c, policy=policy))
-  cache = attn.init_cache(x.shape[0], x.shape[1], jnp.float32, policy=policy)
-  outs = []
-  for x_i in [x[:, :T0]] + [x[:, i : i + 1] for i in range(T0, x.shape[1])]:
-    y, cache = step(x_i, cache)
-    outs.append(y)
-  return np.concatenate(outs, 1), cache
+  """Prefill ``x[:, :T0]``, then decode the rest one token at a time."""
+  return run_chunks(attn, x, policy, (T0,) + (1,) * (x.shape[1] - T0))
 
 
 def dense_think(attn, x, ratio, capacity=None, kernel=1):
@@ -89,13 +81,8 @@ def test_decoding_matches_the_dense_reference(setup, policy):
 def test_ratio_zero_and_prefill_equal_attention(setup):
   attn, x = setup
   got, _ = _decode(attn, x, think(0.0, observation=OBS))
-  step = jax.jit(lambda x, c: attn(x, cache=c))
-  cache = attn.init_cache(2, T0 + NEW, jnp.float32)
-  want = []
-  for x_i in [x[:, :T0]] + [x[:, i : i + 1] for i in range(T0, T0 + NEW)]:
-    y, cache = step(x_i, cache)
-    want.append(y)
-  assert_close(got, np.concatenate(want, 1), rtol=0, atol=1e-5 * np.abs(got).max())
+  want, _ = _decode(attn, x, None)
+  assert_close(got, want, rtol=0, atol=1e-5 * np.abs(got).max())
   pruned, _ = _decode(attn, x, think(0.5, observation=OBS))
   assert_close(pruned[:, :T0], got[:, :T0], rtol=0, atol=1e-6 * np.abs(got).max())
 

@@ -12,8 +12,9 @@ attention on a RoPE transformer trained by jaxrec at a short context.
    teacher-forced decoding after a prefill of the training length.
 3. Passkey retrieval (LM-Infinite's generator): the "important info" preamble, "The grass is
    green..." filler, the needle "The pass key is KEY. Remember it. KEY is the pass key." at a
-   random depth, then "What is the pass key? The pass key is"; greedy decoding under each policy,
-   exact-match and per-digit accuracy.
+   random depth, then "What is the pass key? The pass key is", at each of
+   ``--config.passkey.lengths``; greedy decoding under each policy, exact-match and per-digit
+   accuracy.
 4. Order sensitivity of multiple choice: a validation snippet, three candidate continuations of
    unequal lengths (the true one and two from elsewhere) as options, the model's pick (highest
    per-byte log-likelihood of an option repeated after the prompt) in all 3! orders; vanilla
@@ -148,7 +149,7 @@ def passkey_prompt(length: int, key: str, depth: float) -> tuple[str, str]:
   needle = NEEDLE.format(key=key)
   room = length - len(PREAMBLE) - len(needle) - len(QUESTION)
   if room < 0:
-    raise train.ConfigError(f"--config.lengths: {length} is too short for a passkey prompt")
+    raise train.ConfigError(f"--config.passkey.lengths: {length} is too short for a passkey prompt")
   filler = (FILLER * (room // len(FILLER) + 1))[:room]
   cut = filler.rfind("\n", 0, int(depth * room)) + 1
   return PREAMBLE + filler[:cut] + needle + filler[cut:] + QUESTION, key
@@ -158,7 +159,7 @@ def _passkey(model, tokenizer, policies, config) -> dict:
   rng = np.random.default_rng(config.seed + 1)
   digits = config.passkey.digits
   out = {}
-  for length in config.lengths:
+  for length in config.passkey.lengths:
     keys = [str(k) for k in rng.integers(10 ** (digits - 1), 10**digits, config.passkey.samples)]
     prompts = [passkey_prompt(length, k, d)[0] for k, d in zip(keys, rng.random(len(keys)))]
     tokens = np.asarray([tokenizer.encode(p) for p in prompts], np.int32)
@@ -219,16 +220,16 @@ def _choice(model, tokenizer, config) -> dict:
 
 
 def _tables(results: dict) -> str:
-  lengths = list(next(iter(results["perplexity"].values())))
-  head = "| method | " + " | ".join(lengths) + " |\n|---|" + "---:|" * len(lengths)
-  ppl = [head] + [
-    f"| {m} | " + " | ".join(f"{r[n]:.3f}" for n in lengths) + " |"
-    for m, r in results["perplexity"].items()
-  ]
-  key = [head] + [
-    f"| {m} | " + " | ".join(f"{r[n]['exact']:.2f} ({r[n]['digits']:.2f})" for n in lengths) + " |"
-    for m, r in results["passkey"].items()
-  ]
+  def table(section, cell):
+    lengths = list(next(iter(results[section].values())))
+    head = ["| method | " + " | ".join(lengths) + " |", "|---|" + "---:|" * len(lengths)]
+    return head + [
+      f"| {m} | " + " | ".join(cell(r[n]) for n in lengths) + " |"
+      for m, r in results[section].items()
+    ]
+
+  ppl = table("perplexity", lambda v: f"{v:.3f}")
+  key = table("passkey", lambda v: f"{v['exact']:.2f} ({v['digits']:.2f})")
   choice = ["| method | order-sensitive questions | accuracy (all orders) |", "|---|---:|---:|"] + [
     f"| {m} | {r['order_sensitive']:.2f} | {r['accuracy']:.2f} |"
     for m, r in results["choice"].items()

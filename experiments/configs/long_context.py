@@ -6,7 +6,7 @@ and reused by later runs in that workdir::
 
   python -m experiments.long_context --workdir runs/longctx
   python -m experiments.long_context --workdir runs/longctx --config.lengths=256,512 \\
-      --config.passkey.samples=8
+      --config.passkey.lengths=256,512 --config.passkey.samples=4
 """
 
 import ml_collections
@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.ppl_sequences = 8  # validation windows per length for the perplexity
 
   config.passkey = ml_collections.ConfigDict()
+  config.passkey.lengths = (256, 512, 1024)  # prompt lengths (the preamble alone is 140 bytes)
   config.passkey.samples = 8  # prompts per length (keys and needle depths drawn at random)
   config.passkey.digits = 5
 

@@ -123,9 +123,8 @@ plt.show()
 # (Recycled, ThinK) are scored.
 
 # %%
-for name, policy in policies.items():
-  prefill = LENGTH // 2 if name in ("recycled", "think") else None
-  logp = loglikelihood(model, prompt, policy=policy, prefill=prefill)
+for name, prefill in (("vanilla", None), ("lm_infinite", None), ("think", LENGTH // 2)):
+  logp = loglikelihood(model, prompt, policy=policies[name], prefill=prefill)
   print(f"{name:12s} mean log-likelihood {float(logp.mean()):.4f}")
 
 # %% [markdown]

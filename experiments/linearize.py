@@ -74,7 +74,7 @@ def linearize(config: ml_collections.ConfigDict, workdir: str) -> dict:
       )
   mesh = train.make_mesh(train.mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, jax.device_count()))
   teacher, tokenizer, source = _teacher(config, workdir)
-  seq_len = config.seq_len or source.get("seq_len", 256)
+  seq_len = config.seq_len or source.get("seq_len", 128)
   data = _Data(config, tokenizer, seq_len, mesh)
   probe = _probe_batch(config, tokenizer, data, seq_len)
   results = {"teacher": data.measure(teacher, probe)}

@@ -83,14 +83,16 @@ def train_state_from_model(
 
   The parameters that ``trainable`` selects (e.g. ``nnx.LoRAParam``) become ``params``, and only
   they get gradients and optimizer state; everything else goes to ``rest``, frozen. The state is
-  placed in its shardings on ``mesh`` (``abstract`` carries them, for ``make_train_step``).
+  a copy placed in its shardings on ``mesh`` (``abstract`` carries them, for
+  ``make_train_step``): the train step donates its input, which would otherwise delete the
+  arrays of ``model`` and of any model sharing them (a converted model shares its teacher's).
   """
   graphdef, params, rest = nnx.split(model, trainable, ...)
   state = TrainState(
     step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params)
   )
   shardings = sharding_lib.tree_shardings(state, mesh)
-  state = jax.device_put(state, shardings)
+  state = jax.device_put(state, shardings, may_alias=False)
   abstract = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
   )

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 
 import jax
@@ -384,11 +385,25 @@ def _write_results(results: dict, unit: str, config, out_dir: str, results_md: s
   with open(json_path, "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)
   _plot(results, unit, png)
+  command = " ".join(["python -m experiments.linearize", *sys.argv[1:]])
+  run = config.teacher_run
+  teacher = config.teacher or (
+    f"a Llama-style {run.model.num_layers}-layer transformer trained by jaxrec for {run.steps} "
+    f"steps of {run.batch_size} x {run.data.seq_len} tokens"
+  )
+  setup = (
+    f"Teacher: {teacher}. Liger window {config.liger.window}, LoRA rank {config.lora.rank} on "
+    f"{config.lora.targets}, {config.finetune_tokens:,} fine-tuning tokens at a constant "
+    f"{config.learning_rate:g}; validation on {config.eval_batches} batches. MQAR probe: "
+    f"{config.probe.pairs} key-value pairs, {config.probe.gap} filler tokens (more than the "
+    f"window), {config.probe.sequences} sequences; recall is the share of values predicted."
+  )
   section = (
-    f"## {SECTION}\n\n{_table(results, unit)}\n\n![LoRA fine-tuning curves]({png})\n\n"
+    f"## {SECTION}\n\n{setup}\n\n{_table(results, unit)}\n\n"
+    f"![LoRA fine-tuning curves]({png})\n\n"
     f"Data: `{json_path}`. Command (backend {jax.default_backend()}, "
     f"{os.cpu_count()} cores, shared with other jobs):\n\n"
-    "```\npython -m experiments.linearize --workdir runs/liger --config.study=ablations\n```\n\n"
+    f"```\n{command}\n```\n\n"
   )
   text = "# Results\n"
   if os.path.isfile(results_md):

@@ -62,7 +62,8 @@ def test_notebook_converts_fine_tunes_and_compares_on_cpu(tmp_path, monkeypatch)
   # (2 heads x 32) and an int32 segment id.
   per_token = np.diff(teacher) / np.diff([256, 1024, 4096, 16384, 65536])
   np.testing.assert_array_equal(per_token, 2 * (2 * 2 * 32 * 4 + 4))
-  assert out["samples"] == {"teacher": 2 + 120, "liger": 2 + 120}
+  prompt = 1 + len("def ")  # bos and the bytes of the notebook's prompt
+  assert out["samples"] == {"teacher": prompt + 120, "liger": prompt + 120}
   # Rank 8 on q (128 -> 4 x 32), k and v (128 -> 2 x 32) in each of 2 layers.
   assert out["n_lora"] == 2 * (8 * 128 + 8 * 128 + 2 * (8 * 128 + 8 * 64))
   outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]

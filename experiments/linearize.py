@@ -347,9 +347,9 @@ def _table(results: dict, unit: str) -> str:
   teacher = results["teacher"][unit]
   lines = [
     f"| model | {unit.replace('_', ' ')}: converted → fine-tuned | gap to teacher closed | "
-    "MQAR recall: converted → fine-tuned | fine-tune tokens |",
-    "|---|---:|---:|---:|---:|",
-    f"| teacher | {teacher:.4f} | – | {results['teacher']['mqar']:.3f} | – |",
+    "teacher ÷ fine-tuned | MQAR recall: converted → fine-tuned | fine-tune tokens |",
+    "|---|---:|---:|---:|---:|---:|",
+    f"| teacher | {teacher:.4f} | – | – | {results['teacher']['mqar']:.3f} | – |",
   ]
   for name, r in results.items():
     if name == "teacher":
@@ -357,7 +357,7 @@ def _table(results: dict, unit: str) -> str:
     before, after = r["converted"][unit], r["finetuned"][unit]
     closed = (before - after) / (before - teacher) if before > teacher else math.nan
     lines.append(
-      f"| {name} | {before:.4f} → {after:.4f} | {closed:.0%} | "
+      f"| {name} | {before:.4f} → {after:.4f} | {closed:.0%} | {teacher / after:.1%} | "
       f"{r['converted']['mqar']:.3f} → {r['finetuned']['mqar']:.3f} | {r['tokens']:,} |"
     )
   return "\n".join(lines)

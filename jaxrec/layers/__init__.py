@@ -15,6 +15,8 @@ model's embedding) uses: it names each axis for the sharding rules.
 
 from jaxrec.layers._params import logical_param
 from jaxrec.layers.attention import Attention, KVCache
+from jaxrec.layers.baseconv import BaseConv, BaseConvCache
+from jaxrec.layers.based import BasedCache, BasedLinearAttention, PLACache, PrefixLinearAttention
 from jaxrec.layers.gla import GatedLinearAttention, GLACache
 from jaxrec.layers.linear import Dense
 from jaxrec.layers.mlp import MLP
@@ -25,13 +27,19 @@ from jaxrec.layers.rope import apply_rope
 __all__ = [
   "MLP",
   "Attention",
+  "BaseConv",
+  "BaseConvCache",
+  "BasedCache",
+  "BasedLinearAttention",
   "Dense",
   "GLACache",
   "GatedLinearAttention",
   "KVCache",
+  "PLACache",
   "ParaGRU",
   "ParaLSTM",
   "ParaRNNCache",
+  "PrefixLinearAttention",
   "RMSNorm",
   "apply_rope",
   "logical_param",

@@ -9,7 +9,8 @@ Design notes: the API shape every op here follows, and every new op copies.
   flash-linear-attention's ops do: ``initial_state=None`` in (zeros), and ``final_state`` is the
   state after the last step when ``output_final_state=True``, ``None`` otherwise (fp32 states for
   bf16 inputs, so they come back separately rather than as ``out[:, -1]``). ``linear_scan`` and
-  ``gated_linear_attention`` follow it. The Newton solvers, whose ``out`` is every state (the
+  ``gated_linear_attention`` follow it, and so do ``based_attention`` and
+  ``prefix_linear_attention``. The Newton solvers, whose ``out`` is every state (the
   final one is ``h[:, -1]``), return ``(h, info)`` with their ``NewtonInfo`` diagnostics instead.
   The shape of the result never depends on a flag, so it is typed without overloads; under
   ``jit``, XLA drops what the caller does not read. One-step decoding functions
@@ -26,6 +27,15 @@ Design notes: the API shape every op here follows, and every new op copies.
 """
 
 from jaxrec.ops.attention import AttentionMethod, attention_mask, dot_product_attention
+from jaxrec.ops.based import (
+  BasedMethod,
+  based_attention,
+  based_attention_step,
+  prefix_linear_attention,
+  prefix_linear_attention_step,
+  prefix_mask,
+  taylor_feature_map,
+)
 from jaxrec.ops.gla import GLAMethod, gated_linear_attention, gated_linear_attention_step
 from jaxrec.ops.newton import NewtonMethod, newton_rnn
 from jaxrec.ops.newton_core import (
@@ -41,6 +51,7 @@ from jaxrec.ops.segments import segment_starts
 
 __all__ = [
   "AttentionMethod",
+  "BasedMethod",
   "Fallback",
   "GLAMethod",
   "JacobianKind",
@@ -50,11 +61,17 @@ __all__ = [
   "ScanMethod",
   "SolveMethod",
   "attention_mask",
+  "based_attention",
+  "based_attention_step",
   "dot_product_attention",
   "gated_linear_attention",
   "gated_linear_attention_step",
   "linear_scan",
   "newton_rnn",
   "newton_rnn_sharded",
+  "prefix_linear_attention",
+  "prefix_linear_attention_step",
+  "prefix_mask",
   "segment_starts",
+  "taylor_feature_map",
 ]

@@ -56,6 +56,18 @@ def test_based_attention_matches_explicit_weights(method):
     assert_close(y, want, rtol=0, atol=1e-5 * max_abs(want), err_msg=f"{method} {list(kw)}")
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _steps(step, state, *xs):
+  """``step(*x_t, state) -> (y_t, state)`` over the time axis of ``xs [B, T, ...]``."""
+
+  def body(state, x_t):
+    y, state = step(*x_t, state)
+    return state, y
+
+  state, ys = jax.lax.scan(body, state, tuple(jnp.swapaxes(x, 0, 1) for x in xs))
+  return jnp.swapaxes(ys, 0, 1), state
+
+
 def test_based_state_hand_over_and_decoding_steps():
   q, k, v, *_ = _inputs(1)
   full, state = _based("chunk")(q, k, v)
@@ -65,10 +77,8 @@ def test_based_state_hand_over_and_decoding_steps():
   assert_close(jnp.concatenate([first, second], 1), full, rtol=1e-5, atol=1e-6)
   assert_close(end, state, rtol=1e-5, atol=1e-5)
   # One token at a time.
-  s = jnp.zeros_like(state)
-  for t in range(T):
-    y, s = ops.based_attention_step(q[:, t], k[:, t], v[:, t], s)
-    assert_close(y, full[:, t], rtol=1e-5, atol=1e-6, err_msg=f"step {t}")
+  ys, s = _steps(ops.based_attention_step, jnp.zeros_like(state), q, k, v)
+  assert_close(ys, full, rtol=1e-5, atol=1e-6)
   assert_close(s, state, rtol=1e-5, atol=1e-5)
 
 
@@ -136,18 +146,13 @@ def test_prefix_state_hand_over_and_decoding_from_the_prefix():
   full, _ = _pla(False)(q, k, v, k_enc, v_enc, None)
   # A prefill that holds the prefix, then the rest continuing from its state.
   pre, state = _pla(False)(*(x[:, :6] for x in (q, k, v, k_enc, v_enc)), None)
-  rest, _ = ops.prefix_linear_attention(
-    *(x[:, 6:] for x in (q, k, v, k_enc, v_enc)),
-    prefix_len=M,
-    continues=True,
-    initial_state=state,
+  rest, _ = jax.jit(functools.partial(ops.prefix_linear_attention, prefix_len=M, continues=True))(
+    *(x[:, 6:] for x in (q, k, v, k_enc, v_enc)), initial_state=state
   )
   assert_close(jnp.concatenate([pre, rest], 1), full, rtol=1e-5, atol=1e-5)
-  for t in range(6, T):
-    y, state = ops.prefix_linear_attention_step(
-      q[:, t], k[:, t], v[:, t], k_enc[:, t], v_enc[:, t], state, in_prefix=False
-    )
-    assert_close(y, full[:, t], rtol=1e-5, atol=1e-5, err_msg=f"step {t}")
+  step = functools.partial(ops.prefix_linear_attention_step, in_prefix=False)
+  ys, _ = _steps(step, state, *(x[:, 6:] for x in (q, k, v, k_enc, v_enc)))
+  assert_close(ys, full[:, 6:], rtol=1e-5, atol=1e-5)
   # A prefill shorter than the prefix is all prefix: the prefix length of the parallel form.
   short = [x[:, :3] for x in (q, k, v, k_enc, v_enc)]
   got, _ = _pla(False)(*short, None)

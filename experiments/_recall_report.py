@@ -183,6 +183,7 @@ def verdict(runs) -> str:
       f"(smaller set first − larger first) over {', '.join(recurrent)}: "
       + ", ".join(f"{mean[w]:+.3f} at width {w}" for w in widths)
       + f" (criterion: > {_GAP} at the smallest width and no smaller than at the largest)."
+      + _chance_note(next(iter(sets.values())))
     )
     # (b)
     closed = []
@@ -264,6 +265,16 @@ def verdict(runs) -> str:
       f" criterion > {_GAP} for every mixer)."
     )
   return "\n".join(lines) if lines else "No runs."
+
+
+def _chance_note(run) -> str:
+  """Guessing an element of the second set is right with probability ``1/|B|``, which favours the
+  larger-set-first order: a model that has learned only that much shows a negative gap."""
+  chance = ", ".join(f"{k}: {1 / int(k.split('x')[1]):.3f}" for k in run["scores"])
+  return (
+    f" Chance, guessing an element of the second set, is 1/|B| ({chance}): it favours the "
+    "larger set first, so an undertrained model shows a negative gap."
+  )
 
 
 def _mean_exact(run) -> float:

@@ -109,7 +109,7 @@ training. Counting: alphabet `{config["counting"]["alphabet"]}`, letter
 `{config["counting"]["letter"]}`, lengths {config["counting"]["lengths"]}, a byte-level BPE of
 {config["counting"]["bpe_vocab_size"]} tokens trained on the task's texts. State bytes: the
 decoding state after the prompt (batch 1), KV caches for attention. Machine: {results["machine"]};
-the sweep took {results["seconds"] / 60:.1f} minutes.{notes}
+the sweep took {results["seconds"] / 60:.1f} minutes.{_scale(config)}{notes}
 
 ### Verdict on the papers' claims
 
@@ -139,6 +139,16 @@ Data: `{paths["json"]}`. Command:
 {results["command"]}
 ```
 """
+
+
+def _scale(config) -> str:
+  if config["full"]:
+    return " This is the paper-scale sweep (`--config.full=True`)."
+  return (
+    " This is the CPU-sized sweep; the paper-scale one, for an accelerator, is `python -m "
+    "experiments.recall --config.full=True` (widths 36-128, 4 layers, 20k steps, MQAR with "
+    "vocabulary 8192 and 64 pairs in 256 tokens, JRT's set sizes)."
+  )
 
 
 def _family(runs, family):

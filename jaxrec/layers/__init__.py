@@ -20,10 +20,12 @@ from jaxrec.layers.linear import Dense
 from jaxrec.layers.mlp import MLP
 from jaxrec.layers.norms import RMSNorm
 from jaxrec.layers.pararnn import ParaGRU, ParaLSTM, ParaRNNCache
+from jaxrec.layers.rat import RAT, RATCache
 from jaxrec.layers.rope import apply_rope
 
 __all__ = [
   "MLP",
+  "RAT",
   "Attention",
   "Dense",
   "GLACache",
@@ -32,6 +34,7 @@ __all__ = [
   "ParaGRU",
   "ParaLSTM",
   "ParaRNNCache",
+  "RATCache",
   "RMSNorm",
   "apply_rope",
   "logical_param",

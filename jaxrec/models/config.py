@@ -53,6 +53,10 @@ class LMConfig:
       state width is ``d_model``); ``None`` means ``num_heads``.
     pararnn_max_iters: Newton iterations at most in ParaGRU / ParaLSTM; sequences not converged
       by then are recomputed by the sequential scan, so this trades speed, never accuracy.
+    rat_chunk_size: RAT's chunk length ``L`` (1: attention; ``max_seq_len``: the gated RNN).
+    rat_qk_groups: RAT's query/key groups tiled across the heads, a divisor of ``num_heads``
+      (checked when ``mixer_pattern`` has ``"rat"``).
+    rat_position: RAT's positions, ``"inter_rope"`` (chunk indices) or ``"nope"``.
   """
 
   vocab_size: int = 256
@@ -81,6 +85,9 @@ class LMConfig:
   gla_chunk_size: int = 64
   pararnn_heads: int | None = None
   pararnn_max_iters: int = 10
+  rat_chunk_size: int = 16
+  rat_qk_groups: int = 2
+  rat_position: str = "inter_rope"
 
   def __post_init__(self):
     if isinstance(self.mixer_pattern, str) or not isinstance(self.mixer_pattern, tuple):
@@ -125,6 +132,7 @@ class LMConfig:
           f"{gla_field}: expected {gla_field} * d_model to be a positive multiple of "
           f"num_heads={self.num_heads}, got {expand} * {self.d_model} = {width}"
         )
+    _check_rat(self)
     for field in ("dtype", "param_dtype"):
       if getattr(self, field) not in ("float32", "bfloat16", "float16"):
         raise ValueError(
@@ -166,6 +174,17 @@ class LMConfig:
   @property
   def compute_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.dtype)
+
+
+def _check_rat(cfg: LMConfig) -> None:
+  _check_positive("rat_chunk_size", cfg.rat_chunk_size)
+  _check_positive("rat_qk_groups", cfg.rat_qk_groups)
+  if "rat" in cfg.mixer_pattern and cfg.num_heads % cfg.rat_qk_groups:
+    raise ValueError(
+      f"rat_qk_groups: expected a divisor of num_heads={cfg.num_heads}, got {cfg.rat_qk_groups}"
+    )
+  if cfg.rat_position not in ("inter_rope", "nope"):
+    raise ValueError(f"rat_position: expected 'inter_rope' or 'nope', got {cfg.rat_position!r}")
 
 
 def _check_positive(field: str, value) -> None:

@@ -36,6 +36,7 @@ from jaxrec.ops.newton_core import (
   SolveMethod,
 )
 from jaxrec.ops.newton_sharded import newton_rnn_sharded
+from jaxrec.ops.rat import RATMethod, RATState, rat, rat_init_state, rat_step
 from jaxrec.ops.scan import ScanMethod, linear_scan
 from jaxrec.ops.segments import segment_starts
 
@@ -47,6 +48,8 @@ __all__ = [
   "JacobianStructure",
   "NewtonInfo",
   "NewtonMethod",
+  "RATMethod",
+  "RATState",
   "ScanMethod",
   "SolveMethod",
   "attention_mask",
@@ -56,5 +59,8 @@ __all__ = [
   "linear_scan",
   "newton_rnn",
   "newton_rnn_sharded",
+  "rat",
+  "rat_init_state",
+  "rat_step",
   "segment_starts",
 ]

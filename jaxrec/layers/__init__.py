@@ -18,6 +18,13 @@ from jaxrec.layers.attention import Attention, KVCache
 from jaxrec.layers.gla import GatedLinearAttention, GLACache
 from jaxrec.layers.linear import Dense
 from jaxrec.layers.mlp import MLP
+from jaxrec.layers.moe import (
+  GRURouterCell,
+  MoE,
+  RoutingStats,
+  load_balancing_loss,
+  routing_mutual_information,
+)
 from jaxrec.layers.norms import RMSNorm
 from jaxrec.layers.pararnn import ParaGRU, ParaLSTM, ParaRNNCache
 from jaxrec.layers.rat import RAT, RATCache
@@ -29,13 +36,18 @@ __all__ = [
   "Attention",
   "Dense",
   "GLACache",
+  "GRURouterCell",
   "GatedLinearAttention",
   "KVCache",
+  "MoE",
   "ParaGRU",
   "ParaLSTM",
   "ParaRNNCache",
   "RATCache",
   "RMSNorm",
+  "RoutingStats",
   "apply_rope",
+  "load_balancing_loss",
   "logical_param",
+  "routing_mutual_information",
 ]

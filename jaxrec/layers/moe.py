@@ -1,8 +1,11 @@
 """Mixture-of-experts feed-forward with top-k capacity routing, and the RMoE GRU router.
 
 **Experts** are SwiGLU MLPs stored stacked, ``[E, D, F]`` and ``[E, F, D]``, their leading axis
-named ``"expert"`` so a mesh axis of that name shards them (expert parallelism; XLA's SPMD
-partitioner moves the dispatched tokens to their experts' devices).
+named ``"expert"`` so a mesh axis of that name shards them. Under a mesh (``jax.set_mesh``) whose
+``expert`` axis is larger than 1 the layer runs expert-parallel in a ``shard_map``: each device
+routes its own tokens, with the capacity of its own group of tokens (GShard), and two
+``all_to_all`` s carry the expert slots to the experts' devices and back. Without such a mesh
+the same routing runs on all tokens as one group (XLA partitions it as it can).
 
 **Routing** (GShard/Switch): ``p = softmax(logits)`` per token, its ``top_k`` experts, their
 weights renormalized to sum to one. Every expert takes at most ``C = ceil(capacity_factor · k ·
@@ -35,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from jaxrec.layers import _checks
 from jaxrec.layers._params import logical_param
@@ -198,10 +202,14 @@ class MoE(nnx.Module):
     """
     if self.router in GRU_ROUTERS and cell is None:
       raise ValueError(f"cell: router={self.router!r} needs the shared GRURouterCell, got None")
-    batch, t, d = x.shape
     logits, state = self._route(x.astype(jnp.float32), router_state, cell)
-    y, stats = self._dispatch(x.reshape(batch * t, d), logits.reshape(batch * t, -1))
-    return y.reshape(batch, t, d), state, stats
+    weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.shape.get("expert", 1) > 1:
+      y, stats = self._expert_parallel(mesh, x, logits, weights)
+    else:
+      y, stats = self._dispatch(x, logits, weights)
+    return y, state, stats
 
   def _route(self, x, h, cell):
     if self.router == "linear":
@@ -222,11 +230,40 @@ class MoE(nnx.Module):
     state = None if self.router == "gru_no_recurrence" else h
     return h @ self.router_out[...].astype(jnp.float32), state
 
-  def _dispatch(self, x, logits):
+  def _expert_parallel(self, mesh, x, logits, weights):
+    """Expert parallelism under a mesh with an ``expert`` axis: every device routes its own
+    tokens (capacity per device, GShard's groups), ``all_to_all`` sends each expert its slots and
+    the results back, and each device runs only its ``E / expert`` experts."""
+    ep = mesh.shape["expert"]
+    if self.num_experts % ep:
+      raise ValueError(
+        f"num_experts: expected a multiple of the mesh's expert axis ({ep}), got {self.num_experts}"
+      )
+    rows = P(tuple(a for a in ("data", "fsdp", "expert") if a in mesh.shape))
+    batch_axes = rows[0]
+
+    def local(x, logits, *weights):
+      y, stats = self._dispatch(x, logits, weights, expert_axis="expert")
+      mean = lambda v: lax.pmean(v, batch_axes)
+      return y, stats._replace(**{f: mean(getattr(stats, f)) for f in stats._fields if f != "top1"})
+
+    stat_specs = RoutingStats(*(rows if f == "top1" else P() for f in RoutingStats._fields))
+    return jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(rows, rows, P("expert"), P("expert"), P("expert")),
+      out_specs=(rows, stat_specs),
+    )(x, logits, *weights)
+
+  def _dispatch(self, x, logits, weights, expert_axis=None):
+    """Routes ``x [B, T, D]`` by ``logits [B, T, E]``; with ``expert_axis`` (inside the
+    ``shard_map``) ``weights`` hold this device's experts and the slots travel by all-to-all."""
+    batch, t, d = x.shape
+    x, logits = x.reshape(batch * t, d), logits.reshape(batch * t, -1)
     n, e, k = x.shape[0], self.num_experts, self.top_k
     probs = jax.nn.softmax(logits, -1)
     top_p, top_i = lax.top_k(probs, k)  # [N, k]
-    weights = top_p / jnp.sum(top_p, -1, keepdims=True)
+    share = top_p / jnp.sum(top_p, -1, keepdims=True)
     capacity = n if self.capacity_factor is None else math.ceil(self.capacity_factor * k * n / e)
     capacity = min(capacity, n)
     # Slots: assignments in order (choice, token); the slot is the expert's running count.
@@ -236,13 +273,21 @@ class MoE(nnx.Module):
     kept = slot < capacity
     place = jax.nn.one_hot(jnp.where(kept, slot, capacity), capacity, dtype=jnp.float32)
     dispatch = jnp.einsum("kne,knc->nec", choice.astype(jnp.float32), place)
-    combine = jnp.einsum("kne,knc,nk->nec", choice.astype(jnp.float32), place, weights)
+    combine = jnp.einsum("kne,knc,nk->nec", choice.astype(jnp.float32), place, share)
     dt = self.dtype
+    w_gate, w_up, w_down = (w.astype(dt) for w in weights)
     expert_in = jnp.einsum("nec,nd->ecd", dispatch.astype(dt), x.astype(dt))
-    gate = jnp.einsum("ecd,edf->ecf", expert_in, self.w_gate[...].astype(dt))
-    up = jnp.einsum("ecd,edf->ecf", expert_in, self.w_up[...].astype(dt))
-    out = jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, self.w_down[...].astype(dt))
-    y = jnp.einsum("nec,ecd->nd", combine.astype(dt), out)
+    if expert_axis is not None:
+      # [E, C, D] -> [devices, E / devices, C, D]: block i to device i; what comes back holds
+      # every device's slots for this device's experts.
+      expert_in = expert_in.reshape(-1, w_gate.shape[0], *expert_in.shape[1:])
+      expert_in = lax.all_to_all(expert_in, expert_axis, 0, 0)
+    gate = jnp.einsum("...ecd,edf->...ecf", expert_in, w_gate)
+    up = jnp.einsum("...ecd,edf->...ecf", expert_in, w_up)
+    out = jnp.einsum("...ecf,efd->...ecd", jax.nn.silu(gate) * up, w_down)
+    if expert_axis is not None:
+      out = lax.all_to_all(out, expert_axis, 0, 0).reshape(e, *out.shape[2:])
+    y = jnp.einsum("nec,ecd->nd", combine.astype(dt), out).reshape(batch, t, d)
     second = top_p[:, 1] if k > 1 else top_p[:, 0]
     stats = RoutingStats(
       load=jnp.mean(jnp.sum(choice, 0), 0).astype(jnp.float32) / k,

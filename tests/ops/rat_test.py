@@ -108,32 +108,6 @@ def test_chunk_of_the_whole_sequence_is_the_gated_rnn():
   assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_a_state_carries_a_sequence_split_in_two():
-  x = _inputs(5)
-  full, _ = _rat(*x, chunk_size=L, rope_theta=THETA, segment_ids=SEGMENTS)
-  state = ops.rat_init_state(B, T, H, K, L)
-  cut = 4
-  first, state = _rat(
-    *(a[:, :cut] for a in x),
-    chunk_size=L,
-    rope_theta=THETA,
-    segment_ids=SEGMENTS[:, :cut],
-    initial_state=state,
-    output_final_state=True,
-  )
-  second, state = _rat(
-    *(a[:, cut:] for a in x),
-    chunk_size=L,
-    rope_theta=THETA,
-    segment_ids=SEGMENTS[:, cut:],
-    initial_state=state,
-    output_final_state=True,
-  )
-  assert_close(jnp.concatenate([first, second], 1), full, rtol=1e-5, atol=1e-6)
-  assert int(state.index) == T
-  assert state.chunk_k.shape == (B, -(-T // L), H, K)  # the cache shrinks by L
-
-
 def test_bad_arguments_name_the_argument():
   x = _inputs()
   with pytest.raises(ValueError, match="chunk_size: expected a positive int"):

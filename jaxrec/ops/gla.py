@@ -209,6 +209,9 @@ def _resolve_method(method: GLAMethod) -> GLAMethod:
   # Measured in BENCHMARKS.md: on an H200 the chunkwise XLA form is 3-5x faster than the Triton
   # kernel (whose chunk loop runs in one program per head), and on CPU it is 3-4x faster than the
   # sequential scan for training. The kernel is the TPU path (Mosaic, chunk axis "arbitrary").
+  # To confirm on GPU (issue 13): experiments/bench_peers_gpu.py times "chunk" against FLA's
+  # chunk_gla and against the three-pass candidate in gla_chunk.py; if the latter wins there, it
+  # becomes "chunk" on GPU (on CPU it measured no faster, BENCHMARKS.md).
   return "pallas" if _dispatch.default_backend() == "tpu" else "chunk"
 
 

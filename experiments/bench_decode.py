@@ -1,11 +1,11 @@
-r"""Decoding speed versus context length: a GLA-only LM against an attention-only LM of the same size.
+r"""Decoding speed versus context length: GLA-only and mLSTM-only LMs against an attention-only LM.
 
 Each model decodes ``--steps`` tokens (greedy, one jitted ``lax.fori_loop``) after a context of
 ``C`` tokens. The context is not prefilled through the model: its caches are filled with random
 values at the right size (attention: a KV cache holding ``C`` keys and values; GLA: a random
-``[B, H, K, V]`` state), which costs the same per decoded token as a real prefix. GLA's state
-does not grow with ``C``, so its time per token stays flat while attention reads ``C`` cached
-keys per token. (On CPU, XLA also copies each layer's KV cache into a contracting-major layout for
+``[B, H, K, V]`` state; mLSTM: random memory and normalizer), which costs the same per decoded
+token as a real prefix. The recurrent states do not grow with ``C``, so their time per token stays
+flat while attention reads ``C`` cached keys per token. (On CPU, XLA also copies each layer's KV cache into a contracting-major layout for
 the ``q·k`` and ``p·v`` products every step: another O(C) cost that inflates attention's constant,
 not its growth.)
 
@@ -28,11 +28,12 @@ from jax import lax
 
 from jaxrec.layers import GLACache, KVCache
 from jaxrec.models import LM, LMConfig, param_count_of
+from jaxrec.ops import MLSTMState
 
 _CONTEXTS = flags.DEFINE_list(
   "contexts", ["1024", "2048", "4096", "8192", "16384", "32768"], "Context lengths C."
 )
-_MIXERS = flags.DEFINE_list("mixers", ["gla", "attention"], "One model per mixer name.")
+_MIXERS = flags.DEFINE_list("mixers", ["gla", "mlstm", "attention"], "One model per mixer name.")
 _STEPS = flags.DEFINE_integer("steps", 16, "Tokens decoded per timed call.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per row (median reported).")
 _BATCH = flags.DEFINE_integer("batch", 1, "B.")
@@ -78,7 +79,8 @@ def _decoder(model: LM):
 @functools.partial(jax.jit, static_argnums=(1,))
 def _fill_randomly(cache, context: int):
   """The caches as if ``context`` tokens had been seen: random keys, values and states."""
-  leaves, treedef = jax.tree.flatten(cache, is_leaf=lambda c: isinstance(c, (KVCache, GLACache)))
+  states = (KVCache, GLACache, MLSTMState)
+  leaves, treedef = jax.tree.flatten(cache, is_leaf=lambda c: isinstance(c, states))
   keys = iter(jax.random.split(jax.random.key(0), 2 * len(leaves)))
   filled = []
   for c in leaves:
@@ -88,6 +90,10 @@ def _fill_randomly(cache, context: int):
       filled.append(c._replace(k=k, v=v, index=jnp.asarray(context, jnp.int32)))
     elif isinstance(c, GLACache):
       filled.append(GLACache(0.1 * jax.random.normal(next(keys), c.state.shape, c.state.dtype)))
+    elif isinstance(c, MLSTMState):
+      mem = 0.1 * jax.random.normal(next(keys), c.c.shape, c.c.dtype)
+      norm = jax.random.normal(next(keys), c.n.shape, c.n.dtype)
+      filled.append(MLSTMState(mem, norm, c.m))
     else:
       raise ValueError(f"mixers: no random fill for a cache of type {type(c).__name__}")
   return jax.tree.unflatten(treedef, filled)

@@ -342,7 +342,7 @@ def _parallel(*, q, k, v, i_gate, log_f, state, reset, eps):
     # The reset step's own gate multiplies a state that the masks below drop.
     log_f = jnp.where(reset[..., None], 0.0, log_f)
   log_f = jnp.moveaxis(log_f, 1, 2)  # [B, H, T]
-  b = jnp.cumsum(log_f, axis=-1)
+  b = _cumsum(log_f)
   i_gate = jnp.moveaxis(i_gate, 1, 2)
   pair = jnp.tril(jnp.ones((t, t), bool))
   if reset is None:
@@ -401,7 +401,7 @@ def _chunked(*, q, k, v, i_gate, log_f, state, reset, eps, chunk_size):
   # Padding steps take no input (ĩ = -∞) and keep the state (log f = 0).
   q, k, v, log_f = (blocks(x) for x in (q, k, v, log_f))
   i_gate = blocks(i_gate, -jnp.inf)
-  b = _chunk_cumsum(log_f)  # [B, H, n, C]
+  b = _cumsum(log_f)  # [B, H, n, C]
   causal = jnp.tril(jnp.ones((c, c), bool))
   if reset is None:
     pair, live_in, live_out = causal, jnp.ones((c,), bool), jnp.ones((c,), bool)
@@ -453,7 +453,7 @@ def _chunked(*, q, k, v, i_gate, log_f, state, reset, eps, chunk_size):
   return h, MLSTMState(c_last, n_last, m_out[..., -1])
 
 
-def _chunk_cumsum(x):
+def _cumsum(x):
   """Inclusive cumulative sum over the last axis, as a matmul with a triangle of ones (XLA:CPU
   fuses ``jnp.cumsum``'s reduce-window into, and recomputes it in, every consumer)."""
   c = x.shape[-1]
@@ -461,16 +461,37 @@ def _chunk_cumsum(x):
   return jnp.einsum("...j,ji->...i", x, tri, precision=lax.Precision.HIGHEST)
 
 
+@jax.custom_jvp
 def _pair_sums(log_f):
-  """``S_tj = Σ_{j<s≤t} log f_s`` (0 for ``t <= j``) over the last axis, ``[..., L] -> [..., L, L]``.
+  """``S_tj = Σ_{j<s≤t} log f_s = b_t - b_j`` over the last axis (``b`` the running sum),
+  ``[..., L] -> [..., L, L]``; meaningful for ``t >= j``.
 
-  Summed for each pair rather than as ``b_t - b_j``: after strong forgetting both running sums are
-  large and their difference loses the bits that matter (gates of ±30 cost 1e-4 in ``h``). Every
-  term has the same sign (``log f <= 0``), so each partial sum is accurate to a few ulps.
+  ``b_t - b_j`` in fp32 loses the bits that matter after strong forgetting: both running sums are
+  large and their difference small (gates of ±30 cost 1e-4 in ``h``). So ``b`` is carried in two
+  floats (``hi + lo``, error-free sums), which makes ``S`` exact to its own fp32 rounding. The
+  map is linear: its derivative is itself, taken in plain fp32.
   """
-  length = log_f.shape[-1]
-  later = jnp.arange(length)[:, None] > jnp.arange(length)[None, :]
-  return jnp.cumsum(jnp.where(later, log_f[..., :, None], 0.0), axis=-2)
+  hi, lo = lax.associative_scan(_two_sum, (log_f, jnp.zeros_like(log_f)), axis=-1)
+  return _diff(hi) + _diff(lo)
+
+
+@_pair_sums.defjvp
+def _pair_sums_jvp(primals, tangents):
+  return _pair_sums(*primals), _diff(_cumsum(tangents[0]))
+
+
+def _diff(b):
+  return b[..., :, None] - b[..., None, :]
+
+
+def _two_sum(x, y):
+  """``(hi, lo) ⊕ (hi', lo')``: ``hi + hi'`` and its rounding error (Knuth's TwoSum), plus the
+  ``lo`` parts."""
+  (a, a_lo), (b, b_lo) = x, y
+  s = a + b
+  b_virtual = s - a
+  err = (a - (s - b_virtual)) + (b - b_virtual)
+  return s, err + a_lo + b_lo
 
 
 def _max_plus_scan(g, a, m0):

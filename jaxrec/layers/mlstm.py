@@ -73,20 +73,13 @@ class MLSTM(nnx.Module):
       d_model, num_heads, init_std, num_layers, dtype, param_dtype
     )
     d, h = d_model, num_heads
-    for name, factor in (("qk_dim_factor", qk_dim_factor), ("v_dim_factor", v_dim_factor)):
-      _checks.check_positive(name, factor)
-      width = int(factor * d)
-      if width < h or width % h:
-        raise ValueError(
-          f"{name}: expected {name} * d_model to be a positive multiple of num_heads={h}, "
-          f"got {factor} * {d} = {width}"
-        )
+    key_dim = _checks.head_width("qk_dim_factor", qk_dim_factor, d, h)
+    value_dim = _checks.head_width("v_dim_factor", v_dim_factor, d, h)
     if gate_soft_cap is not None:
       _checks.check_positive("gate_soft_cap", gate_soft_cap)
     _checks.check_positive_int("chunk_size", chunk_size)
     _checks.check_positive("eps", eps, allow_zero=True)
     _checks.check_positive("norm_eps", norm_eps, allow_zero=True)
-    key_dim, value_dim = int(qk_dim_factor * d) // h, int(v_dim_factor * d) // h
     self.num_heads, self.key_dim, self.value_dim = h, key_dim, value_dim
     self.gate_soft_cap = gate_soft_cap
     self.chunk_size = chunk_size

@@ -131,16 +131,8 @@ class LMConfig:
         f"pararnn_heads: expected a divisor of d_model={self.d_model}, got {self.rnn_heads} "
         f"(pararnn_heads={self.pararnn_heads}, num_heads={self.num_heads})"
       )
-    for gla_field, expand in (
-      ("gla_expand_k", self.gla_expand_k),
-      ("gla_expand_v", self.gla_expand_v),
-    ):
-      width = int(expand * self.d_model)
-      if width < self.num_heads or width % self.num_heads:
-        raise ValueError(
-          f"{gla_field}: expected {gla_field} * d_model to be a positive multiple of "
-          f"num_heads={self.num_heads}, got {expand} * {self.d_model} = {width}"
-        )
+    for field in ("gla_expand_k", "gla_expand_v"):
+      self._check_head_width(field)
     for field in ("logit_soft_cap", "mlstm_gate_soft_cap"):
       value = getattr(self, field)
       if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
@@ -160,15 +152,19 @@ class LMConfig:
         f"{len(self.mixer_pattern)}, got {self.num_layers}"
       )
 
+  def _check_head_width(self, field: str) -> None:
+    """``field · d_model`` must split over ``num_heads`` heads."""
+    factor = getattr(self, field)
+    width = int(factor * self.d_model) if isinstance(factor, int | float) else 0
+    if width < self.num_heads or width % self.num_heads:
+      raise ValueError(
+        f"{field}: expected {field} * d_model to be a positive multiple of "
+        f"num_heads={self.num_heads}, got {factor!r} * {self.d_model} = {width}"
+      )
+
   def _check_mlstm(self) -> None:
     for field in ("mlstm_qk_dim_factor", "mlstm_v_dim_factor"):
-      factor = getattr(self, field)
-      width = int(factor * self.d_model) if isinstance(factor, int | float) else 0
-      if width < self.num_heads or width % self.num_heads:
-        raise ValueError(
-          f"{field}: expected {field} * d_model to be a positive multiple of "
-          f"num_heads={self.num_heads}, got {factor!r} * {self.d_model}"
-        )
+      self._check_head_width(field)
     _check_positive("mlstm_chunk_size", self.mlstm_chunk_size)
     if self.mlstm_chunk_size & (self.mlstm_chunk_size - 1):
       raise ValueError(f"mlstm_chunk_size: expected a power of two, got {self.mlstm_chunk_size}")

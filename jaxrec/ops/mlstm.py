@@ -221,13 +221,7 @@ def _validate(*, q, k, v, i_gate, f_gate, initial_state, segment_ids, eps, chunk
   _checks.check_segment_ids(segment_ids, (batch, t))
   if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
     raise ValueError(f"eps: expected a non-negative number, got {eps!r}")
-  if (
-    isinstance(chunk_size, bool)
-    or not isinstance(chunk_size, int)
-    or chunk_size < 1
-    or chunk_size & (chunk_size - 1)
-  ):
-    raise ValueError(f"chunk_size: expected a positive power of two, got {chunk_size!r}")
+  _checks.check_power_of_two("chunk_size", chunk_size)
 
 
 def _check_state(name, state, c_shape):

@@ -15,8 +15,6 @@ not its growth.)
 
 import functools
 import json
-import os
-import platform
 import statistics
 import time
 
@@ -26,6 +24,7 @@ from absl import app, flags
 from flax import nnx
 from jax import lax
 
+from experiments import _bench
 from jaxrec.layers import GLACache, KVCache
 from jaxrec.models import LM, LMConfig, param_count_of
 from jaxrec.ops import MLSTMState
@@ -111,11 +110,7 @@ def _time_per_token(decode, cache, token) -> tuple[float, object]:
 
 def main(argv):
   del argv
-  print(
-    f"machine: {platform.platform()}, {platform.machine()} {platform.processor() or ''}, "
-    f"{os.cpu_count()} CPUs, backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-    f"jax {jax.__version__}"
-  )
+  print(_bench.machine())
   contexts = [int(c) for c in _CONTEXTS.value]
   models = {name: LM(_config(name), rngs=nnx.Rngs(0)) for name in _MIXERS.value}
   for name, model in models.items():

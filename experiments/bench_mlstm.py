@@ -14,16 +14,13 @@ directly. The peer takes ``[B, H, T, D]``; its inputs are transposed before timi
 """
 
 import importlib.util
-import os
 import pathlib
-import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from experiments import _bench
 from jaxrec.ops import mlstm
 
 _METHODS = flags.DEFINE_list(
@@ -70,16 +67,6 @@ def _functions(method: str):
   return run, False
 
 
-def _time(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def _inputs(t: int):
   b, h, d = _BATCH.value, _HEADS.value, _DIM.value
   keys = jax.random.split(jax.random.key(0), 6)
@@ -99,11 +86,7 @@ def _heads_first(args, weights):
 
 def main(argv):
   del argv
-  print(
-    f"machine: {platform.platform()}, {platform.machine()} {platform.processor() or ''}, "
-    f"{os.cpu_count()} CPUs, backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-    f"jax {jax.__version__}"
-  )
+  print(_bench.machine())
   rows = []
   for t in (int(x) for x in _SEQ_LENS.value):
     args, weights = _inputs(t)
@@ -123,7 +106,7 @@ def main(argv):
         )
       )
       for mode, timed in (("fwd", forward), ("fwd+bwd", grad)):
-        seconds = _time(timed, *call_args)
+        seconds = _bench.median_seconds(timed, *call_args, repeats=_REPEATS.value)
         rows.append(dict(method=method, shape=shape, mode=mode, seconds=seconds, t=t))
         print(f"  {method} {shape} {mode}: {seconds * 1e3:.2f} ms", flush=True)
   peer = {(r["shape"], r["mode"]): r["seconds"] for r in rows if r["method"] == "peer"}

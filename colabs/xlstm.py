@@ -112,6 +112,17 @@ print("prompt   ", prompt[0].tolist())
 print("generated", np.asarray(tokens)[0, prompt.shape[1] :].tolist())
 
 # %% [markdown]
+# Decoding from the state is the same computation as a full forward pass over the whole text:
+# greedy decoding picked, at every step, the most likely token of that pass.
+
+# %%
+logits, _ = model(tokens[:, :-1])
+same = np.array_equal(
+  np.argmax(logits[:, prompt.shape[1] - 1 :], axis=-1), tokens[:, prompt.shape[1] :]
+)
+print("every generated token is the full forward's argmax:", same)
+
+# %% [markdown]
 # ## State size against context length
 #
 # The mLSTM state is the same size whatever the context; an attention model of the same width and

@@ -236,3 +236,33 @@ def scan_mlstm(q, k, v, i_gate, f_gate, state, segment_ids=None, eps=1e-6):
   xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, i_gate, f_gate, reset))
   final, h = jax.lax.scan(step, tuple(jnp.asarray(x, jnp.float32) for x in state), xs)
   return jnp.moveaxis(h, 0, 1), final
+
+
+def execute_notebook(source, probe: str, workdir, monkeypatch, **env) -> tuple[object, dict]:
+  """Executes the jupytext notebook ``source`` on CPU (one device) in ``workdir`` with jaxrec
+  imported from this checkout and ``env`` set, then the ``probe`` cell, which must print one JSON
+  object. Returns the executed notebook and that object. Needs the [colab] extra."""
+  import json
+  import os
+  import pathlib
+
+  import jupytext
+  import nbclient
+  import nbformat
+
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "1")
+  # The kernel imports jaxrec from this checkout, not from whatever copy is installed.
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+  monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  nb = jupytext.read(source)
+  nb.cells.append(nbformat.v4.new_code_cell(probe))
+  # Raises CellExecutionError, with the cell and its traceback, if any cell fails.
+  nbclient.NotebookClient(
+    nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+  ).execute()
+  stdout = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
+  return nb, json.loads(stdout)

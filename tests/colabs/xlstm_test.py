@@ -1,11 +1,10 @@
 """``colabs/xlstm``: the .ipynb matches its jupytext source, and the notebook runs on CPU on the
 tiny fixture checkpoint (tests/fixtures/xlstm)."""
 
-import json
-import os
 import pathlib
 
 import pytest
+from testing_utils import execute_notebook
 
 jupytext = pytest.importorskip("jupytext", reason="the [colab] extra is not installed")
 nbclient = pytest.importorskip("nbclient", reason="the [colab] extra is not installed")
@@ -20,6 +19,7 @@ _PROBE = """\
 import json
 print(json.dumps({
   "tokens_shape": list(tokens.shape),
+  "same": bool(same),
   "state_bytes": state_bytes,
   "kv_bytes": kv_bytes,
   "contexts": contexts,
@@ -40,23 +40,11 @@ def test_ipynb_matches_its_jupytext_source():
 
 
 def test_notebook_loads_generates_and_its_state_does_not_grow(tmp_path, monkeypatch):
-  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "1")
-  monkeypatch.setenv("JAXREC_XLSTM_CHECKPOINT", str(CHECKPOINT))
-  # The kernel imports jaxrec from this checkout, not from whatever copy is installed.
-  monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-  monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-  nb = jupytext.read(SOURCE)
-  nb.cells.append(nbformat.v4.new_code_cell(_PROBE))
-
-  # Raises CellExecutionError, with the cell and its traceback, if any cell fails.
-  nbclient.NotebookClient(
-    nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-  ).execute()
-
-  stdout = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
-  probe = json.loads(stdout)
+  nb, probe = execute_notebook(
+    SOURCE, _PROBE, tmp_path, monkeypatch, JAXREC_XLSTM_CHECKPOINT=str(CHECKPOINT)
+  )
   assert probe["tokens_shape"] == [1, 8 + 16]
+  assert probe["same"]  # generate's decoding from the state = the full forward's argmax
   assert len(set(probe["state_bytes"])) == 1  # constant in the context length
   # The KV cache grows linearly: per block, bf16 keys and values 32 wide and an int32 segment id a
   # token, and an int32 index.

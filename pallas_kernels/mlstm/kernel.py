@@ -7,6 +7,11 @@ grid is ``(B, H)``: batch rows and heads are independent programs, and each walk
 ``dC, dn``) in the backward pass. The backward pass recomputes each chunk's weights from the
 chunk-entry states that a state-only run of the forward kernel stores, so only ``T / C`` states
 are held, as in the GLA kernels.
+
+Each program holds its whole sequence as one block (the GLA kernels' GPU layout). The kernels have
+only run in the interpreter so far: no accelerator was at hand when they were written, so they
+set no backend compiler parameters, and on TPU the whole-sequence blocks would have to become a
+sequential grid axis over chunks (as the GLA kernels do there) to fit VMEM.
 """
 
 import functools

@@ -93,10 +93,14 @@ def make_lm_dataset(
     ds = ds.shuffle(seed=seed)
   # Same seed on every process => same global order, whatever the number of processes.
   ds = ds.repeat(num_epochs).map(_Tokenize(tokenizer))
+  # Row streams read synchronously: grain's default read-ahead (16 threads, 500 documents) per
+  # row would start B thread pools and tokenize 500·B documents before the first batch. A batch
+  # of B rows costs one document's tokenization per row now and then.
+  sync = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   streams = [
     _TupleSlicesOnRestore(
       grain.experimental.ConcatThenSplitIterDataset(
-        ds[row::batch_size].to_iter_dataset(), length_struct={_TOKENS: seq_len + 1}
+        ds[row::batch_size].to_iter_dataset(sync), length_struct={_TOKENS: seq_len + 1}
       )
     )
     for row in rows

@@ -135,9 +135,9 @@ class LMConfig:
       self._check_head_width(field)
     for field in ("logit_soft_cap", "mlstm_gate_soft_cap"):
       value = getattr(self, field)
-      if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-        raise ValueError(f"{field}: expected a positive number or None, got {value!r}")
-      if value is not None and not value > 0:
+      if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+      ):
         raise ValueError(f"{field}: expected a positive number or None, got {value!r}")
     if "mlstm" in self.mixer_pattern:
       self._check_mlstm()

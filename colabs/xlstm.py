@@ -116,7 +116,7 @@ print("generated", np.asarray(tokens)[0, prompt.shape[1] :].tolist())
 # greedy decoding picked, at every step, the most likely token of that pass.
 
 # %%
-logits, _ = model(tokens[:, :-1])
+logits, _ = nnx.jit(lambda m, t: m(t))(model, tokens[:, :-1])
 same = np.array_equal(
   np.argmax(logits[:, prompt.shape[1] - 1 :], axis=-1), tokens[:, prompt.shape[1] :]
 )

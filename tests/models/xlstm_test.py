@@ -98,7 +98,7 @@ def test_single_file_checkpoint_scanned_onto_a_mesh(tmp_path):
 
 def test_token_by_token_decoding_equals_the_full_forward(model):
   tokens = np.load(LOGITS)["prompt_40"][:, :24]
-  full, _ = model(tokens)
+  full, _ = jax.jit(lambda m, t: m(t))(model, tokens)
 
   @jax.jit
   def decode(model, tokens):
@@ -156,9 +156,18 @@ def test_mismatched_tensors_are_named(tmp_path):
 
 
 def test_soft_capped_logits_and_mlstm_config_errors():
-  cfg = get_preset("xlstm_tiny", num_layers=1, vocab_size=32, logit_soft_cap=2.0, init_std=1.0)
-  logits, _ = LM(cfg, rngs=nnx.Rngs(0))(np.arange(8, dtype=np.int32)[None])
-  assert 1.0 < np.abs(logits).max() < 2.0
+  """``logit_soft_cap=c`` turns the logits ``z`` of the same parameters into ``c·tanh(z/c)``."""
+  small = dict(num_layers=1, d_model=32, num_heads=2, vocab_size=32, init_std=1.0)
+  tokens = np.arange(8, dtype=np.int32)[None]
+  forward = jax.jit(lambda m, t: m(t)[0])
+  capped = forward(
+    LM(get_preset("xlstm_tiny", logit_soft_cap=2.0, **small), rngs=nnx.Rngs(0)), tokens
+  )
+  plain = forward(
+    LM(get_preset("xlstm_tiny", logit_soft_cap=None, **small), rngs=nnx.Rngs(0)), tokens
+  )
+  assert max_abs(plain) > 4.0  # the cap is far from the identity here
+  assert_close(capped, 2.0 * np.tanh(np.asarray(plain, np.float64) / 2.0), rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match=r"logit_soft_cap: expected a positive number or None"):
     get_preset("xlstm_tiny", logit_soft_cap=0.0)
   with pytest.raises(ValueError, match=r"mlstm_chunk_size: expected a power of two, got 48"):

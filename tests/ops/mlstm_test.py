@@ -92,7 +92,7 @@ def test_bf16_inputs():
   args, state = _inputs(2, 37, 2, 8, 4, seed=1)
   args = tuple(jnp.asarray(x, jnp.bfloat16) for x in args)
   ref = numpy_mlstm(*(np.asarray(x, np.float32) for x in args), state)
-  for method in ("sequential", "chunk"):
+  for method in FORMS:
     out, final = _mlstm(method)(*args, initial_state=state)
     assert out.dtype == jnp.bfloat16 and final.c.dtype == jnp.float32
     _assert_matches(out, final, *ref, 1e-2)

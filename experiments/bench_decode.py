@@ -5,9 +5,9 @@ Each model decodes ``--steps`` tokens (greedy, one jitted ``lax.fori_loop``) aft
 values at the right size (attention: a KV cache holding ``C`` keys and values; GLA: a random
 ``[B, H, K, V]`` state; mLSTM: random memory and normalizer), which costs the same per decoded
 token as a real prefix. The recurrent states do not grow with ``C``, so their time per token stays
-flat while attention reads ``C`` cached keys per token. (On CPU, XLA also copies each layer's KV cache into a contracting-major layout for
-the ``q·k`` and ``p·v`` products every step: another O(C) cost that inflates attention's constant,
-not its growth.)
+flat while attention reads ``C`` cached keys per token. (On CPU, XLA also copies each layer's KV
+cache into a contracting-major layout for the ``q·k`` and ``p·v`` products every step: another
+O(C) cost that inflates attention's constant, not its growth.)
 
   python -m experiments.bench_decode
   python -m experiments.bench_decode --contexts=1024,65536 --d_model=512 --steps=64

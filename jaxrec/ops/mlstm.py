@@ -373,7 +373,8 @@ def _chunked(*, q, k, v, i_gate, log_f, state, reset, eps, chunk_size):
   ``(C, n, m)`` the state entering it, step ``t`` sees the entering state with log-weight
   ``b_t + m`` and step ``j <= t`` with ``b_t - b_j + ĩ_j``; ``m_t`` is the maximum of those, and::
 
-    h_t = (e^{b_t + m - m_t} q_tᵀC + Σ_j e^{b_t - b_j + ĩ_j - m_t} (q_t·k_j) v_j) / (max(|·|, e^{-m_t}) + ε)
+    h_t = (e^{b_t + m - m_t} q_tᵀC + Σ_j e^{b_t - b_j + ĩ_j - m_t} (q_t·k_j) v_j)
+          / (max(|·|, e^{-m_t}) + ε)
 
   with the same weights on ``n`` and ``1`` in the denominator. The state leaving the chunk has
   stabilizer ``m' = max(b_last + m, max_j (b_last - b_j + ĩ_j))`` (a scan over chunks of scalars)

@@ -2,13 +2,14 @@
 
 Per batch row and head, the stabilized mLSTM (xLSTM, Beck et al. 2024; the state ``(C, n, m)``)::
 
-  m_t = max(log f_t + m_{t-1}, ĩ_t),  C_t = e^{log f_t + m_{t-1} - m_t} C_{t-1} + e^{ĩ_t - m_t} k_t v_tᵀ
-  n_t likewise with k_t,              h_t = q_tᵀC_t / (max(|q_t·n_t|, e^{-m_t}) + ε)
+  m_t = max(log f_t + m_{t-1}, ĩ_t)
+  C_t = e^{log f_t + m_{t-1} - m_t} C_{t-1} + e^{ĩ_t - m_t} k_t v_tᵀ,  n_t likewise with k_t
+  h_t = q_tᵀC_t / (max(|q_t·n_t|, e^{-m_t}) + ε)
 
 Axes (the letters of ``jaxrec.typing``): ``B`` batch, ``T`` time, ``H`` heads, ``K`` key width,
 ``V`` value width, ``N = T / C`` chunks of ``C`` steps. This module reshapes to the kernels'
-``[B, H, N, C, D]`` layout and builds the segment masks in XLA, and wraps the two ``pallas_call`` s of ``kernel.py`` in a
-``jax.custom_vjp`` (``pallas_call`` has no autodiff rule). The stabilizers are constants under
+``[B, H, N, C, D]`` layout and builds the segment masks in XLA, and wraps the two
+``pallas_call`` s of ``kernel.py`` in a ``jax.custom_vjp`` (``pallas_call`` has no autodiff rule). The stabilizers are constants under
 differentiation, except the initial ``m_0``, which scales the initial state (``chunk.py``).
 """
 

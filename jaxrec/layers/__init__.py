@@ -18,21 +18,25 @@ from jaxrec.layers.attention import Attention, KVCache
 from jaxrec.layers.gla import GatedLinearAttention, GLACache
 from jaxrec.layers.linear import Dense
 from jaxrec.layers.mlp import MLP
-from jaxrec.layers.norms import RMSNorm
+from jaxrec.layers.mlstm import MLSTM, soft_cap
+from jaxrec.layers.norms import LayerNorm, RMSNorm
 from jaxrec.layers.pararnn import ParaGRU, ParaLSTM, ParaRNNCache
 from jaxrec.layers.rope import apply_rope
 
 __all__ = [
   "MLP",
+  "MLSTM",
   "Attention",
   "Dense",
   "GLACache",
   "GatedLinearAttention",
   "KVCache",
+  "LayerNorm",
   "ParaGRU",
   "ParaLSTM",
   "ParaRNNCache",
   "RMSNorm",
   "apply_rope",
   "logical_param",
+  "soft_cap",
 ]

@@ -174,13 +174,7 @@ def _validate(*, q, k, v, log_decay, initial_state, segment_ids, chunk_size, met
     want = (batch, heads, key_dim, v.shape[-1])
     _checks.check_shape("initial_state", initial_state, want, "[B, H, K, V]")
   _checks.check_segment_ids(segment_ids, (batch, t))
-  if (
-    isinstance(chunk_size, bool)
-    or not isinstance(chunk_size, int)
-    or chunk_size < 1
-    or chunk_size & (chunk_size - 1)
-  ):
-    raise ValueError(f"chunk_size: expected a positive power of two, got {chunk_size!r}")
+  _checks.check_power_of_two("chunk_size", chunk_size)
 
 
 def _validate_step(q, k, v, log_decay, state):

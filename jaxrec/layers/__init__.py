@@ -18,6 +18,7 @@ from jaxrec.layers.attention import Attention, KVCache
 from jaxrec.layers.gla import GatedLinearAttention, GLACache
 from jaxrec.layers.linear import Dense
 from jaxrec.layers.mlp import MLP
+from jaxrec.layers.mlstm import MLSTM, soft_cap
 from jaxrec.layers.moe import (
   GRURouterCell,
   MoE,
@@ -25,13 +26,14 @@ from jaxrec.layers.moe import (
   load_balancing_loss,
   routing_mutual_information,
 )
-from jaxrec.layers.norms import RMSNorm
+from jaxrec.layers.norms import LayerNorm, RMSNorm
 from jaxrec.layers.pararnn import ParaGRU, ParaLSTM, ParaRNNCache
 from jaxrec.layers.rat import RAT, RATCache
 from jaxrec.layers.rope import apply_rope
 
 __all__ = [
   "MLP",
+  "MLSTM",
   "RAT",
   "Attention",
   "Dense",
@@ -39,6 +41,7 @@ __all__ = [
   "GRURouterCell",
   "GatedLinearAttention",
   "KVCache",
+  "LayerNorm",
   "MoE",
   "ParaGRU",
   "ParaLSTM",
@@ -50,4 +53,5 @@ __all__ = [
   "load_balancing_loss",
   "logical_param",
   "routing_mutual_information",
+  "soft_cap",
 ]

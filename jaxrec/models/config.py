@@ -45,6 +45,8 @@ class LMConfig:
     norm_eps: RMSNorm epsilon.
     init_std: standard deviation of embeddings and input projections; output projections use
       ``init_std / sqrt(2 num_layers)``.
+    logit_soft_cap: logits become ``cap · tanh(logits / cap)`` (xLSTM 7B: 30); ``None`` for
+      none.
     gla_expand_k: GLA key width as a multiple of ``d_model`` (0.5 in the GLA paper).
     gla_expand_v: GLA value width as a multiple of ``d_model``.
     gla_gate_rank: rank of GLA's decay projection.
@@ -54,6 +56,13 @@ class LMConfig:
       state width is ``d_model``); ``None`` means ``num_heads``.
     pararnn_max_iters: Newton iterations at most in ParaGRU / ParaLSTM; sequences not converged
       by then are recomputed by the sequential scan, so this trades speed, never accuracy.
+    mlstm_qk_dim_factor: mLSTM query/key width (all heads) as a multiple of ``d_model``.
+    mlstm_v_dim_factor: mLSTM value width (all heads) as a multiple of ``d_model``.
+    mlstm_gate_soft_cap: soft cap of the mLSTM gate pre-activations (xLSTM 7B: 15); ``None`` for
+      none.
+    mlstm_igate_bias_init: initial mLSTM input-gate bias (xLSTM 7B: -10).
+    mlstm_chunk_size: chunk length of the mLSTM's chunkwise form.
+    mlstm_eps: ``ε`` of the mLSTM's denominator.
     rat_chunk_size: RAT's chunk length ``L`` (1: attention; ``max_seq_len``: the gated RNN).
     rat_qk_groups: RAT's query/key groups tiled across the heads, a divisor of ``num_heads``
       (checked when ``mixer_pattern`` has ``"rat"``).
@@ -97,6 +106,13 @@ class LMConfig:
   gla_chunk_size: int = 64
   pararnn_heads: int | None = None
   pararnn_max_iters: int = 10
+  logit_soft_cap: float | None = None
+  mlstm_qk_dim_factor: float = 0.5
+  mlstm_v_dim_factor: float = 1.0
+  mlstm_gate_soft_cap: float | None = 15.0
+  mlstm_igate_bias_init: float = -10.0
+  mlstm_chunk_size: int = 64
+  mlstm_eps: float = 1e-6
   rat_chunk_size: int = 16
   rat_qk_groups: int = 2
   rat_position: str = "inter_rope"
@@ -142,16 +158,16 @@ class LMConfig:
         f"pararnn_heads: expected a divisor of d_model={self.d_model}, got {self.rnn_heads} "
         f"(pararnn_heads={self.pararnn_heads}, num_heads={self.num_heads})"
       )
-    for gla_field, expand in (
-      ("gla_expand_k", self.gla_expand_k),
-      ("gla_expand_v", self.gla_expand_v),
-    ):
-      width = int(expand * self.d_model)
-      if width < self.num_heads or width % self.num_heads:
-        raise ValueError(
-          f"{gla_field}: expected {gla_field} * d_model to be a positive multiple of "
-          f"num_heads={self.num_heads}, got {expand} * {self.d_model} = {width}"
-        )
+    for field in ("gla_expand_k", "gla_expand_v"):
+      self._check_head_width(field)
+    for field in ("logit_soft_cap", "mlstm_gate_soft_cap"):
+      value = getattr(self, field)
+      if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+      ):
+        raise ValueError(f"{field}: expected a positive number or None, got {value!r}")
+    if "mlstm" in self.mixer_pattern:
+      self._check_mlstm()
     _check_rat(self)
     _check_moe(self)
     for field in ("dtype", "param_dtype"):
@@ -164,6 +180,29 @@ class LMConfig:
         f"num_layers: scan_layers=True needs a multiple of len(mixer_pattern)="
         f"{len(self.mixer_pattern)}, got {self.num_layers}"
       )
+
+  def _check_head_width(self, field: str) -> None:
+    """``field · d_model`` must split over ``num_heads`` heads."""
+    factor = getattr(self, field)
+    width = int(factor * self.d_model) if isinstance(factor, int | float) else 0
+    if width < self.num_heads or width % self.num_heads:
+      raise ValueError(
+        f"{field}: expected {field} * d_model to be a positive multiple of "
+        f"num_heads={self.num_heads}, got {factor!r} * {self.d_model} = {width}"
+      )
+
+  def _check_mlstm(self) -> None:
+    for field in ("mlstm_qk_dim_factor", "mlstm_v_dim_factor"):
+      self._check_head_width(field)
+    _check_positive("mlstm_chunk_size", self.mlstm_chunk_size)
+    if self.mlstm_chunk_size & (self.mlstm_chunk_size - 1):
+      raise ValueError(f"mlstm_chunk_size: expected a power of two, got {self.mlstm_chunk_size}")
+    for field in ("mlstm_igate_bias_init", "mlstm_eps"):
+      value = getattr(self, field)
+      if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{field}: expected a number, got {value!r}")
+    if not self.mlstm_eps >= 0:
+      raise ValueError(f"mlstm_eps: expected a non-negative number, got {self.mlstm_eps!r}")
 
   @property
   def kv_heads(self) -> int:

@@ -1,4 +1,10 @@
-"""The language model: embedding → blocks (mixer + SwiGLU MLP, pre-norm residual) → head."""
+"""The language model: embedding → blocks (mixer + SwiGLU MLP, pre-norm residual) → head.
+
+With ``mixer_pattern=("mlstm",)``, an untied head and ``logit_soft_cap=30`` this is exactly the
+xLSTM 7B architecture (``jaxrec.models.xlstm``): its blocks are the same pre-norm residual pair of
+mixer and SwiGLU feed-forward, and its feed-forward width ``round_up(2.667 · D, 64)`` is
+``LMConfig.mlp_dim`` with ``mlp_ratio=2.667``.
+"""
 
 import math
 from collections.abc import Callable
@@ -174,9 +180,10 @@ class LM(nnx.Module):
       logits = jnp.einsum("btd,vd->btv", h, self.embedding[...].astype(h.dtype))
     else:
       logits = self.head(h)
+    logits = layers.soft_cap(logits.astype(jnp.float32), cfg.logit_soft_cap)
     if return_aux:
-      return logits.astype(jnp.float32), cache, _moe_aux(stats, cfg)
-    return logits.astype(jnp.float32), cache
+      return logits, cache, _moe_aux(stats, cfg)
+    return logits, cache
 
   def _scan_blocks(self, x, segment_ids, cache):
     graphdef, state = nnx.split(self.layers)

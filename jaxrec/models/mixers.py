@@ -78,6 +78,23 @@ def _paralstm(cfg: LMConfig, *, rngs: nnx.Rngs) -> layers.ParaLSTM:
   return layers.ParaLSTM(**_pararnn_args(cfg), rngs=rngs)
 
 
+@register_mixer("mlstm", layers.MLSTM)
+def _mlstm(cfg: LMConfig, *, rngs: nnx.Rngs) -> layers.MLSTM:
+  return layers.MLSTM(
+    cfg.d_model,
+    cfg.num_heads,
+    qk_dim_factor=cfg.mlstm_qk_dim_factor,
+    v_dim_factor=cfg.mlstm_v_dim_factor,
+    gate_soft_cap=cfg.mlstm_gate_soft_cap,
+    igate_bias_init=cfg.mlstm_igate_bias_init,
+    chunk_size=cfg.mlstm_chunk_size,
+    eps=cfg.mlstm_eps,
+    norm_eps=cfg.norm_eps,
+    **_shared(cfg),
+    rngs=rngs,
+  )
+
+
 @register_mixer("rat", layers.RAT)
 def _rat(cfg: LMConfig, *, rngs: nnx.Rngs) -> layers.RAT:
   return layers.RAT(

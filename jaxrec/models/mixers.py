@@ -93,3 +93,17 @@ def _mlstm(cfg: LMConfig, *, rngs: nnx.Rngs) -> layers.MLSTM:
     **_shared(cfg),
     rngs=rngs,
   )
+
+
+@register_mixer("rat", layers.RAT)
+def _rat(cfg: LMConfig, *, rngs: nnx.Rngs) -> layers.RAT:
+  return layers.RAT(
+    cfg.d_model,
+    cfg.num_heads,
+    chunk_size=cfg.rat_chunk_size,
+    qk_groups=cfg.rat_qk_groups,
+    position=cfg.rat_position,
+    rope_theta=cfg.rope_theta,
+    **_shared(cfg),
+    rngs=rngs,
+  )

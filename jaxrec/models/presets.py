@@ -30,6 +30,35 @@ PRESETS: dict[str, LMConfig] = {
   "small-hybrid": LMConfig(
     vocab_size=256, d_model=320, num_layers=8, mixer_pattern=_HYBRID, num_heads=5, max_seq_len=1024
   ),
+  # RAT (arXiv 2507.04416) with L = 16, and its hybrid with sliding-window attention: RAT in even
+  # layers, local attention (window 1024 at full scale, 128 here) in odd ones.
+  "tiny-rat": LMConfig(
+    vocab_size=256, d_model=128, num_layers=4, mixer_pattern=("rat",), num_heads=4, max_seq_len=512
+  ),
+  "tiny-rat-swa": LMConfig(
+    vocab_size=256,
+    d_model=128,
+    num_layers=4,
+    mixer_pattern=("rat", "attention"),
+    num_heads=4,
+    window=128,
+    max_seq_len=512,
+  ),
+  # A mixture-of-experts LM with the RMoE GRU router (arXiv 2408.06793): 8 experts, top-2.
+  "tiny-moe": LMConfig(
+    vocab_size=256,
+    d_model=128,
+    num_layers=4,
+    mixer_pattern=("attention",),
+    num_heads=4,
+    max_seq_len=512,
+    ffn="moe",
+    moe_num_experts=8,
+    moe_top_k=2,
+    moe_router="gru",
+    moe_router_dim=64,
+    moe_hidden=128,
+  ),
   # ~1.3B parameters: GLA with one grouped-query attention layer in four, bf16 compute.
   "1b": LMConfig(
     vocab_size=32_768,

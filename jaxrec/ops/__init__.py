@@ -37,6 +37,7 @@ from jaxrec.ops.newton_core import (
   SolveMethod,
 )
 from jaxrec.ops.newton_sharded import newton_rnn_sharded
+from jaxrec.ops.rat import RATMethod, RATState, rat, rat_init_state, rat_step
 from jaxrec.ops.scan import ScanMethod, linear_scan
 from jaxrec.ops.segments import segment_starts
 
@@ -50,6 +51,8 @@ __all__ = [
   "MLSTMState",
   "NewtonInfo",
   "NewtonMethod",
+  "RATMethod",
+  "RATState",
   "ScanMethod",
   "SolveMethod",
   "attention_mask",
@@ -61,5 +64,8 @@ __all__ = [
   "mlstm_step",
   "newton_rnn",
   "newton_rnn_sharded",
+  "rat",
+  "rat_init_state",
+  "rat_step",
   "segment_starts",
 ]

@@ -26,7 +26,8 @@ def _abstract(name, cfg):
 
 
 def test_built_in_mixers_are_registered_with_their_layers():
-  assert mixer_names() == ("attention", "gla", "mlstm", "paragru", "paralstm")
+  assert mixer_names() == ("attention", "gla", "mlstm", "paragru", "paralstm", "rat")
+  assert get_mixer("rat").module is layers.RAT
   assert get_mixer("attention").module is layers.Attention
   assert get_mixer("gla").module is layers.GatedLinearAttention
   assert get_mixer("mlstm").module is layers.MLSTM

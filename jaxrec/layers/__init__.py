@@ -20,12 +20,23 @@ from jaxrec.layers.based import BasedCache, BasedLinearAttention, PLACache, Pref
 from jaxrec.layers.gla import GatedLinearAttention, GLACache
 from jaxrec.layers.linear import Dense
 from jaxrec.layers.mlp import MLP
-from jaxrec.layers.norms import RMSNorm
+from jaxrec.layers.mlstm import MLSTM, soft_cap
+from jaxrec.layers.moe import (
+  GRURouterCell,
+  MoE,
+  RoutingStats,
+  load_balancing_loss,
+  routing_mutual_information,
+)
+from jaxrec.layers.norms import LayerNorm, RMSNorm
 from jaxrec.layers.pararnn import ParaGRU, ParaLSTM, ParaRNNCache
+from jaxrec.layers.rat import RAT, RATCache
 from jaxrec.layers.rope import apply_rope
 
 __all__ = [
   "MLP",
+  "MLSTM",
+  "RAT",
   "Attention",
   "BaseConv",
   "BaseConvCache",
@@ -33,14 +44,22 @@ __all__ = [
   "BasedLinearAttention",
   "Dense",
   "GLACache",
+  "GRURouterCell",
   "GatedLinearAttention",
   "KVCache",
+  "LayerNorm",
+  "MoE",
   "PLACache",
   "ParaGRU",
   "ParaLSTM",
   "ParaRNNCache",
   "PrefixLinearAttention",
+  "RATCache",
   "RMSNorm",
+  "RoutingStats",
   "apply_rope",
+  "load_balancing_loss",
   "logical_param",
+  "routing_mutual_information",
+  "soft_cap",
 ]

@@ -102,3 +102,34 @@ def _pla(cfg: LMConfig, *, rngs: nnx.Rngs) -> layers.PrefixLinearAttention:
     **_shared(cfg),
     rngs=rngs,
   )
+
+
+@register_mixer("mlstm", layers.MLSTM)
+def _mlstm(cfg: LMConfig, *, rngs: nnx.Rngs) -> layers.MLSTM:
+  return layers.MLSTM(
+    cfg.d_model,
+    cfg.num_heads,
+    qk_dim_factor=cfg.mlstm_qk_dim_factor,
+    v_dim_factor=cfg.mlstm_v_dim_factor,
+    gate_soft_cap=cfg.mlstm_gate_soft_cap,
+    igate_bias_init=cfg.mlstm_igate_bias_init,
+    chunk_size=cfg.mlstm_chunk_size,
+    eps=cfg.mlstm_eps,
+    norm_eps=cfg.norm_eps,
+    **_shared(cfg),
+    rngs=rngs,
+  )
+
+
+@register_mixer("rat", layers.RAT)
+def _rat(cfg: LMConfig, *, rngs: nnx.Rngs) -> layers.RAT:
+  return layers.RAT(
+    cfg.d_model,
+    cfg.num_heads,
+    chunk_size=cfg.rat_chunk_size,
+    qk_groups=cfg.rat_qk_groups,
+    position=cfg.rat_position,
+    rope_theta=cfg.rope_theta,
+    **_shared(cfg),
+    rngs=rngs,
+  )

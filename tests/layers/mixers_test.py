@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from testing_utils import assert_close, mixer_outputs_and_grads
+from testing_utils import assert_close, mixer_outputs_and_grads, scan_mlstm
 from testing_utils import decode_token_by_token as _decode
 
 from jaxrec import layers
@@ -25,13 +25,22 @@ CASES = {
   # Each document's prefix (2 tokens) lies inside the prefills of _cached_runs, so decoding
   # continues from the prefix state.
   "pla": (layers.PrefixLinearAttention, dict(num_heads=2, feature_dim=4, prefix_len=2)),
+  "mlstm": (layers.MLSTM, dict(num_heads=2, chunk_size=4, gate_soft_cap=5.0)),
 }
 
 
 def _mixer(case):
   module, kw = CASES[case]
   # A large init_std keeps activations O(1), so the fp32 tolerances below are meaningful.
-  return kw, module(D, init_std=0.5, **kw, rngs=nnx.Rngs(0))
+  mixer = module(D, init_std=0.5, **kw, rngs=nnx.Rngs(0))
+  if case == "mlstm":
+    # The published initialization zeroes the gate projections: make the gates depend on x,
+    # and the input-gate bias not close the memory.
+    rng = np.random.default_rng(3)
+    for gate in (mixer.i_gate, mixer.f_gate, mixer.o_gate):
+      gate.kernel[...] = rng.standard_normal(gate.kernel.shape, np.float32)
+    mixer.i_bias[...] = np.zeros(mixer.i_bias.shape, np.float32)
+  return kw, mixer
 
 
 def _x(seed=0):
@@ -122,9 +131,26 @@ def _baseconv_reference(p, x):
   return conv * (x @ p["gate"]["kernel"] + p["gate"]["bias"])
 
 
+def _mlstm_reference(p, x, cap=5.0, eps=1e-6):
+  q = jnp.einsum("btd,dhk->bthk", x, p["q_proj"]["kernel"])
+  k = jnp.einsum("btd,dhk->bthk", x, p["k_proj"]["kernel"])
+  v = jnp.einsum("btd,dhk->bthk", x, p["v_proj"]["kernel"])
+  i_gate = cap * jnp.tanh((jnp.einsum("btd,dh->bth", x, p["i_gate"]["kernel"]) + p["i_bias"]) / cap)
+  f_gate = cap * jnp.tanh((jnp.einsum("btd,dh->bth", x, p["f_gate"]["kernel"]) + p["f_bias"]) / cap)
+  b, _, h, key_dim = q.shape
+  state = (jnp.zeros((b, h, key_dim, v.shape[-1])), jnp.zeros((b, h, key_dim)), jnp.zeros((b, h)))
+  o, _ = scan_mlstm(q, k, v, i_gate, f_gate, state)
+  o = o - jnp.mean(o, axis=-1, keepdims=True)
+  o = o / jnp.sqrt(jnp.mean(o**2, axis=-1, keepdims=True) + eps) * p["out_norm"]["scale"]
+  o = o * jax.nn.sigmoid(jnp.einsum("btd,dhk->bthk", x, p["o_gate"]["kernel"]))
+  return jnp.einsum("bthk,hkd->btd", o, p["out_proj"]["kernel"])
+
+
 def _reference(case, kw):
   """The reference for a case; the layers' defaults (RoPE theta, GLA's τ, eps) are the
   references' defaults."""
+  if case == "mlstm":
+    return _mlstm_reference
   if case == "gla":
     return _gla_reference
   if case in ("based", "pla"):
@@ -195,6 +221,9 @@ def test_gla_cache_is_constant_size_and_attention_cache_grows():
     gla.init_cache(B, 10, jnp.float32).state.shape
     == gla.init_cache(B, 1000, jnp.float32).state.shape
   )
+  _, mlstm = _mixer("mlstm")
+  shapes = [tuple(x.shape for x in mlstm.init_cache(B, n, jnp.bfloat16)) for n in (10, 1000)]
+  assert shapes[0] == shapes[1] == ((B, 2, 4, 8), (B, 2, 4), (B, 2))
   assert attention.init_cache(B, 1000, jnp.bfloat16).k.shape == (B, 1000, 2, 8)
   assert attention.init_cache(B, 1000, jnp.bfloat16).k.dtype == jnp.bfloat16
 
@@ -212,6 +241,9 @@ def test_gla_cache_is_constant_size_and_attention_cache_grows():
     (layers.GatedLinearAttention, dict(num_heads=2, gate_rank=0), "gate_rank: expected"),
     (layers.GatedLinearAttention, dict(num_heads=2, chunk_size=1.5), "chunk_size: expected"),
     (layers.GatedLinearAttention, dict(num_heads=2, gate_normalizer=0.0), "gate_normalizer"),
+    (layers.MLSTM, dict(num_heads=3), "qk_dim_factor: expected qk_dim_factor \\* d_model"),
+    (layers.MLSTM, dict(num_heads=2, v_dim_factor=0.1), "v_dim_factor: expected"),
+    (layers.MLSTM, dict(num_heads=2, gate_soft_cap=0.0), "gate_soft_cap: expected a positive"),
     (layers.ParaGRU, dict(num_heads=3), "num_heads: expected a divisor of d_model=16, got 3"),
     (layers.ParaLSTM, dict(num_heads=2, max_iters=0), "max_iters: expected a positive int"),
     (layers.ParaLSTM, dict(num_heads=2, init_std=-1.0), "init_std: expected a non-negative"),

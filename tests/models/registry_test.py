@@ -26,9 +26,21 @@ def _abstract(name, cfg):
 
 
 def test_built_in_mixers_are_registered_with_their_layers():
-  assert mixer_names() == ("attention", "baseconv", "based", "gla", "paragru", "paralstm", "pla")
+  assert mixer_names() == (
+    "attention",
+    "baseconv",
+    "based",
+    "gla",
+    "mlstm",
+    "paragru",
+    "paralstm",
+    "pla",
+    "rat",
+  )
+  assert get_mixer("rat").module is layers.RAT
   assert get_mixer("attention").module is layers.Attention
   assert get_mixer("gla").module is layers.GatedLinearAttention
+  assert get_mixer("mlstm").module is layers.MLSTM
   assert get_mixer("paragru").module is layers.ParaGRU
   assert get_mixer("paralstm").module is layers.ParaLSTM
   assert get_mixer("based").module is layers.BasedLinearAttention
@@ -53,6 +65,11 @@ def test_builders_pass_the_config_fields_on():
     gla_chunk_size=32,
     pararnn_heads=8,
     pararnn_max_iters=3,
+    mlstm_qk_dim_factor=1.0,
+    mlstm_v_dim_factor=2.0,
+    mlstm_gate_soft_cap=7.0,
+    mlstm_chunk_size=8,
+    mlstm_eps=1e-4,
     norm_eps=1e-3,
     param_dtype="bfloat16",
   )
@@ -63,6 +80,9 @@ def test_builders_pass_the_config_fields_on():
   gla = _abstract("gla", cfg)
   assert (gla.key_dim, gla.value_dim, gla.chunk_size, gla.gate_normalizer) == (4, 8, 32, 8.0)
   assert gla.decay_down.kernel.shape == (16, 5) and gla.out_norm.eps == 1e-3
+  mlstm = _abstract("mlstm", cfg)
+  assert (mlstm.key_dim, mlstm.value_dim, mlstm.chunk_size, mlstm.eps) == (4, 8, 8, 1e-4)
+  assert mlstm.gate_soft_cap == 7.0 and mlstm.out_norm.eps == 1e-3
   for name in ("paragru", "paralstm"):
     rnn = _abstract(name, cfg)
     assert (rnn.num_heads, rnn.max_iters, rnn.width) == (8, 3, 16), name

@@ -29,11 +29,11 @@ _USER_ERRORS = (
 )
 
 
-def define_config_flag(help_string: str) -> flags.FlagHolder:
+def define_config_flag(help_string: str, default: str = DEFAULT_CONFIG) -> flags.FlagHolder:
   """``--config``: an experiment config file (default ``configs/default.py``), each field
   overridable as ``--config.FIELD=VALUE``."""
   try:
-    return config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, help_string, lock_config=True)
+    return config_flags.DEFINE_config_file("config", default, help_string, lock_config=True)
   except (KeyError, AttributeError) as e:
     sys.exit(_unknown_field(e))
 

@@ -182,6 +182,50 @@ def decode_token_by_token(mixer, x, cache):
   return jnp.swapaxes(y, 0, 1), cache
 
 
+def numpy_taylor_features(x):
+  """``[1, x / F^¼, vec(x xᵀ) / sqrt(2F)]`` over the last axis, float64."""
+  x = np.asarray(x, np.float64)
+  f = x.shape[-1]
+  outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], f * f)
+  return np.concatenate([np.ones((*x.shape[:-1], 1)), x / f**0.25, outer / np.sqrt(2 * f)], -1)
+
+
+def numpy_prefix_attention(
+  q, k, v, k_enc=None, v_enc=None, prefix_len=0, segment_ids=None, h0=None, eps=1e-12
+):
+  """Normalized linear attention with the Taylor map, written as explicit weights in float64:
+  ``y_i = Σ_j w_ij v_j / Σ_j w_ij`` with ``w_ij = φ(q_i)·φ(k_j)`` for the earlier tokens of the
+  same document, plus ``φ(q_i)·φ(k_enc,j)`` (values ``v_enc``) for the first ``prefix_len`` tokens
+  of that document, before or after ``i``. ``h0 [B, H, F', V + 1]`` (numerator columns, then the
+  normalizer) feeds the first document. Based is ``prefix_len=0``."""
+  phi_q, phi_k = numpy_taylor_features(q), numpy_taylor_features(k)
+  v = np.asarray(v, np.float64)
+  batch, t, heads, _ = q.shape
+  doc = np.zeros((batch, t), int) if segment_ids is None else np.asarray(segment_ids)
+  y = np.zeros(v.shape)
+  for b in range(batch):
+    starts = [0] + [i for i in range(1, t) if doc[b, i] != doc[b, i - 1]]
+    run = np.searchsorted(starts, np.arange(t), side="right") - 1
+    offset = np.arange(t) - np.asarray(starts)[run]
+    for i in range(t):
+      for h in range(heads):
+        num, den = np.zeros(v.shape[-1]), 0.0
+        if h0 is not None and run[i] == 0:
+          s0 = np.asarray(h0[b, h], np.float64)
+          num, den = phi_q[b, i, h] @ s0[:, :-1], phi_q[b, i, h] @ s0[:, -1]
+        for j in range(t):
+          if run[j] != run[i]:
+            continue
+          if j <= i:
+            w = phi_q[b, i, h] @ phi_k[b, j, h]
+            num, den = num + w * v[b, j, h], den + w
+          if offset[j] < prefix_len:
+            w = phi_q[b, i, h] @ numpy_taylor_features(k_enc[b, j, h])
+            num, den = num + w * np.asarray(v_enc[b, j, h], np.float64), den + w
+        y[b, i, h] = num / (den + eps)
+  return y
+
+
 def numpy_mlstm(q, k, v, i_gate, f_gate, state=None, segment_ids=None, eps=1e-6):
   """The stabilized mLSTM (``jaxrec.ops.mlstm``'s docstring) in float64, one step at a time; the
   forget gate is shut where ``segment_ids`` changes. ``[B, T, H, ...]`` inputs, ``state`` a

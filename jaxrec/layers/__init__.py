@@ -15,6 +15,8 @@ model's embedding) uses: it names each axis for the sharding rules.
 
 from jaxrec.layers._params import logical_param
 from jaxrec.layers.attention import Attention, KVCache
+from jaxrec.layers.baseconv import BaseConv, BaseConvCache
+from jaxrec.layers.based import BasedCache, BasedLinearAttention, PLACache, PrefixLinearAttention
 from jaxrec.layers.gla import GatedLinearAttention, GLACache
 from jaxrec.layers.linear import Dense
 from jaxrec.layers.mlp import MLP
@@ -36,6 +38,10 @@ __all__ = [
   "MLSTM",
   "RAT",
   "Attention",
+  "BaseConv",
+  "BaseConvCache",
+  "BasedCache",
+  "BasedLinearAttention",
   "Dense",
   "GLACache",
   "GRURouterCell",
@@ -43,9 +49,11 @@ __all__ = [
   "KVCache",
   "LayerNorm",
   "MoE",
+  "PLACache",
   "ParaGRU",
   "ParaLSTM",
   "ParaRNNCache",
+  "PrefixLinearAttention",
   "RATCache",
   "RMSNorm",
   "RoutingStats",

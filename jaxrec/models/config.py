@@ -14,7 +14,8 @@ class LMConfig:
 
   Only ``jaxrec.models`` reads it: the builders of ``jaxrec.models.mixers`` turn the fields into
   each mixer layer's constructor arguments (``gla_*`` for GLA, ``pararnn_*`` for ParaGRU /
-  ParaLSTM, the shared sizes and dtypes for all).
+  ParaLSTM, ``based_*`` for Based and PLA, ``baseconv_*``, ``pla_*``, the shared sizes and dtypes
+  for all).
 
   Attributes:
     vocab_size: number of token ids.
@@ -56,6 +57,15 @@ class LMConfig:
       state width is ``d_model``); ``None`` means ``num_heads``.
     pararnn_max_iters: Newton iterations at most in ParaGRU / ParaLSTM; sequences not converged
       by then are recomputed by the sequential scan, so this trades speed, never accuracy.
+    based_feature_dim: query/key width per head of Based and PLA before the Taylor feature map
+      (16 in Based and JRT-RNN; the state has ``1 + F + F²`` rows per head); their value width
+      per head is ``d_model // num_heads``.
+    baseconv_kernel_size: taps of BaseConv's causal short convolution (3 in Based and JRT-RNN).
+    pla_prefix_len: ``M``, the tokens at the start of every document that prefix linear
+      attention (JRT-RNN) reads non-causally (1024 in JRT-RNN). It is part of the model, like
+      ``max_seq_len``: train with prompts whose prefix is ``M`` tokens (or documents shorter
+      than ``M``, which are all prefix) and score no token inside a prefix by next-token loss, as
+      the encoder sees it (``jaxrec.data.jrt_objective`` scores the prefix by masked-LM instead).
     mlstm_qk_dim_factor: mLSTM query/key width (all heads) as a multiple of ``d_model``.
     mlstm_v_dim_factor: mLSTM value width (all heads) as a multiple of ``d_model``.
     mlstm_gate_soft_cap: soft cap of the mLSTM gate pre-activations (xLSTM 7B: 15); ``None`` for
@@ -106,6 +116,9 @@ class LMConfig:
   gla_chunk_size: int = 64
   pararnn_heads: int | None = None
   pararnn_max_iters: int = 10
+  based_feature_dim: int = 16
+  baseconv_kernel_size: int = 3
+  pla_prefix_len: int = 1024
   logit_soft_cap: float | None = None
   mlstm_qk_dim_factor: float = 0.5
   mlstm_v_dim_factor: float = 1.0
@@ -152,7 +165,19 @@ class LMConfig:
         f"head_dim: expected an even attention head width (RoPE), got {self.attn_head_dim} "
         f"(head_dim={self.head_dim}, d_model={self.d_model}, num_heads={self.num_heads})"
       )
-    _check_positive("pararnn_max_iters", self.pararnn_max_iters)
+    for field in ("pararnn_max_iters", "based_feature_dim", "baseconv_kernel_size"):
+      _check_positive(field, getattr(self, field))
+    if (
+      isinstance(self.pla_prefix_len, bool)
+      or not isinstance(self.pla_prefix_len, int)
+      or self.pla_prefix_len < 0
+    ):
+      raise ValueError(f"pla_prefix_len: expected an int >= 0, got {self.pla_prefix_len!r}")
+    if {"based", "pla"} & set(self.mixer_pattern) and self.d_model % self.num_heads:
+      raise ValueError(
+        f"num_heads: Based and PLA need a divisor of d_model={self.d_model} (value width "
+        f"d_model // num_heads), got {self.num_heads}"
+      )
     if self.d_model % self.rnn_heads:
       raise ValueError(
         f"pararnn_heads: expected a divisor of d_model={self.d_model}, got {self.rnn_heads} "

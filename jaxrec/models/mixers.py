@@ -78,6 +78,32 @@ def _paralstm(cfg: LMConfig, *, rngs: nnx.Rngs) -> layers.ParaLSTM:
   return layers.ParaLSTM(**_pararnn_args(cfg), rngs=rngs)
 
 
+@register_mixer("based", layers.BasedLinearAttention)
+def _based(cfg: LMConfig, *, rngs: nnx.Rngs) -> layers.BasedLinearAttention:
+  return layers.BasedLinearAttention(
+    cfg.d_model, cfg.num_heads, feature_dim=cfg.based_feature_dim, **_shared(cfg), rngs=rngs
+  )
+
+
+@register_mixer("baseconv", layers.BaseConv)
+def _baseconv(cfg: LMConfig, *, rngs: nnx.Rngs) -> layers.BaseConv:
+  return layers.BaseConv(
+    cfg.d_model, kernel_size=cfg.baseconv_kernel_size, **_shared(cfg), rngs=rngs
+  )
+
+
+@register_mixer("pla", layers.PrefixLinearAttention)
+def _pla(cfg: LMConfig, *, rngs: nnx.Rngs) -> layers.PrefixLinearAttention:
+  return layers.PrefixLinearAttention(
+    cfg.d_model,
+    cfg.num_heads,
+    prefix_len=cfg.pla_prefix_len,
+    feature_dim=cfg.based_feature_dim,
+    **_shared(cfg),
+    rngs=rngs,
+  )
+
+
 @register_mixer("mlstm", layers.MLSTM)
 def _mlstm(cfg: LMConfig, *, rngs: nnx.Rngs) -> layers.MLSTM:
   return layers.MLSTM(

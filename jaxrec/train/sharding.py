@@ -39,6 +39,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
   ("vocab", "tensor"),
   ("head_dim", None),
   ("rank", None),
+  ("taps", None),
   ("norm", None),
   ("layers", None),
   ("expert", "expert"),

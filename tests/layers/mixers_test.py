@@ -20,6 +20,11 @@ CASES = {
   "attention": (layers.Attention, dict(num_heads=2)),
   "attention-gqa-window": (layers.Attention, dict(num_heads=4, num_kv_heads=2, window=3)),
   "gla": (layers.GatedLinearAttention, dict(num_heads=2, chunk_size=16)),
+  "based": (layers.BasedLinearAttention, dict(num_heads=2, feature_dim=4, chunk_size=4)),
+  "baseconv": (layers.BaseConv, dict(kernel_size=3)),
+  # Each document's prefix (2 tokens) lies inside the prefills of _cached_runs, so decoding
+  # continues from the prefix state.
+  "pla": (layers.PrefixLinearAttention, dict(num_heads=2, feature_dim=4, prefix_len=2)),
   "mlstm": (layers.MLSTM, dict(num_heads=2, chunk_size=4, gate_soft_cap=5.0)),
 }
 
@@ -93,6 +98,39 @@ def _gla_reference(p, x, gate_normalizer=16.0, eps=1e-6):
   return jnp.einsum("bthk,hkd->btd", o, p["o_proj"]["kernel"])
 
 
+def _based_reference(p, x, prefix_len=0):
+  """Normalized attention with the weights ``1 + s/√F + s²/2F`` (``s = q·k``) as a ``[T, T]``
+  matrix: causal decoder weights, plus encoder weights on the first ``prefix_len`` keys."""
+  q = jnp.einsum("btd,dhk->bthk", x, p["q_proj"]["kernel"])
+  f = q.shape[-1]
+
+  def weights(k_name, visible):
+    s = jnp.einsum("bihf,bjhf->bhij", q, jnp.einsum("btd,dhk->bthk", x, p[k_name]["kernel"]))
+    return (1 + s / np.sqrt(f) + s**2 / (2 * f)) * visible
+
+  def values(v_name):
+    return jnp.einsum("btd,dhk->bthk", x, p[v_name]["kernel"])
+
+  t = np.arange(x.shape[1])
+  w = weights("k_proj", t[:, None] >= t[None, :])
+  num = jnp.einsum("bhij,bjhv->bihv", w, values("v_proj"))
+  den = jnp.sum(w, -1)
+  if prefix_len:
+    w_enc = weights("k_enc_proj", np.broadcast_to(t[None, :] < prefix_len, (len(t), len(t))))
+    num = num + jnp.einsum("bhij,bjhv->bihv", w_enc, values("v_enc_proj"))
+    den = den + jnp.sum(w_enc, -1)
+  o = num / jnp.moveaxis(den, 1, 2)[..., None]
+  return jnp.einsum("bthk,hkd->btd", o, p["o_proj"]["kernel"])
+
+
+def _baseconv_reference(p, x):
+  kernel, t = p["conv_kernel"], x.shape[1]
+  conv = p["conv_bias"] + sum(
+    kernel[j] * jnp.pad(x, ((0, 0), (j, 0), (0, 0)))[:, :t] for j in range(kernel.shape[0])
+  )
+  return conv * (x @ p["gate"]["kernel"] + p["gate"]["bias"])
+
+
 def _mlstm_reference(p, x, cap=5.0, eps=1e-6):
   q = jnp.einsum("btd,dhk->bthk", x, p["q_proj"]["kernel"])
   k = jnp.einsum("btd,dhk->bthk", x, p["k_proj"]["kernel"])
@@ -115,6 +153,10 @@ def _reference(case, kw):
     return _mlstm_reference
   if case == "gla":
     return _gla_reference
+  if case in ("based", "pla"):
+    return lambda p, x: _based_reference(p, x, kw.get("prefix_len", 0))
+  if case == "baseconv":
+    return _baseconv_reference
   heads = {k: kw[k] for k in ("num_heads", "num_kv_heads", "window") if k in kw}
   return lambda p, x: _attention_reference(p, x, **heads)
 
@@ -160,7 +202,11 @@ def test_cached_decoding_and_packing_match_full_forward(case):
   out = _cached_runs(mixer, _x(2))
   assert out["no_cache"] is None
   close = dict(rtol=1e-5, atol=1e-5)
-  assert_close(out["steps"], out["full"], **close)
+  if case == "pla":
+    # Token by token from position 0 no token sees a later prefix token: not the parallel form.
+    assert np.abs(out["steps"] - out["full"]).max() > 1e-3
+  else:
+    assert_close(out["steps"], out["full"], **close)
   assert_close(out["prefill_decode"], out["full"], **close)
   assert_close(out["packed"], out["separate"], **close)
   assert_close(out["packed_cache_tail"], out["separate"][:, -2:], **close)
@@ -202,6 +248,10 @@ def test_gla_cache_is_constant_size_and_attention_cache_grows():
     (layers.ParaLSTM, dict(num_heads=2, max_iters=0), "max_iters: expected a positive int"),
     (layers.ParaLSTM, dict(num_heads=2, init_std=-1.0), "init_std: expected a non-negative"),
     (layers.ParaGRU, dict(num_heads=2, param_dtype=None), "param_dtype: expected a floating"),
+    (layers.BasedLinearAttention, dict(num_heads=3), "num_heads: expected a divisor of d_model"),
+    (layers.BasedLinearAttention, dict(num_heads=2, feature_dim=0), "feature_dim: expected"),
+    (layers.PrefixLinearAttention, dict(num_heads=2, prefix_len=-1), "prefix_len: expected"),
+    (layers.BaseConv, dict(kernel_size=0), "kernel_size: expected a positive int"),
   ],
 )
 def test_constructor_arguments_are_validated(module, kw, match):

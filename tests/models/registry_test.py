@@ -26,13 +26,26 @@ def _abstract(name, cfg):
 
 
 def test_built_in_mixers_are_registered_with_their_layers():
-  assert mixer_names() == ("attention", "gla", "mlstm", "paragru", "paralstm", "rat")
+  assert mixer_names() == (
+    "attention",
+    "baseconv",
+    "based",
+    "gla",
+    "mlstm",
+    "paragru",
+    "paralstm",
+    "pla",
+    "rat",
+  )
   assert get_mixer("rat").module is layers.RAT
   assert get_mixer("attention").module is layers.Attention
   assert get_mixer("gla").module is layers.GatedLinearAttention
   assert get_mixer("mlstm").module is layers.MLSTM
   assert get_mixer("paragru").module is layers.ParaGRU
   assert get_mixer("paralstm").module is layers.ParaLSTM
+  assert get_mixer("based").module is layers.BasedLinearAttention
+  assert get_mixer("baseconv").module is layers.BaseConv
+  assert get_mixer("pla").module is layers.PrefixLinearAttention
   for name in mixer_names():
     assert isinstance(_abstract(name, CFG), get_mixer(name).module), name
 
@@ -74,6 +87,14 @@ def test_builders_pass_the_config_fields_on():
     rnn = _abstract(name, cfg)
     assert (rnn.num_heads, rnn.max_iters, rnn.width) == (8, 3, 16), name
     assert rnn.recurrent.dtype == jnp.bfloat16, name
+  based_cfg = dataclasses.replace(
+    CFG, num_heads=4, based_feature_dim=3, baseconv_kernel_size=5, pla_prefix_len=7
+  )
+  for name in ("based", "pla"):
+    mixer = _abstract(name, based_cfg)
+    assert (mixer.num_heads, mixer.feature_dim, mixer.head_dim) == (4, 3, 4), name
+  assert _abstract("pla", based_cfg).prefix_len == 7
+  assert _abstract("baseconv", based_cfg).conv_kernel.shape == (5, 16)
   # pararnn_heads defaults to num_heads.
   assert _abstract("paragru", dataclasses.replace(cfg, pararnn_heads=None)).num_heads == 4
 

@@ -47,6 +47,7 @@ def test_rules_cover_the_logical_vocabulary():
     "kv_heads",
     "head_dim",
     "rank",
+    "taps",
     "norm",
     "layers",
     "expert",

@@ -18,6 +18,7 @@ from jaxrec.layers.attention import Attention, KVCache
 from jaxrec.layers.baseconv import BaseConv, BaseConvCache
 from jaxrec.layers.based import BasedCache, BasedLinearAttention, PLACache, PrefixLinearAttention
 from jaxrec.layers.gla import GatedLinearAttention, GLACache
+from jaxrec.layers.liger import LigerAttention, LigerCache
 from jaxrec.layers.linear import Dense
 from jaxrec.layers.mlp import MLP
 from jaxrec.layers.mlstm import MLSTM, soft_cap
@@ -31,7 +32,7 @@ from jaxrec.layers.moe import (
 from jaxrec.layers.norms import LayerNorm, RMSNorm
 from jaxrec.layers.pararnn import ParaGRU, ParaLSTM, ParaRNNCache
 from jaxrec.layers.rat import RAT, RATCache
-from jaxrec.layers.rope import apply_rope
+from jaxrec.layers.rope import apply_rope, rope_frequencies
 
 __all__ = [
   "MLP",
@@ -48,6 +49,8 @@ __all__ = [
   "GatedLinearAttention",
   "KVCache",
   "LayerNorm",
+  "LigerAttention",
+  "LigerCache",
   "MoE",
   "PLACache",
   "ParaGRU",
@@ -60,6 +63,7 @@ __all__ = [
   "apply_rope",
   "load_balancing_loss",
   "logical_param",
+  "rope_frequencies",
   "routing_mutual_information",
   "soft_cap",
 ]

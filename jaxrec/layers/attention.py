@@ -1,7 +1,12 @@
-"""Causal softmax attention mixer: grouped-query heads, RoPE, optional sliding window, KV cache."""
+"""Causal softmax attention mixer: grouped-query heads, RoPE, optional sliding window, KV cache.
+
+The options of the Llama family are arguments with today's behaviour as default: Llama 3's RoPE
+frequency scaling (``rope_scaling``) and Qwen2's query/key/value biases (``qkv_bias``).
+"""
 
 import math
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +15,7 @@ from jax import lax
 
 from jaxrec.layers import _checks
 from jaxrec.layers.linear import Dense
-from jaxrec.layers.rope import apply_rope
+from jaxrec.layers.rope import apply_rope, check_rope_scaling
 from jaxrec.ops import attention as attention_ops
 from jaxrec.ops import segment_starts
 from jaxrec.typing import Activations, AttentionKeys, KeySegmentIds, SegmentIds
@@ -46,6 +51,9 @@ class Attention(nnx.Module):
     window: sliding window, the number of keys a query sees (its own included); ``None`` is
       full causal attention.
     rope_theta: RoPE base wavelength.
+    rope_scaling: RoPE frequency scaling, e.g. Llama 3's (``jaxrec.layers.rope``); ``None``
+      for plain RoPE.
+    qkv_bias: give the query, key and value projections a bias (Qwen2).
     init_std: standard deviation of the query, key and value projections.
     num_layers: depth of the model; the output projection starts at
       ``init_std / sqrt(2 num_layers)`` (as ``MLP``).
@@ -63,6 +71,8 @@ class Attention(nnx.Module):
     head_dim: int | None = None,
     window: int | None = None,
     rope_theta: float = 10_000.0,
+    rope_scaling: Mapping[str, Any] | None = None,
+    qkv_bias: bool = False,
     init_std: float = 0.02,
     num_layers: int = 1,
     dtype: jnp.dtype = jnp.float32,
@@ -85,15 +95,19 @@ class Attention(nnx.Module):
     if window is not None:
       _checks.check_positive_int("window", window)
     _checks.check_positive("rope_theta", rope_theta)
+    check_rope_scaling(rope_scaling)
     h = num_heads
     self.num_heads, self.num_kv_heads, self.head_dim = h, kv, width
     self.window = window
     self.rope_theta = rope_theta
+    # Sorted items: a hashable, static attribute.
+    self.rope_scaling = None if rope_scaling is None else tuple(sorted(dict(rope_scaling).items()))
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     d, std = d_model, init_std
-    self.q_proj = Dense(d, (h, width), ("embed", "heads", "head_dim"), std=std, **kw)
-    self.k_proj = Dense(d, (kv, width), ("embed", "kv_heads", "head_dim"), std=std, **kw)
-    self.v_proj = Dense(d, (kv, width), ("embed", "kv_heads", "head_dim"), std=std, **kw)
+    qkv = dict(std=std, use_bias=bool(qkv_bias), **kw)
+    self.q_proj = Dense(d, (h, width), ("embed", "heads", "head_dim"), **qkv)
+    self.k_proj = Dense(d, (kv, width), ("embed", "kv_heads", "head_dim"), **qkv)
+    self.v_proj = Dense(d, (kv, width), ("embed", "kv_heads", "head_dim"), **qkv)
     out_std = std / math.sqrt(2 * num_layers)
     self.o_proj = Dense((h, width), d, ("heads", "head_dim", "embed"), std=out_std, **kw)
 
@@ -113,16 +127,15 @@ class Attention(nnx.Module):
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     if cache is None:
       positions = jnp.arange(t)
-      q = apply_rope(q, positions, self.rope_theta)
-      k = apply_rope(k, positions, self.rope_theta)
+      q, k = self.rope(q, positions), self.rope(k, positions)
       o = attention_ops.dot_product_attention(
         q, k, v, window=self.window, segment_ids=segment_ids, q_positions=positions
       )
     else:
       positions = cache.index + jnp.arange(t)
-      q = apply_rope(q, positions, self.rope_theta)
-      k = apply_rope(k, positions, self.rope_theta)
-      segments = _continue_segments(cache, segment_ids, x.shape[:2])
+      q, k = self.rope(q, positions), self.rope(k, positions)
+      last = lax.dynamic_index_in_dim(cache.segment_ids, jnp.maximum(cache.index - 1, 0), 1)
+      segments = continue_segments(last, segment_ids, x.shape[:2])
       cache = KVCache(
         k=lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache.index, 1),
         v=lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache.index, 1),
@@ -140,6 +153,11 @@ class Attention(nnx.Module):
       )
     return self.o_proj(o), cache
 
+  def rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """``x [B, T, H or G, K]`` rotated to ``positions`` (``[T]`` or ``[B, T]``) with this layer's
+    RoPE settings."""
+    return apply_rope(x, positions, self.rope_theta, scaling=self.rope_scaling)
+
   def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype) -> KVCache:
     """An empty cache with room for ``max_length`` tokens; keys and values in ``dtype``."""
     shape = (batch_size, max_length, self.num_kv_heads, self.head_dim)
@@ -151,14 +169,15 @@ class Attention(nnx.Module):
     )
 
 
-def _continue_segments(cache: KVCache, segment_ids: SegmentIds | None, batch_time) -> SegmentIds:
+def continue_segments(
+  last: jax.Array, segment_ids: SegmentIds | None, batch_time: tuple[int, int]
+) -> SegmentIds:
   """Cache-relative document ids ``[B, T]`` for new tokens.
 
-  The first new token continues the document of the last cached one, and each change of
-  ``segment_ids`` starts a new document: the same rule by which a recurrent mixer's
-  ``initial_state`` feeds only the first segment.
+  The first new token continues the document of the last cached one (``last``, int ``[B, 1]``),
+  and each change of ``segment_ids`` starts a new document: the same rule by which a recurrent
+  mixer's ``initial_state`` feeds only the first segment.
   """
-  last = lax.dynamic_index_in_dim(cache.segment_ids, jnp.maximum(cache.index - 1, 0), 1)
   if segment_ids is None:
     return jnp.broadcast_to(last, batch_time)
   return last + jnp.cumsum(segment_starts(segment_ids), axis=1, dtype=jnp.int32)

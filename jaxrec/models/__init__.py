@@ -1,15 +1,20 @@
-"""The LM stack: configuration, the mixer registry, model, presets, and xLSTM 7B's weights.
+"""The LM stack: configuration, the mixer registry, model, presets, Hugging Face checkpoints and
+xLSTM 7B's weights.
 
 This package is the only reader of ``LMConfig``: ``registry`` maps mixer names to the layers of
 ``jaxrec.layers`` and to the builders (``mixers``) that configure them from an ``LMConfig``.
+Llama-family models (Llama 2 and 3, Qwen2) are ``LM`` s configured from a Hugging Face
+``config.json`` (``hf_config``); ``hf`` loads and writes their safetensors checkpoints.
 """
 
 from jaxrec.models.config import LMConfig
+from jaxrec.models.hf import load_pretrained, load_pretrained_tokenizer, save_pretrained
+from jaxrec.models.hf_config import config_from_hf, hf_config_of
 from jaxrec.models.lm import LM, Block, BlockGroup, param_count_of
 from jaxrec.models.mixers import build_mixer
 from jaxrec.models.presets import PRESETS, get_preset, param_count
 from jaxrec.models.registry import MIXERS, MixerEntry, get_mixer, mixer_names, register_mixer
-from jaxrec.models.xlstm import config_from_hf, load_xlstm
+from jaxrec.models.xlstm import config_from_xlstm, load_xlstm
 
 __all__ = [
   "LM",
@@ -21,11 +26,16 @@ __all__ = [
   "MixerEntry",
   "build_mixer",
   "config_from_hf",
+  "config_from_xlstm",
   "get_mixer",
   "get_preset",
+  "hf_config_of",
+  "load_pretrained",
+  "load_pretrained_tokenizer",
   "load_xlstm",
   "mixer_names",
   "param_count",
   "param_count_of",
   "register_mixer",
+  "save_pretrained",
 ]

@@ -1,9 +1,12 @@
 """``LMConfig``: the frozen description of a language model."""
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
+from jaxrec.layers import liger, rope
 from jaxrec.layers.moe import ROUTERS
 from jaxrec.models import registry
 
@@ -14,8 +17,11 @@ class LMConfig:
 
   Only ``jaxrec.models`` reads it: the builders of ``jaxrec.models.mixers`` turn the fields into
   each mixer layer's constructor arguments (``gla_*`` for GLA, ``pararnn_*`` for ParaGRU /
-  ParaLSTM, ``based_*`` for Based and PLA, ``baseconv_*``, ``pla_*``, the shared sizes and dtypes
-  for all).
+  ParaLSTM, ``liger_*`` for Liger attention, ``based_*`` for Based and PLA, ``baseconv_*``,
+  ``pla_*``, ``mlstm_*``, ``rat_*``, ``moe_*``, the shared sizes and dtypes for all). The Llama
+  family (Llama 2 and 3, Qwen2) is an all-``"attention"`` pattern with its options below
+  (``rope_scaling``, ``qkv_bias``, ``norm_eps``, ``mlp_hidden``, ``head_dim``,
+  ``tie_embeddings``); ``jaxrec.models.config_from_hf`` reads one from a Hugging Face config.
 
   Attributes:
     vocab_size: number of token ids.
@@ -33,6 +39,10 @@ class LMConfig:
     window: attention sliding window (number of visible keys, the query's own included);
       ``None`` is full causal attention.
     rope_theta: RoPE base wavelength.
+    rope_scaling: RoPE frequency scaling as the ``rope_scaling`` dict of a Hugging Face config
+      (Llama 3's, ``{"rope_type": "llama3", "factor": ..., ...}``, see ``jaxrec.layers.rope``),
+      stored as its sorted items; ``None`` for plain RoPE.
+    qkv_bias: the attention query, key and value projections have biases (Qwen2).
     max_seq_len: the longest sequence the model is meant for (training length; default cache
       size).
     dtype: compute dtype, ``"float32"`` or ``"bfloat16"``; logits are always fp32.
@@ -57,6 +67,14 @@ class LMConfig:
       state width is ``d_model``); ``None`` means ``num_heads``.
     pararnn_max_iters: Newton iterations at most in ParaGRU / ParaLSTM; sequences not converged
       by then are recomputed by the sequential scan, so this trades speed, never accuracy.
+    liger_variant: the recurrence of ``"liger"`` layers (``jaxrec.layers.LigerAttention``):
+      ``"gla"`` or ``"hgrn2"``.
+    liger_window: keys seen by their sliding-window softmax branch; ``None`` drops the branch
+      (``jaxrec.linearize.liger`` sets the paper's 64 unless told otherwise; a default of
+      ``None`` lets run records restore either choice, as their unset fields keep defaults).
+    liger_gate_source: ``"key"`` (the gate is the key projection) or ``"projection"`` (a new
+      random projection, the paper's ablation).
+    liger_chunk_size: chunk length of their recurrence's chunkwise-parallel form.
     based_feature_dim: query/key width per head of Based and PLA before the Taylor feature map
       (16 in Based and JRT-RNN; the state has ``1 + F + F²`` rows per head); their value width
       per head is ``d_model // num_heads``.
@@ -101,6 +119,8 @@ class LMConfig:
   mlp_ratio: float = 8 / 3
   window: int | None = None
   rope_theta: float = 10_000.0
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  qkv_bias: bool = False
   max_seq_len: int = 1024
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -116,6 +136,10 @@ class LMConfig:
   gla_chunk_size: int = 64
   pararnn_heads: int | None = None
   pararnn_max_iters: int = 10
+  liger_variant: str = "gla"
+  liger_window: int | None = None
+  liger_gate_source: str = "key"
+  liger_chunk_size: int = 64
   based_feature_dim: int = 16
   baseconv_kernel_size: int = 3
   pla_prefix_len: int = 1024
@@ -153,7 +177,14 @@ class LMConfig:
         )
     for field in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"):
       _check_positive(field, getattr(self, field))
-    for field in ("num_kv_heads", "head_dim", "mlp_hidden", "window", "pararnn_heads"):
+    for field in (
+      "num_kv_heads",
+      "head_dim",
+      "mlp_hidden",
+      "window",
+      "pararnn_heads",
+      "liger_window",
+    ):
       if getattr(self, field) is not None:
         _check_positive(field, getattr(self, field))
     if self.num_heads % self.kv_heads:
@@ -200,11 +231,36 @@ class LMConfig:
         raise ValueError(
           f"{field}: expected 'float32', 'bfloat16' or 'float16', got {getattr(self, field)!r}"
         )
+    self._normalize_rope_scaling()
+    if not isinstance(self.qkv_bias, bool):
+      raise ValueError(f"qkv_bias: expected True or False, got {self.qkv_bias!r}")
+    for field, allowed in (
+      ("liger_variant", liger.VARIANTS),
+      ("liger_gate_source", liger.GATE_SOURCES),
+    ):
+      if getattr(self, field) not in allowed:
+        raise ValueError(f"{field}: expected one of {allowed}, got {getattr(self, field)!r}")
+    _check_positive("liger_chunk_size", self.liger_chunk_size)
     if self.scan_layers and self.num_layers % len(self.mixer_pattern):
       raise ValueError(
         f"num_layers: scan_layers=True needs a multiple of len(mixer_pattern)="
         f"{len(self.mixer_pattern)}, got {self.num_layers}"
       )
+
+  def _normalize_rope_scaling(self) -> None:
+    """``rope_scaling`` given as a mapping (or its items, as a run record's JSON lists) becomes
+    its sorted items, so the config stays hashable."""
+    scaling = self.rope_scaling
+    if scaling is None:
+      return
+    try:
+      items = dict(scaling) if isinstance(scaling, Mapping) else dict(map(tuple, scaling))
+    except (TypeError, ValueError) as e:
+      raise ValueError(
+        f"rope_scaling: expected a mapping of RoPE scaling parameters or None, got {scaling!r}"
+      ) from e
+    rope.check_rope_scaling(items)
+    object.__setattr__(self, "rope_scaling", tuple(sorted(items.items())))
 
   def _check_head_width(self, field: str) -> None:
     """``field · d_model`` must split over ``num_heads`` heads."""

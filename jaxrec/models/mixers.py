@@ -27,16 +27,35 @@ def _shared(cfg: LMConfig) -> dict:
   )
 
 
+def _attention_args(cfg: LMConfig) -> dict:
+  """Attention and Liger attention share their projections and RoPE."""
+  return dict(
+    num_kv_heads=cfg.kv_heads,
+    head_dim=cfg.attn_head_dim,
+    rope_theta=cfg.rope_theta,
+    rope_scaling=cfg.rope_scaling,
+    qkv_bias=cfg.qkv_bias,
+    **_shared(cfg),
+  )
+
+
 @register_mixer("attention", layers.Attention)
 def _attention(cfg: LMConfig, *, rngs: nnx.Rngs) -> layers.Attention:
   return layers.Attention(
+    cfg.d_model, cfg.num_heads, window=cfg.window, **_attention_args(cfg), rngs=rngs
+  )
+
+
+@register_mixer("liger", layers.LigerAttention)
+def _liger(cfg: LMConfig, *, rngs: nnx.Rngs) -> layers.LigerAttention:
+  return layers.LigerAttention(
     cfg.d_model,
     cfg.num_heads,
-    num_kv_heads=cfg.kv_heads,
-    head_dim=cfg.attn_head_dim,
-    window=cfg.window,
-    rope_theta=cfg.rope_theta,
-    **_shared(cfg),
+    variant=cfg.liger_variant,
+    window=cfg.liger_window,
+    gate_source=cfg.liger_gate_source,
+    chunk_size=cfg.liger_chunk_size,
+    **_attention_args(cfg),
     rngs=rngs,
   )
 

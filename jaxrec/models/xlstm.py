@@ -49,7 +49,7 @@ INDEX = "model.safetensors.index.json"
 _REQUIRED = {"use_bias": False, "weight_mode": "single", "add_out_norm": True}
 
 
-def config_from_hf(config: Mapping, **overrides) -> LMConfig:
+def config_from_xlstm(config: Mapping, **overrides) -> LMConfig:
   """The ``LMConfig`` of a published xLSTM ``config.json`` (transformers' ``xLSTMConfig`` keys).
 
   Args:
@@ -125,7 +125,7 @@ def load_xlstm(path: str | os.PathLike, *, mesh: Mesh | None = None, **overrides
   if not os.path.isfile(config_file):
     raise ValueError(f"path: expected a checkpoint directory with a config.json, got {path!r}")
   with open(config_file) as f:
-    cfg = config_from_hf(json.load(f), **overrides)
+    cfg = config_from_xlstm(json.load(f), **overrides)
   reader = _Reader(path)
   abstract = nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)

@@ -28,6 +28,7 @@ from jaxrec.train.step import (
   make_eval_step,
   make_train_step,
   summarize,
+  train_state_from_model,
 )
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
   "summarize",
   "token_byte_lengths",
   "train_and_evaluate",
+  "train_state_from_model",
   "tree_shardings",
   "validate_config",
   "warmup_cosine_schedule",

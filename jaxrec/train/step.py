@@ -72,6 +72,33 @@ def init_train_state(
   return jax.jit(lambda: _init(make_model, tx), out_shardings=_shardings(abstract))()
 
 
+def train_state_from_model(
+  model: nnx.Module,
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  *,
+  trainable: nnx.filterlib.Filter = nnx.Param,
+) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+  """The train state of an existing model, for fine-tuning it: ``(graphdef, abstract, state)``.
+
+  The parameters that ``trainable`` selects (e.g. ``nnx.LoRAParam``) become ``params``, and only
+  they get gradients and optimizer state; everything else goes to ``rest``, frozen. The state is
+  a copy placed in its shardings on ``mesh`` (``abstract`` carries them, for
+  ``make_train_step``): the train step donates its input, which would otherwise delete the
+  arrays of ``model`` and of any model sharing them (a converted model shares its teacher's).
+  """
+  graphdef, params, rest = nnx.split(model, trainable, ...)
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params)
+  )
+  shardings = sharding_lib.tree_shardings(state, mesh)
+  state = jax.device_put(state, shardings, may_alias=False)
+  abstract = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+  )
+  return graphdef, abstract, state
+
+
 def make_train_step(
   graphdef: nnx.GraphDef,
   tx: optax.GradientTransformation,

@@ -7,19 +7,35 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from testing_utils import assert_close, mixer_outputs_and_grads, scan_mlstm
+from testing_utils import assert_close, mixer_outputs_and_grads, scan_gla, scan_mlstm
 from testing_utils import decode_token_by_token as _decode
 
 from jaxrec import layers
 
 B, T, D = 2, 10, 16
 SPLIT = 6  # packed tests: document 0 is x[:, :SPLIT], document 1 the rest
+SCALING = {
+  "rope_type": "llama3",
+  "factor": 4.0,
+  "low_freq_factor": 1.0,
+  "high_freq_factor": 4.0,
+  "original_max_position_embeddings": 16,
+}
 
 # (module, constructor arguments besides d_model=D and rngs)
 CASES = {
   "attention": (layers.Attention, dict(num_heads=2)),
   "attention-gqa-window": (layers.Attention, dict(num_heads=4, num_kv_heads=2, window=3)),
   "gla": (layers.GatedLinearAttention, dict(num_heads=2, chunk_size=16)),
+  # The window is shorter than the prefills below, so the ring buffer wraps.
+  "liger-gla": (
+    layers.LigerAttention,
+    dict(num_heads=4, num_kv_heads=2, window=3, qkv_bias=True, chunk_size=4, rope_scaling=SCALING),
+  ),
+  "liger-hgrn2-projection-gate": (
+    layers.LigerAttention,
+    dict(num_heads=2, variant="hgrn2", window=None, gate_source="projection", chunk_size=4),
+  ),
   "based": (layers.BasedLinearAttention, dict(num_heads=2, feature_dim=4, chunk_size=4)),
   "baseconv": (layers.BaseConv, dict(kernel_size=3)),
   # Each document's prefix (2 tokens) lies inside the prefills of _cached_runs, so decoding
@@ -51,29 +67,82 @@ def _x(seed=0):
 # Independent references: plain jnp with the module's parameters as a dict.
 
 
-def _rope(x, theta):
+def _llama3_frequencies(half, theta, s):
+  """Llama 3.1's frequency scaling, as Meta's reference code writes it (a loop over them)."""
+  out = []
+  for f in theta ** (-np.arange(half) / half):
+    wavelength = 2 * np.pi / f
+    low, high = s["original_max_position_embeddings"] / np.array(
+      [s["low_freq_factor"], s["high_freq_factor"]]
+    )
+    if wavelength < high:
+      out.append(f)
+    elif wavelength > low:
+      out.append(f / s["factor"])
+    else:
+      smooth = (s["original_max_position_embeddings"] / wavelength - s["low_freq_factor"]) / (
+        s["high_freq_factor"] - s["low_freq_factor"]
+      )
+      out.append((1 - smooth) * f / s["factor"] + smooth * f)
+  return np.array(out)
+
+
+def _rope(x, theta, scaling=None):
   """RoPE as a complex rotation of the channel pairs (i, i + D/2)."""
   half = x.shape[-1] // 2
   z = x[..., :half] + 1j * x[..., half:]
   freq = theta ** (-np.arange(half) / half)
+  if scaling is not None:
+    freq = _llama3_frequencies(half, theta, scaling)
   z = z * jnp.exp(1j * np.arange(x.shape[1])[:, None, None] * freq)
   return jnp.concatenate([z.real, z.imag], axis=-1).astype(x.dtype)
 
 
-def _attention_reference(p, x, num_heads, num_kv_heads=None, window=None, theta=10_000.0):
-  q = jnp.einsum("btd,dhk->bthk", x, p["q_proj"]["kernel"])
-  k = jnp.einsum("btd,dhk->bthk", x, p["k_proj"]["kernel"])
-  v = jnp.einsum("btd,dhk->bthk", x, p["v_proj"]["kernel"])
-  q, k = _rope(q, theta), _rope(k, theta)
-  group = num_heads // (num_kv_heads or num_heads)
-  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+def _projections(p, x):
+  return tuple(
+    jnp.einsum("btd,dhk->bthk", x, p[n]["kernel"]) + (p[n].get("bias", 0.0))
+    for n in ("q_proj", "k_proj", "v_proj")
+  )
+
+
+def _softmax_attention(q, k, v, window):
+  """Causal (sliding-window) softmax attention over RoPE'd ``q [B, T, H, K]``, ``k``, ``v`` with
+  their key/value heads repeated."""
   logits = jnp.einsum("bthk,bshk->bhts", q, k) / np.sqrt(q.shape[-1])
-  t = np.arange(x.shape[1])
+  t = np.arange(q.shape[1])
   visible = t[:, None] >= t[None, :]
   if window is not None:
     visible &= t[:, None] - t[None, :] < window
   probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
-  o = jnp.einsum("bhts,bshk->bthk", probs, v)
+  return jnp.einsum("bhts,bshk->bthk", probs, v)
+
+
+def _attention_reference(p, x, num_heads, num_kv_heads=None, window=None, theta=10_000.0):
+  q, k, v = _projections(p, x)
+  q, k = _rope(q, theta), _rope(k, theta)
+  group = num_heads // (num_kv_heads or num_heads)
+  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+  o = _softmax_attention(q, k, v, window)
+  return jnp.einsum("bthk,hkd->btd", o, p["o_proj"]["kernel"])
+
+
+def _liger_reference(p, x, num_heads, num_kv_heads=None, variant="gla", window=64, **kw):
+  """Liger attention from its equations: feature maps and gate from the un-rotated projections,
+  the recurrence as ``testing_utils.scan_gla`` (scale 1), plus half RoPE'd window attention."""
+  q, k, v = _projections(p, x)
+  gate = jnp.einsum("btd,dhk->bthk", x, p["g_proj"]["kernel"]) if "g_proj" in p else k
+  group = num_heads // (num_kv_heads or num_heads)
+  if variant == "gla":
+    phi_k, log_decay = jax.nn.softmax(k, axis=-1), jax.nn.log_sigmoid(gate) / 16
+  else:
+    phi_k, log_decay = 1 - jax.nn.sigmoid(gate), jax.nn.log_sigmoid(gate)
+  phi_k, v_rep, log_decay = (jnp.repeat(a, group, axis=2) for a in (phi_k, v, log_decay))
+  h0 = jnp.zeros((x.shape[0], num_heads, q.shape[-1], v.shape[-1]))
+  o, _ = scan_gla(jax.nn.softmax(q, axis=-1), phi_k, v_rep, log_decay, h0, scale=1.0)
+  if window is not None:
+    scaling = kw.get("rope_scaling")
+    q, k = _rope(q, 10_000.0, scaling), _rope(k, 10_000.0, scaling)
+    o = 0.5 * o + 0.5 * _softmax_attention(q, jnp.repeat(k, group, axis=2), v_rep, window)
   return jnp.einsum("bthk,hkd->btd", o, p["o_proj"]["kernel"])
 
 
@@ -153,6 +222,8 @@ def _reference(case, kw):
     return _mlstm_reference
   if case == "gla":
     return _gla_reference
+  if case.startswith("liger"):
+    return lambda p, x: _liger_reference(p, x, **kw)
   if case in ("based", "pla"):
     return lambda p, x: _based_reference(p, x, kw.get("prefix_len", 0))
   if case == "baseconv":

@@ -31,6 +31,7 @@ def test_built_in_mixers_are_registered_with_their_layers():
     "baseconv",
     "based",
     "gla",
+    "liger",
     "mlstm",
     "paragru",
     "paralstm",
@@ -38,6 +39,7 @@ def test_built_in_mixers_are_registered_with_their_layers():
     "rat",
   )
   assert get_mixer("rat").module is layers.RAT
+  assert get_mixer("liger").module is layers.LigerAttention
   assert get_mixer("attention").module is layers.Attention
   assert get_mixer("gla").module is layers.GatedLinearAttention
   assert get_mixer("mlstm").module is layers.MLSTM
@@ -72,11 +74,32 @@ def test_builders_pass_the_config_fields_on():
     mlstm_eps=1e-4,
     norm_eps=1e-3,
     param_dtype="bfloat16",
+    qkv_bias=True,
+    rope_scaling={
+      "rope_type": "llama3",
+      "factor": 8.0,
+      "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 64,
+    },
+    liger_variant="hgrn2",
+    liger_window=5,
+    liger_gate_source="projection",
+    liger_chunk_size=8,
   )
   attention = _abstract("attention", cfg)
   assert (attention.num_heads, attention.num_kv_heads, attention.head_dim) == (4, 1, 6)
   assert (attention.window, attention.rope_theta) == (3, 500.0)
-  assert attention.k_proj.kernel.shape == (16, 1, 6)
+  assert attention.k_proj.kernel.shape == (16, 1, 6) and attention.k_proj.bias.shape == (1, 6)
+  assert dict(attention.rope_scaling)["original_max_position_embeddings"] == 64
+  liger = _abstract("liger", cfg)
+  assert (liger.variant, liger.window, liger.gate_source, liger.chunk_size) == (
+    "hgrn2",
+    5,
+    "projection",
+    8,
+  )
+  assert liger.g_proj.kernel.shape == (16, 1, 6) and liger.rope_scaling == attention.rope_scaling
   gla = _abstract("gla", cfg)
   assert (gla.key_dim, gla.value_dim, gla.chunk_size, gla.gate_normalizer) == (4, 8, 32, 8.0)
   assert gla.decay_down.kernel.shape == (16, 5) and gla.out_norm.eps == 1e-3

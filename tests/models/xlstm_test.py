@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 from testing_utils import assert_close, max_abs
 
-from jaxrec.models import LM, config_from_hf, get_preset, load_xlstm, param_count
+from jaxrec.models import LM, config_from_xlstm, get_preset, load_xlstm, param_count
 from jaxrec.train import make_mesh
 
 CHECKPOINT = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "xlstm" / "checkpoint"
@@ -57,7 +57,7 @@ def test_7b_preset_has_the_published_parameter_count():
   assert want == 6_865_424_896
   assert param_count(get_preset("xlstm_7b")) == want
   # scan_layers only stacks the blocks (one abstract block to build instead of 32).
-  assert param_count(config_from_hf(PUBLISHED_7B, scan_layers=True)) == want
+  assert param_count(config_from_xlstm(PUBLISHED_7B, scan_layers=True)) == want
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +178,8 @@ def test_soft_capped_logits_and_mlstm_config_errors():
 
 def test_config_errors_name_the_field(tmp_path):
   with pytest.raises(ValueError, match=r"config.json: use_bias: expected false .*got true"):
-    config_from_hf(PUBLISHED_7B | {"use_bias": True})
+    config_from_xlstm(PUBLISHED_7B | {"use_bias": True})
   with pytest.raises(ValueError, match=r"config.json: expected the field 'num_heads'"):
-    config_from_hf({k: v for k, v in PUBLISHED_7B.items() if k != "num_heads"})
+    config_from_xlstm({k: v for k, v in PUBLISHED_7B.items() if k != "num_heads"})
   with pytest.raises(ValueError, match=r"path: expected a checkpoint directory with a config"):
     load_xlstm(tmp_path)

@@ -1,0 +1,430 @@
+r"""Liger: linearize a pretrained transformer into a gated recurrent LM and recover its quality
+with LoRA. ``python -m experiments.linearize --workdir DIR [--config.FIELD=VALUE ...]``.
+
+The config is ``experiments/configs/linearize.py``. In order:
+
+1. The teacher: ``--config.teacher`` names a jaxrec run (its ``run.json``) or a Hugging Face
+   checkpoint directory; without it a small Llama-style teacher is trained on the embedded corpus
+   into ``DIR/teacher`` (``--config.teacher_run``), and reused by later runs in ``DIR``.
+2. Its validation bits per byte (bits per token with a subword tokenizer) and an MQAR probe: key
+   and value tokens, ``--config.probe.gap`` filler tokens (more than the window), then the keys
+   again; the probe scores the values predicted from the keys (argmax), so only a memory of what
+   the window no longer holds can answer.
+3. For each setting (one, or ``--config.study=ablations``: Liger-GLA, HGRN2, the layer-wise
+   hybrid, and the paper's ablations without sliding window, without LoRA and with a random gate
+   projection): ``jaxrec.linearize.liger``, evaluation, LoRA on ``--config.lora.targets``
+   fine-tuned with ``jaxrec.train``'s train step on ``--config.finetune_tokens`` tokens (the LoRA
+   factors, and a random gate projection, are the only trainable parameters), evaluation, the
+   probe, and the merged model exported to ``DIR/<setting>/export``: a Hugging Face directory
+   for a Hugging Face teacher, a jaxrec run (``experiments.sample --workdir`` reads it) otherwise.
+4. ``DIR/linearize.json`` and a table; with ``--config.study=ablations`` also
+   ``results/linearize.{json,png}`` and the section of ``RESULTS.md``.
+"""
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from experiments import _cli
+from experiments.configs import default as default_train_config
+from jaxrec import data as data_lib
+from jaxrec import models, train
+from jaxrec.linearize import apply_lora, liger, merge_lora
+from jaxrec.train import checkpoint, run_record
+
+CONFIG_FILE = os.path.join(os.path.dirname(__file__), "configs", "linearize.py")
+SECTION = "Liger: linearizing a small Llama-style teacher"
+# --config.study=ablations: each setting's changes to --config.liger / --config.lora.
+STUDY = {
+  "liger-gla": {},
+  "liger-hgrn2": {"variant": "hgrn2"},
+  "liger-gla-hybrid": {"hybrid_every": 4},
+  "no-swa": {"window": 0},
+  "no-lora": {"rank": 0},
+  "random-gate": {"gate_source": "projection"},
+}
+
+_CONFIG = _cli.define_config_flag("Linearization configuration file.", CONFIG_FILE)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the teacher, runs and exports.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def linearize(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs the experiment; returns ``{setting: measurements}`` with ``"teacher"`` first."""
+  settings = _settings(config, workdir)
+  for name in settings if config.export else ():
+    if os.path.exists(os.path.join(workdir, name, "export")):
+      raise train.ConfigError(
+        f"--workdir: {workdir}/{name}/export exists from an earlier run; pick another --workdir "
+        "(the teacher under DIR/teacher is reused) or set --config.export=False"
+      )
+  mesh = train.make_mesh(train.mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, jax.device_count()))
+  teacher, tokenizer, source = _teacher(config, workdir)
+  seq_len = config.seq_len or source.get("seq_len", 128)
+  data = _Data(config, tokenizer, seq_len, mesh)
+  probe = _probe_batch(config, tokenizer, data, seq_len)
+  results = {"teacher": data.measure(teacher, probe)}
+  logging.info("teacher: %s", results["teacher"])
+  for name, options in settings.items():
+    results[name] = _run_setting(name, options, config, teacher, data, probe, workdir, source)
+    logging.info("%s: %s", name, {k: v for k, v in results[name].items() if k != "curve"})
+  with open(os.path.join(workdir, "linearize.json"), "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=2)
+  print(_table(results, data.unit))
+  return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings and the teacher.
+
+
+def _settings(config, workdir: str) -> dict[str, dict]:
+  """The settings to run, after checking what can be checked before any work."""
+  lig, lora = config.liger, config.lora
+  base = {
+    "variant": lig.variant,
+    "window": lig.window,
+    "hybrid_every": lig.hybrid_every,
+    "gate_source": lig.gate_source,
+    "rank": lora.rank,
+  }
+  checks = (
+    ("liger.window", lig.window, 0),
+    ("liger.hybrid_every", lig.hybrid_every, 0),
+    ("lora.rank", lora.rank, 0),
+    ("finetune_tokens", config.finetune_tokens, 1),
+    ("batch_size", config.batch_size, 1),
+    ("eval_batches", config.eval_batches, 1),
+  )
+  for flag, value, least in checks:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      raise train.ConfigError(f"--config.{flag}: expected an int >= {least}, got {value!r}")
+  if config.study not in ("", "ablations"):
+    raise train.ConfigError(f"--config.study: expected '' or 'ablations', got {config.study!r}")
+  if config.study:
+    return {name: base | change for name, change in STUDY.items()}
+  return {"liger": base}
+
+
+def _teacher(config, workdir: str):
+  """``(model, tokenizer, source)``; ``source`` says where the teacher came from."""
+  path = config.teacher
+  if path and os.path.isfile(os.path.join(path, models.hf.CONFIG_FILE)):
+    tokenizer = models.load_pretrained_tokenizer(path)
+    return models.load_pretrained(path), tokenizer, {"kind": "hf", "path": path}
+  if path:
+    if not os.path.isfile(os.path.join(path, run_record.RECORD_FILE)):
+      raise train.ConfigError(
+        f"--config.teacher: expected a jaxrec run (with {run_record.RECORD_FILE}) or a Hugging "
+        f"Face checkpoint (with {models.hf.CONFIG_FILE}), got {path!r}"
+      )
+    run_dir = path
+  else:
+    run_dir = os.path.join(workdir, "teacher")
+    _train_teacher(config, run_dir)
+  model, tokenizer, run_config = train.restore_model(
+    default_train_config.get_config(), run_dir, given=set()
+  )
+  source = {"kind": "jaxrec", "path": run_dir, "seq_len": run_config.data.seq_len}
+  return model, tokenizer, source | {"run_config": run_config}
+
+
+def _train_teacher(config, run_dir: str) -> None:
+  """Trains ``config.teacher_run`` into ``run_dir``, unless a finished run is there already."""
+  run = copy.deepcopy(config.teacher_run)
+  try:
+    saved = checkpoint.check_directory(
+      os.path.join(run_dir, checkpoint.CHECKPOINT_DIR), resume=True
+    )
+  except FileNotFoundError:
+    saved = []
+  if saved and saved[-1] >= run.steps:
+    logging.info("teacher: reusing %s (step %d)", run_dir, saved[-1])
+    return
+  run.resume = bool(saved)  # an interrupted teacher continues
+  run.progress = config.progress
+  start = time.perf_counter()
+  train.train_and_evaluate(run, run_dir)
+  logging.info("teacher trained in %.0f s", time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data, evaluation, the probe.
+
+
+class _Data:
+  """The corpus as batches for fine-tuning and evaluation, and compiled evaluations per model
+  structure (the converted model before and after fine-tuning share one)."""
+
+  def __init__(self, config, tokenizer, seq_len: int, mesh):
+    self.config, self.tokenizer, self.seq_len, self.mesh = config, tokenizer, seq_len, mesh
+    self.byte_lengths = train.token_byte_lengths(tokenizer)
+    self.unit = "bits_per_byte" if self.byte_lengths is not None else "bits_per_token"
+    self._evals, self._forwards = {}, {}
+
+  def batches(self, split: str):
+    dataset = data_lib.make_lm_dataset(
+      data_lib.stdlib_corpus(split=split),
+      tokenizer=self.tokenizer,
+      seq_len=self.seq_len,
+      batch_size=self.config.batch_size,
+      seed=self.config.seed,
+      shuffle=split == "train",
+    )
+    return iter(dataset)
+
+  def evaluate(self, model) -> float:
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if graphdef not in self._evals:
+      self._evals[graphdef] = train.make_eval_step(graphdef, self.byte_lengths)
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=())
+    sums, batches = None, self.batches("validation")
+    with jax.set_mesh(self.mesh):
+      for _ in range(self.config.eval_batches):
+        batch = train.global_batch(next(batches), self.mesh)
+        out = jax.device_get(self._evals[graphdef](state, batch))
+        sums = out if sums is None else jax.tree.map(np.add, sums, out)
+    return train.summarize(jax.tree.map(np.float64, sums))[self.unit]
+
+  def recall(self, model, probe) -> float:
+    """Share of the probe's query values predicted (argmax) from their keys."""
+    graphdef, state = nnx.split(model)
+    if graphdef not in self._forwards:
+      self._forwards[graphdef] = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0].argmax(-1))
+    tokens, positions, values = probe
+    predicted = np.asarray(self._forwards[graphdef](state, tokens))
+    return float(np.mean(np.take_along_axis(predicted, positions, axis=1) == values))
+
+  def measure(self, model, probe) -> dict:
+    return {self.unit: self.evaluate(model), "mqar": self.recall(model, probe)}
+
+
+def _probe_batch(config, tokenizer, data: _Data, seq_len: int):
+  """MQAR: ``bos, k1 v1 .. kn vn, filler (gap tokens of validation text), kσ1 vσ1 ..`` with
+  distinct letter keys and digit values (single tokens); returns ``(tokens, positions, values)``,
+  the positions whose next token is a queried value."""
+  p = config.probe
+  letters = [i for c in "abcdefghijklmnopqrstuvwxyz" if len(i := tokenizer.encode(c)) == 1]
+  digits = [i for c in "0123456789" if len(i := tokenizer.encode(c)) == 1]
+  length = 1 + 4 * p.pairs + p.gap
+  if not 1 <= p.pairs <= len(letters) or len(digits) < 2 or length > seq_len:
+    raise train.ConfigError(
+      f"--config.probe.pairs: expected 1..{len(letters)} pairs whose sequence "
+      f"(1 + 4 pairs + gap = {length} tokens) fits in seq_len={seq_len}, got {p.pairs}"
+    )
+  rng = np.random.default_rng(config.seed)
+  filler = np.concatenate([b["inputs"].ravel() for b in _take(data.batches("validation"), 4)])
+  tokens, positions, values = [], [], []
+  for _ in range(p.sequences):
+    keys = np.array(letters)[rng.choice(len(letters), p.pairs, replace=False), 0]
+    vals = np.array(digits)[rng.integers(len(digits), size=p.pairs), 0]
+    order = rng.permutation(p.pairs)
+    start = rng.integers(len(filler) - p.gap)
+    context = np.stack([keys, vals], 1).ravel()
+    queries = np.stack([keys[order], vals[order]], 1).ravel()
+    tokens.append(
+      np.concatenate([[tokenizer.bos_id], context, filler[start : start + p.gap], queries])
+    )
+    positions.append(length - 2 * p.pairs + 2 * np.arange(p.pairs))  # each query key
+    values.append(vals[order])
+  return np.array(tokens, np.int32), np.array(positions), np.array(values)
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------
+# One setting: convert, fine-tune, measure, export.
+
+
+def _run_setting(name, options, config, teacher, data, probe, workdir, source) -> dict:
+  run_dir = os.path.join(workdir, name)
+  os.makedirs(run_dir, exist_ok=True)
+  student = liger(
+    teacher,
+    variant=options["variant"],
+    window=options["window"] or None,
+    hybrid_every=options["hybrid_every"] or None,
+    gate_source=options["gate_source"],
+    seed=config.seed,
+  )
+  out = {"options": options, "converted": data.measure(student, probe)}
+  steps = 0
+  if options["rank"]:
+    targets = tuple(t.strip() for t in config.lora.targets.split(",") if t.strip())
+    apply_lora(student, rank=options["rank"], alpha=config.lora.alpha, targets=targets)
+    steps = math.ceil(config.finetune_tokens / (config.batch_size * data.seq_len))
+    start = time.perf_counter()
+    student, out["curve"] = _finetune(student, config, data, steps, run_dir)
+    out["finetune_seconds"] = time.perf_counter() - start
+  out |= {"steps": steps, "tokens": steps * config.batch_size * data.seq_len}
+  out["finetuned"] = data.measure(student, probe)
+  if config.export:
+    export = os.path.join(run_dir, "export")
+    if source["kind"] == "hf":
+      models.save_pretrained(student, export, source=source["path"])
+    else:
+      _export_run(student, source["run_config"], export, max(steps, 1), data)
+    out["export"] = export
+  return out
+
+
+def _finetune(student, config, data: _Data, steps: int, run_dir: str):
+  """LoRA factors (and a random gate projection, which has no pretrained value) trained with a
+  constant learning rate; returns the merged model and the training loss per step."""
+  schedule = optax.constant_schedule(config.learning_rate)
+  tx = train.make_optimizer(schedule, weight_decay=0.0, b2=0.999, clip_norm=config.clip_norm)
+  trainable = nnx.Any(nnx.LoRAParam, nnx.PathContains("g_proj"))
+  graphdef, abstract, state = train.train_state_from_model(
+    student, tx, data.mesh, trainable=trainable
+  )
+  step_fn = train.make_train_step(
+    graphdef, tx, schedule, abstract, data.mesh, byte_lengths=data.byte_lengths
+  )
+  batches, curve = data.batches("train"), []
+  with (
+    jax.set_mesh(data.mesh),
+    train.MetricsWriter(run_dir, steps, progress=config.progress) as writer,
+  ):
+    for step in range(steps):
+      state, metrics = step_fn(state, train.global_batch(next(batches), data.mesh))
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      curve.append(metrics[data.unit])
+      writer.write(step + 1, "train", metrics)
+      writer.advance()
+  return merge_lora(nnx.merge(graphdef, state.params, state.rest)), curve
+
+
+def _export_run(model, run_config, export: str, step: int, data: _Data) -> None:
+  """The model as a jaxrec run: ``run.json`` with its config, and a checkpoint (fresh optimizer
+  state) that ``experiments.sample`` and ``--config.init_from`` read."""
+  run_config = copy.deepcopy(run_config)
+  for field in dataclasses.fields(model.cfg):
+    if field.name != "vocab_size":
+      run_config.model[field.name] = getattr(model.cfg, field.name)
+  num_params = models.param_count_of(model)
+  run_record.write(export, run_config, model.cfg, num_params)
+  opt = run_config.optim
+  tx = train.make_optimizer(
+    optax.constant_schedule(opt.learning_rate),
+    weight_decay=opt.weight_decay,
+    b1=opt.b1,
+    b2=opt.b2,
+    eps=opt.eps,
+    clip_norm=opt.clip_norm,
+  )
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  del graphdef
+  state = train.TrainState(
+    step=jnp.asarray(step, jnp.int32), params=params, rest=rest, opt_state=tx.init(params)
+  )
+  ckpt_dir = os.path.join(export, checkpoint.CHECKPOINT_DIR)
+  with train.Checkpointer(ckpt_dir, resume=False) as ckpt:
+    ckpt.save(step, state, data.batches("train"), force=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables, plot, RESULTS.md.
+
+
+def _table(results: dict, unit: str) -> str:
+  teacher = results["teacher"][unit]
+  lines = [
+    f"| model | {unit.replace('_', ' ')}: converted → fine-tuned | gap to teacher closed | "
+    "teacher ÷ fine-tuned | MQAR recall: converted → fine-tuned | fine-tune tokens |",
+    "|---|---:|---:|---:|---:|---:|",
+    f"| teacher | {teacher:.4f} | – | – | {results['teacher']['mqar']:.3f} | – |",
+  ]
+  for name, r in results.items():
+    if name == "teacher":
+      continue
+    before, after = r["converted"][unit], r["finetuned"][unit]
+    closed = (before - after) / (before - teacher) if before > teacher else math.nan
+    lines.append(
+      f"| {name} | {before:.4f} → {after:.4f} | {closed:.0%} | {teacher / after:.1%} | "
+      f"{r['converted']['mqar']:.3f} → {r['finetuned']['mqar']:.3f} | {r['tokens']:,} |"
+    )
+  return "\n".join(lines)
+
+
+def _plot(results: dict, unit: str, path: str) -> None:
+  fig = Figure(figsize=(6.5, 4))
+  FigureCanvasAgg(fig)
+  ax = fig.subplots()
+  for name, r in results.items():
+    if r.get("curve"):
+      ax.plot(np.arange(1, len(r["curve"]) + 1), r["curve"], label=name)
+  ax.axhline(results["teacher"][unit], color="k", ls="--", label="teacher (validation)")
+  ax.set_xlabel("LoRA fine-tuning step")
+  ax.set_ylabel(f"train {unit.replace('_', ' ')}")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def _write_results(results: dict, unit: str, config, out_dir: str, results_md: str) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  json_path, png = os.path.join(out_dir, "linearize.json"), os.path.join(out_dir, "linearize.png")
+  with open(json_path, "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=2)
+  _plot(results, unit, png)
+  command = " ".join(["python -m experiments.linearize", *sys.argv[1:]])
+  run = config.teacher_run
+  teacher = config.teacher or (
+    f"a Llama-style {run.model.num_layers}-layer transformer trained by jaxrec for {run.steps} "
+    f"steps of {run.batch_size} x {run.data.seq_len} tokens"
+  )
+  setup = (
+    f"Teacher: {teacher}. Liger window {config.liger.window}, LoRA rank {config.lora.rank} on "
+    f"{config.lora.targets}, {config.finetune_tokens:,} fine-tuning tokens at a constant "
+    f"{config.learning_rate:g}; validation on {config.eval_batches} batches. MQAR probe: "
+    f"{config.probe.pairs} key-value pairs, {config.probe.gap} filler tokens (more than the "
+    f"window), {config.probe.sequences} sequences; recall is the share of values predicted."
+  )
+  section = (
+    f"## {SECTION}\n\n{setup}\n\n{_table(results, unit)}\n\n"
+    f"![LoRA fine-tuning curves]({png})\n\n"
+    f"Data: `{json_path}`. Command (backend {jax.default_backend()}, "
+    f"{os.cpu_count()} cores, shared with other jobs):\n\n"
+    f"```\n{command}\n```\n\n"
+  )
+  text = "# Results\n"
+  if os.path.isfile(results_md):
+    with open(results_md, encoding="utf-8") as f:
+      text = f.read()
+  pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+  text = pattern.sub(lambda _: section, text) if pattern.search(text) else text + "\n" + section
+  with open(results_md, "w", encoding="utf-8") as f:
+    f.write(text)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  with _cli.short_errors():
+    results = linearize(config, _WORKDIR.value)
+  if config.study == "ablations":
+    unit = next(k for k in results["teacher"] if k != "mqar")
+    _write_results(results, unit, config, "results", "RESULTS.md")
+
+
+if __name__ == "__main__":
+  _cli.run(main)

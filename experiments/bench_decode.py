@@ -1,13 +1,13 @@
-r"""Decoding speed versus context length: a GLA-only LM against an attention-only LM of the same size.
+r"""Decoding speed versus context length: GLA-only and mLSTM-only LMs against an attention-only LM.
 
 Each model decodes ``--steps`` tokens (greedy, one jitted ``lax.fori_loop``) after a context of
 ``C`` tokens. The context is not prefilled through the model: its caches are filled with random
 values at the right size (attention: a KV cache holding ``C`` keys and values; GLA: a random
-``[B, H, K, V]`` state), which costs the same per decoded token as a real prefix. GLA's state
-does not grow with ``C``, so its time per token stays flat while attention reads ``C`` cached
-keys per token. (On CPU, XLA also copies each layer's KV cache into a contracting-major layout for
-the ``q·k`` and ``p·v`` products every step: another O(C) cost that inflates attention's constant,
-not its growth.)
+``[B, H, K, V]`` state; mLSTM: random memory and normalizer), which costs the same per decoded
+token as a real prefix. The recurrent states do not grow with ``C``, so their time per token stays
+flat while attention reads ``C`` cached keys per token. (On CPU, XLA also copies each layer's KV
+cache into a contracting-major layout for the ``q·k`` and ``p·v`` products every step: another
+O(C) cost that inflates attention's constant, not its growth.)
 
   python -m experiments.bench_decode
   python -m experiments.bench_decode --contexts=1024,65536 --d_model=512 --steps=64
@@ -15,8 +15,6 @@ not its growth.)
 
 import functools
 import json
-import os
-import platform
 import statistics
 import time
 
@@ -26,13 +24,15 @@ from absl import app, flags
 from flax import nnx
 from jax import lax
 
+from experiments import _bench
 from jaxrec.layers import GLACache, KVCache
 from jaxrec.models import LM, LMConfig, param_count_of
+from jaxrec.ops import MLSTMState
 
 _CONTEXTS = flags.DEFINE_list(
   "contexts", ["1024", "2048", "4096", "8192", "16384", "32768"], "Context lengths C."
 )
-_MIXERS = flags.DEFINE_list("mixers", ["gla", "attention"], "One model per mixer name.")
+_MIXERS = flags.DEFINE_list("mixers", ["gla", "mlstm", "attention"], "One model per mixer name.")
 _STEPS = flags.DEFINE_integer("steps", 16, "Tokens decoded per timed call.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per row (median reported).")
 _BATCH = flags.DEFINE_integer("batch", 1, "B.")
@@ -78,7 +78,8 @@ def _decoder(model: LM):
 @functools.partial(jax.jit, static_argnums=(1,))
 def _fill_randomly(cache, context: int):
   """The caches as if ``context`` tokens had been seen: random keys, values and states."""
-  leaves, treedef = jax.tree.flatten(cache, is_leaf=lambda c: isinstance(c, (KVCache, GLACache)))
+  states = (KVCache, GLACache, MLSTMState)
+  leaves, treedef = jax.tree.flatten(cache, is_leaf=lambda c: isinstance(c, states))
   keys = iter(jax.random.split(jax.random.key(0), 2 * len(leaves)))
   filled = []
   for c in leaves:
@@ -88,6 +89,10 @@ def _fill_randomly(cache, context: int):
       filled.append(c._replace(k=k, v=v, index=jnp.asarray(context, jnp.int32)))
     elif isinstance(c, GLACache):
       filled.append(GLACache(0.1 * jax.random.normal(next(keys), c.state.shape, c.state.dtype)))
+    elif isinstance(c, MLSTMState):
+      mem = 0.1 * jax.random.normal(next(keys), c.c.shape, c.c.dtype)
+      norm = jax.random.normal(next(keys), c.n.shape, c.n.dtype)
+      filled.append(MLSTMState(mem, norm, c.m))
     else:
       raise ValueError(f"mixers: no random fill for a cache of type {type(c).__name__}")
   return jax.tree.unflatten(treedef, filled)
@@ -105,11 +110,7 @@ def _time_per_token(decode, cache, token) -> tuple[float, object]:
 
 def main(argv):
   del argv
-  print(
-    f"machine: {platform.platform()}, {platform.machine()} {platform.processor() or ''}, "
-    f"{os.cpu_count()} CPUs, backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-    f"jax {jax.__version__}"
-  )
+  print(_bench.machine())
   contexts = [int(c) for c in _CONTEXTS.value]
   models = {name: LM(_config(name), rngs=nnx.Rngs(0)) for name in _MIXERS.value}
   for name, model in models.items():

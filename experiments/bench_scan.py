@@ -9,13 +9,12 @@ speed-up over the sequential form measured in the same run, plus a causal softma
 """
 
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from experiments import _bench
 from jaxrec import ops
 
 _OPS = flags.DEFINE_list("ops", ["scan", "gla"], "Which ops to time: scan, gla.")
@@ -39,16 +38,6 @@ _MAX_T_PALLAS_INTERPRET = flags.DEFINE_integer(
 )
 
 _GLA_METHODS = ("sequential", "chunk", "pallas")
-
-
-def _time(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def _with_grad(f, argnums):
@@ -97,7 +86,7 @@ def _run_table(title, shapes, make_cases):
           continue
         argnums = tuple(range(len(args)))
         jitted = jax.jit(fn) if mode == "fwd" else _with_grad(fn, argnums)
-        seconds = _time(jitted, *args)
+        seconds = _bench.median_seconds(jitted, *args, repeats=_REPEATS.value)
         if method == "sequential":
           baseline = seconds
         ratio = f"{baseline / seconds:.2f}×" if baseline else "–"

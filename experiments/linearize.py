@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 
 import jax
@@ -74,7 +75,7 @@ def linearize(config: ml_collections.ConfigDict, workdir: str) -> dict:
       )
   mesh = train.make_mesh(train.mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, jax.device_count()))
   teacher, tokenizer, source = _teacher(config, workdir)
-  seq_len = config.seq_len or source.get("seq_len", 256)
+  seq_len = config.seq_len or source.get("seq_len", 128)
   data = _Data(config, tokenizer, seq_len, mesh)
   probe = _probe_batch(config, tokenizer, data, seq_len)
   results = {"teacher": data.measure(teacher, probe)}
@@ -346,9 +347,9 @@ def _table(results: dict, unit: str) -> str:
   teacher = results["teacher"][unit]
   lines = [
     f"| model | {unit.replace('_', ' ')}: converted → fine-tuned | gap to teacher closed | "
-    "MQAR recall: converted → fine-tuned | fine-tune tokens |",
-    "|---|---:|---:|---:|---:|",
-    f"| teacher | {teacher:.4f} | – | {results['teacher']['mqar']:.3f} | – |",
+    "teacher ÷ fine-tuned | MQAR recall: converted → fine-tuned | fine-tune tokens |",
+    "|---|---:|---:|---:|---:|---:|",
+    f"| teacher | {teacher:.4f} | – | – | {results['teacher']['mqar']:.3f} | – |",
   ]
   for name, r in results.items():
     if name == "teacher":
@@ -356,7 +357,7 @@ def _table(results: dict, unit: str) -> str:
     before, after = r["converted"][unit], r["finetuned"][unit]
     closed = (before - after) / (before - teacher) if before > teacher else math.nan
     lines.append(
-      f"| {name} | {before:.4f} → {after:.4f} | {closed:.0%} | "
+      f"| {name} | {before:.4f} → {after:.4f} | {closed:.0%} | {teacher / after:.1%} | "
       f"{r['converted']['mqar']:.3f} → {r['finetuned']['mqar']:.3f} | {r['tokens']:,} |"
     )
   return "\n".join(lines)
@@ -384,11 +385,25 @@ def _write_results(results: dict, unit: str, config, out_dir: str, results_md: s
   with open(json_path, "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)
   _plot(results, unit, png)
+  command = " ".join(["python -m experiments.linearize", *sys.argv[1:]])
+  run = config.teacher_run
+  teacher = config.teacher or (
+    f"a Llama-style {run.model.num_layers}-layer transformer trained by jaxrec for {run.steps} "
+    f"steps of {run.batch_size} x {run.data.seq_len} tokens"
+  )
+  setup = (
+    f"Teacher: {teacher}. Liger window {config.liger.window}, LoRA rank {config.lora.rank} on "
+    f"{config.lora.targets}, {config.finetune_tokens:,} fine-tuning tokens at a constant "
+    f"{config.learning_rate:g}; validation on {config.eval_batches} batches. MQAR probe: "
+    f"{config.probe.pairs} key-value pairs, {config.probe.gap} filler tokens (more than the "
+    f"window), {config.probe.sequences} sequences; recall is the share of values predicted."
+  )
   section = (
-    f"## {SECTION}\n\n{_table(results, unit)}\n\n![LoRA fine-tuning curves]({png})\n\n"
+    f"## {SECTION}\n\n{setup}\n\n{_table(results, unit)}\n\n"
+    f"![LoRA fine-tuning curves]({png})\n\n"
     f"Data: `{json_path}`. Command (backend {jax.default_backend()}, "
     f"{os.cpu_count()} cores, shared with other jobs):\n\n"
-    "```\npython -m experiments.linearize --workdir runs/liger --config.study=ablations\n```\n\n"
+    f"```\n{command}\n```\n\n"
   )
   text = "# Results\n"
   if os.path.isfile(results_md):

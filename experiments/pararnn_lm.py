@@ -35,6 +35,7 @@ from flax import nnx
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from experiments._results import write_section
 from experiments.configs import default as default_config
 from jaxrec import data as data_lib
 from jaxrec import layers
@@ -278,21 +279,6 @@ and 8.62.
 """
 
 
-def _write_results_md(path: str, section: str) -> None:
-  """Replaces (or appends) this experiment's ``## `` section; creates the file if missing."""
-  text = "# Results\n"
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
-  pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-  if pattern.search(text):
-    text = pattern.sub(lambda _: section, text, count=1)
-  else:
-    text = text.rstrip("\n") + "\n\n" + section
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(text.rstrip("\n") + "\n")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -355,7 +341,7 @@ def main(argv):
   md_dir = os.path.dirname(os.path.abspath(_RESULTS_MD.value))
   png_rel, json_rel = (os.path.relpath(os.path.abspath(p), md_dir) for p in (png_path, json_path))
   section = _section(results, command, png_rel, json_rel, settings)
-  _write_results_md(_RESULTS_MD.value, section)
+  write_section(_RESULTS_MD.value, SECTION, section)
   print(_table(results))
   print(f"wrote {json_path}, {png_path} and the section {SECTION!r} of {_RESULTS_MD.value}")
 

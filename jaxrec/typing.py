@@ -47,6 +47,13 @@ StepKeys = Float[Array, "B H K"]
 StepValues = Float[Array, "B H V"]
 StepLogDecay = Float[Array, "B H K"] | Float[Array, "B H"]
 
+# Per-head scalar gates (mLSTM's input and forget gate pre-activations) and the mLSTM's normalizer
+# and stabilizer states.
+HeadGates = Float[Array, "B T H"]
+StepHeadGates = Float[Array, "B H"]
+NormalizerState = Float[Array, "B H K"]
+StabilizerState = Float[Array, "B H"]
+
 # Softmax attention against keys of their own length S and G heads.
 AttentionKeys = Float[Array, "B S G K"]
 KeySegmentIds = Int[Array, "B S"]
@@ -67,12 +74,14 @@ __all__ = [
   "Array",
   "AttentionKeys",
   "AttentionMask",
+  "HeadGates",
   "HeadOutputs",
   "KeyPositions",
   "KeySegmentIds",
   "Keys",
   "LogDecay",
   "MatrixState",
+  "NormalizerState",
   "Positions",
   "Queries",
   "RNNInputs",
@@ -82,6 +91,8 @@ __all__ = [
   "ScanState",
   "SegmentIds",
   "SegmentStarts",
+  "StabilizerState",
+  "StepHeadGates",
   "StepKeys",
   "StepLogDecay",
   "StepQueries",

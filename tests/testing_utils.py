@@ -180,3 +180,133 @@ def decode_token_by_token(mixer, x, cache):
 
   cache, y = jax.lax.scan(step, cache, jnp.swapaxes(x, 0, 1))
   return jnp.swapaxes(y, 0, 1), cache
+
+
+def numpy_taylor_features(x):
+  """``[1, x / F^¼, vec(x xᵀ) / sqrt(2F)]`` over the last axis, float64."""
+  x = np.asarray(x, np.float64)
+  f = x.shape[-1]
+  outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], f * f)
+  return np.concatenate([np.ones((*x.shape[:-1], 1)), x / f**0.25, outer / np.sqrt(2 * f)], -1)
+
+
+def numpy_prefix_attention(
+  q, k, v, k_enc=None, v_enc=None, prefix_len=0, segment_ids=None, h0=None, eps=1e-12
+):
+  """Normalized linear attention with the Taylor map, written as explicit weights in float64:
+  ``y_i = Σ_j w_ij v_j / Σ_j w_ij`` with ``w_ij = φ(q_i)·φ(k_j)`` for the earlier tokens of the
+  same document, plus ``φ(q_i)·φ(k_enc,j)`` (values ``v_enc``) for the first ``prefix_len`` tokens
+  of that document, before or after ``i``. ``h0 [B, H, F', V + 1]`` (numerator columns, then the
+  normalizer) feeds the first document. Based is ``prefix_len=0``."""
+  phi_q, phi_k = numpy_taylor_features(q), numpy_taylor_features(k)
+  v = np.asarray(v, np.float64)
+  batch, t, heads, _ = q.shape
+  doc = np.zeros((batch, t), int) if segment_ids is None else np.asarray(segment_ids)
+  y = np.zeros(v.shape)
+  for b in range(batch):
+    starts = [0] + [i for i in range(1, t) if doc[b, i] != doc[b, i - 1]]
+    run = np.searchsorted(starts, np.arange(t), side="right") - 1
+    offset = np.arange(t) - np.asarray(starts)[run]
+    for i in range(t):
+      for h in range(heads):
+        num, den = np.zeros(v.shape[-1]), 0.0
+        if h0 is not None and run[i] == 0:
+          s0 = np.asarray(h0[b, h], np.float64)
+          num, den = phi_q[b, i, h] @ s0[:, :-1], phi_q[b, i, h] @ s0[:, -1]
+        for j in range(t):
+          if run[j] != run[i]:
+            continue
+          if j <= i:
+            w = phi_q[b, i, h] @ phi_k[b, j, h]
+            num, den = num + w * v[b, j, h], den + w
+          if offset[j] < prefix_len:
+            w = phi_q[b, i, h] @ numpy_taylor_features(k_enc[b, j, h])
+            num, den = num + w * np.asarray(v_enc[b, j, h], np.float64), den + w
+        y[b, i, h] = num / (den + eps)
+  return y
+
+
+def numpy_mlstm(q, k, v, i_gate, f_gate, state=None, segment_ids=None, eps=1e-6):
+  """The stabilized mLSTM (``jaxrec.ops.mlstm``'s docstring) in float64, one step at a time; the
+  forget gate is shut where ``segment_ids`` changes. ``[B, T, H, ...]`` inputs, ``state`` a
+  ``(C, n, m)`` tuple (zeros when ``None``); returns ``(h, (C, n, m))``."""
+  q, k, v, i_gate, f_gate = (np.asarray(x, np.float64) for x in (q, k, v, i_gate, f_gate))
+  batch, t, heads, key_dim = q.shape
+  if state is None:
+    c = np.zeros((batch, heads, key_dim, v.shape[-1]))
+    n, m = np.zeros((batch, heads, key_dim)), np.zeros((batch, heads))
+  else:
+    c, n, m = (np.array(x, np.float64) for x in state)
+  log_f = -np.logaddexp(0.0, -f_gate)
+  h = np.zeros(v.shape)
+  for s in range(t):
+    carried = log_f[:, s] + m
+    if segment_ids is not None and s > 0:
+      carried[np.asarray(segment_ids)[:, s] != np.asarray(segment_ids)[:, s - 1]] = -np.inf
+    m_new = np.maximum(carried, i_gate[:, s])
+    decay, gain = np.exp(carried - m_new), np.exp(i_gate[:, s] - m_new)
+    c = decay[..., None, None] * c + gain[..., None, None] * k[:, s, ..., None] * v[:, s, :, None]
+    n = decay[..., None] * n + gain[..., None] * k[:, s]
+    qs = q[:, s] * key_dim**-0.5
+    den = np.maximum(np.abs(np.einsum("bhk,bhk->bh", qs, n)), np.exp(-m_new)) + eps
+    h[:, s] = np.einsum("bhk,bhkv->bhv", qs, c) / den[..., None]
+    m = m_new
+  return h, (c, n, m)
+
+
+def scan_mlstm(q, k, v, i_gate, f_gate, state, segment_ids=None, eps=1e-6):
+  """The same recurrence as a plain ``lax.scan`` in fp32, for ``jax.grad`` references. The
+  stabilizer ``m`` is a constant under differentiation (``stop_gradient``), the convention of
+  every form of ``jaxrec.ops.mlstm``; the given initial ``m`` keeps its gradient."""
+  q, k, v, i_gate, f_gate = (jnp.asarray(x, jnp.float32) for x in (q, k, v, i_gate, f_gate))
+  scale = q.shape[-1] ** -0.5
+  reset = jnp.zeros(q.shape[:2], bool) if segment_ids is None else _resets(segment_ids)
+
+  def step(carry, x):
+    c, n, m = carry
+    q_t, k_t, v_t, i_t, f_t, reset_t = x
+    carried = jnp.where(reset_t[:, None], -jnp.inf, jax.nn.log_sigmoid(f_t) + m)
+    m_new = jax.lax.stop_gradient(jnp.maximum(carried, i_t))
+    live = ~reset_t[:, None]
+    decay = jnp.where(live, jnp.exp(jnp.where(live, carried - m_new, 0.0)), 0.0)
+    gain = jnp.exp(i_t - m_new)
+    c = decay[..., None, None] * c + gain[..., None, None] * k_t[..., None] * v_t[..., None, :]
+    n = decay[..., None] * n + gain[..., None] * k_t
+    num = jnp.einsum("bhk,bhkv->bhv", scale * q_t, c, precision="highest")
+    den = jnp.einsum("bhk,bhk->bh", scale * q_t, n, precision="highest")
+    h = num / (jnp.maximum(jnp.abs(den), jnp.exp(-m_new)) + eps)[..., None]
+    return (c, n, m_new), h
+
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, i_gate, f_gate, reset))
+  final, h = jax.lax.scan(step, tuple(jnp.asarray(x, jnp.float32) for x in state), xs)
+  return jnp.moveaxis(h, 0, 1), final
+
+
+def execute_notebook(source, probe: str, workdir, monkeypatch, **env) -> tuple[object, dict]:
+  """Executes the jupytext notebook ``source`` on CPU (one device) in ``workdir`` with jaxrec
+  imported from this checkout and ``env`` set, then the ``probe`` cell, which must print one JSON
+  object. Returns the executed notebook and that object. Needs the [colab] extra."""
+  import json
+  import os
+  import pathlib
+
+  import jupytext
+  import nbclient
+  import nbformat
+
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "1")
+  # The kernel imports jaxrec from this checkout, not from whatever copy is installed.
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+  monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  nb = jupytext.read(source)
+  nb.cells.append(nbformat.v4.new_code_cell(probe))
+  # Raises CellExecutionError, with the cell and its traceback, if any cell fails.
+  nbclient.NotebookClient(
+    nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+  ).execute()
+  stdout = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
+  return nb, json.loads(stdout)

@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh.data = -1  # -1: all devices not used by the other axes
   config.mesh.fsdp = 1
   config.mesh.tensor = 1
+  config.mesh.expert = 1  # experts of an MoE model (--config.model.ffn=moe) split over it
   config.multihost = False  # join a multi-process job with jax.distributed.initialize() first
   # Detected on TPU pods, SLURM and GCE; elsewhere give all three (README, "Several hosts").
   config.distributed = ml_collections.ConfigDict()

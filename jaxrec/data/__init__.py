@@ -1,6 +1,9 @@
-"""Tokenizers, document corpora (with an embedded default) and grain input pipelines."""
+"""Tokenizers, document corpora (with an embedded default), grain input pipelines, synthetic
+recall tasks (``jaxrec.data.tasks``) and objectives written into the batch."""
 
+from jaxrec.data import tasks
 from jaxrec.data.corpora import DocumentCorpus, stdlib_corpus, text_file_corpus
+from jaxrec.data.objectives import JRTObjective, jrt_objective
 from jaxrec.data.pipeline import make_lm_dataset
 from jaxrec.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
@@ -8,9 +11,12 @@ __all__ = [
   "ByteTokenizer",
   "DocumentCorpus",
   "HFTokenizer",
+  "JRTObjective",
   "Tokenizer",
+  "jrt_objective",
   "load_tokenizer",
   "make_lm_dataset",
   "stdlib_corpus",
+  "tasks",
   "text_file_corpus",
 ]

@@ -15,28 +15,55 @@ model's embedding) uses: it names each axis for the sharding rules.
 
 from jaxrec.layers._params import logical_param
 from jaxrec.layers.attention import Attention, KVCache
+from jaxrec.layers.baseconv import BaseConv, BaseConvCache
+from jaxrec.layers.based import BasedCache, BasedLinearAttention, PLACache, PrefixLinearAttention
 from jaxrec.layers.gla import GatedLinearAttention, GLACache
 from jaxrec.layers.liger import LigerAttention, LigerCache
 from jaxrec.layers.linear import Dense
 from jaxrec.layers.mlp import MLP
-from jaxrec.layers.norms import RMSNorm
+from jaxrec.layers.mlstm import MLSTM, soft_cap
+from jaxrec.layers.moe import (
+  GRURouterCell,
+  MoE,
+  RoutingStats,
+  load_balancing_loss,
+  routing_mutual_information,
+)
+from jaxrec.layers.norms import LayerNorm, RMSNorm
 from jaxrec.layers.pararnn import ParaGRU, ParaLSTM, ParaRNNCache
+from jaxrec.layers.rat import RAT, RATCache
 from jaxrec.layers.rope import apply_rope, rope_frequencies
 
 __all__ = [
   "MLP",
+  "MLSTM",
+  "RAT",
   "Attention",
+  "BaseConv",
+  "BaseConvCache",
+  "BasedCache",
+  "BasedLinearAttention",
   "Dense",
   "GLACache",
+  "GRURouterCell",
   "GatedLinearAttention",
   "KVCache",
+  "LayerNorm",
   "LigerAttention",
   "LigerCache",
+  "MoE",
+  "PLACache",
   "ParaGRU",
   "ParaLSTM",
   "ParaRNNCache",
+  "PrefixLinearAttention",
+  "RATCache",
   "RMSNorm",
+  "RoutingStats",
   "apply_rope",
+  "load_balancing_loss",
   "logical_param",
   "rope_frequencies",
+  "routing_mutual_information",
+  "soft_cap",
 ]

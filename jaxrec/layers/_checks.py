@@ -40,3 +40,16 @@ def check_mixer_args(
   check_positive("init_std", init_std, allow_zero=True)
   check_positive_int("num_layers", num_layers)
   return check_float_dtype("dtype", dtype), check_float_dtype("param_dtype", param_dtype)
+
+
+def head_width(name: str, factor, d_model: int, num_heads: int) -> int:
+  """The width per head of ``factor · d_model`` split over ``num_heads`` heads; ``factor`` must
+  make it a positive multiple of ``num_heads``."""
+  check_positive(name, factor)
+  width = int(factor * d_model)
+  if width < num_heads or width % num_heads:
+    raise ValueError(
+      f"{name}: expected {name} * d_model to be a positive multiple of num_heads={num_heads}, "
+      f"got {factor} * {d_model} = {width}"
+    )
+  return width // num_heads

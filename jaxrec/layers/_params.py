@@ -1,7 +1,7 @@
 """Parameters annotated with logical axis names, and with whether weight decay applies.
 
 Every parameter in jaxrec carries its logical axes (``"vocab", "embed", "mlp", "heads",
-"kv_heads", "head_dim", "rank", "norm", "layers"``) as NNX ``out_sharding`` metadata; the trainer
+"kv_heads", "head_dim", "rank", "norm", "layers", "expert", "router"``) as NNX ``out_sharding`` metadata; the trainer
 maps them onto mesh axes with one rules table (``nnx.logical_axis_rules``).
 
 A parameter that must never be weight-decayed whatever its shape (a recurrent gate's diagonal, a

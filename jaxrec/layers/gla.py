@@ -68,19 +68,12 @@ class GatedLinearAttention(nnx.Module):
       d_model, num_heads, init_std, num_layers, dtype, param_dtype
     )
     d, h = d_model, num_heads
-    for name, expand in (("expand_k", expand_k), ("expand_v", expand_v)):
-      _checks.check_positive(name, expand)
-      width = int(expand * d)
-      if width < h or width % h:
-        raise ValueError(
-          f"{name}: expected {name} * d_model to be a positive multiple of num_heads={h}, "
-          f"got {expand} * {d} = {width}"
-        )
+    key_dim = _checks.head_width("expand_k", expand_k, d, h)
+    value_dim = _checks.head_width("expand_v", expand_v, d, h)
     _checks.check_positive_int("gate_rank", gate_rank)
     _checks.check_positive("gate_normalizer", gate_normalizer)
     _checks.check_positive_int("chunk_size", chunk_size)
     _checks.check_positive("norm_eps", norm_eps, allow_zero=True)
-    key_dim, value_dim = int(expand_k * d) // h, int(expand_v * d) // h
     self.num_heads, self.key_dim, self.value_dim = h, key_dim, value_dim
     self.gate_normalizer = gate_normalizer
     self.chunk_size = chunk_size

@@ -1,4 +1,5 @@
-"""The LM stack: configuration, the mixer registry, model, presets, Hugging Face checkpoints.
+"""The LM stack: configuration, the mixer registry, model, presets, Hugging Face checkpoints and
+xLSTM 7B's weights.
 
 This package is the only reader of ``LMConfig``: ``registry`` maps mixer names to the layers of
 ``jaxrec.layers`` and to the builders (``mixers``) that configure them from an ``LMConfig``.
@@ -13,6 +14,7 @@ from jaxrec.models.lm import LM, Block, BlockGroup, param_count_of
 from jaxrec.models.mixers import build_mixer
 from jaxrec.models.presets import PRESETS, get_preset, param_count
 from jaxrec.models.registry import MIXERS, MixerEntry, get_mixer, mixer_names, register_mixer
+from jaxrec.models.xlstm import config_from_xlstm, load_xlstm
 
 __all__ = [
   "LM",
@@ -24,11 +26,13 @@ __all__ = [
   "MixerEntry",
   "build_mixer",
   "config_from_hf",
+  "config_from_xlstm",
   "get_mixer",
   "get_preset",
   "hf_config_of",
   "load_pretrained",
   "load_pretrained_tokenizer",
+  "load_xlstm",
   "mixer_names",
   "param_count",
   "param_count_of",

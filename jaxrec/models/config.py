@@ -7,6 +7,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxrec.layers import liger, rope
+from jaxrec.layers.moe import ROUTERS
 from jaxrec.models import registry
 
 
@@ -16,7 +17,8 @@ class LMConfig:
 
   Only ``jaxrec.models`` reads it: the builders of ``jaxrec.models.mixers`` turn the fields into
   each mixer layer's constructor arguments (``gla_*`` for GLA, ``pararnn_*`` for ParaGRU /
-  ParaLSTM, ``liger_*`` for Liger attention, the shared sizes and dtypes for all). The Llama
+  ParaLSTM, ``liger_*`` for Liger attention, ``based_*`` for Based and PLA, ``baseconv_*``,
+  ``pla_*``, ``mlstm_*``, ``rat_*``, ``moe_*``, the shared sizes and dtypes for all). The Llama
   family (Llama 2 and 3, Qwen2) is an all-``"attention"`` pattern with its options below
   (``rope_scaling``, ``qkv_bias``, ``norm_eps``, ``mlp_hidden``, ``head_dim``,
   ``tie_embeddings``); ``jaxrec.models.config_from_hf`` reads one from a Hugging Face config.
@@ -54,6 +56,8 @@ class LMConfig:
     norm_eps: RMSNorm epsilon.
     init_std: standard deviation of embeddings and input projections; output projections use
       ``init_std / sqrt(2 num_layers)``.
+    logit_soft_cap: logits become ``cap · tanh(logits / cap)`` (xLSTM 7B: 30); ``None`` for
+      none.
     gla_expand_k: GLA key width as a multiple of ``d_model`` (0.5 in the GLA paper).
     gla_expand_v: GLA value width as a multiple of ``d_model``.
     gla_gate_rank: rank of GLA's decay projection.
@@ -71,6 +75,37 @@ class LMConfig:
     liger_gate_source: ``"key"`` (the gate is the key projection) or ``"projection"`` (a new
       random projection, the paper's ablation).
     liger_chunk_size: chunk length of their recurrence's chunkwise-parallel form.
+    based_feature_dim: query/key width per head of Based and PLA before the Taylor feature map
+      (16 in Based and JRT-RNN; the state has ``1 + F + F²`` rows per head); their value width
+      per head is ``d_model // num_heads``.
+    baseconv_kernel_size: taps of BaseConv's causal short convolution (3 in Based and JRT-RNN).
+    pla_prefix_len: ``M``, the tokens at the start of every document that prefix linear
+      attention (JRT-RNN) reads non-causally (1024 in JRT-RNN). It is part of the model, like
+      ``max_seq_len``: train with prompts whose prefix is ``M`` tokens (or documents shorter
+      than ``M``, which are all prefix) and score no token inside a prefix by next-token loss, as
+      the encoder sees it (``jaxrec.data.jrt_objective`` scores the prefix by masked-LM instead).
+    mlstm_qk_dim_factor: mLSTM query/key width (all heads) as a multiple of ``d_model``.
+    mlstm_v_dim_factor: mLSTM value width (all heads) as a multiple of ``d_model``.
+    mlstm_gate_soft_cap: soft cap of the mLSTM gate pre-activations (xLSTM 7B: 15); ``None`` for
+      none.
+    mlstm_igate_bias_init: initial mLSTM input-gate bias (xLSTM 7B: -10).
+    mlstm_chunk_size: chunk length of the mLSTM's chunkwise form.
+    mlstm_eps: ``ε`` of the mLSTM's denominator.
+    rat_chunk_size: RAT's chunk length ``L`` (1: attention; ``max_seq_len``: the gated RNN).
+    rat_qk_groups: RAT's query/key groups tiled across the heads, a divisor of ``num_heads``
+      (checked when ``mixer_pattern`` has ``"rat"``).
+    rat_position: RAT's positions, ``"inter_rope"`` (chunk indices) or ``"nope"``.
+    ffn: the feed-forward of every block, ``"mlp"`` (SwiGLU) or ``"moe"`` (``layers.MoE``, whose
+      fields are the ``moe_*`` ones; not with ``scan_layers``, the routers' state and statistics
+      run through the layer loop).
+    moe_num_experts: experts per MoE layer.
+    moe_top_k: experts per token, at most ``moe_num_experts``.
+    moe_capacity_factor: expert capacity as a multiple of the balanced load; ``None``: no drops.
+    moe_router: ``"linear" | "gru" | "gru_no_recurrence" | "gru_detached" | "mlp"``
+      (``jaxrec.layers.moe``); the GRU routers share one ``GRURouterCell`` across layers.
+    moe_router_dim: the router state width ``p``.
+    moe_hidden: every expert's hidden width; ``None`` means ``mlp_dim``.
+    moe_aux_weight: weight of the load-balancing loss added to the training loss.
   """
 
   vocab_size: int = 256
@@ -105,6 +140,27 @@ class LMConfig:
   liger_window: int | None = None
   liger_gate_source: str = "key"
   liger_chunk_size: int = 64
+  based_feature_dim: int = 16
+  baseconv_kernel_size: int = 3
+  pla_prefix_len: int = 1024
+  logit_soft_cap: float | None = None
+  mlstm_qk_dim_factor: float = 0.5
+  mlstm_v_dim_factor: float = 1.0
+  mlstm_gate_soft_cap: float | None = 15.0
+  mlstm_igate_bias_init: float = -10.0
+  mlstm_chunk_size: int = 64
+  mlstm_eps: float = 1e-6
+  rat_chunk_size: int = 16
+  rat_qk_groups: int = 2
+  rat_position: str = "inter_rope"
+  ffn: str = "mlp"
+  moe_num_experts: int = 8
+  moe_top_k: int = 2
+  moe_capacity_factor: float | None = 1.25
+  moe_router: str = "linear"
+  moe_router_dim: int = 128
+  moe_hidden: int | None = None
+  moe_aux_weight: float = 0.01
 
   def __post_init__(self):
     if isinstance(self.mixer_pattern, str) or not isinstance(self.mixer_pattern, tuple):
@@ -140,22 +196,36 @@ class LMConfig:
         f"head_dim: expected an even attention head width (RoPE), got {self.attn_head_dim} "
         f"(head_dim={self.head_dim}, d_model={self.d_model}, num_heads={self.num_heads})"
       )
-    _check_positive("pararnn_max_iters", self.pararnn_max_iters)
+    for field in ("pararnn_max_iters", "based_feature_dim", "baseconv_kernel_size"):
+      _check_positive(field, getattr(self, field))
+    if (
+      isinstance(self.pla_prefix_len, bool)
+      or not isinstance(self.pla_prefix_len, int)
+      or self.pla_prefix_len < 0
+    ):
+      raise ValueError(f"pla_prefix_len: expected an int >= 0, got {self.pla_prefix_len!r}")
+    if {"based", "pla"} & set(self.mixer_pattern) and self.d_model % self.num_heads:
+      raise ValueError(
+        f"num_heads: Based and PLA need a divisor of d_model={self.d_model} (value width "
+        f"d_model // num_heads), got {self.num_heads}"
+      )
     if self.d_model % self.rnn_heads:
       raise ValueError(
         f"pararnn_heads: expected a divisor of d_model={self.d_model}, got {self.rnn_heads} "
         f"(pararnn_heads={self.pararnn_heads}, num_heads={self.num_heads})"
       )
-    for gla_field, expand in (
-      ("gla_expand_k", self.gla_expand_k),
-      ("gla_expand_v", self.gla_expand_v),
-    ):
-      width = int(expand * self.d_model)
-      if width < self.num_heads or width % self.num_heads:
-        raise ValueError(
-          f"{gla_field}: expected {gla_field} * d_model to be a positive multiple of "
-          f"num_heads={self.num_heads}, got {expand} * {self.d_model} = {width}"
-        )
+    for field in ("gla_expand_k", "gla_expand_v"):
+      self._check_head_width(field)
+    for field in ("logit_soft_cap", "mlstm_gate_soft_cap"):
+      value = getattr(self, field)
+      if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+      ):
+        raise ValueError(f"{field}: expected a positive number or None, got {value!r}")
+    if "mlstm" in self.mixer_pattern:
+      self._check_mlstm()
+    _check_rat(self)
+    _check_moe(self)
     for field in ("dtype", "param_dtype"):
       if getattr(self, field) not in ("float32", "bfloat16", "float16"):
         raise ValueError(
@@ -192,6 +262,29 @@ class LMConfig:
     rope.check_rope_scaling(items)
     object.__setattr__(self, "rope_scaling", tuple(sorted(items.items())))
 
+  def _check_head_width(self, field: str) -> None:
+    """``field · d_model`` must split over ``num_heads`` heads."""
+    factor = getattr(self, field)
+    width = int(factor * self.d_model) if isinstance(factor, int | float) else 0
+    if width < self.num_heads or width % self.num_heads:
+      raise ValueError(
+        f"{field}: expected {field} * d_model to be a positive multiple of "
+        f"num_heads={self.num_heads}, got {factor!r} * {self.d_model} = {width}"
+      )
+
+  def _check_mlstm(self) -> None:
+    for field in ("mlstm_qk_dim_factor", "mlstm_v_dim_factor"):
+      self._check_head_width(field)
+    _check_positive("mlstm_chunk_size", self.mlstm_chunk_size)
+    if self.mlstm_chunk_size & (self.mlstm_chunk_size - 1):
+      raise ValueError(f"mlstm_chunk_size: expected a power of two, got {self.mlstm_chunk_size}")
+    for field in ("mlstm_igate_bias_init", "mlstm_eps"):
+      value = getattr(self, field)
+      if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{field}: expected a number, got {value!r}")
+    if not self.mlstm_eps >= 0:
+      raise ValueError(f"mlstm_eps: expected a non-negative number, got {self.mlstm_eps!r}")
+
   @property
   def kv_heads(self) -> int:
     """``num_kv_heads`` with its default resolved."""
@@ -222,6 +315,42 @@ class LMConfig:
   @property
   def compute_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.dtype)
+
+
+def _check_rat(cfg: LMConfig) -> None:
+  _check_positive("rat_chunk_size", cfg.rat_chunk_size)
+  _check_positive("rat_qk_groups", cfg.rat_qk_groups)
+  if "rat" in cfg.mixer_pattern and cfg.num_heads % cfg.rat_qk_groups:
+    raise ValueError(
+      f"rat_qk_groups: expected a divisor of num_heads={cfg.num_heads}, got {cfg.rat_qk_groups}"
+    )
+  if cfg.rat_position not in ("inter_rope", "nope"):
+    raise ValueError(f"rat_position: expected 'inter_rope' or 'nope', got {cfg.rat_position!r}")
+
+
+def _check_moe(cfg: LMConfig) -> None:
+  if cfg.ffn not in ("mlp", "moe"):
+    raise ValueError(f"ffn: expected 'mlp' or 'moe', got {cfg.ffn!r}")
+  for field in ("moe_num_experts", "moe_top_k", "moe_router_dim"):
+    _check_positive(field, getattr(cfg, field))
+  if cfg.moe_hidden is not None:
+    _check_positive("moe_hidden", cfg.moe_hidden)
+  if cfg.moe_top_k > cfg.moe_num_experts:
+    raise ValueError(
+      f"moe_top_k: expected at most moe_num_experts={cfg.moe_num_experts}, got {cfg.moe_top_k}"
+    )
+  factor = cfg.moe_capacity_factor
+  if factor is not None and (isinstance(factor, bool) or not factor > 0):
+    raise ValueError(f"moe_capacity_factor: expected a positive number or None, got {factor!r}")
+  if cfg.moe_router not in ROUTERS:
+    raise ValueError(f"moe_router: expected one of {ROUTERS}, got {cfg.moe_router!r}")
+  if not cfg.moe_aux_weight >= 0:
+    raise ValueError(f"moe_aux_weight: expected a non-negative number, got {cfg.moe_aux_weight!r}")
+  if cfg.ffn == "moe" and cfg.scan_layers:
+    raise ValueError(
+      "scan_layers: not supported with ffn='moe' (the router state and routing statistics run "
+      "through the unscanned layer loop); set scan_layers=False"
+    )
 
 
 def _check_positive(field: str, value) -> None:

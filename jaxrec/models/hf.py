@@ -60,7 +60,13 @@ from jaxrec.models.lm import LM
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# What save_pretrained copies from the model's source directory.
+COPIED_FILES = (
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "generation_config.json",
+)
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
@@ -180,8 +186,8 @@ def save_pretrained(
     model: an ``LM`` whose layers are all ``"attention"`` (written as Llama, or Qwen2 with
       ``qkv_bias``) or ``"liger"`` (``"model_type": "jaxrec"``); LoRA merged.
     path: a new or empty directory (existing weights are never overwritten).
-    source: the Hugging Face directory the model came from: its tokenizer files are copied and
-      its ``config.json``'s other fields (token ids, ...) kept.
+    source: the Hugging Face directory the model came from: its tokenizer and generation files
+      (``COPIED_FILES``) are copied and its ``config.json``'s other fields (token ids, ...) kept.
     max_shard_size: the most bytes of tensors per file.
 
   Returns:
@@ -230,7 +236,7 @@ def save_pretrained(
     written.append(INDEX_FILE)
   _write_json(os.path.join(path, CONFIG_FILE), config)
   written.append(CONFIG_FILE)
-  for name in TOKENIZER_FILES if source is not None else ():
+  for name in COPIED_FILES if source is not None else ():
     if os.path.isfile(os.path.join(source, name)):
       shutil.copyfile(os.path.join(source, name), os.path.join(path, name))
       written.append(name)

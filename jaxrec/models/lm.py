@@ -1,4 +1,10 @@
-"""The language model: embedding → blocks (mixer + SwiGLU MLP, pre-norm residual) → head."""
+"""The language model: embedding → blocks (mixer + SwiGLU MLP, pre-norm residual) → head.
+
+With ``mixer_pattern=("mlstm",)``, an untied head and ``logit_soft_cap=30`` this is exactly the
+xLSTM 7B architecture (``jaxrec.models.xlstm``): its blocks are the same pre-norm residual pair of
+mixer and SwiGLU feed-forward, and its feed-forward width ``round_up(2.667 · D, 64)`` is
+``LMConfig.mlp_dim`` with ``mlp_ratio=2.667``.
+"""
 
 import math
 from collections.abc import Callable
@@ -28,21 +34,40 @@ class Block(nnx.Module):
     self.mixer_norm = layers.RMSNorm(cfg.d_model, **norm)
     self.mixer = build_mixer(mixer, cfg, rngs=rngs)
     self.mlp_norm = layers.RMSNorm(cfg.d_model, **norm)
-    self.mlp = layers.MLP(
-      cfg.d_model,
-      cfg.mlp_dim,
+    shared = dict(
       init_std=cfg.init_std,
       num_layers=cfg.num_layers,
       dtype=dtype,
       param_dtype=param_dtype,
       rngs=rngs,
     )
+    if cfg.ffn == "moe":
+      self.mlp = layers.MoE(
+        cfg.d_model,
+        cfg.mlp_dim if cfg.moe_hidden is None else cfg.moe_hidden,
+        cfg.moe_num_experts,
+        top_k=cfg.moe_top_k,
+        capacity_factor=cfg.moe_capacity_factor,
+        router=cfg.moe_router,
+        router_dim=cfg.moe_router_dim,
+        **shared,
+      )
+    else:
+      self.mlp = layers.MLP(cfg.d_model, cfg.mlp_dim, **shared)
 
-  def __call__(self, x, *, segment_ids=None, cache=None, policy=None, layer=0):
+  def __call__(
+    self, x, *, segment_ids=None, cache=None, router_state=None, cell=None, policy=None, layer=0
+  ):
+    """Returns ``(x, cache, router_state, stats)``; the last two are an MoE feed-forward's
+    (``router_state`` passes through and ``stats`` is ``None`` with the SwiGLU MLP). ``policy``
+    is a long-context policy for an attention mixer at depth ``layer``."""
     kw = dict(policy=policy, layer=layer) if self._reads_policy(policy) else {}
     y, cache = self.mixer(self.mixer_norm(x), segment_ids=segment_ids, cache=cache, **kw)
     x = x + y
-    return x + self.mlp(self.mlp_norm(x)), cache
+    if isinstance(self.mlp, layers.MoE):
+      y, router_state, stats = self.mlp(self.mlp_norm(x), router_state, cell=cell)
+      return x + y, cache, router_state, stats
+    return x + self.mlp(self.mlp_norm(x)), cache, router_state, None
 
   def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype, policy=None):
     kw = dict(policy=policy) if self._reads_policy(policy) else {}
@@ -64,7 +89,7 @@ class BlockGroup(nnx.Module):
     caches = (None,) * len(self.blocks) if cache is None else cache
     new = []
     for block, c in zip(self.blocks, caches, strict=True):
-      x, c = block(x, segment_ids=segment_ids, cache=c)
+      x, c, _, _ = block(x, segment_ids=segment_ids, cache=c)
       new.append(c)
     return x, None if cache is None else tuple(new)
 
@@ -105,6 +130,11 @@ class LM(nnx.Module):
     self.final_norm = layers.RMSNorm(
       cfg.d_model, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
     )
+    gru = cfg.ffn == "moe" and cfg.moe_router in layers.moe.GRU_ROUTERS
+    # RMoE's one GRU shared by the routers of all layers.
+    self.router_cell = (
+      layers.GRURouterCell(cfg.moe_router_dim, param_dtype=param_dtype, rngs=rngs) if gru else None
+    )
     if cfg.tie_embeddings:
       self.head = None
     else:
@@ -125,7 +155,8 @@ class LM(nnx.Module):
     segment_ids: jax.Array | None = None,
     cache: Cache | None = None,
     policy: Any | None = None,
-  ) -> tuple[jax.Array, Cache | None]:
+    return_aux: bool = False,
+  ) -> tuple[jax.Array, Cache | None] | tuple[jax.Array, Cache | None, dict]:
     """Next-token logits.
 
     Args:
@@ -135,30 +166,39 @@ class LM(nnx.Module):
       cache: from ``init_cache`` or a previous call; the tokens continue it.
       policy: a long-context policy (``jaxrec.inference.longctx``) for the attention layers, each
         told its depth; the cache must come from ``init_cache(..., policy=policy)``.
+      return_aux: also return the auxiliary outputs (``_moe_aux``): ``{}`` for a dense model.
 
     Returns:
       ``(logits, cache)``: fp32 ``[B, T, vocab_size]`` and the advanced cache (``None`` without
-      one).
+      one); with ``return_aux``, ``(logits, cache, aux)``.
     """
     self._validate(tokens, segment_ids)
     self._check_policy(policy)
     cfg = self.cfg
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(cfg.compute_dtype)
+    stats = []
     if cfg.scan_layers:
       x, cache = self._scan_blocks(x, segment_ids, cache)
     else:
       caches = (None,) * len(self.layers) if cache is None else cache
       new = []
+      router_state = None
       for layer, (block, c) in enumerate(zip(self.layers, caches, strict=True)):
-        x, c = _call(block, cfg.remat, policy, layer)(x, segment_ids, c)
+        x, c, router_state, s = _call(block, cfg.remat, self.router_cell, policy, layer)(
+          x, segment_ids, c, router_state
+        )
         new.append(c)
+        stats += [] if s is None else [s]
       cache = None if cache is None else tuple(new)
     h = self.final_norm(x)
     if self.head is None:
       logits = jnp.einsum("btd,vd->btv", h, self.embedding[...].astype(h.dtype))
     else:
       logits = self.head(h)
-    return logits.astype(jnp.float32), cache
+    logits = layers.soft_cap(logits.astype(jnp.float32), cfg.logit_soft_cap)
+    if return_aux:
+      return logits, cache, _moe_aux(stats, cfg)
+    return logits, cache
 
   def _scan_blocks(self, x, segment_ids, cache):
     graphdef, state = nnx.split(self.layers)
@@ -239,20 +279,44 @@ def _stacked_groups(cfg: LMConfig, rngs: nnx.Rngs) -> BlockGroup:
   return make(rngs)
 
 
-def _call(block: Block, remat: bool, policy: Any = None, layer: int = 0) -> Callable:
-  """``block`` as ``f(x, segment_ids, cache)`` (at depth ``layer`` under ``policy``); with
-  ``remat`` its activations are recomputed in the backward pass (``jax.checkpoint`` over the
-  block's split state)."""
-  kw = dict(policy=policy, layer=layer)
+def _call(
+  block: Block, remat: bool, cell: nnx.Module | None, policy: Any = None, layer: int = 0
+) -> Callable:
+  """``block`` as ``f(x, segment_ids, cache, router_state)`` with the shared router ``cell`` (at
+  depth ``layer`` under ``policy``); with ``remat`` its activations are recomputed in the
+  backward pass (``jax.checkpoint`` over the block's split state)."""
+  kw = dict(cell=cell, policy=policy, layer=layer)
   if not remat:
-    return lambda x, segment_ids, cache: block(x, segment_ids=segment_ids, cache=cache, **kw)
-  graphdef, state = nnx.split(block)
+    return lambda x, segment_ids, cache, rs: block(
+      x, segment_ids=segment_ids, cache=cache, router_state=rs, **kw
+    )
+  graphdef, state = nnx.split((block, cell))
 
   @jax.checkpoint
-  def f(state, x, segment_ids, cache):
-    return nnx.merge(graphdef, state)(x, segment_ids=segment_ids, cache=cache, **kw)
+  def f(state, x, segment_ids, cache, rs):
+    block, cell = nnx.merge(graphdef, state)
+    return block(x, segment_ids=segment_ids, cache=cache, router_state=rs, **(kw | dict(cell=cell)))
 
-  return lambda x, segment_ids, cache: f(state, x, segment_ids, cache)
+  return lambda x, segment_ids, cache, rs: f(state, x, segment_ids, cache, rs)
+
+
+def _moe_aux(stats: list, cfg: LMConfig) -> dict:
+  """The weighted load-balancing loss (``aux_loss``, for the objective) and the routing
+  statistics (``moe/*``, for the metrics), pooled over the MoE layers; ``{}`` without any."""
+  if not stats:
+    return {}
+  s = layers.RoutingStats(*(jnp.stack(x) for x in zip(*stats, strict=True)))
+  balance = layers.load_balancing_loss(s.load, s.prob)
+  return {
+    "aux_loss": cfg.moe_aux_weight * balance,
+    "moe/balance_loss": balance,
+    "moe/load_max": jnp.mean(jnp.max(s.load, -1)) * cfg.moe_num_experts,
+    "moe/entropy": jnp.mean(s.entropy),
+    "moe/dropped": jnp.mean(s.dropped),
+    "moe/layer_mi_bits": layers.routing_mutual_information(s.top1, cfg.moe_num_experts),
+    "moe/selected_weight": jnp.mean(s.selected),
+    "moe/top_ratio": jnp.mean(s.top_ratio),
+  }
 
 
 def param_count_of(model: nnx.Module) -> int:

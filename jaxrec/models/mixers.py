@@ -95,3 +95,60 @@ def _paragru(cfg: LMConfig, *, rngs: nnx.Rngs) -> layers.ParaGRU:
 @register_mixer("paralstm", layers.ParaLSTM)
 def _paralstm(cfg: LMConfig, *, rngs: nnx.Rngs) -> layers.ParaLSTM:
   return layers.ParaLSTM(**_pararnn_args(cfg), rngs=rngs)
+
+
+@register_mixer("based", layers.BasedLinearAttention)
+def _based(cfg: LMConfig, *, rngs: nnx.Rngs) -> layers.BasedLinearAttention:
+  return layers.BasedLinearAttention(
+    cfg.d_model, cfg.num_heads, feature_dim=cfg.based_feature_dim, **_shared(cfg), rngs=rngs
+  )
+
+
+@register_mixer("baseconv", layers.BaseConv)
+def _baseconv(cfg: LMConfig, *, rngs: nnx.Rngs) -> layers.BaseConv:
+  return layers.BaseConv(
+    cfg.d_model, kernel_size=cfg.baseconv_kernel_size, **_shared(cfg), rngs=rngs
+  )
+
+
+@register_mixer("pla", layers.PrefixLinearAttention)
+def _pla(cfg: LMConfig, *, rngs: nnx.Rngs) -> layers.PrefixLinearAttention:
+  return layers.PrefixLinearAttention(
+    cfg.d_model,
+    cfg.num_heads,
+    prefix_len=cfg.pla_prefix_len,
+    feature_dim=cfg.based_feature_dim,
+    **_shared(cfg),
+    rngs=rngs,
+  )
+
+
+@register_mixer("mlstm", layers.MLSTM)
+def _mlstm(cfg: LMConfig, *, rngs: nnx.Rngs) -> layers.MLSTM:
+  return layers.MLSTM(
+    cfg.d_model,
+    cfg.num_heads,
+    qk_dim_factor=cfg.mlstm_qk_dim_factor,
+    v_dim_factor=cfg.mlstm_v_dim_factor,
+    gate_soft_cap=cfg.mlstm_gate_soft_cap,
+    igate_bias_init=cfg.mlstm_igate_bias_init,
+    chunk_size=cfg.mlstm_chunk_size,
+    eps=cfg.mlstm_eps,
+    norm_eps=cfg.norm_eps,
+    **_shared(cfg),
+    rngs=rngs,
+  )
+
+
+@register_mixer("rat", layers.RAT)
+def _rat(cfg: LMConfig, *, rngs: nnx.Rngs) -> layers.RAT:
+  return layers.RAT(
+    cfg.d_model,
+    cfg.num_heads,
+    chunk_size=cfg.rat_chunk_size,
+    qk_groups=cfg.rat_qk_groups,
+    position=cfg.rat_position,
+    rope_theta=cfg.rope_theta,
+    **_shared(cfg),
+    rngs=rngs,
+  )

@@ -40,6 +40,12 @@ def check_segment_ids(segment_ids, batch_time: Sequence[int]) -> None:
     raise ValueError(f"segment_ids: expected an integer dtype, got {jnp.result_type(segment_ids)}")
 
 
+def check_power_of_two(name: str, value) -> None:
+  """``value`` must be a positive power of two (an int, not a bool)."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value & (value - 1):
+    raise ValueError(f"{name}: expected a positive power of two, got {value!r}")
+
+
 def compute_dtype(*xs) -> jnp.dtype:
   """fp32 for half-precision inputs, the input precision otherwise (fp64 stays fp64)."""
   return jnp.promote_types(jnp.result_type(*xs), jnp.float32)

@@ -174,13 +174,7 @@ def _validate(*, q, k, v, log_decay, initial_state, segment_ids, chunk_size, met
     want = (batch, heads, key_dim, v.shape[-1])
     _checks.check_shape("initial_state", initial_state, want, "[B, H, K, V]")
   _checks.check_segment_ids(segment_ids, (batch, t))
-  if (
-    isinstance(chunk_size, bool)
-    or not isinstance(chunk_size, int)
-    or chunk_size < 1
-    or chunk_size & (chunk_size - 1)
-  ):
-    raise ValueError(f"chunk_size: expected a positive power of two, got {chunk_size!r}")
+  _checks.check_power_of_two("chunk_size", chunk_size)
 
 
 def _validate_step(q, k, v, log_decay, state):
@@ -209,6 +203,9 @@ def _resolve_method(method: GLAMethod) -> GLAMethod:
   # Measured in BENCHMARKS.md: on an H200 the chunkwise XLA form is 3-5x faster than the Triton
   # kernel (whose chunk loop runs in one program per head), and on CPU it is 3-4x faster than the
   # sequential scan for training. The kernel is the TPU path (Mosaic, chunk axis "arbitrary").
+  # To confirm on GPU (issue 13): experiments/bench_peers_gpu.py times "chunk" against FLA's
+  # chunk_gla and against the three-pass candidate in gla_chunk.py; if the latter wins there, it
+  # becomes "chunk" on GPU (on CPU it measured no faster, BENCHMARKS.md).
   return "pallas" if _dispatch.default_backend() == "tpu" else "chunk"
 
 

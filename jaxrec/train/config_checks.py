@@ -98,17 +98,23 @@ def validate_config(
   _check_positive("--config.eval_batches", config.eval_batches)
   _check_positive("--config.max_to_keep", config.max_to_keep)
   _check_positive("--config.data.seq_len", config.data.seq_len)
-  model_config(config, vocab_size=256)
+  model = model_config(config, vocab_size=256)
   _validate_tokenizer(config.data.tokenizer)
   try:
-    data, fsdp, _ = sharding.mesh_shape(dict(config.mesh), num_devices, "--config.mesh")
+    data, fsdp, _, expert = sharding.mesh_shape(dict(config.mesh), num_devices, "--config.mesh")
   except ValueError as e:
     raise ConfigError(str(e)) from e
-  shards = data * fsdp
+  if model.ffn == "moe" and model.moe_num_experts % expert:
+    raise ConfigError(
+      f"--config.mesh.expert: expected a divisor of the {model.moe_num_experts} experts "
+      f"(--config.model.moe_num_experts), got {expert}"
+    )
+  shards = data * fsdp * expert
   if config.batch_size % shards:
     raise ConfigError(
       f"--config.batch_size: expected a multiple of the batch shards --config.mesh.data × "
-      f"--config.mesh.fsdp = {data} × {fsdp} = {shards}, got {config.batch_size}"
+      f"--config.mesh.fsdp × --config.mesh.expert = {data} × {fsdp} × {expert} = {shards}, "
+      f"got {config.batch_size}"
     )
   if config.batch_size % num_processes:
     raise ConfigError(

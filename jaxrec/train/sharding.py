@@ -2,7 +2,9 @@
 
 Mesh axes: ``data`` (pure data parallelism: parameters replicated), ``fsdp`` (data parallelism
 with parameters and optimizer state sharded along ``embed``), ``tensor`` (model parallelism over
-``mlp``, ``heads``, ``kv_heads`` and ``vocab``).
+``mlp``, ``heads``, ``kv_heads`` and ``vocab``), ``expert`` (expert parallelism: MoE experts
+split over it, and the batch too, so each device routes its own tokens; size 1 unless asked, so
+three-axis shapes and older checkpoints keep working).
 
 The mesh uses ``AxisType.Auto``: shardings are given for parameters and batches only and XLA
 (GSPMD) propagates them through the model. ``AxisType.Explicit`` (the ``jax.make_mesh`` default
@@ -23,8 +25,8 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # Logical axis name -> mesh axes. Every name a parameter may carry must appear here; None means
 # replicated. This is the only place that decides what is sharded over what.
@@ -37,16 +39,20 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
   ("vocab", "tensor"),
   ("head_dim", None),
   ("rank", None),
+  ("taps", None),
   ("norm", None),
   ("layers", None),
+  ("expert", "expert"),
+  ("router", None),
 )
 _RULES = dict(LOGICAL_AXIS_RULES)
 
 
 def mesh_shape(
   requested: Mapping[str, int], num_devices: int, flag_prefix: str = "mesh"
-) -> tuple[int, int, int]:
-  """Resolves ``{"data": d, "fsdp": f, "tensor": t}`` (one entry may be -1) to a mesh shape.
+) -> tuple[int, ...]:
+  """Resolves ``{"data": d, "fsdp": f, "tensor": t, "expert": e}`` (one entry may be -1;
+  ``expert`` may be left out, meaning 1) to a mesh shape.
 
   Args:
     requested: size per mesh axis; ``-1`` on at most one axis takes the remaining devices.
@@ -54,13 +60,15 @@ def mesh_shape(
     flag_prefix: how the sizes are spelled in errors (``--config.mesh`` in the launcher).
 
   Returns:
-    ``(data, fsdp, tensor)`` whose product divides ``num_devices``.
+    ``(data, fsdp, tensor, expert)`` whose product divides ``num_devices``.
 
   Raises:
     ValueError: naming the offending axis (e.g. ``mesh.fsdp``) when a size is not a positive
       integer or -1, when more than one axis is -1, or when the sizes do not divide the devices.
   """
   sizes = {}
+  given = set(requested)
+  requested = {"expert": 1, **requested}
   for axis in MESH_AXES:
     value = requested[axis]
     if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
@@ -78,7 +86,9 @@ def mesh_shape(
       )
   fixed = math.prod(s for s in sizes.values() if s != -1)
   if num_devices % fixed:
-    names = ", ".join(f"{flag_prefix}.{a}={sizes[a]}" for a in MESH_AXES if sizes[a] != -1)
+    names = ", ".join(
+      f"{flag_prefix}.{a}={sizes[a]}" for a in MESH_AXES if sizes[a] != -1 and a in given
+    )
     raise ValueError(
       f"{names}: expected sizes whose product divides the {num_devices} devices, got {fixed}"
     )
@@ -88,7 +98,9 @@ def mesh_shape(
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ``(data, fsdp, tensor)`` mesh in Auto mode over the first ``prod(shape)`` devices."""
+  """A ``(data, fsdp, tensor, expert)`` mesh in Auto mode over the first ``prod(shape)`` devices;
+  a shape of three (no ``expert``) gets an ``expert`` axis of size 1."""
+  shape = tuple(shape) + (1,) * (len(MESH_AXES) - len(shape))
   devices = list(jax.devices() if devices is None else devices)
   size = math.prod(shape)
   if size < len(devices):
@@ -123,6 +135,9 @@ def logical_to_mesh(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
     target = _RULES[name]
     axes = (target,) if isinstance(target, str) else tuple(target or ())
     kept = []
+    # An expert axis of size 1 is left out, so meshes without expert parallelism keep the
+    # specs (and checkpoints) they had before the axis existed.
+    axes = tuple(a for a in axes if not (a == "expert" and mesh.shape.get(a, 1) == 1))
     for axis in axes:
       if axis in used or dim % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[axis]):
         continue
@@ -156,7 +171,12 @@ def tree_shardings(tree, mesh: Mesh):
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """``[B, ...]`` arrays split over the batch axes (``data`` and ``fsdp``)."""
-  return NamedSharding(mesh, P(_RULES["batch"]))
+  return NamedSharding(mesh, P(batch_axes(mesh)))
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The mesh axes a batch is split over: ``BATCH_AXES`` less an ``expert`` axis of size 1."""
+  return tuple(a for a in BATCH_AXES if not (a == "expert" and mesh.shape.get(a, 1) == 1))
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -83,14 +83,16 @@ def train_state_from_model(
 
   The parameters that ``trainable`` selects (e.g. ``nnx.LoRAParam``) become ``params``, and only
   they get gradients and optimizer state; everything else goes to ``rest``, frozen. The state is
-  placed in its shardings on ``mesh`` (``abstract`` carries them, for ``make_train_step``).
+  a copy placed in its shardings on ``mesh`` (``abstract`` carries them, for
+  ``make_train_step``): the train step donates its input, which would otherwise delete the
+  arrays of ``model`` and of any model sharing them (a converted model shares its teacher's).
   """
   graphdef, params, rest = nnx.split(model, trainable, ...)
   state = TrainState(
     step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params)
   )
   shardings = sharding_lib.tree_shardings(state, mesh)
-  state = jax.device_put(state, shardings)
+  state = jax.device_put(state, shardings, may_alias=False)
   abstract = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
   )
@@ -128,13 +130,14 @@ def make_train_step(
   Returns:
     The step. ``metrics`` has ``loss`` (nats per weighted token), ``bits_per_byte`` (or
     ``bits_per_token``), ``grad_norm`` (global norm before clipping), ``learning_rate`` (the one
-    this update used) and ``tokens`` (weighted target tokens).
+    this update used) and ``tokens`` (weighted target tokens); an MoE model adds its routing
+    statistics (``moe/*``, ``LM.__call__``'s aux) and its load-balancing loss to the objective.
   """
   if accum_steps < 1:
     raise ValueError(f"accum_steps: expected a positive integer, got {accum_steps}")
   loss_sums = _make_loss_sums(graphdef, byte_lengths)
   grad_fn = jax.grad(loss_sums, has_aux=True)
-  micro_sharding = NamedSharding(mesh, P(None, sharding_lib.BATCH_AXES))
+  micro_sharding = NamedSharding(mesh, P(None, sharding_lib.batch_axes(mesh)))
 
   def train_step(state: TrainState, batch: Batch):
     if accum_steps == 1:
@@ -192,6 +195,7 @@ def summarize(sums: dict) -> dict:
 
 def _summarize(sums):
   out = {"loss": sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0), "tokens": sums["tokens"]}
+  out |= {k: v / jnp.maximum(sums["tokens"], 1.0) for k, v in sums.items() if k.startswith("moe/")}
   if "bytes" in sums:
     out["bits_per_byte"] = sums["loss_sum"] / math.log(2) / jnp.maximum(sums["bytes"], 1.0)
   else:
@@ -204,7 +208,7 @@ def _make_loss_sums(graphdef: nnx.GraphDef, byte_lengths: np.ndarray | None):
 
   def loss_sums(params, rest, batch):
     model = nnx.merge(graphdef, params, rest)
-    logits, _ = model(batch["inputs"], segment_ids=batch["segment_ids"])
+    logits, _, aux = model(batch["inputs"], segment_ids=batch["segment_ids"], return_aux=True)
     ce = optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), batch["targets"]
     )
@@ -212,7 +216,11 @@ def _make_loss_sums(graphdef: nnx.GraphDef, byte_lengths: np.ndarray | None):
     sums = {"loss_sum": jnp.sum(ce * weights), "tokens": jnp.sum(weights)}
     if table is not None:
       sums["bytes"] = jnp.sum(weights * table[batch["targets"]])
-    return sums["loss_sum"], sums
+    # Auxiliary terms (an MoE's load-balancing loss) are per-token means: weighted by the tokens
+    # so that dividing by the token count (the gradients, the metrics) gives them back.
+    objective = sums["loss_sum"] + aux.get("aux_loss", 0.0) * sums["tokens"]
+    sums |= {k: v * sums["tokens"] for k, v in aux.items() if k.startswith("moe/")}
+    return objective, sums
 
   return loss_sums
 

@@ -1,14 +1,13 @@
 """``colabs/quickstart``: the .ipynb matches its jupytext source, and the notebook runs on CPU."""
 
 import importlib.util
-import json
-import os
 import pathlib
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
+from testing_utils import execute_notebook
 
 jupytext = pytest.importorskip("jupytext", reason="the [colab] extra is not installed")
 nbclient = pytest.importorskip("nbclient", reason="the [colab] extra is not installed")
@@ -102,21 +101,9 @@ def test_install_cell_elsewhere_installs_from_the_repository_it_names(tmp_path, 
 
 
 def test_notebook_runs_on_cpu_and_the_loss_falls(tmp_path, monkeypatch):
-  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "1")
-  monkeypatch.setenv("JAXREC_NOTEBOOK_STEPS", str(STEPS))
-  # The kernel imports jaxrec from this checkout, not from whatever copy is installed.
-  monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-  monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-  nb = jupytext.read(SOURCE)
-  nb.cells.append(nbformat.v4.new_code_cell(_PROBE))
-
-  # Raises CellExecutionError, with the cell and its traceback, if any cell fails.
-  nbclient.NotebookClient(
-    nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-  ).execute()
-
-  probe = json.loads(_stdout(nb.cells[-1]))
+  nb, probe = execute_notebook(
+    SOURCE, _PROBE, tmp_path, monkeypatch, JAXREC_NOTEBOOK_STEPS=str(STEPS)
+  )
   losses = probe["losses"]
   assert len(losses) == STEPS
   assert losses[-1] < losses[0] - 0.5, losses  # about 5.4 -> 3.6 nats in 10 steps

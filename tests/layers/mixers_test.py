@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from testing_utils import assert_close, mixer_outputs_and_grads, scan_gla
+from testing_utils import assert_close, mixer_outputs_and_grads, scan_gla, scan_mlstm
 from testing_utils import decode_token_by_token as _decode
 
 from jaxrec import layers
@@ -36,13 +36,27 @@ CASES = {
     layers.LigerAttention,
     dict(num_heads=2, variant="hgrn2", window=None, gate_source="projection", chunk_size=4),
   ),
+  "based": (layers.BasedLinearAttention, dict(num_heads=2, feature_dim=4, chunk_size=4)),
+  "baseconv": (layers.BaseConv, dict(kernel_size=3)),
+  # Each document's prefix (2 tokens) lies inside the prefills of _cached_runs, so decoding
+  # continues from the prefix state.
+  "pla": (layers.PrefixLinearAttention, dict(num_heads=2, feature_dim=4, prefix_len=2)),
+  "mlstm": (layers.MLSTM, dict(num_heads=2, chunk_size=4, gate_soft_cap=5.0)),
 }
 
 
 def _mixer(case):
   module, kw = CASES[case]
   # A large init_std keeps activations O(1), so the fp32 tolerances below are meaningful.
-  return kw, module(D, init_std=0.5, **kw, rngs=nnx.Rngs(0))
+  mixer = module(D, init_std=0.5, **kw, rngs=nnx.Rngs(0))
+  if case == "mlstm":
+    # The published initialization zeroes the gate projections: make the gates depend on x,
+    # and the input-gate bias not close the memory.
+    rng = np.random.default_rng(3)
+    for gate in (mixer.i_gate, mixer.f_gate, mixer.o_gate):
+      gate.kernel[...] = rng.standard_normal(gate.kernel.shape, np.float32)
+    mixer.i_bias[...] = np.zeros(mixer.i_bias.shape, np.float32)
+  return kw, mixer
 
 
 def _x(seed=0):
@@ -153,13 +167,67 @@ def _gla_reference(p, x, gate_normalizer=16.0, eps=1e-6):
   return jnp.einsum("bthk,hkd->btd", o, p["o_proj"]["kernel"])
 
 
+def _based_reference(p, x, prefix_len=0):
+  """Normalized attention with the weights ``1 + s/√F + s²/2F`` (``s = q·k``) as a ``[T, T]``
+  matrix: causal decoder weights, plus encoder weights on the first ``prefix_len`` keys."""
+  q = jnp.einsum("btd,dhk->bthk", x, p["q_proj"]["kernel"])
+  f = q.shape[-1]
+
+  def weights(k_name, visible):
+    s = jnp.einsum("bihf,bjhf->bhij", q, jnp.einsum("btd,dhk->bthk", x, p[k_name]["kernel"]))
+    return (1 + s / np.sqrt(f) + s**2 / (2 * f)) * visible
+
+  def values(v_name):
+    return jnp.einsum("btd,dhk->bthk", x, p[v_name]["kernel"])
+
+  t = np.arange(x.shape[1])
+  w = weights("k_proj", t[:, None] >= t[None, :])
+  num = jnp.einsum("bhij,bjhv->bihv", w, values("v_proj"))
+  den = jnp.sum(w, -1)
+  if prefix_len:
+    w_enc = weights("k_enc_proj", np.broadcast_to(t[None, :] < prefix_len, (len(t), len(t))))
+    num = num + jnp.einsum("bhij,bjhv->bihv", w_enc, values("v_enc_proj"))
+    den = den + jnp.sum(w_enc, -1)
+  o = num / jnp.moveaxis(den, 1, 2)[..., None]
+  return jnp.einsum("bthk,hkd->btd", o, p["o_proj"]["kernel"])
+
+
+def _baseconv_reference(p, x):
+  kernel, t = p["conv_kernel"], x.shape[1]
+  conv = p["conv_bias"] + sum(
+    kernel[j] * jnp.pad(x, ((0, 0), (j, 0), (0, 0)))[:, :t] for j in range(kernel.shape[0])
+  )
+  return conv * (x @ p["gate"]["kernel"] + p["gate"]["bias"])
+
+
+def _mlstm_reference(p, x, cap=5.0, eps=1e-6):
+  q = jnp.einsum("btd,dhk->bthk", x, p["q_proj"]["kernel"])
+  k = jnp.einsum("btd,dhk->bthk", x, p["k_proj"]["kernel"])
+  v = jnp.einsum("btd,dhk->bthk", x, p["v_proj"]["kernel"])
+  i_gate = cap * jnp.tanh((jnp.einsum("btd,dh->bth", x, p["i_gate"]["kernel"]) + p["i_bias"]) / cap)
+  f_gate = cap * jnp.tanh((jnp.einsum("btd,dh->bth", x, p["f_gate"]["kernel"]) + p["f_bias"]) / cap)
+  b, _, h, key_dim = q.shape
+  state = (jnp.zeros((b, h, key_dim, v.shape[-1])), jnp.zeros((b, h, key_dim)), jnp.zeros((b, h)))
+  o, _ = scan_mlstm(q, k, v, i_gate, f_gate, state)
+  o = o - jnp.mean(o, axis=-1, keepdims=True)
+  o = o / jnp.sqrt(jnp.mean(o**2, axis=-1, keepdims=True) + eps) * p["out_norm"]["scale"]
+  o = o * jax.nn.sigmoid(jnp.einsum("btd,dhk->bthk", x, p["o_gate"]["kernel"]))
+  return jnp.einsum("bthk,hkd->btd", o, p["out_proj"]["kernel"])
+
+
 def _reference(case, kw):
   """The reference for a case; the layers' defaults (RoPE theta, GLA's τ, eps) are the
   references' defaults."""
+  if case == "mlstm":
+    return _mlstm_reference
   if case == "gla":
     return _gla_reference
   if case.startswith("liger"):
     return lambda p, x: _liger_reference(p, x, **kw)
+  if case in ("based", "pla"):
+    return lambda p, x: _based_reference(p, x, kw.get("prefix_len", 0))
+  if case == "baseconv":
+    return _baseconv_reference
   heads = {k: kw[k] for k in ("num_heads", "num_kv_heads", "window") if k in kw}
   return lambda p, x: _attention_reference(p, x, **heads)
 
@@ -205,7 +273,11 @@ def test_cached_decoding_and_packing_match_full_forward(case):
   out = _cached_runs(mixer, _x(2))
   assert out["no_cache"] is None
   close = dict(rtol=1e-5, atol=1e-5)
-  assert_close(out["steps"], out["full"], **close)
+  if case == "pla":
+    # Token by token from position 0 no token sees a later prefix token: not the parallel form.
+    assert np.abs(out["steps"] - out["full"]).max() > 1e-3
+  else:
+    assert_close(out["steps"], out["full"], **close)
   assert_close(out["prefill_decode"], out["full"], **close)
   assert_close(out["packed"], out["separate"], **close)
   assert_close(out["packed_cache_tail"], out["separate"][:, -2:], **close)
@@ -220,6 +292,9 @@ def test_gla_cache_is_constant_size_and_attention_cache_grows():
     gla.init_cache(B, 10, jnp.float32).state.shape
     == gla.init_cache(B, 1000, jnp.float32).state.shape
   )
+  _, mlstm = _mixer("mlstm")
+  shapes = [tuple(x.shape for x in mlstm.init_cache(B, n, jnp.bfloat16)) for n in (10, 1000)]
+  assert shapes[0] == shapes[1] == ((B, 2, 4, 8), (B, 2, 4), (B, 2))
   assert attention.init_cache(B, 1000, jnp.bfloat16).k.shape == (B, 1000, 2, 8)
   assert attention.init_cache(B, 1000, jnp.bfloat16).k.dtype == jnp.bfloat16
 
@@ -237,10 +312,17 @@ def test_gla_cache_is_constant_size_and_attention_cache_grows():
     (layers.GatedLinearAttention, dict(num_heads=2, gate_rank=0), "gate_rank: expected"),
     (layers.GatedLinearAttention, dict(num_heads=2, chunk_size=1.5), "chunk_size: expected"),
     (layers.GatedLinearAttention, dict(num_heads=2, gate_normalizer=0.0), "gate_normalizer"),
+    (layers.MLSTM, dict(num_heads=3), "qk_dim_factor: expected qk_dim_factor \\* d_model"),
+    (layers.MLSTM, dict(num_heads=2, v_dim_factor=0.1), "v_dim_factor: expected"),
+    (layers.MLSTM, dict(num_heads=2, gate_soft_cap=0.0), "gate_soft_cap: expected a positive"),
     (layers.ParaGRU, dict(num_heads=3), "num_heads: expected a divisor of d_model=16, got 3"),
     (layers.ParaLSTM, dict(num_heads=2, max_iters=0), "max_iters: expected a positive int"),
     (layers.ParaLSTM, dict(num_heads=2, init_std=-1.0), "init_std: expected a non-negative"),
     (layers.ParaGRU, dict(num_heads=2, param_dtype=None), "param_dtype: expected a floating"),
+    (layers.BasedLinearAttention, dict(num_heads=3), "num_heads: expected a divisor of d_model"),
+    (layers.BasedLinearAttention, dict(num_heads=2, feature_dim=0), "feature_dim: expected"),
+    (layers.PrefixLinearAttention, dict(num_heads=2, prefix_len=-1), "prefix_len: expected"),
+    (layers.BaseConv, dict(kernel_size=0), "kernel_size: expected a positive int"),
   ],
 )
 def test_constructor_arguments_are_validated(module, kw, match):

@@ -22,7 +22,18 @@ CFG = LMConfig(
   max_seq_len=16,
   gla_chunk_size=16,
 )
-LOGICAL_AXES = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "rank", "norm", "layers"}
+LOGICAL_AXES = {
+  "vocab",
+  "embed",
+  "mlp",
+  "heads",
+  "kv_heads",
+  "head_dim",
+  "rank",
+  "norm",
+  "layers",
+  "taps",
+}
 
 
 def _tokens(b=2, t=8, seed=0):
@@ -118,7 +129,14 @@ def test_presets_abstract_parameter_counts():
 
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_every_parameter_has_logical_axis_names(scan_layers):
-  cfg = dataclasses.replace(CFG, scan_layers=scan_layers, tie_embeddings=False)
+  names = ("gla", "attention", "based", "baseconv", "pla")
+  cfg = dataclasses.replace(
+    CFG,
+    scan_layers=scan_layers,
+    tie_embeddings=False,
+    mixer_pattern=names,
+    num_layers=len(names),
+  )
   model = nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(0)))
   for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     names = param.get_metadata()["out_sharding"]
@@ -132,7 +150,7 @@ def test_every_parameter_has_logical_axis_names(scan_layers):
   [
     (
       dict(mixer_pattern=("gla", "lstm")),
-      r"mixer_pattern: unknown mixer 'lstm'.*'attention', 'gla', 'liger'",
+      r"mixer_pattern: unknown mixer 'lstm'.*'attention', .*'gla'",
     ),
     (dict(mixer_pattern="gla"), "mixer_pattern: expected a tuple"),
     (dict(num_kv_heads=3), "num_kv_heads: expected a divisor of num_heads=2"),
@@ -147,6 +165,10 @@ def test_every_parameter_has_logical_axis_names(scan_layers):
     (dict(qkv_bias=1), "qkv_bias: expected True or False"),
     (dict(rope_scaling={"rope_type": "llama3"}), "rope_scaling: expected a positive number"),
     (dict(rope_scaling=[1, 2]), "rope_scaling: expected a mapping"),
+    (dict(based_feature_dim=0), "based_feature_dim: expected a positive int"),
+    (dict(baseconv_kernel_size=0), "baseconv_kernel_size: expected a positive int"),
+    (dict(pla_prefix_len=-1), "pla_prefix_len: expected an int >= 0, got -1"),
+    (dict(mixer_pattern=("based",), num_heads=3, head_dim=6), "num_heads: Based and PLA need"),
   ],
 )
 def test_config_errors_name_the_field(overrides, match):

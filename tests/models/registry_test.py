@@ -26,12 +26,28 @@ def _abstract(name, cfg):
 
 
 def test_built_in_mixers_are_registered_with_their_layers():
-  assert mixer_names() == ("attention", "gla", "liger", "paragru", "paralstm")
+  assert mixer_names() == (
+    "attention",
+    "baseconv",
+    "based",
+    "gla",
+    "liger",
+    "mlstm",
+    "paragru",
+    "paralstm",
+    "pla",
+    "rat",
+  )
+  assert get_mixer("rat").module is layers.RAT
   assert get_mixer("liger").module is layers.LigerAttention
   assert get_mixer("attention").module is layers.Attention
   assert get_mixer("gla").module is layers.GatedLinearAttention
+  assert get_mixer("mlstm").module is layers.MLSTM
   assert get_mixer("paragru").module is layers.ParaGRU
   assert get_mixer("paralstm").module is layers.ParaLSTM
+  assert get_mixer("based").module is layers.BasedLinearAttention
+  assert get_mixer("baseconv").module is layers.BaseConv
+  assert get_mixer("pla").module is layers.PrefixLinearAttention
   for name in mixer_names():
     assert isinstance(_abstract(name, CFG), get_mixer(name).module), name
 
@@ -51,6 +67,11 @@ def test_builders_pass_the_config_fields_on():
     gla_chunk_size=32,
     pararnn_heads=8,
     pararnn_max_iters=3,
+    mlstm_qk_dim_factor=1.0,
+    mlstm_v_dim_factor=2.0,
+    mlstm_gate_soft_cap=7.0,
+    mlstm_chunk_size=8,
+    mlstm_eps=1e-4,
     norm_eps=1e-3,
     param_dtype="bfloat16",
     qkv_bias=True,
@@ -82,10 +103,21 @@ def test_builders_pass_the_config_fields_on():
   gla = _abstract("gla", cfg)
   assert (gla.key_dim, gla.value_dim, gla.chunk_size, gla.gate_normalizer) == (4, 8, 32, 8.0)
   assert gla.decay_down.kernel.shape == (16, 5) and gla.out_norm.eps == 1e-3
+  mlstm = _abstract("mlstm", cfg)
+  assert (mlstm.key_dim, mlstm.value_dim, mlstm.chunk_size, mlstm.eps) == (4, 8, 8, 1e-4)
+  assert mlstm.gate_soft_cap == 7.0 and mlstm.out_norm.eps == 1e-3
   for name in ("paragru", "paralstm"):
     rnn = _abstract(name, cfg)
     assert (rnn.num_heads, rnn.max_iters, rnn.width) == (8, 3, 16), name
     assert rnn.recurrent.dtype == jnp.bfloat16, name
+  based_cfg = dataclasses.replace(
+    CFG, num_heads=4, based_feature_dim=3, baseconv_kernel_size=5, pla_prefix_len=7
+  )
+  for name in ("based", "pla"):
+    mixer = _abstract(name, based_cfg)
+    assert (mixer.num_heads, mixer.feature_dim, mixer.head_dim) == (4, 3, 4), name
+  assert _abstract("pla", based_cfg).prefix_len == 7
+  assert _abstract("baseconv", based_cfg).conv_kernel.shape == (5, 16)
   # pararnn_heads defaults to num_heads.
   assert _abstract("paragru", dataclasses.replace(cfg, pararnn_heads=None)).num_heads == 4
 

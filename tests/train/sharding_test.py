@@ -10,9 +10,10 @@ P = jax.P
 
 
 def test_mesh_shape_fills_the_auto_axis():
-  assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
-  assert sharding.mesh_shape({"data": 1, "fsdp": -1, "tensor": 1}, 8) == (1, 8, 1)
-  assert sharding.mesh_shape({"data": 1, "fsdp": 1, "tensor": 1}, 8) == (1, 1, 1)
+  assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2, 1)
+  assert sharding.mesh_shape({"data": 1, "fsdp": -1, "tensor": 1}, 8) == (1, 8, 1, 1)
+  assert sharding.mesh_shape({"data": 1, "fsdp": 1, "tensor": 1, "expert": -1}, 8) == (1, 1, 1, 8)
+  assert sharding.mesh_shape({"data": 1, "fsdp": 1, "tensor": 1}, 8) == (1, 1, 1, 1)
 
 
 @pytest.mark.parametrize(
@@ -46,8 +47,11 @@ def test_rules_cover_the_logical_vocabulary():
     "kv_heads",
     "head_dim",
     "rank",
+    "taps",
     "norm",
     "layers",
+    "expert",
+    "router",
   }
   assert names == vocabulary
   assert len(names) == len(sharding.LOGICAL_AXIS_RULES)  # one rule per name

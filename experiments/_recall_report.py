@@ -1,0 +1,415 @@
+"""What ``experiments/recall.py`` writes: the BPE tokenizer of the counting runs, the JSON, the
+plots, the tables and the verdict on the papers' claims in ``RESULTS.md``.
+
+The verdict is computed from the numbers with the criteria stated next to it, so a rerun with
+other settings rewrites it truthfully.
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from experiments._results import write_section
+from jaxrec import data as data_lib
+from jaxrec.data import tasks as tasks_lib
+
+SECTION = "Recall: MQAR, set disjointness, counting"
+# Causal recurrent mixers of the claims (a) and (b): not full attention (no recurrent state), not
+# PLA (non-causal over the context) and not BaseConv alone (a 3-token window cannot recall).
+_NOT_RECURRENT = ("attention", "pla", "baseconv")
+# An accuracy difference smaller than this counts as none: about two standard errors of an
+# accuracy near 0.5 on the default sweep's 256 test examples per number.
+_GAP = 0.05
+
+
+# ----------------------------------------------------------------------------------------------
+# Counting's tokenizer.
+
+
+def train_bpe(config, min_length: int, max_length: int, path: str):
+  """A byte-level BPE ``tokenizer.json`` trained on counting texts of every format (so plain
+  strings get multi-letter merges); saved at ``path`` and loaded as a ``jaxrec`` tokenizer."""
+  try:
+    import tokenizers
+  except ImportError as e:
+    raise ImportError("the counting runs train a BPE tokenizer: pip install tokenizers") from e
+  rng = np.random.default_rng(config.seed)
+  alphabet = list(config.counting.alphabet)
+  texts = []
+  for _ in range(2000):
+    letters = "".join(rng.choice(alphabet, size=rng.integers(min_length, max_length + 1)))
+    for fmt in tasks_lib.FORMATS:
+      count = letters.count(config.counting.letter)
+      texts.append(f"{tasks_lib.format_string(letters, fmt)}\n{config.counting.letter}:{count}")
+  bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+  bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  bpe.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(
+    vocab_size=config.counting.bpe_vocab_size,
+    special_tokens=["<pad>", "<s>", "</s>"],
+    show_progress=False,
+  )
+  bpe.train_from_iterator(texts, trainer)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  bpe.save(path)
+  return data_lib.load_tokenizer(path)
+
+
+def tokens_per_letter(task: tasks_lib.Counting) -> float:
+  """Context tokens per letter of the task's format, over 200 strings (below 1: merged)."""
+  rng = np.random.default_rng(0)
+  strings = ["".join(rng.choice(list(task.alphabet), size=task.max_length)) for _ in range(200)]
+  tokens = sum(len(task.encode_string(s)) for s in strings)
+  letters = sum(len(s) for s in strings)
+  return tokens / letters
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs.
+
+
+def write(results: dict, out_dir: str, results_md: str) -> None:
+  """``recall.json``, the plots and the ``RESULTS.md`` section."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {name: os.path.join(out_dir, f"{name}.png") for name in ("mqar", "sets", "counting")}
+  runs = results["runs"]
+  _plot_state(_family(runs, "mqar"), None, paths["mqar"], "MQAR accuracy")
+  _plot_state(_family(runs, "sets"), _family(runs, "sets_jrt"), paths["sets"], "set disjointness")
+  _plot_counting([r for r in runs if r["family"].startswith("counting:")], paths["counting"])
+  json_path = os.path.join(out_dir, "recall.json")
+  with open(json_path, "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=1)
+  md_dir = os.path.dirname(os.path.abspath(results_md))
+  rel = {
+    k: os.path.relpath(os.path.abspath(p), md_dir) for k, p in {**paths, "json": json_path}.items()
+  }
+  write_section(results_md, SECTION, section(results, rel))
+  print(f"wrote {json_path}, the plots and the section {SECTION!r} of {results_md}")
+
+
+def section(results: dict, paths: dict[str, str]) -> str:
+  runs = results["runs"]
+  config = results["config"]
+  notes = "".join(f"\n- {n}" for n in results["notes"])
+  return f"""## {SECTION}
+
+Every registered mixer (and `swa`, attention with a window of {config["window"]}) in
+{config["num_layers"]}-layer `(baseconv, mixer)` models of width {config["d_models"]} (Based/PLA
+feature dim = width / {config["feature_dim_ratio"]}), trained from scratch with AdamW (lr
+{config["learning_rate"]}, cosine, batch {config["batch_size"]}), at most {config["steps"]} steps,
+stopped early at validation accuracy {config["target_accuracy"]}; every number is on
+{config["test_examples"]} fresh test examples. MQAR: vocabulary {config["mqar"]["vocab_size"]},
+{config["mqar"]["num_pairs"]} pairs in {config["mqar"]["seq_len"]} tokens. Set disjointness:
+vocabulary {config["sets"]["vocab_size"]}, sizes |A|x|B| {config["sets"]["sizes"]} mixed in
+training. Counting: alphabet `{config["counting"]["alphabet"]}`, letter
+`{config["counting"]["letter"]}`, lengths {config["counting"]["lengths"]}, a byte-level BPE of
+{config["counting"]["bpe_vocab_size"]} tokens trained on the task's texts. State bytes: the
+decoding state after the prompt (batch 1), KV caches for attention. Machine: {results["machine"]};
+the sweep took {results["seconds"] / 60:.1f} minutes.{_scale(config)}{notes}
+
+### Verdict on the papers' claims
+
+{verdict(runs)}
+
+### MQAR
+
+{mqar_table(runs)}
+
+![MQAR accuracy against state bytes]({paths["mqar"]})
+
+### Set disjointness
+
+{sets_table(runs)}
+
+![set disjointness accuracy against state bytes]({paths["sets"]})
+
+### Counting
+
+{counting_table(runs)}
+
+![counting exact match by length]({paths["counting"]})
+
+Data: `{paths["json"]}`. Command:
+
+```
+{results["command"]}
+```
+"""
+
+
+def _scale(config) -> str:
+  if config["full"]:
+    return " This is the paper-scale sweep (`--config.full=True`)."
+  return (
+    " This is the CPU-sized sweep; the paper-scale one, for an accelerator, is `python -m "
+    "experiments.recall --config.full=True` (widths 36-128, 4 layers, 20k steps, MQAR with "
+    "vocabulary 8192 and 64 pairs in 256 tokens, JRT's set sizes)."
+  )
+
+
+def _family(runs, family):
+  return [r for r in runs if r["family"] == family]
+
+
+def _pairs(run):
+  """``[(short-first key, long-first key)]`` of a set-disjointness run's sizes."""
+  keys = set(run["scores"])
+  out = []
+  for key in sorted(keys):
+    a, b = (int(n) for n in key.split("x"))
+    if a < b and f"{b}x{a}" in keys:
+      out.append((key, f"{b}x{a}"))
+  return out
+
+
+def order_gap(run) -> float:
+  """Mean accuracy with the smaller set first minus with the larger set first."""
+  pairs = _pairs(run)
+  if not pairs:
+    return math.nan
+  scores = run["scores"]
+  return float(np.mean([scores[s]["accuracy"] - scores[g]["accuracy"] for s, g in pairs]))
+
+
+def verdict(runs) -> str:
+  lines = []
+  sets = {(r["variant"], r["d_model"]): r for r in _family(runs, "sets")}
+  jrt = {(r["variant"], r["d_model"]): r for r in _family(runs, "sets_jrt")}
+  widths = sorted({w for _, w in sets})
+  recurrent = sorted({v for v, _ in sets if v not in _NOT_RECURRENT})
+  # (a)
+  if recurrent and widths:
+    by_width = {w: [order_gap(sets[v, w]) for v in recurrent if (v, w) in sets] for w in widths}
+    mean = {w: float(np.nanmean(g)) for w, g in by_width.items()}
+    small, large = widths[0], widths[-1]
+    holds = mean[small] > _GAP and mean[small] >= mean[large]
+    lines.append(
+      f"- **(a) larger set first is harder for causal recurrent models, more so with less "
+      f"state: {'reproduces' if holds else 'does not reproduce'}.** Mean accuracy gap "
+      f"(smaller set first − larger first) over {', '.join(recurrent)}: "
+      + ", ".join(f"{mean[w]:+.3f} at width {w}" for w in widths)
+      + f" (criterion: > {_GAP} at the smallest width and no smaller than at the largest)."
+      + _chance_note(next(iter(sets.values())))
+    )
+    # (b)
+    closed = []
+    for v in recurrent:
+      for w in widths:
+        if (v, w) in jrt and order_gap(sets[v, w]) > _GAP:
+          closed.append((v, w, order_gap(sets[v, w]), order_gap(jrt[v, w])))
+    if closed:
+      fraction = float(np.mean([1 - g_j / g for _, _, g, g_j in closed]))
+      detail = "; ".join(f"{v} d={w}: {g:+.3f} → {g_j:+.3f}" for v, w, g, g_j in closed)
+      lines.append(
+        f"- **(b) JRT-Prompt closes most of that gap: "
+        f"{'reproduces' if fraction > 0.5 else 'does not reproduce'}** (mean fraction closed "
+        f"{fraction:.2f} where the plain gap exceeds {_GAP}; plain → JRT gaps: {detail})."
+      )
+    else:
+      lines.append(
+        "- **(b) JRT-Prompt closes the gap: not testable here**: no causal recurrent run has an "
+        f"order gap above {_GAP} to close."
+      )
+    pla = [(w, order_gap(sets["pla", w])) for w in widths if ("pla", w) in sets]
+    based = {w: order_gap(sets["based", w]) for w in widths if ("based", w) in sets}
+    if pla:
+      detail = ", ".join(
+        f"d={w}: PLA {g:+.3f}" + (f" vs Based {based[w]:+.3f}" if w in based else "")
+        for w, g in pla
+      )
+      small = all(abs(g) <= _GAP for _, g in pla)
+      lines.append(
+        f"- **(b) prefix linear attention has no order gap: "
+        f"{'reproduces' if small else 'does not reproduce'}** ({detail}; criterion |gap| ≤ "
+        f"{_GAP})."
+      )
+  # (c)
+  mqar = _family(runs, "mqar")
+  attention = [r for r in mqar if r["variant"] == "attention"]
+  if attention:
+    acc = {r["d_model"]: r["scores"]["repeats=1"]["accuracy"] for r in attention}
+    others = {
+      (r["variant"], r["d_model"]): r["scores"]["repeats=1"]["accuracy"]
+      for r in mqar
+      if r["variant"] not in ("attention",)
+    }
+    holds = min(acc.values()) >= 0.9
+    best_other = max(others.items(), key=lambda kv: kv[1]) if others else None
+    lines.append(
+      f"- **(c) attention solves the MQAR settings: {'reproduces' if holds else 'does not reproduce'}"
+      f"** (accuracy "
+      + ", ".join(f"{a:.3f} at width {w}" for w, a in sorted(acc.items()))
+      + "; criterion ≥ 0.9"
+      + (
+        f"; best other mixer {best_other[0][0]} d={best_other[0][1]}: {best_other[1]:.3f})."
+        if best_other
+        else ")."
+      )
+    )
+    if not holds:
+      lines.append(
+        "- **Caveat: the models are undertrained at this budget.** Attention, which has the "
+        "whole context in its cache, does not solve MQAR here, so what the sweep measures is "
+        "mostly how fast each mixer learns in a few hundred CPU steps, not what its state can "
+        "hold; the claims above are about trained models (the papers train for thousands of "
+        "steps: `--config.full=True`)."
+      )
+  # (d)
+  counting = [r for r in runs if r["family"].startswith("counting:")]
+  plain = {r["variant"]: r for r in counting if r["family"] == "counting:plain"}
+  items = {r["variant"]: r for r in counting if r["family"] == "counting:items"}
+  both = sorted(set(plain) & set(items))
+  if both:
+    diffs = {m: _mean_exact(items[m]) - _mean_exact(plain[m]) for m in both}
+    holds = all(d > _GAP for d in diffs.values())
+    lines.append(
+      f"- **(d) letters merged into one token count worse: "
+      f"{'reproduces' if holds else 'does not reproduce'}** (exact match, one token per letter "
+      "minus the plain BPE string, mean over lengths: "
+      + ", ".join(f"{m} {d:+.3f}" for m, d in diffs.items())
+      + f"; plain strings average {plain[both[0]]['tokens_per_letter']:.2f} tokens per letter;"
+      f" criterion > {_GAP} for every mixer)."
+    )
+  return "\n".join(lines) if lines else "No runs."
+
+
+def _chance_note(run) -> str:
+  """Guessing an element of the second set is right with probability ``1/|B|``, which favours the
+  larger-set-first order: a model that has learned only that much shows a negative gap."""
+  chance = ", ".join(f"{k}: {1 / int(k.split('x')[1]):.3f}" for k in run["scores"])
+  return (
+    f" Chance, guessing an element of the second set, is 1/|B| ({chance}): it favours the "
+    "larger set first, so an undertrained model shows a negative gap."
+  )
+
+
+def _mean_exact(run) -> float:
+  return float(np.mean([s["exact_match"] for s in run["scores"].values()]))
+
+
+def mqar_table(runs) -> str:
+  lines = [
+    "| mixer | width | state bytes | steps | accuracy | with JRT-Prompt at test time only |",
+    "|---|---:|---:|---:|---:|---:|",
+  ]
+  for r in _family(runs, "mqar"):
+    s = r["scores"]
+    lines.append(
+      f"| {r['variant']} | {r['d_model']} | {r['state_bytes']:,} | {r['steps']} | "
+      f"{s['repeats=1']['accuracy']:.3f} | {s['repeats=2']['accuracy']:.3f} |"
+    )
+  return "\n".join(lines)
+
+
+def sets_table(runs) -> str:
+  plain = _family(runs, "sets")
+  jrt = {(r["variant"], r["d_model"]): r for r in _family(runs, "sets_jrt")}
+  if not plain:
+    return "No runs."
+  keys = list(plain[0]["scores"])
+  head = " | ".join(keys)
+  lines = [
+    f"| mixer | width | state bytes | {head} | gap | JRT: {' | '.join(keys)} | JRT gap |",
+    "|---|---:|---:|" + "---:|" * (2 * len(keys) + 2),
+  ]
+  for r in plain:
+    j = jrt.get((r["variant"], r["d_model"]))
+    accs = " | ".join(f"{r['scores'][k]['accuracy']:.3f}" for k in keys)
+    if j is None:
+      j_accs, j_gap = " | ".join("–" for _ in keys), "–"
+    else:
+      j_accs = " | ".join(f"{j['scores'][k]['accuracy']:.3f}" for k in keys)
+      j_gap = f"{order_gap(j):+.3f}"
+    lines.append(
+      f"| {r['variant']} | {r['d_model']} | {r['state_bytes']:,} | {accs} | "
+      f"{order_gap(r):+.3f} | {j_accs} | {j_gap} |"
+    )
+  return "\n".join(lines)
+
+
+def counting_table(runs) -> str:
+  counting = [r for r in runs if r["family"].startswith("counting:")]
+  if not counting:
+    return "No runs."
+  keys = list(counting[0]["scores"])
+  lines = [
+    f"| mixer | format | tokens per letter | steps | exact match {' | '.join(keys)} |",
+    "|---|---|---:|---:|" + "---:|" * len(keys),
+  ]
+  for r in counting:
+    exact = " | ".join(f"{r['scores'][k]['exact_match']:.3f}" for k in keys)
+    fmt = r["family"].split(":", 1)[1]
+    lines.append(
+      f"| {r['variant']} | {fmt} | {r['tokens_per_letter']:.2f} | {r['steps']} | {exact} |"
+    )
+  return "\n".join(lines)
+
+
+def _figure(ncols=1):
+  fig = Figure(figsize=(6 * ncols, 4.2))
+  FigureCanvasAgg(fig)
+  return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def _plot_state(plain, jrt, path, title):
+  """Accuracy against state bytes, a line per mixer through its widths; set disjointness gets a
+  panel per order (dashed: JRT-Prompt)."""
+  if not plain:
+    return
+  if plain[0]["family"] == "mqar":
+    panels = [("repeats=1", title)]
+  else:
+    short, long = _pairs(plain[0])[0]
+    panels = [(short, f"{title}, smaller set first ({short})"), (long, f"larger first ({long})")]
+  fig, axes = _figure(len(panels))
+  variants = sorted({r["variant"] for r in plain})
+  for ax, (key, name) in zip(axes, panels, strict=True):
+    for i, v in enumerate(variants):
+      for runs, style in ((plain, "o-"), (jrt or [], "s--")):
+        rs = sorted((r for r in runs if r["variant"] == v), key=lambda r: r["state_bytes"])
+        if rs:
+          ax.plot(
+            [r["state_bytes"] for r in rs],
+            [r["scores"][key]["accuracy"] for r in rs],
+            style,
+            color=f"C{i}",
+            label=v if style == "o-" else None,
+          )
+    ax.set_xscale("log")
+    ax.set_xlabel("decoding state (bytes)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(name + ("; dashed: JRT-Prompt" if jrt else ""), fontsize=9)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def _plot_counting(runs, path):
+  if not runs:
+    return
+  mixers = sorted({r["variant"] for r in runs})
+  fig, axes = _figure(len(mixers))
+  for ax, mixer in zip(axes, mixers, strict=True):
+    for i, r in enumerate(x for x in runs if x["variant"] == mixer):
+      keys = list(r["scores"])
+      ax.plot(
+        keys,
+        [r["scores"][k]["exact_match"] for k in keys],
+        "o-",
+        color=f"C{i}",
+        label=f"{r['family'].split(':')[1]} ({r['tokens_per_letter']:.2f} tok/letter)",
+      )
+    ax.set_title(f"counting, {mixer}", fontsize=9)
+    ax.set_xlabel("string length")
+    ax.set_ylabel("exact match")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)

@@ -1,0 +1,86 @@
+"""The recall sweep (``experiments/recall.py``): MQAR, set disjointness and counting.
+
+The default is sized for two CPU cores (under 40 minutes with other jobs on the machine):
+2-layer ``(baseconv, mixer)`` models of width 32 and 64, tiny vocabularies, a few hundred steps
+with early stopping. ``--config.full=True`` is the paper-scale sweep for an accelerator (Zoology's
+MQAR settings, JRT's set sizes, widths up to 128); any field given on the command line keeps its
+value over the full-scale one.
+
+  python -m experiments.recall                                   # the CPU sweep
+  python -m experiments.recall --config.mixers=attention,based   # some mixers only
+  python -m experiments.recall --config.full=True                # paper scale (accelerator)
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.full = False
+  config.seed = 0
+  # "all": every registered mixer (plus "swa", attention with a window); or comma-separated names.
+  config.mixers = "all"
+  config.d_models = "32,64"  # the state sizes: model widths, comma-separated
+  config.num_layers = 2  # the pattern is (baseconv, mixer), as Zoology's MQAR models
+  config.num_heads = 2
+  config.feature_dim_ratio = 8  # Based / PLA feature dim = d_model // ratio (4 and 8 here)
+  config.window = 8  # sliding-window attention ("swa")
+  config.batch_size = 32
+  config.learning_rate = 1e-2
+  config.warmup_steps = 30
+  config.weight_decay = 0.1
+  config.steps = 300  # per model at most (MQAR and both set-disjointness runs share a compile)
+  config.eval_every = 50
+  config.eval_examples = 64  # validation examples per early-stopping check
+  config.test_examples = 256  # per reported number
+  config.target_accuracy = 0.99  # early stop
+
+  config.mqar = ml_collections.ConfigDict()
+  config.mqar.vocab_size = 64
+  config.mqar.seq_len = 32
+  config.mqar.num_pairs = 4
+
+  config.sets = ml_collections.ConfigDict()
+  config.sets.vocab_size = 65  # the MQAR models' vocabulary (64 + its pad/mask id)
+  config.sets.sizes = "4x12,12x4"  # |A|x|B| pairs, mixed in training, each scored
+  config.sets.jrt_repeats = 2
+
+  config.counting = ml_collections.ConfigDict()
+  config.counting.mixers = "attention,based"
+  config.counting.formats = "plain,space,comma,items"
+  config.counting.alphabet = "ab"
+  config.counting.letter = "a"
+  config.counting.lengths = "4-8,9-12,13-16"  # trained on all, scored per range
+  config.counting.bpe_vocab_size = 64  # of the BPE tokenizer trained on the counting texts
+  config.counting.steps = 300
+  config.counting.d_model = 64
+
+  config.out_dir = "results/recall"
+  config.results_md = "RESULTS.md"
+  config.progress = True
+  return config
+
+
+# The paper-scale values that --config.full=True sets (fields given on the command line win).
+FULL = {
+  "d_models": "36,64,96,128",
+  "num_layers": 4,
+  "feature_dim_ratio": 4,
+  "window": 64,
+  "batch_size": 128,
+  "learning_rate": 8e-4,
+  "warmup_steps": 500,
+  "steps": 20_000,
+  "eval_every": 1000,
+  "eval_examples": 1000,
+  "test_examples": 3000,
+  "mqar.vocab_size": 8192,
+  "mqar.seq_len": 256,
+  "mqar.num_pairs": 64,
+  "sets.vocab_size": 2048,
+  "sets.sizes": "4x16,16x4,8x32,32x8,64x16,16x64,4x128,128x4,16x256,256x16",
+  "counting.lengths": "10-20,20-30,30-40",
+  "counting.bpe_vocab_size": 256,
+  "counting.steps": 20_000,
+  "counting.d_model": 128,
+}

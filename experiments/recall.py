@@ -1,0 +1,418 @@
+r"""The recall suite: every registered mixer on MQAR, set disjointness and counting.
+
+  python -m experiments.recall [--config=experiments/configs/recall.py] [--config.FIELD=VALUE]
+
+For every mixer of the registry (``--config.mixers``; ``swa`` is attention with
+``--config.window``) and every width of ``--config.d_models`` (the state sizes), a 2-layer
+``(baseconv, mixer)`` model is trained from scratch, with early stopping at
+``--config.target_accuracy``:
+
+1. on MQAR, scored with the plain prompt and with JRT-Prompt at test time only;
+2. on set disjointness, the size pairs of ``--config.sets.sizes`` mixed (both orders), scored per
+   pair;
+3. on set disjointness shown with JRT-Prompt (the context twice), trained and scored that way, for
+   every mixer but full attention (order cannot matter to it) and PLA (it already reads the
+   context non-causally).
+
+The three share one compiled train step per mixer and width (``pla`` needs a second: its prefix
+is the MQAR context, and the whole prompt for set disjointness). Then the counting mixers
+(``--config.counting.mixers``) are trained on counting in each format with a small BPE tokenizer
+trained on the task's texts (where the formats tokenize differently), scored per length range.
+
+Outputs: ``<out_dir>/recall.json`` (every number, the config and the machine), ``mqar.png``,
+``sets.png`` (accuracy against recurrent-state bytes), ``counting.png``, the BPE
+``tokenizer.json``, and the section "Recall: MQAR, set disjointness, counting" of ``RESULTS.md``
+with the verdict on the papers' claims. This file parses flags and calls ``run_sweep``.
+"""
+
+import dataclasses
+import functools
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import tqdm
+from absl import app, logging
+from flax import nnx
+
+from experiments import _cli, _recall_report
+from experiments.configs import recall as recall_config
+from jaxrec import train as train_lib
+from jaxrec.data import tasks as tasks_lib
+from jaxrec.inference import evaluate_recall, recall_dataset
+from jaxrec.models import LM, LMConfig, mixer_names, param_count
+
+_CONFIG = _cli.define_config_flag(
+  "Recall sweep configuration file.", default=os.path.abspath(recall_config.__file__)
+)
+
+EVAL_BATCH = 64
+# Full attention and PLA are not trained with JRT-Prompt: reading order cannot matter to the one,
+# the other already reads the context non-causally.
+_NO_JRT = ("attention", "pla")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """A mixer as swept: ``name`` in the results, the registered ``mixer``, attention's window."""
+
+  name: str
+  mixer: str
+  window: int | None = None
+
+
+def sweep_variants(config) -> tuple[list[Variant], list[str]]:
+  """The registered mixers the sweep runs (with ``swa``), and notes on those it leaves out."""
+  registered = mixer_names()
+  candidates = [Variant(m, m) for m in registered]
+  if "attention" in registered:
+    candidates.append(Variant("swa", "attention", config.window))
+  wanted = _names(config.mixers, "--config.mixers")
+  known = {v.name for v in candidates}
+  if wanted != ["all"]:
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+      raise train_lib.ConfigError(
+        f"--config.mixers: unknown {unknown}; expected 'all' or names of {sorted(known)}"
+      )
+    candidates = [v for v in candidates if v.name in wanted]
+  variants, notes = [], []
+  for variant in candidates:
+    try:  # a mixer that needs settings this sweep does not give cannot run here
+      _model_config(config, variant, int(_names(config.d_models, "")[0]), 16, 8, 4)
+    except ValueError as e:
+      notes.append(f"{variant.name}: left out, its model cannot be built here ({e})")
+      continue
+    variants.append(variant)
+  return variants, notes
+
+
+def run_sweep(config, given: set[str] | frozenset = frozenset()) -> dict:
+  """Runs the sweep of ``config`` (module docstring); returns what ``recall.json`` holds."""
+  config = _resolve(config, given)
+  variants, notes = sweep_variants(config)
+  widths = [int(w) for w in _names(config.d_models, "--config.d_models")]
+  mqar = tasks_lib.MQAR(
+    vocab_size=config.mqar.vocab_size,
+    seq_len=config.mqar.seq_len,
+    num_pairs=config.mqar.num_pairs,
+  )
+  sizes = _set_sizes(config.sets.sizes)
+  sets = [tasks_lib.SetDisjointness(config.sets.vocab_size, a, b) for a, b in sizes]
+  repeats = config.sets.jrt_repeats
+  row = max(mqar.max_prompt_length(2), *(s.max_prompt_length(repeats) for s in sets))
+  vocab = max(mqar.num_tokens, sets[0].num_tokens)
+  # One device: the models are tiny, and the sweep's time goes to compiling them.
+  mesh = train_lib.make_mesh(train_lib.mesh_shape({"data": 1, "fsdp": 1, "tensor": 1}, 1))
+  runs = []
+  total = len(variants) * len(widths) * 3 + len(_names(config.counting.mixers, "")) * len(
+    _names(config.counting.formats, "")
+  )
+  bar = tqdm.tqdm(total=total, desc="recall sweep", disable=not config.progress, unit="run")
+  start = time.perf_counter()
+  for variant in variants:
+    for width in widths:
+      feature_dim = max(1, width // config.feature_dim_ratio)
+      cfg = _model_config(config, variant, width, vocab, row, feature_dim)
+      mqar_cfg = cfg
+      if variant.mixer == "pla":  # its prefix: the MQAR context (2 tokens a pair)
+        mqar_cfg = dataclasses.replace(cfg, pla_prefix_len=2 * config.mqar.num_pairs)
+      trainer = _Trainer(mqar_cfg, config, config.steps, mesh)
+      runs.append(_run_mqar(trainer, config, variant, mqar, row, bar))
+      if mqar_cfg is not cfg:
+        trainer = _Trainer(cfg, config, config.steps, mesh)
+      runs.append(_run_sets(trainer, config, variant, sets, sizes, 1, row, bar))
+      if variant.mixer not in _NO_JRT or variant.window is not None:
+        runs.append(_run_sets(trainer, config, variant, sets, sizes, repeats, row, bar))
+      else:
+        bar.update()
+  runs += _run_counting(config, mesh, bar)
+  bar.close()
+  seconds = time.perf_counter() - start
+  return {
+    "command": " ".join(["python -m experiments.recall", *sys.argv[1:]]),
+    "config": config.to_dict(),
+    "machine": _machine(),
+    "seconds": seconds,
+    "notes": notes,
+    "runs": runs,
+  }
+
+
+# ----------------------------------------------------------------------------------------------
+# Training.
+
+
+class _Trainer:
+  """One model configuration, compiled once, that trains fresh models on any task's rows."""
+
+  def __init__(self, cfg: LMConfig, config, steps: int, mesh):
+    self.cfg, self.config, self.steps, self.mesh = cfg, config, steps, mesh
+    lr = config.learning_rate
+    self.schedule = train_lib.warmup_cosine_schedule(lr, steps, config.warmup_steps, lr * 0.1)
+    self.tx = train_lib.make_optimizer(self.schedule, weight_decay=config.weight_decay)
+    self.graphdef, self.abstract = train_lib.abstract_train_state(
+      self._maker(config.seed), self.tx, mesh
+    )
+    self.train_step = train_lib.make_train_step(
+      self.graphdef, self.tx, self.schedule, self.abstract, mesh
+    )
+    # Every model of this trainer starts from the same initialization, compiled once; the step
+    # donates its input state, so each run trains a copy.
+    self.initial = train_lib.init_train_state(self._maker(config.seed), self.tx, self.abstract)
+
+  def _maker(self, seed):
+    return lambda: LM(self.cfg, rngs=nnx.Rngs(seed))
+
+  def fit(self, train_ds, validate) -> tuple[nnx.Module, dict]:
+    """Trains a fresh model on ``train_ds`` until ``validate(model) >= target_accuracy`` (checked
+    every ``eval_every`` steps) or the steps run out; returns it and its training record."""
+    config = self.config
+    state = jax.tree.map(jnp.copy, self.initial)
+    curve, start, step = [], time.perf_counter(), 0
+    for step, batch in enumerate(train_ds, 1):
+      state, metrics = self.train_step(state, train_lib.global_batch(batch, self.mesh))
+      if step % config.eval_every == 0 or step == self.steps:
+        accuracy = validate(self.model(state))
+        curve.append({"step": step, "loss": float(metrics["loss"]), "accuracy": accuracy})
+        logging.info("step %d: loss %.4f, validation accuracy %.3f", *curve[-1].values())
+        if accuracy >= config.target_accuracy:
+          break
+    record = {"steps": step, "seconds": time.perf_counter() - start, "curve": curve}
+    return self.model(state), record
+
+  def model(self, state) -> nnx.Module:
+    return nnx.merge(self.graphdef, state.params, state.rest)
+
+  def train_rows(self, tasks, repeats: int, row: int):
+    config = self.config
+    return recall_dataset(
+      tasks,
+      num_examples=self.steps * config.batch_size,
+      batch_size=config.batch_size,
+      seed=config.seed,
+      repeats=repeats,
+      seq_len=row,
+      shuffle=False,
+    )
+
+
+def _score(model, task, config, *, repeats=1, row, examples=None, seed=2):
+  return evaluate_recall(
+    model,
+    task,
+    num_examples=examples or config.test_examples,
+    batch_size=EVAL_BATCH,
+    seed=config.seed + seed,
+    repeats=repeats,
+    seq_len=row,
+  )
+
+
+def _run_mqar(trainer, config, variant, mqar, row, bar) -> dict:
+  validate = functools.partial(
+    _accuracy, task=mqar, config=config, repeats=1, row=row, metric="accuracy"
+  )
+  model, record = trainer.fit(trainer.train_rows(mqar, 1, row), validate)
+  scores = {f"repeats={r}": _score(model, mqar, config, repeats=r, row=row) for r in (1, 2)}
+  return _finish(bar, "mqar", variant, trainer.cfg, record, scores, mqar.max_prompt_length(1))
+
+
+def _run_sets(trainer, config, variant, sets, sizes, repeats, row, bar) -> dict:
+  validate = functools.partial(
+    _accuracy, task=sets, config=config, repeats=repeats, row=row, metric="accuracy"
+  )
+  model, record = trainer.fit(trainer.train_rows(sets, repeats, row), validate)
+  scores = {
+    f"{a}x{b}": _score(model, task, config, repeats=repeats, row=row)
+    for (a, b), task in zip(sizes, sets, strict=True)
+  }
+  family = "sets" if repeats == 1 else "sets_jrt"
+  prompt = max(s.max_prompt_length(repeats) for s in sets)
+  return _finish(bar, family, variant, trainer.cfg, record, scores, prompt)
+
+
+def _accuracy(model, *, task, config, repeats, row, metric) -> float:
+  return _score(
+    model, task, config, repeats=repeats, row=row, examples=config.eval_examples, seed=1
+  )[metric]
+
+
+def _finish(bar, family, variant, cfg, record, scores, prompt_len) -> dict:
+  run = {
+    "family": family,
+    "variant": variant.name,
+    "d_model": cfg.d_model,
+    "params": param_count(cfg),
+    "state_bytes": state_bytes(cfg, prompt_len),
+    **record,
+    "scores": scores,
+  }
+  metric = "exact_match" if family.startswith("counting") else "accuracy"
+  best = ", ".join(f"{k} {v[metric]:.3f}" for k, v in scores.items())
+  bar.write(
+    f"{family:9s} {variant.name:9s} d={cfg.d_model:<4d} state {run['state_bytes']:>8,d} B  "
+    f"{record['steps']:>5d} steps {record['seconds']:5.0f} s  {best}"
+  )
+  bar.update()
+  return run
+
+
+# ----------------------------------------------------------------------------------------------
+# Counting.
+
+
+def _run_counting(config, mesh, bar) -> list[dict]:
+  mixers = _names(config.counting.mixers, "--config.counting.mixers")
+  formats = _names(config.counting.formats, "--config.counting.formats")
+  if not mixers or not formats:
+    return []
+  unknown = [f for f in formats if f not in tasks_lib.FORMATS]
+  if unknown:
+    raise train_lib.ConfigError(
+      f"--config.counting.formats: unknown {unknown}; expected names of {tasks_lib.FORMATS}"
+    )
+  ranges = _ranges(config.counting.lengths)
+  lo, hi = ranges[0][0], ranges[-1][1]
+  path = os.path.join(config.out_dir, "tokenizer.json")
+  tokenizer = _recall_report.train_bpe(config, lo, hi, path)
+  counting = functools.partial(
+    tasks_lib.Counting, tokenizer, alphabet=config.counting.alphabet, letter=config.counting.letter
+  )
+  try:
+    train_tasks = {f: counting(format=f, min_length=lo, max_length=hi) for f in formats}
+  except ValueError as e:
+    raise train_lib.ConfigError(f"--config.counting: {e}") from e
+  row = max(t.max_prompt_length(1) for t in train_tasks.values())
+  runs = []
+  for mixer in mixers:
+    variant = Variant(mixer, mixer)
+    cfg = _model_config(config, variant, config.counting.d_model, tokenizer.vocab_size, row, 8)
+    trainer = _Trainer(cfg, config, config.counting.steps, mesh)
+    for fmt, task in train_tasks.items():
+      validate = functools.partial(
+        _accuracy, task=task, config=config, repeats=1, row=row, metric="exact_match"
+      )
+      model, record = trainer.fit(trainer.train_rows(task, 1, row), validate)
+      scores = {
+        f"{a}-{b}": _score(model, counting(format=fmt, min_length=a, max_length=b), config, row=row)
+        for a, b in ranges
+      }
+      record["tokens_per_letter"] = _recall_report.tokens_per_letter(task)
+      runs.append(_finish(bar, f"counting:{fmt}", variant, cfg, record, scores, row))
+  return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration.
+
+
+def _model_config(config, variant, width, vocab, row, feature_dim) -> LMConfig:
+  return LMConfig(
+    vocab_size=vocab,
+    d_model=width,
+    num_layers=config.num_layers,
+    mixer_pattern=("baseconv", variant.mixer),
+    num_heads=config.num_heads,
+    window=variant.window,
+    based_feature_dim=feature_dim,
+    pla_prefix_len=row,
+    max_seq_len=row,
+  )
+
+
+def state_bytes(cfg: LMConfig, prompt_len: int) -> int:
+  """Bytes of the model's decoding state after a prompt of ``prompt_len`` tokens (batch 1): the
+  recurrent states, or the attention KV caches at that length."""
+  model = nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(0)))
+  cache = jax.eval_shape(lambda: model.init_cache(1, prompt_len))
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache) if x.ndim))
+
+
+def _resolve(config, given):
+  """``--config.full`` sets the paper-scale values of fields not given on the command line; then
+  the fields that nothing else checks are checked."""
+  config = config.copy_and_resolve_references()
+  if config.full:
+    for field, value in recall_config.FULL.items():
+      if field not in given:
+        section, _, name = field.rpartition(".")
+        (config[section] if section else config)[name] = value
+  for field in ("steps", "counting.steps"):
+    section, _, name = field.rpartition(".")
+    steps = (config[section] if section else config)[name]
+    if not isinstance(steps, int) or steps <= config.warmup_steps:
+      raise train_lib.ConfigError(
+        f"--config.{field}: expected more than --config.warmup_steps={config.warmup_steps} "
+        f"(the cosine schedule decays after the warmup), got {steps!r}"
+      )
+  for field in ("batch_size", "eval_every", "eval_examples", "test_examples", "num_layers"):
+    if not isinstance(config[field], int) or config[field] < 1:
+      raise train_lib.ConfigError(
+        f"--config.{field}: expected a positive int, got {config[field]!r}"
+      )
+  for field in ("eval_examples", "test_examples"):
+    if config[field] % EVAL_BATCH:
+      raise train_lib.ConfigError(
+        f"--config.{field}: expected a multiple of the evaluation batch {EVAL_BATCH}, got "
+        f"{config[field]}"
+      )
+  return config
+
+
+def _names(spec: str, flag: str) -> list[str]:
+  names = [n.strip() for n in str(spec).split(",") if n.strip()]
+  if flag and not names:
+    raise train_lib.ConfigError(f"{flag}: expected comma-separated names, got {spec!r}")
+  return names
+
+
+def _set_sizes(spec: str) -> list[tuple[int, int]]:
+  try:
+    return [tuple(int(n) for n in s.split("x")) for s in _names(spec, "--config.sets.sizes")]
+  except ValueError as e:
+    raise train_lib.ConfigError(
+      f"--config.sets.sizes: expected pairs like 4x16,16x4, got {spec!r}"
+    ) from e
+
+
+def _ranges(spec: str) -> list[tuple[int, int]]:
+  try:
+    ranges = [
+      tuple(int(n) for n in s.split("-")) for s in _names(spec, "--config.counting.lengths")
+    ]
+  except ValueError as e:
+    raise train_lib.ConfigError(
+      f"--config.counting.lengths: expected ranges like 4-8,9-12, got {spec!r}"
+    ) from e
+  return sorted(ranges)
+
+
+def _machine() -> str:
+  load = os.getloadavg() if hasattr(os, "getloadavg") else None
+  return (
+    f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, backend "
+    f"{jax.default_backend()}, load average at the end {load}"
+  )
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  # Compiling dominates the sweep on a CPU; a persistent cache makes a rerun mostly training.
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update(
+      "jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "jaxrec-recall-xla-cache")
+    )
+  with _cli.short_errors():
+    results = run_sweep(config, given=_cli.given_fields(_CONFIG))
+    _recall_report.write(results, config.out_dir, config.results_md)
+
+
+if __name__ == "__main__":
+  _cli.run(main)

@@ -1,0 +1,319 @@
+"""Mixture-of-experts feed-forward with top-k capacity routing, and the RMoE GRU router.
+
+**Experts** are SwiGLU MLPs stored stacked, ``[E, D, F]`` and ``[E, F, D]``, their leading axis
+named ``"expert"`` so a mesh axis of that name shards them. Under a mesh (``jax.set_mesh``) whose
+``expert`` axis is larger than 1 the layer runs expert-parallel in a ``shard_map``: each device
+routes its own tokens, with the capacity of its own group of tokens (GShard), and two
+``all_to_all`` s carry the expert slots to the experts' devices and back. Without such a mesh
+the same routing runs on all tokens as one group (XLA partitions it as it can).
+
+**Routing** (GShard/Switch): ``p = softmax(logits)`` per token, its ``top_k`` experts, their
+weights renormalized to sum to one. Every expert takes at most ``C = ceil(capacity_factor · k ·
+N / E)`` of the ``N`` tokens; assignments are served in order of choice (every token's first
+choice before any second choice), then of position, and those past capacity are dropped (the
+token keeps its residual stream) and counted. ``capacity_factor=None`` never drops.
+
+**Load balancing** (Switch Transformer): ``aux = E · Σ_n f_n P_n`` with ``f_n`` the fraction of
+the ``k · N`` assignments that chose expert ``n`` and ``P_n`` its mean router probability; 1 when
+balanced. Each layer returns its ``f`` and ``P`` so the model can pool them over all layers (the
+RMoE code's loss over the concatenated logits).
+
+**Routers** (``router``), for layer ``i`` with input ``x_i`` (the block's normed input):
+
+* ``"linear"``: ``logits = W_i x_i``, the baseline (SMoE).
+* ``"gru"`` (RMoE, arXiv 2408.06793): ``h_i = GRU(P_i x_i, h_{i-1})`` with one ``GRURouterCell``
+  shared by all layers (owned by the model and passed in), ``h_0 = 0``, ``logits = G_i h_i``;
+  the state goes layer to layer per token, never along the sequence.
+* ``"gru_no_recurrence"`` (the paper's NP ablation): ``h_i = GRU(P_i x_i, 0)``.
+* ``"gru_detached"``: the previous state enters through ``stop_gradient`` (the paper: worse than
+  no recurrence).
+* ``"mlp"``: a per-layer Elman step ``h_i = tanh(A_i P_i x_i + B_i h_{i-1} + b_i)``: the previous
+  layer's state without the shared gated cell.
+"""
+
+import math
+from typing import Literal, NamedTuple, get_args
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from jaxrec.layers import _checks
+from jaxrec.layers._params import logical_param
+from jaxrec.typing import Activations
+
+RouterKind = Literal["linear", "gru", "gru_no_recurrence", "gru_detached", "mlp"]
+ROUTERS = get_args(RouterKind)
+GRU_ROUTERS = ("gru", "gru_no_recurrence", "gru_detached")
+RouterState = jax.Array  # [B, T, P] fp32, the router's state handed from layer to layer
+
+
+class RoutingStats(NamedTuple):
+  """One layer's routing, for the auxiliary loss and the metrics.
+
+  Attributes:
+    load: ``[E]`` fraction of the ``k · N`` assignments that chose each expert (before drops).
+    prob: ``[E]`` mean router probability of each expert.
+    entropy: mean entropy of the router distribution (nats).
+    dropped: fraction of assignments dropped for capacity.
+    top1: int32 ``[N]`` every token's first choice (cross-layer routing statistics).
+    selected: mean router probability on the selected experts (the paper's OB).
+    top_ratio: mean ratio of the first to the second selected probability (IB; 1 with top-1).
+  """
+
+  load: jax.Array
+  prob: jax.Array
+  entropy: jax.Array
+  dropped: jax.Array
+  top1: jax.Array
+  selected: jax.Array
+  top_ratio: jax.Array
+
+
+def _uniform(bound):
+  return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class GRURouterCell(nnx.Module):
+  """A GRU cell in PyTorch ``GRUCell`` form (gates ``r, z, n`` in that order, two biases,
+  ``U(-1/sqrt(P), 1/sqrt(P))`` initialization)::
+
+    r = σ(W_ir x + b_ir + W_hr h + b_hr)      z = σ(W_iz x + b_iz + W_hz h + b_hz)
+    n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))      h' = (1 - z) ⊙ n + z ⊙ h
+
+  Args:
+    size: input and state width ``P``.
+    param_dtype: parameter storage dtype; the cell computes in fp32.
+    rngs: the ``params`` stream.
+  """
+
+  def __init__(self, size: int, *, param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    _checks.check_positive_int("size", size)
+    init = _uniform(size**-0.5)
+    names = ("router", None)
+    self.w_ih = logical_param(init, rngs.params(), (size, 3 * size), param_dtype, names)
+    self.w_hh = logical_param(init, rngs.params(), (size, 3 * size), param_dtype, names)
+    self.b_ih = logical_param(init, rngs.params(), (3 * size,), param_dtype, (None,))
+    self.b_hh = logical_param(init, rngs.params(), (3 * size,), param_dtype, (None,))
+
+  def __call__(self, x: jax.Array, h: jax.Array) -> jax.Array:
+    """``x, h [..., P]`` -> ``h' [..., P]`` fp32."""
+    f32 = jnp.float32
+    gi = x.astype(f32) @ self.w_ih[...].astype(f32) + self.b_ih[...].astype(f32)
+    gh = h.astype(f32) @ self.w_hh[...].astype(f32) + self.b_hh[...].astype(f32)
+    i_r, i_z, i_n = jnp.split(gi, 3, -1)
+    h_r, h_z, h_n = jnp.split(gh, 3, -1)
+    r, z = jax.nn.sigmoid(i_r + h_r), jax.nn.sigmoid(i_z + h_z)
+    n = jnp.tanh(i_n + r * h_n)
+    return (1 - z) * n + z * h
+
+
+class MoE(nnx.Module):
+  """Top-k mixture of SwiGLU experts (equations in the module docstring).
+
+  Args:
+    dim: model width ``D``.
+    hidden: every expert's hidden width ``F``.
+    num_experts: ``E``.
+    top_k: experts per token, at most ``num_experts``.
+    capacity_factor: expert capacity as a multiple of the balanced load; ``None``: no drops.
+    router: one of ``ROUTERS``.
+    router_dim: the router state width ``P`` (GRU and MLP routers).
+    init_std: standard deviation of the expert and router input projections.
+    num_layers: depth of the model; the experts' output projections start at
+      ``init_std / sqrt(2 num_layers)``.
+    dtype: compute dtype of the experts; routing is fp32.
+    param_dtype: parameter storage dtype.
+    rngs: the ``params`` stream.
+  """
+
+  def __init__(
+    self,
+    dim: int,
+    hidden: int,
+    num_experts: int,
+    *,
+    top_k: int = 2,
+    capacity_factor: float | None = 1.25,
+    router: RouterKind = "linear",
+    router_dim: int = 128,
+    init_std: float = 0.02,
+    num_layers: int = 1,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    for name, value in (("dim", dim), ("hidden", hidden), ("num_experts", num_experts)):
+      _checks.check_positive_int(name, value)
+    _checks.check_positive_int("top_k", top_k)
+    if top_k > num_experts:
+      raise ValueError(f"top_k: expected at most num_experts={num_experts}, got {top_k}")
+    if capacity_factor is not None:
+      _checks.check_positive("capacity_factor", capacity_factor)
+    if router not in ROUTERS:
+      raise ValueError(f"router: expected one of {ROUTERS}, got {router!r}")
+    _checks.check_positive_int("router_dim", router_dim)
+    _checks.check_positive("init_std", init_std, allow_zero=True)
+    self.dtype = _checks.check_float_dtype("dtype", dtype)
+    param_dtype = _checks.check_float_dtype("param_dtype", param_dtype)
+    self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
+    self.router = router
+    e, d, f, p = num_experts, dim, hidden, router_dim
+    normal = nnx.initializers.normal
+    out_std = init_std / math.sqrt(2 * num_layers)
+
+    def param(std, shape, names, **kw):
+      return logical_param(normal(std), rngs.params(), shape, param_dtype, names, **kw)
+
+    self.w_gate = param(init_std, (e, d, f), ("expert", "embed", "mlp"))
+    self.w_up = param(init_std, (e, d, f), ("expert", "embed", "mlp"))
+    self.w_down = param(out_std, (e, f, d), ("expert", "mlp", "embed"))
+    if router == "linear":
+      self.router_proj = None
+      self.router_out = param(init_std, (d, e), ("embed", None))
+    else:
+      self.router_proj = param(init_std, (d, p), ("embed", "router"))
+      self.router_out = param(p**-0.5, (p, e), ("router", None))
+    if router == "mlp":
+      self.mlp_in = param(p**-0.5, (p, p), ("router", None))
+      self.mlp_state = param(p**-0.5, (p, p), ("router", None))
+      self.mlp_bias = logical_param(
+        nnx.initializers.zeros_init(), rngs.params(), (p,), param_dtype, ("router",)
+      )
+
+  def __call__(
+    self,
+    x: Activations,
+    router_state: RouterState | None = None,
+    *,
+    cell: GRURouterCell | None = None,
+  ) -> tuple[Activations, RouterState | None, RoutingStats]:
+    """Routes ``x [B, T, D]``.
+
+    Args:
+      x: the tokens.
+      router_state: the previous MoE layer's router state ``[B, T, P]`` (``None``: zeros).
+      cell: the shared ``GRURouterCell``, required by the GRU routers.
+
+    Returns:
+      ``(y [B, T, D], router_state for the next layer (None for the stateless routers), stats)``.
+    """
+    if self.router in GRU_ROUTERS and cell is None:
+      raise ValueError(f"cell: router={self.router!r} needs the shared GRURouterCell, got None")
+    logits, state = self._route(x.astype(jnp.float32), router_state, cell)
+    weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.shape.get("expert", 1) > 1:
+      y, stats = self._expert_parallel(mesh, x, logits, weights)
+    else:
+      y, stats = self._dispatch(x, logits, weights)
+    return y, state, stats
+
+  def _route(self, x, h, cell):
+    if self.router == "linear":
+      return x @ self.router_out[...].astype(jnp.float32), None
+    xp = x @ self.router_proj[...].astype(jnp.float32)
+    h = jnp.zeros_like(xp) if h is None else h.astype(jnp.float32)
+    if self.router == "gru_detached":
+      h = lax.stop_gradient(h)
+    if self.router in GRU_ROUTERS:
+      h = cell(xp, jnp.zeros_like(xp) if self.router == "gru_no_recurrence" else h)
+    else:
+      f32 = jnp.float32
+      h = jnp.tanh(
+        xp @ self.mlp_in[...].astype(f32)
+        + h @ self.mlp_state[...].astype(f32)
+        + self.mlp_bias[...].astype(f32)
+      )
+    state = None if self.router == "gru_no_recurrence" else h
+    return h @ self.router_out[...].astype(jnp.float32), state
+
+  def _expert_parallel(self, mesh, x, logits, weights):
+    """Expert parallelism under a mesh with an ``expert`` axis: every device routes its own
+    tokens (capacity per device, GShard's groups), ``all_to_all`` sends each expert its slots and
+    the results back, and each device runs only its ``E / expert`` experts."""
+    ep = mesh.shape["expert"]
+    if self.num_experts % ep:
+      raise ValueError(
+        f"num_experts: expected a multiple of the mesh's expert axis ({ep}), got {self.num_experts}"
+      )
+    rows = P(tuple(a for a in ("data", "fsdp", "expert") if a in mesh.shape))
+    batch_axes = rows[0]
+
+    def local(x, logits, *weights):
+      y, stats = self._dispatch(x, logits, weights, expert_axis="expert")
+      mean = lambda v: lax.pmean(v, batch_axes)
+      return y, stats._replace(**{f: mean(getattr(stats, f)) for f in stats._fields if f != "top1"})
+
+    stat_specs = RoutingStats(*(rows if f == "top1" else P() for f in RoutingStats._fields))
+    return jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(rows, rows, P("expert"), P("expert"), P("expert")),
+      out_specs=(rows, stat_specs),
+    )(x, logits, *weights)
+
+  def _dispatch(self, x, logits, weights, expert_axis=None):
+    """Routes ``x [B, T, D]`` by ``logits [B, T, E]``; with ``expert_axis`` (inside the
+    ``shard_map``) ``weights`` hold this device's experts and the slots travel by all-to-all."""
+    batch, t, d = x.shape
+    x, logits = x.reshape(batch * t, d), logits.reshape(batch * t, -1)
+    n, e, k = x.shape[0], self.num_experts, self.top_k
+    probs = jax.nn.softmax(logits, -1)
+    top_p, top_i = lax.top_k(probs, k)  # [N, k]
+    share = top_p / jnp.sum(top_p, -1, keepdims=True)
+    capacity = n if self.capacity_factor is None else math.ceil(self.capacity_factor * k * n / e)
+    capacity = min(capacity, n)
+    # Slots: assignments in order (choice, token); the slot is the expert's running count.
+    choice = jax.nn.one_hot(top_i.T, e, dtype=jnp.int32)  # [k, N, E]
+    slot = jnp.cumsum(choice.reshape(k * n, e), 0).reshape(k, n, e) - 1
+    slot = jnp.sum(slot * choice, -1)  # [k, N]
+    kept = slot < capacity
+    place = jax.nn.one_hot(jnp.where(kept, slot, capacity), capacity, dtype=jnp.float32)
+    dispatch = jnp.einsum("kne,knc->nec", choice.astype(jnp.float32), place)
+    combine = jnp.einsum("kne,knc,nk->nec", choice.astype(jnp.float32), place, share)
+    dt = self.dtype
+    w_gate, w_up, w_down = (w.astype(dt) for w in weights)
+    expert_in = jnp.einsum("nec,nd->ecd", dispatch.astype(dt), x.astype(dt))
+    if expert_axis is not None:
+      # [E, C, D] -> [devices, E / devices, C, D]: block i to device i; what comes back holds
+      # every device's slots for this device's experts.
+      expert_in = expert_in.reshape(-1, w_gate.shape[0], *expert_in.shape[1:])
+      expert_in = lax.all_to_all(expert_in, expert_axis, 0, 0)
+    gate = jnp.einsum("...ecd,edf->...ecf", expert_in, w_gate)
+    up = jnp.einsum("...ecd,edf->...ecf", expert_in, w_up)
+    out = jnp.einsum("...ecf,efd->...ecd", jax.nn.silu(gate) * up, w_down)
+    if expert_axis is not None:
+      out = lax.all_to_all(out, expert_axis, 0, 0).reshape(e, *out.shape[2:])
+    y = jnp.einsum("nec,ecd->nd", combine.astype(dt), out).reshape(batch, t, d)
+    second = top_p[:, 1] if k > 1 else top_p[:, 0]
+    stats = RoutingStats(
+      load=jnp.mean(jnp.sum(choice, 0), 0).astype(jnp.float32) / k,
+      prob=jnp.mean(probs, 0),
+      entropy=-jnp.mean(jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), -1)),
+      dropped=1.0 - jnp.mean(kept.astype(jnp.float32)),
+      top1=top_i[:, 0],
+      selected=jnp.mean(jnp.sum(top_p, -1)),
+      top_ratio=jnp.mean(top_p[:, 0] / jnp.maximum(second, 1e-30)),
+    )
+    return y, stats
+
+
+def load_balancing_loss(loads: jax.Array, probs: jax.Array) -> jax.Array:
+  """Switch loss ``E · Σ_n f̄_n P̄_n`` pooled over layers: ``loads, probs [layers, E]``."""
+  return loads.shape[-1] * jnp.sum(jnp.mean(loads, 0) * jnp.mean(probs, 0))
+
+
+def routing_mutual_information(top1: jax.Array, num_experts: int) -> jax.Array:
+  """Mean mutual information (bits) between consecutive layers' first choices, ``top1 [layers,
+  N]``: 0 when a layer's routing says nothing about the next one's."""
+  if top1.shape[0] < 2:
+    return jnp.zeros((), jnp.float32)
+  a = jax.nn.one_hot(top1[:-1], num_experts, dtype=jnp.float32)
+  b = jax.nn.one_hot(top1[1:], num_experts, dtype=jnp.float32)
+  joint = jnp.einsum("lna,lnb->lab", a, b) / top1.shape[1]
+  outer = jnp.sum(joint, 2, keepdims=True) * jnp.sum(joint, 1, keepdims=True)
+  terms = jnp.where(joint > 0, joint * jnp.log2(joint / jnp.maximum(outer, 1e-30)), 0.0)
+  return jnp.mean(jnp.sum(terms, (1, 2)))

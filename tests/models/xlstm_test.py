@@ -1,0 +1,185 @@
+"""xLSTM 7B in jaxrec: the preset's size against the published configuration, the weight import
+against the logits that the ``xlstm`` package computed for the same checkpoint
+(tests/fixtures/make_xlstm_fixtures.py), its errors, and decoding with the O(1) state
+(``jaxrec.generate`` on this checkpoint: tests/colabs/xlstm_test.py)."""
+
+import json
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from safetensors.numpy import load_file, save_file
+from testing_utils import assert_close, max_abs
+
+from jaxrec.models import LM, config_from_xlstm, get_preset, load_xlstm, param_count
+from jaxrec.train import make_mesh
+
+CHECKPOINT = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "xlstm" / "checkpoint"
+LOGITS = CHECKPOINT.parent / "logits.npz"
+
+# NX-AI/xLSTM-7b's config.json, the fields that set the parameter count.
+PUBLISHED_7B = {
+  "vocab_size": 50304,
+  "embedding_dim": 4096,
+  "num_blocks": 32,
+  "num_heads": 8,
+  "qk_dim_factor": 0.5,
+  "v_dim_factor": 1.0,
+  "ffn_proj_factor": 2.667,
+  "ffn_round_up_to_multiple_of": 64,
+  "use_bias": False,
+  "add_out_norm": True,
+  "tie_word_embeddings": False,
+  "weight_mode": "single",
+}
+
+
+def _published_param_count(c) -> int:
+  """The parameters of xlstm_large / transformers' xLSTMForCausalLM, counted from the config."""
+  d, h = c["embedding_dim"], c["num_heads"]
+  qk, v = int(d * c["qk_dim_factor"]), int(d * c["v_dim_factor"])
+  multiple = c["ffn_round_up_to_multiple_of"]
+  ffn = int((d * c["ffn_proj_factor"] + multiple - 1) // multiple * multiple)
+  mlstm = d * (2 * qk + 2 * v) + 2 * (d * h + h) + v + v * d  # q k v o, i f (+ bias), norm, out
+  block = d + mlstm + d + 3 * d * ffn  # two RMSNorms, the SwiGLU
+  heads = 1 if c["tie_word_embeddings"] else 2
+  return heads * c["vocab_size"] * d + c["num_blocks"] * block + d
+
+
+def test_7b_preset_has_the_published_parameter_count():
+  want = _published_param_count(PUBLISHED_7B)
+  assert want == 6_865_424_896
+  assert param_count(get_preset("xlstm_7b")) == want
+  # scan_layers only stacks the blocks (one abstract block to build instead of 32).
+  assert param_count(config_from_xlstm(PUBLISHED_7B, scan_layers=True)) == want
+
+
+@pytest.fixture(scope="module")
+def model():
+  return load_xlstm(CHECKPOINT)
+
+
+def _assert_logits(model, lengths=(1, 5, 40), tol=1e-4):
+  """Prompts of one step, shorter than a chunk (16), and across chunks."""
+  recorded = np.load(LOGITS)
+  for n in lengths:
+    logits, _ = jax.jit(lambda m, t: m(t))(model, recorded[f"prompt_{n}"])
+    want = recorded[f"logits_{n}"]
+    assert_close(logits, want, rtol=0.0, atol=tol * max_abs(want), err_msg=f"T={n}")
+
+
+def test_logits_match_the_xlstm_package(model):
+  assert model.cfg.mlp_dim == 96 and model.cfg.logit_soft_cap == 30.0
+  _assert_logits(model)
+
+
+def test_single_file_checkpoint_scanned_onto_a_mesh(tmp_path):
+  """One model.safetensors instead of shards, blocks stacked for lax.scan, parameters placed in
+  their shardings on a (data, fsdp, tensor) = (2, 2, 2) mesh."""
+  tensors = {}
+  for file in sorted(CHECKPOINT.glob("*.safetensors")):
+    tensors |= load_file(file)
+  save_file(tensors, tmp_path / "model.safetensors")
+  shutil.copy(CHECKPOINT / "config.json", tmp_path)
+  mesh = make_mesh((2, 2, 2))
+  model = load_xlstm(tmp_path, mesh=mesh, scan_layers=True)
+  kernel = model.layers.blocks[0].mlp.gate.kernel[...]
+  assert kernel.shape == (2, 32, 96)
+  assert isinstance(kernel.sharding, NamedSharding) and kernel.sharding.mesh == mesh
+  assert kernel.sharding.spec == P(None, "fsdp", "tensor")
+  _assert_logits(model, lengths=(40,))
+
+
+def test_token_by_token_decoding_equals_the_full_forward(model):
+  tokens = np.load(LOGITS)["prompt_40"][:, :24]
+  full, _ = jax.jit(lambda m, t: m(t))(model, tokens)
+
+  @jax.jit
+  def decode(model, tokens):
+    cache = model.init_cache(tokens.shape[0], tokens.shape[1])
+    prefill, cache = model(tokens[:, :5], cache=cache)  # a prefill, then one token at a time
+
+    def step(cache, token):
+      logits, cache = model(token[:, None], cache=cache)
+      return cache, logits[:, 0]
+
+    _, steps = jax.lax.scan(step, cache, tokens[:, 5:].T)
+    return jnp.concatenate([prefill, jnp.swapaxes(steps, 0, 1)], axis=1)
+
+  assert_close(decode(model, tokens), full, rtol=0.0, atol=1e-5 * max_abs(full))
+
+
+def _broken_copy(tmp_path, edit):
+  directory = tmp_path / "broken"
+  shutil.copytree(CHECKPOINT, directory)
+  file = directory / "model-00001-of-00002.safetensors"
+  tensors = load_file(file)
+  edit(tensors)
+  save_file(tensors, file)
+  index = json.loads((directory / "model.safetensors.index.json").read_text())
+  index["weight_map"] = dict.fromkeys(tensors, file.name) | {
+    k: v for k, v in index["weight_map"].items() if v != file.name
+  }
+  (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+  return directory
+
+
+def test_mismatched_tensors_are_named(tmp_path):
+  name = "backbone.blocks.0.mlstm_layer.q.weight"
+  assert name in load_file(CHECKPOINT / "model-00001-of-00002.safetensors")
+
+  def reshape(t):
+    t[name] = np.zeros((8, 32), np.float32)
+
+  with pytest.raises(ValueError, match=rf"{name}: expected shape \(16, 32\).*got \(8, 32\)"):
+    load_xlstm(_broken_copy(tmp_path / "a", reshape))
+  with pytest.raises(ValueError, match=rf"{name}: a tensor the xLSTM architecture needs, missing"):
+    load_xlstm(_broken_copy(tmp_path / "b", lambda t: t.pop(name)))
+
+  def rename(t):
+    t["backbone.blocks.0.mlstm_layer.query.weight"] = t.pop(name)
+
+  with pytest.raises(ValueError, match=rf"{name}: a tensor the xLSTM architecture needs"):
+    load_xlstm(_broken_copy(tmp_path / "c", rename))
+
+  def extra(t):
+    t["backbone.blocks.0.mlstm_layer.q.bias"] = np.zeros((16,), np.float32)
+
+  with pytest.raises(ValueError, match=r"mlstm_layer.q.bias: a tensor of the checkpoint that the"):
+    load_xlstm(_broken_copy(tmp_path / "d", extra))
+
+
+def test_soft_capped_logits_and_mlstm_config_errors():
+  """``logit_soft_cap=c`` turns the logits ``z`` of the same parameters into ``c·tanh(z/c)``."""
+  small = dict(num_layers=1, d_model=32, num_heads=2, vocab_size=32, init_std=1.0)
+  tokens = np.arange(8, dtype=np.int32)[None]
+  forward = jax.jit(lambda m, t: m(t)[0])
+  capped = forward(
+    LM(get_preset("xlstm_tiny", logit_soft_cap=2.0, **small), rngs=nnx.Rngs(0)), tokens
+  )
+  plain = forward(
+    LM(get_preset("xlstm_tiny", logit_soft_cap=None, **small), rngs=nnx.Rngs(0)), tokens
+  )
+  assert max_abs(plain) > 4.0  # the cap is far from the identity here
+  assert_close(capped, 2.0 * np.tanh(np.asarray(plain, np.float64) / 2.0), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match=r"logit_soft_cap: expected a positive number or None"):
+    get_preset("xlstm_tiny", logit_soft_cap=0.0)
+  with pytest.raises(ValueError, match=r"mlstm_chunk_size: expected a power of two, got 48"):
+    get_preset("xlstm_tiny", mlstm_chunk_size=48)
+  with pytest.raises(ValueError, match=r"mlstm_qk_dim_factor: expected mlstm_qk_dim_factor \* "):
+    get_preset("xlstm_tiny", mlstm_qk_dim_factor=0.01)
+
+
+def test_config_errors_name_the_field(tmp_path):
+  with pytest.raises(ValueError, match=r"config.json: use_bias: expected false .*got true"):
+    config_from_xlstm(PUBLISHED_7B | {"use_bias": True})
+  with pytest.raises(ValueError, match=r"config.json: expected the field 'num_heads'"):
+    config_from_xlstm({k: v for k, v in PUBLISHED_7B.items() if k != "num_heads"})
+  with pytest.raises(ValueError, match=r"path: expected a checkpoint directory with a config"):
+    load_xlstm(tmp_path)

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from jaxrec.inference.longctx.policy import check_policy
+
 
 def generate(
   model: nnx.Module,
@@ -21,6 +23,7 @@ def generate(
   top_k: int | None = None,
   top_p: float | None = None,
   seed: int = 0,
+  policy=None,
 ) -> jax.Array:
   """Samples ``max_new_tokens`` continuations of ``prompt``.
 
@@ -34,33 +37,38 @@ def generate(
     top_p: nucleus sampling: only among the most likely tokens whose probabilities sum to
       ``top_p`` (the most likely token is always kept).
     seed: PRNG seed; the same seed gives the same tokens.
+    policy: a long-context policy (``jaxrec.inference.longctx``) for the attention layers, at
+      prefill and at every decoding step; ``None`` is plain attention.
 
   Returns:
     int32 ``[B, T0 + max_new_tokens]``: the prompt followed by the generated tokens.
   """
   prompt = _as_prompt(prompt)
   _validate(max_new_tokens, temperature, top_k, top_p)
+  check_policy(policy)
   if max_new_tokens == 0:
     return prompt
   graphdef, state = nnx.split(model)
   sampling = (float(temperature), top_k, None if top_p is None else float(top_p))
-  return _generate(graphdef, state, prompt, jax.random.key(seed), max_new_tokens, sampling)
+  key = jax.random.key(seed)
+  return _generate(graphdef, state, prompt, key, max_new_tokens, sampling, policy)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _generate(graphdef, state, prompt, key, max_new_tokens, sampling):
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
+def _generate(graphdef, state, prompt, key, max_new_tokens, sampling, policy):
   model = nnx.merge(graphdef, state)
   batch, t0 = prompt.shape
-  cache = model.init_cache(batch, t0 + max_new_tokens)
+  kw = {} if policy is None else dict(policy=policy)
+  cache = model.init_cache(batch, t0 + max_new_tokens, **kw)
   # Prefill: one parallel pass over the prompt fills every cache.
-  logits, cache = model(prompt, cache=cache)
+  logits, cache = model(prompt, cache=cache, **kw)
   keys = jax.random.split(key, max_new_tokens)
   token = sample_logits(logits[:, -1], keys[0], *sampling)
   out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
 
   def step(i, carry):
     out, token, cache = carry
-    logits, cache = model(token[:, None], cache=cache)
+    logits, cache = model(token[:, None], cache=cache, **kw)
     token = sample_logits(logits[:, -1], keys[i], *sampling)
     return out.at[:, i].set(token), token, cache
 

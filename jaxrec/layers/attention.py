@@ -116,15 +116,26 @@ class Attention(nnx.Module):
     x: Activations,
     *,
     segment_ids: SegmentIds | None = None,
-    cache: KVCache | None = None,
-  ) -> tuple[Activations, KVCache | None]:
+    cache: KVCache | Any | None = None,
+    policy: Any | None = None,
+    layer: int = 0,
+  ) -> tuple[Activations, KVCache | Any | None]:
     """Attends causally over ``x [B, T, D]`` (and over the cache's keys when given).
 
     With a cache, the ``T`` tokens take positions ``cache.index ..`` and are appended to it; the
     caller sizes the cache (``init_cache``) for every token it will hold.
+
+    A long-context ``policy`` (``jaxrec.inference.longctx``) decides, after the projections, what
+    the cache holds and which keys each query sees at which positions; the cache then comes from
+    ``init_cache(..., policy=policy)`` and ``layer`` is this layer's depth in its model.
     """
     t = x.shape[1]
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    if policy is not None:
+      if segment_ids is not None:
+        raise ValueError("segment_ids: packed sequences are not supported with a policy")
+      o, cache = policy.attend(self, q, k, v, cache=cache, layer=layer)
+      return self.o_proj(o), cache
     if cache is None:
       positions = jnp.arange(t)
       q, k = self.rope(q, positions), self.rope(k, positions)
@@ -158,8 +169,13 @@ class Attention(nnx.Module):
     RoPE settings."""
     return apply_rope(x, positions, self.rope_theta, scaling=self.rope_scaling)
 
-  def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype) -> KVCache:
-    """An empty cache with room for ``max_length`` tokens; keys and values in ``dtype``."""
+  def init_cache(
+    self, batch_size: int, max_length: int, dtype: jnp.dtype, policy: Any | None = None
+  ) -> KVCache | Any:
+    """An empty cache with room for ``max_length`` tokens; keys and values in ``dtype``; the
+    ``policy``'s cache when one is given."""
+    if policy is not None:
+      return policy.init_cache(self, batch_size, max_length, dtype)
     shape = (batch_size, max_length, self.num_kv_heads, self.head_dim)
     return KVCache(
       k=jnp.zeros(shape, dtype),

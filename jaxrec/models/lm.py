@@ -16,6 +16,7 @@ from flax import nnx
 from jax import lax
 
 from jaxrec import layers
+from jaxrec.inference.longctx.policy import check_policy
 from jaxrec.layers import logical_param
 from jaxrec.models.config import LMConfig
 from jaxrec.models.mixers import build_mixer
@@ -54,18 +55,28 @@ class Block(nnx.Module):
     else:
       self.mlp = layers.MLP(cfg.d_model, cfg.mlp_dim, **shared)
 
-  def __call__(self, x, *, segment_ids=None, cache=None, router_state=None, cell=None):
+  def __call__(
+    self, x, *, segment_ids=None, cache=None, router_state=None, cell=None, policy=None, layer=0
+  ):
     """Returns ``(x, cache, router_state, stats)``; the last two are an MoE feed-forward's
-    (``router_state`` passes through and ``stats`` is ``None`` with the SwiGLU MLP)."""
-    y, cache = self.mixer(self.mixer_norm(x), segment_ids=segment_ids, cache=cache)
+    (``router_state`` passes through and ``stats`` is ``None`` with the SwiGLU MLP). ``policy``
+    is a long-context policy for an attention mixer at depth ``layer``."""
+    kw = dict(policy=policy, layer=layer) if self._reads_policy(policy) else {}
+    y, cache = self.mixer(self.mixer_norm(x), segment_ids=segment_ids, cache=cache, **kw)
     x = x + y
     if isinstance(self.mlp, layers.MoE):
       y, router_state, stats = self.mlp(self.mlp_norm(x), router_state, cell=cell)
       return x + y, cache, router_state, stats
     return x + self.mlp(self.mlp_norm(x)), cache, router_state, None
 
-  def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype):
-    return self.mixer.init_cache(batch_size, max_length, dtype)
+  def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype, policy=None):
+    kw = dict(policy=policy) if self._reads_policy(policy) else {}
+    return self.mixer.init_cache(batch_size, max_length, dtype, **kw)
+
+  def _reads_policy(self, policy) -> bool:
+    """A long-context policy governs the mixers that attend with ``Attention``'s own call; other
+    mixers (recurrent ones, Liger's) run unchanged beside it."""
+    return policy is not None and type(self.mixer).__call__ is layers.Attention.__call__
 
 
 class BlockGroup(nnx.Module):
@@ -143,6 +154,7 @@ class LM(nnx.Module):
     *,
     segment_ids: jax.Array | None = None,
     cache: Cache | None = None,
+    policy: Any | None = None,
     return_aux: bool = False,
   ) -> tuple[jax.Array, Cache | None] | tuple[jax.Array, Cache | None, dict]:
     """Next-token logits.
@@ -152,6 +164,8 @@ class LM(nnx.Module):
       segment_ids: int ``[B, T]`` document ids of packed sequences; mixers neither attend nor
         carry state across a change of id.
       cache: from ``init_cache`` or a previous call; the tokens continue it.
+      policy: a long-context policy (``jaxrec.inference.longctx``) for the attention layers, each
+        told its depth; the cache must come from ``init_cache(..., policy=policy)``.
       return_aux: also return the auxiliary outputs (``_moe_aux``): ``{}`` for a dense model.
 
     Returns:
@@ -159,6 +173,7 @@ class LM(nnx.Module):
       one); with ``return_aux``, ``(logits, cache, aux)``.
     """
     self._validate(tokens, segment_ids)
+    self._check_policy(policy)
     cfg = self.cfg
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(cfg.compute_dtype)
     stats = []
@@ -168,8 +183,8 @@ class LM(nnx.Module):
       caches = (None,) * len(self.layers) if cache is None else cache
       new = []
       router_state = None
-      for block, c in zip(self.layers, caches, strict=True):
-        x, c, router_state, s = _call(block, cfg.remat, self.router_cell)(
+      for layer, (block, c) in enumerate(zip(self.layers, caches, strict=True)):
+        x, c, router_state, s = _call(block, cfg.remat, self.router_cell, policy, layer)(
           x, segment_ids, c, router_state
         )
         new.append(c)
@@ -197,7 +212,11 @@ class LM(nnx.Module):
     return lax.scan(body, x, (state, cache))
 
   def init_cache(
-    self, batch_size: int, max_length: int | None = None, dtype: jnp.dtype | None = None
+    self,
+    batch_size: int,
+    max_length: int | None = None,
+    dtype: jnp.dtype | None = None,
+    policy: Any | None = None,
   ) -> Cache:
     """Empty decoding caches for every mixer.
 
@@ -206,18 +225,32 @@ class LM(nnx.Module):
       max_length: the most tokens the cache will hold (prompt and generated); default
         ``cfg.max_seq_len``.
       dtype: dtype of attention KV caches; default the compute dtype. Recurrent states are fp32.
+      policy: a long-context policy; its attention layers get the policy's caches.
 
     Returns:
       a tuple with one cache per layer, or with ``scan_layers`` one per ``mixer_pattern`` entry,
       stacked over the groups.
     """
+    self._check_policy(policy)
     max_length = self.cfg.max_seq_len if max_length is None else max_length
     dtype = self.cfg.compute_dtype if dtype is None else jnp.dtype(dtype)
+    if policy is not None:
+      return tuple(block.init_cache(batch_size, max_length, dtype, policy) for block in self.layers)
     if self.cfg.scan_layers:
       groups = self.cfg.num_layers // len(self.cfg.mixer_pattern)
       group = self.layers.init_cache(batch_size, max_length, dtype)
       return jax.tree.map(lambda a: jnp.broadcast_to(a, (groups, *a.shape)), group)
     return tuple(block.init_cache(batch_size, max_length, dtype) for block in self.layers)
+
+  def _check_policy(self, policy):
+    if policy is None:
+      return
+    check_policy(policy)
+    if self.cfg.scan_layers:
+      raise ValueError(
+        "policy: long-context policies need each layer's depth; build the model with "
+        "scan_layers=False (got scan_layers=True)"
+      )
 
   def _validate(self, tokens, segment_ids):
     if jnp.ndim(tokens) != 2 or not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
@@ -246,20 +279,23 @@ def _stacked_groups(cfg: LMConfig, rngs: nnx.Rngs) -> BlockGroup:
   return make(rngs)
 
 
-def _call(block: Block, remat: bool, cell: nnx.Module | None) -> Callable:
-  """``block`` as ``f(x, segment_ids, cache, router_state)`` with the shared router ``cell``;
-  with ``remat`` its activations are recomputed in the backward pass (``jax.checkpoint`` over
-  the block's split state)."""
+def _call(
+  block: Block, remat: bool, cell: nnx.Module | None, policy: Any = None, layer: int = 0
+) -> Callable:
+  """``block`` as ``f(x, segment_ids, cache, router_state)`` with the shared router ``cell`` (at
+  depth ``layer`` under ``policy``); with ``remat`` its activations are recomputed in the
+  backward pass (``jax.checkpoint`` over the block's split state)."""
+  kw = dict(cell=cell, policy=policy, layer=layer)
   if not remat:
     return lambda x, segment_ids, cache, rs: block(
-      x, segment_ids=segment_ids, cache=cache, router_state=rs, cell=cell
+      x, segment_ids=segment_ids, cache=cache, router_state=rs, **kw
     )
   graphdef, state = nnx.split((block, cell))
 
   @jax.checkpoint
   def f(state, x, segment_ids, cache, rs):
     block, cell = nnx.merge(graphdef, state)
-    return block(x, segment_ids=segment_ids, cache=cache, router_state=rs, cell=cell)
+    return block(x, segment_ids=segment_ids, cache=cache, router_state=rs, **(kw | dict(cell=cell)))
 
   return lambda x, segment_ids, cache, rs: f(state, x, segment_ids, cache, rs)
 

@@ -1,0 +1,49 @@
+"""Long-context inference policies for ``jaxrec.layers.Attention`` (see ``policy``'s docstring).
+
+Each method is a static config object with its paper's defaults, given per call to
+``jaxrec.generate(..., policy=...)``, ``loglikelihood(model, tokens, policy=...)`` or ``LM``:
+
+* ``lm_infinite(global_tokens, window, distance_cap)``: Λ-shaped mask with a distance cap;
+* ``longheads(chunk_size, chunks_per_head)``: each head attends to its own top chunks;
+* ``recycled(k, stride)`` (``dynamic=True``: query-similarity schedule): a small recycled cache
+  refreshed by periodic full steps;
+* ``set_based(prefix, options, suffix)``: order-invariant options (2-D mask and positions);
+* ``think(channel_ratio, eviction=SnapKV(...))``: pruned key channels, optional token eviction.
+"""
+
+from jaxrec.inference.longctx.lm_infinite import LMInfinite, LMInfiniteCache
+from jaxrec.inference.longctx.longheads import LongHeads, LongHeadsCache, LongHeadsEmpty
+from jaxrec.inference.longctx.policy import Policy, cache_bytes, check_policy
+from jaxrec.inference.longctx.recycled import Recycled, RecycledCache
+from jaxrec.inference.longctx.set_based import SetBased, SetBasedCache
+from jaxrec.inference.longctx.think import SnapKV, ThinK, ThinKCache, ThinKEmpty
+
+lm_infinite = LMInfinite
+longheads = LongHeads
+recycled = Recycled
+set_based = SetBased
+think = ThinK
+
+__all__ = [
+  "LMInfinite",
+  "LMInfiniteCache",
+  "LongHeads",
+  "LongHeadsCache",
+  "LongHeadsEmpty",
+  "Policy",
+  "Recycled",
+  "RecycledCache",
+  "SetBased",
+  "SetBasedCache",
+  "SnapKV",
+  "ThinK",
+  "ThinKCache",
+  "ThinKEmpty",
+  "cache_bytes",
+  "check_policy",
+  "lm_infinite",
+  "longheads",
+  "recycled",
+  "set_based",
+  "think",
+]

@@ -1,0 +1,101 @@
+"""The long-context policy protocol: how ``jaxrec.layers.Attention`` reads its keys.
+
+A policy is a frozen (hashable, static) dataclass with the paper's defaults. Given to
+``Attention.__call__`` (through ``LM.__call__``, ``LM.init_cache``, ``jaxrec.generate`` and
+``loglikelihood``), it takes over the attention of the layer after the projections:
+
+* ``init_cache(attn, batch_size, max_length, dtype)`` builds the layer's cache: what it holds
+  (pre-RoPE keys and their positions where the method rotates keys at attention time, pruned
+  channels, recycled indices ...);
+* ``attend(attn, q, k, v, cache=..., layer=...)`` gets the layer's un-rotated queries ``[B, T, H,
+  K]`` and keys and values ``[B, T, G, K]`` and returns the heads' outputs ``[B, T, H, K]`` and
+  the advanced cache; ``cache=None`` is a one-shot pass over the whole sequence (scoring),
+  ``layer`` the depth of the layer (LM-Infinite's top-k starts at layer 4).
+
+``attn`` lends the layer's RoPE (``attn.rope``) and head counts. Without a policy ``Attention``
+runs its own path unchanged. Packed sequences (``segment_ids``) are not supported by policies.
+"""
+
+import abc
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy(abc.ABC):
+  """Base class of the long-context policies (see the module docstring)."""
+
+  @abc.abstractmethod
+  def init_cache(self, attn, batch_size: int, max_length: int, dtype: jnp.dtype):
+    """The layer's empty cache, with room for ``max_length`` tokens where it keeps them all."""
+
+  @abc.abstractmethod
+  def attend(self, attn, q, k, v, *, cache, layer: int):
+    """``(heads [B, T, H, K], cache)`` for un-rotated ``q [B, T, H, K]`` and ``k, v [B, T, G,
+    K]``."""
+
+
+def check_policy(policy) -> None:
+  """Raises ``ValueError`` unless ``policy`` is ``None`` or a ``Policy``."""
+  if policy is not None and not isinstance(policy, Policy):
+    raise ValueError(
+      "policy: expected None or a jaxrec.inference.longctx policy (lm_infinite, recycled, "
+      f"longheads, think, set_based), got {policy!r}"
+    )
+
+
+def cache_bytes(cache) -> int:
+  """Bytes held by the arrays of a cache (any pytree of arrays, e.g. ``LM.init_cache``'s)."""
+  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(cache))
+
+
+def check_int(name: str, value, minimum: int) -> None:
+  """Raises ``ValueError`` naming ``name`` unless ``value`` is an int ``>= minimum``."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+def repeat_kv(x: jax.Array, heads: int) -> jax.Array:
+  """``[B, S, G, K]`` -> ``[B, S, H, K]``: each key/value head serves ``H / G`` query heads."""
+  return jnp.repeat(x, heads // x.shape[2], axis=2)
+
+
+def scores(q: jax.Array, k: jax.Array) -> jax.Array:
+  """fp32 ``q·k / sqrt(K)`` ``[B, H, T, S]`` for ``q [B, T, H, K]``, ``k [B, S, G, K]`` (each key
+  head serving its ``H / G`` query heads, without copying the keys)."""
+  b, t, h, dim = q.shape
+  g = k.shape[2]
+  qg = q.astype(jnp.float32).reshape(b, t, g, h // g, dim)
+  s = jnp.einsum("btgrk,bsgk->bgrts", qg, k.astype(jnp.float32))
+  return s.reshape(b, h, t, k.shape[1]) / jnp.sqrt(jnp.float32(dim))
+
+
+def weighted_values(p: jax.Array, v: jax.Array) -> jax.Array:
+  """fp32 ``p v`` ``[B, T, H, K]`` for weights ``p [B, H, T, S]`` and ``v [B, S, G, K]``."""
+  b, h, t, n = p.shape
+  g = v.shape[2]
+  out = jnp.einsum("bgrts,bsgk->btgrk", p.reshape(b, g, h // g, t, n), v.astype(jnp.float32))
+  return out.reshape(b, t, h, v.shape[-1])
+
+
+def softmax_values(s: jax.Array, mask: jax.Array, v: jax.Array, dtype) -> jax.Array:
+  """``softmax(s where mask) v`` -> ``[B, T, H, K]`` for ``s [B, H, T, S]``, ``v [B, S, G, K]``;
+  the softmax in fp32, the output in ``dtype``."""
+  p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+  return weighted_values(p, v).astype(dtype)
+
+
+def merged_softmax_values(parts, dtype) -> jax.Array:
+  """One softmax over several key sets without concatenating them: ``parts`` is a list of
+  ``(s [B, H, T, S_i], mask, v [B, S_i, G_i, K])``; each set's exponentials are taken against the
+  common maximum and the weighted values summed. Returns ``[B, T, H, K]`` in ``dtype``."""
+  parts = [(jnp.where(m, s, -jnp.inf), v) for s, m, v in parts if s.shape[-1]]
+  top = parts[0][0].max(axis=-1, keepdims=True)
+  for s, _ in parts[1:]:
+    top = jnp.maximum(top, s.max(axis=-1, keepdims=True))
+  weights = [jnp.exp(s - top) for s, _ in parts]
+  total = sum(jnp.sum(w, axis=-1) for w in weights)  # [B, H, T]
+  out = sum(weighted_values(w, v) for w, (_, v) in zip(weights, parts, strict=True))
+  return (out / total.transpose(0, 2, 1)[..., None]).astype(dtype)

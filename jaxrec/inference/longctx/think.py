@@ -1,0 +1,199 @@
+"""ThinK (Xu et al., ICLR'25, arXiv 2407.21018): prune the least important key channels, composable
+with SnapKV-style token eviction.
+
+At prefill (full attention, outputs unchanged) the prompt's keys are split into the last
+``observation`` tokens, kept whole, and the older ones. Optionally the older ones are first
+evicted SnapKV-style: the attention of the ``observation`` last queries (summed over them and over
+the query heads of each key head, max-pooled over ``kernel`` neighbouring positions) keeps the
+``capacity - observation`` best per key head. Then for every key head ``g`` and channel ``c`` of the
+(rotated) older keys::
+
+  score[c] = sum_{h in g} ||Q_obs,h[:, c] K_g[:, c]^T||_F = sum_h ||Q_obs,h[:, c]|| ||K_g[:, c]||
+
+and the ``floor(channel_ratio · K)`` lowest channels are dropped: older keys are stored as
+``K[:, keep]`` with the kept channel indices per head. Values, the observation window and every
+generated token keep all channels. Decoding scores an older key as ``q[keep]·k[keep] / sqrt(K)``
+(the scale of the full width; equal to zero-filling the pruned channels).
+
+The paper scores each query head after ``repeat_kv`` and stores per query head; scoring per key
+head (summing its query heads) keeps grouped-query caches at ``G`` heads and is the same method
+when ``H == G``.
+"""
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxrec.inference.longctx.policy import (
+  Policy,
+  check_int,
+  merged_softmax_values,
+  repeat_kv,
+  scores,
+  softmax_values,
+)
+
+
+class ThinKEmpty(NamedTuple):
+  """A ThinK cache before its prefill: ``room [S, 0]`` only records the capacity ``S``."""
+
+  room: jax.Array
+
+
+class ThinKCache(NamedTuple):
+  """A prefilled ThinK cache.
+
+  Attributes:
+    k_old: rotated older keys ``[B, P, G, K - pruned]``, channels ``keep``.
+    v_old: their values ``[B, P, G, K]``.
+    keep: int32 ``[B, G, K - pruned]``, the kept channels of each key head.
+    k_new, v_new: ``[B, R, G, K]``, the observation window and the generated tokens.
+    filled: int32, slots of ``k_new`` written.
+    position: int32, the position of the next token.
+  """
+
+  k_old: jax.Array
+  v_old: jax.Array
+  keep: jax.Array
+  k_new: jax.Array
+  v_new: jax.Array
+  filled: jax.Array
+  position: jax.Array
+
+  def key_bytes(self) -> tuple[int, int]:
+    """``(bytes of the pruned older keys, bytes they would take unpruned)``."""
+    full = self.k_old.size // max(self.k_old.shape[-1], 1) * self.v_old.shape[-1]
+    return self.k_old.nbytes, full * self.k_old.dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapKV:
+  """SnapKV token eviction for ``think(..., eviction=...)``: keep ``capacity`` prompt tokens per
+  key head (the observation window included), chosen by the pooled attention of the window."""
+
+  capacity: int = 512
+  kernel: int = 7
+
+  def __post_init__(self):
+    check_int("capacity", self.capacity, 1)
+    check_int("kernel", self.kernel, 1)
+    if self.kernel % 2 == 0:
+      raise ValueError(f"kernel: expected an odd pooling width, got {self.kernel}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ThinK(Policy):
+  """ThinK key-channel pruning (see the module docstring).
+
+  Attributes:
+    channel_ratio: ``λ in [0, 1)``, the fraction of key channels dropped (0.4 in the paper).
+    observation: the last prompt tokens whose queries score the channels, kept whole (32).
+    eviction: ``SnapKV`` token eviction applied first, or ``None``.
+  """
+
+  channel_ratio: float = 0.4
+  observation: int = 32
+  eviction: SnapKV | None = None
+
+  def __post_init__(self):
+    r = self.channel_ratio
+    if isinstance(r, bool) or not isinstance(r, int | float) or not 0 <= r < 1:
+      raise ValueError(f"channel_ratio: expected a number in [0, 1), got {r!r}")
+    check_int("observation", self.observation, 1)
+    if self.eviction is not None and not isinstance(self.eviction, SnapKV):
+      raise ValueError(f"eviction: expected None or a SnapKV, got {self.eviction!r}")
+    if self.eviction is not None and self.eviction.capacity <= self.observation:
+      raise ValueError(
+        f"eviction: expected a capacity above observation={self.observation}, got "
+        f"{self.eviction.capacity}"
+      )
+
+  def init_cache(self, attn, batch_size, max_length, dtype):
+    return ThinKEmpty(room=jnp.zeros((max_length, 0), dtype))
+
+  def attend(self, attn, q, k, v, *, cache, layer):
+    if cache is None or isinstance(cache, ThinKEmpty):
+      return self._prefill(attn, q, k, v, cache)
+    if q.shape[1] != 1:
+      raise ValueError(
+        f"tokens: after its prefill a ThinK cache decodes one token at a time, got {q.shape[1]}"
+      )
+    position = cache.position[None]
+    qr, kr = attn.rope(q, position), attn.rope(k, position)
+    k_new = jax.lax.dynamic_update_slice_in_dim(
+      cache.k_new, kr.astype(cache.k_new.dtype), cache.filled, 1
+    )
+    v_new = jax.lax.dynamic_update_slice_in_dim(
+      cache.v_new, v.astype(cache.v_new.dtype), cache.filled, 1
+    )
+    cache = cache._replace(
+      k_new=k_new, v_new=v_new, filled=cache.filled + 1, position=cache.position + 1
+    )
+    h, dim = q.shape[2:]
+    keep = repeat_kv(cache.keep[:, None], h)[:, 0]  # [B, H, kept]
+    q_kept = jnp.take_along_axis(qr[:, 0], keep, axis=-1)[:, None]  # [B, 1, H, kept]
+    s_old = scores(q_kept, cache.k_old) * math.sqrt(keep.shape[-1] / dim)
+    s_new = scores(qr, cache.k_new)
+    visible_new = (jnp.arange(k_new.shape[1]) < cache.filled)[None, None, None]
+    parts = [(s_old, True, cache.v_old), (s_new, visible_new, cache.v_new)]
+    return merged_softmax_values(parts, q.dtype), cache
+
+  def _prefill(self, attn, q, k, v, cache):
+    b, t = q.shape[:2]
+    positions = jnp.arange(t)
+    qr, kr = attn.rope(q, positions), attn.rope(k, positions)
+    s = scores(qr, kr)
+    causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
+    o = softmax_values(s, causal, v, q.dtype)
+    if cache is None:
+      return o, None
+    dtype = cache.room.dtype
+    recent = min(self.observation, t)
+    old = t - recent
+    rows = jnp.broadcast_to(jnp.arange(old), (b, attn.num_kv_heads, old))  # [B, G, P]
+    if self.eviction is not None and old > self.eviction.capacity - recent:
+      rows = self._evict(s, causal, old, recent, attn.num_kv_heads)
+    pick = lambda x: jnp.take_along_axis(x, rows.transpose(0, 2, 1)[..., None], axis=1)
+    k_old, v_old = pick(kr[:, :old]), pick(v[:, :old])
+    keep = self._channels(qr[:, old:], k_old)
+    k_old = jnp.take_along_axis(k_old, keep[:, None], axis=-1)
+    room = cache.room.shape[0] - old
+    pad = lambda x: jnp.pad(x[:, old:], ((0, 0), (0, room - recent), (0, 0), (0, 0)))
+    return o, ThinKCache(
+      k_old=k_old.astype(dtype),
+      v_old=v_old.astype(dtype),
+      keep=keep,
+      k_new=pad(kr).astype(dtype),
+      v_new=pad(v).astype(dtype),
+      filled=jnp.asarray(recent, jnp.int32),
+      position=jnp.asarray(t, jnp.int32),
+    )
+
+  def _evict(self, s, causal, old, recent, kv_heads):
+    """SnapKV: ``[B, G, capacity - recent]`` older rows (sorted) kept per key head."""
+    p = jax.nn.softmax(jnp.where(causal, s, -jnp.inf)[:, :, old:], axis=-1)[..., :old]
+    votes = p.sum(axis=2)  # [B, H, P]
+    b, h = votes.shape[:2]
+    votes = votes.reshape(b, kv_heads, h // kv_heads, old).sum(axis=2)
+    width = self.eviction.kernel
+    votes = jax.lax.reduce_window(
+      votes, -jnp.inf, jax.lax.max, (1, 1, width), (1, 1, 1), [(0, 0), (0, 0), (width // 2,) * 2]
+    )
+    _, rows = jax.lax.top_k(votes, self.eviction.capacity - recent)
+    return jnp.sort(rows, axis=-1)
+
+  def _channels(self, q_obs, k_old):
+    """``[B, G, K - pruned]`` kept channels (ascending) by the query-driven score."""
+    dim = k_old.shape[-1]
+    pruned = math.floor(self.channel_ratio * dim)
+    q_norm = jnp.sqrt(jnp.sum(jnp.square(q_obs.astype(jnp.float32)), axis=1))  # [B, H, K]
+    b, h = q_norm.shape[:2]
+    g = k_old.shape[2]
+    q_norm = q_norm.reshape(b, g, h // g, dim)
+    k_norm = jnp.sqrt(jnp.sum(jnp.square(k_old.astype(jnp.float32)), axis=1))  # [B, G, K]
+    score = jnp.sum(q_norm * k_norm[:, :, None], axis=2)
+    _, keep = jax.lax.top_k(score, dim - pruned)
+    return jnp.sort(keep, axis=-1)

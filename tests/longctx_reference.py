@@ -1,0 +1,59 @@
+"""Dense float64 references for the long-context policies (``jaxrec.inference.longctx``): the
+full ``T x S`` scores of one attention layer with a method's mask and positions, written with
+numpy's own RoPE, independent of the library's blockwise and cached paths."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrec import layers
+
+
+def attention_layer(heads=4, kv_heads=2, d_model=16, head_dim=8, seed=0) -> layers.Attention:
+  """A small grouped-query attention layer with large projections (peaked softmaxes)."""
+  return layers.Attention(
+    d_model, heads, num_kv_heads=kv_heads, head_dim=head_dim, init_std=0.5, rngs=nnx.Rngs(seed)
+  )
+
+
+def rope(x, positions, theta=10_000.0):
+  """``x [T, H, K]`` rotated, pair ``(i, i + K/2)`` by ``position · theta^(-2i/K)``, float64."""
+  half = x.shape[-1] // 2
+  angle = np.asarray(positions, np.float64)[:, None] * theta ** (-np.arange(half) / half)
+  cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]
+  x1, x2 = x[..., :half], x[..., half:]
+  return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def projections(attn, x):
+  """Un-rotated ``q [B, T, H, K]``, ``k, v [B, T, H, K]`` (key heads repeated), float64."""
+  q, k, v = (np.asarray(p(x), np.float64) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+  rep = attn.num_heads // attn.num_kv_heads
+  return q, np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
+
+
+def attend(s, mask, v):
+  """``softmax(s where mask) v`` for ``s, mask [H, T, S]`` and ``v [S, H, K]`` -> ``[T, H, K]``."""
+  s = np.where(mask, s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum("hts,shk->thk", p, v)
+
+
+def output(attn, heads):
+  """The layer's output projection of ``heads [B, T, H, K]``."""
+  return np.asarray(attn.o_proj(np.asarray(heads, np.float32)), np.float64)
+
+
+def run_chunks(attn, x, policy, chunks, layer=0):
+  """``attn`` (under ``policy``, ``None`` for plain attention) fed ``x [B, T, D]`` through a cache
+  in consecutive calls of the given lengths: ``(outputs [B, T, D], final cache)``."""
+  step = jax.jit(lambda x, c: attn(x, cache=c, policy=policy, layer=layer))
+  cache = attn.init_cache(x.shape[0], x.shape[1], jnp.float32, policy=policy)
+  outs, start = [], 0
+  for n in chunks:
+    y, cache = step(x[:, start : start + n], cache)
+    outs.append(y)
+    start += n
+  return np.concatenate(outs, axis=1), cache

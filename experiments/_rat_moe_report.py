@@ -107,6 +107,10 @@ def section(results: dict, png: str, json_path: str) -> str:
   )
   return f"""## {SECTION}
 
+RAT (arXiv 2507.04416) and RMoE (arXiv 2408.06793) at the sizes two CPU cores allow.
+`python -m experiments.rat_moe` runs all three parts below; each part gives the command that
+produced it (`--config.experiments=lm`, `mqar` or `moe` reruns one and keeps the others).
+
 {body}
 
 ![LM bits per byte and step time against L, MQAR accuracy against L, MoE bits per byte by router]({png})
@@ -174,6 +178,17 @@ def _mqar(runs: list[dict], c: dict) -> str:
     f"Recall {'falls' if holds else 'does not fall'} monotonically as L grows (the paper: "
     "attention ≳ RAT(small L) > RAT(large L) ≫ RNN)."
   )
+  base = _at(runs, 1)
+  if base and base["accuracy"] < max(accuracy):
+    verdict += f""" Attention (L=1) recalls less than RAT here ({base["accuracy"]:.3f} against
+{max(accuracy):.3f}): it has not learned the task in these steps. A likely reason, not tested
+here: a model of attention layers alone must first learn a previous-token head from positions
+before an induction head can look the keys up, while RAT's gated recurrence inside a chunk mixes
+every token with the ones before it, as the short convolution of Zoology's MQAR models does, so
+the lookup is learned sooner."""
+  if accuracy[-1] < max(accuracy):
+    verdict += """ The drop towards large L is the capacity effect the paper describes: a chunk's
+one (k̃, ṽ) state holds several pairs, and the RNN's one state all of them."""
   return f"""### MQAR recall
 
 {c["num_layers"]} RAT layers, d_model {c["d_model"]}, {c["num_heads"]} heads; MQAR with
@@ -234,10 +249,21 @@ paper's smallest setting is 12 layers, d 128, 16 experts top-2, p 64-128, 3 seed
 {verdict}
 
 Why the ordering of bits per byte says little at this size: the paper's gain is small (about
-0.01 bits) at 12 layers after 80k steps and about zero at 6 layers; with fewer layers there are
-few steps for the router state to carry, and a few hundred steps leave the models far from
+0.01 bits) at 12 layers after 80k steps and about zero at 6 layers; with fewer layers the router
+state passes through few steps, and a few hundred training steps leave the models far from
 converged, so the routers' differences sit inside the seed spread. The routing statistics react
-sooner and are the signal the paper itself calls more robust."""
+sooner and are the signal the paper itself calls more robust.{_drops(summary)}"""
+
+
+def _drops(summary: dict) -> str:
+  dropped = [s["moe/dropped"][0] for s in summary.values() if "moe/dropped" in s]
+  if not dropped or max(dropped) < 0.1:
+    return ""
+  return (
+    f" At capacity factor 1.25 every router still drops {min(dropped):.0%}-{max(dropped):.0%} of "
+    "the token-to-expert assignments (past an expert's capacity; a token dropped by both its "
+    "experts keeps only its residual stream): the routing is far from balanced this early."
+  )
 
 
 def _command(part: dict) -> str:

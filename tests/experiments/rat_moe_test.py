@@ -105,9 +105,35 @@ def test_the_stated_orderings_follow_the_numbers():
   assert "rise monotonically" in text and "RAT(16) is +1.5% from attention" in text
   assert "do not rise" in _rat_moe_report._lm([_lm_run(1, 2.0), _lm_run(4, 1.9)], settings)
 
+  def mqar(*accuracies):
+    return [
+      {**_lm_run(size, 0.0), "accuracy": a, "exact_match": 0.0}
+      for size, a in zip((1, 4, 16), accuracies, strict=True)
+    ]
+
+  settings |= {"num_pairs": 2, "vocab_size": 16, "test_examples": 4}
+  text = _rat_moe_report._mqar(mqar(0.9, 0.8, 0.1), settings)
+  assert "Recall falls monotonically" in text and "recalls less" not in text
+  text = _rat_moe_report._mqar(mqar(0.1, 0.9, 0.2), settings)
+  assert "does not fall" in text and "Attention (L=1) recalls less than RAT" in text
+  assert "capacity effect" in text
+
+  stats = {  # router: (bits, IB, OB, dropped)
+    "linear": (2.0, 3.0, 0.9, 0.05),
+    "gru": (1.9, 2.0, 0.6, 0.2),
+    "gru_detached": (2.1, 2.5, 0.7, 0.1),
+  }
   moe = [
-    {"router": router, "seed": seed, "val_bits_per_byte": bits + 0.01 * seed, "step_ms": 1.0}
-    for router, bits in (("linear", 2.0), ("gru", 1.9), ("gru_detached", 2.1))
+    {
+      "router": router,
+      "seed": seed,
+      "val_bits_per_byte": bits + 0.01 * seed,
+      "step_ms": 1.0,
+      "moe/top_ratio": ib,
+      "moe/selected_weight": ob,
+      "moe/dropped": dropped,
+    }
+    for router, (bits, ib, ob, dropped) in stats.items()
     for seed in (0, 1)
   ]
   settings |= {"num_experts": 4, "expert_hidden": 8, "top_k": 2, "router_dim": 4}
@@ -116,6 +142,10 @@ def test_the_stated_orderings_follow_the_numbers():
   assert (
     "gain over SMoE is +0.1000 bits per byte against a seed spread (std) of up to 0.0050" in text
   )
+  assert "gates are flatter than SMoE's: IB 2.00 vs 3.00, OB 0.600 vs 0.900" in text
+  assert "every router still drops 5%-20% of" in text
+  moe = [{**r, "moe/top_ratio": 9.0} if r["router"] == "gru" else r for r in moe]
+  assert "gates are not flatter" in _rat_moe_report._moe(moe, settings)
 
 
 @pytest.mark.parametrize(

@@ -92,7 +92,7 @@ def plot(results: dict, path: str) -> None:
         ax.plot([i] * len(values), values, "o", color="C0", alpha=0.6)
         ax.plot([i - 0.25, i + 0.25], [summary[router]["val_bits_per_byte"][0]] * 2, "k-")
       ax.set_xticks(range(len(names)), [ROUTER_NAMES.get(n, n) for n in names], rotation=25)
-      ax.set_ylabel("validation bits per byte (dots: seeds, bar: mean)")
+      ax.set_ylabel("val bits per byte (dots: seeds, bar: mean)")
       ax.set_title("MoE LM by router")
     ax.grid(alpha=0.3)
   fig.tight_layout()

@@ -240,6 +240,7 @@ def _mqar_task(c) -> tasks_lib.MQAR:
 
 def _moe_config(c, router: str, vocab_size: int) -> LMConfig:
   return _checked(
+    c,
     "--config.moe",
     lambda: get_preset(
       "tiny-moe",
@@ -254,7 +255,14 @@ def _moe_config(c, router: str, vocab_size: int) -> LMConfig:
       moe_router_dim=c.router_dim,
       moe_router=router,
     ),
-    {"moe_router": "routers", "moe_num_experts": "num_experts", "moe_top_k": "top_k"},
+    {
+      "max_seq_len": "seq_len",
+      "moe_router": "routers",
+      "moe_num_experts": "num_experts",
+      "moe_top_k": "top_k",
+      "moe_hidden": "expert_hidden",
+      "moe_router_dim": "router_dim",
+    },
   )
 
 
@@ -264,6 +272,7 @@ def _rat_config(c, chunk_size: int, vocab_size: int, flag: str) -> LMConfig:
       f"{flag}.chunk_sizes: expected chunk lengths in [1, seq_len={c.seq_len}], got {chunk_size}"
     )
   return _checked(
+    c,
     flag,
     lambda: get_preset(
       "tiny-rat",
@@ -274,18 +283,19 @@ def _rat_config(c, chunk_size: int, vocab_size: int, flag: str) -> LMConfig:
       max_seq_len=c.seq_len,
       rat_chunk_size=chunk_size,
     ),
-    {"rat_chunk_size": "chunk_sizes"},
+    {"rat_chunk_size": "chunk_sizes", "max_seq_len": "seq_len"},
   )
 
 
-def _checked(flag: str, build, renamed: dict[str, str]) -> LMConfig:
+def _checked(c, flag: str, build, renamed: dict[str, str]) -> LMConfig:
   """``build()``, with ``LMConfig``'s ``ValueError`` (which starts with its field) turned into a
-  ``ConfigError`` naming the experiment's flag."""
+  ``ConfigError`` naming the flag of section ``c`` that sets the field (the section's flag when
+  none does, e.g. ``head_dim`` from ``d_model / num_heads``)."""
   try:
     return build()
   except ValueError as e:
-    field = str(e).split(":", 1)[0]
-    raise train_lib.ConfigError(f"{flag}.{renamed.get(field, field)}: {e}") from e
+    name = renamed.get(field := str(e).split(":", 1)[0], field)
+    raise train_lib.ConfigError(f"{flag}.{name}: {e}" if name in c else f"{flag}: {e}") from e
 
 
 def _label(chunk_size: int, seq_len: int) -> str:

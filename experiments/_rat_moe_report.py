@@ -155,11 +155,12 @@ The paper's smallest setting is 4 layers, d 256, T 512.
 {verdict}
 
 How far to read it: these models saw {c["steps"] * c["batch_size"] * c["seq_len"] / 1e6:.2g}M
-bytes, one seed each, and are far from converged; gaps of a percent or less between the L are of
-the size another seed or data order gives, so a smooth ordering (or its absence) needs longer
-runs to show. With T = {c["seq_len"]} the attention term (T² / L) is a small part of a train
-step, so RAT's saving does not show in these step times and its extra scan can cost more than it
-saves; the per-layer cost as T grows is measured by `experiments/bench_rat.py` (BENCHMARKS.md)."""
+bytes, one seed each, and are far from converged; gaps of a percent or two between the L are
+within what another seed or data order can move (the MoE runs below differ by several percent
+between seeds), so a smooth ordering, or its absence, needs more seeds and longer runs to show.
+With T = {c["seq_len"]} the attention term (T² / L) is a small part of a train step, so the
+step times here mostly measure fixed costs on a shared CPU; the per-layer cost as T grows is
+measured by `experiments/bench_rat.py` (BENCHMARKS.md)."""
 
 
 def _mqar(runs: list[dict], c: dict) -> str:

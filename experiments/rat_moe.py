@@ -16,7 +16,7 @@ Every run trains through ``jaxrec.train``'s optimizer, sharded init and jitted t
 (no checkpoints or samples: the runs are thrown away). It writes ``<out_dir>/rat_moe.{json,png}``
 and the section "RAT and RMoE: the papers' smallest experiments" of ``RESULTS.md``.
 
-  python -m experiments.rat_moe                          # about 30 min on 2 busy CPU cores
+  python -m experiments.rat_moe                          # 20-30 min on 2 shared CPU cores
   python -m experiments.rat_moe --config.experiments=moe --config.moe.seeds=0,1,2
   python -m experiments.rat_moe --config.lm.steps=2000 --config.lm.d_model=256  # scale up
 """

@@ -362,9 +362,11 @@ def _plot_state(plain, jrt, path, title):
     return
   if plain[0]["family"] == "mqar":
     panels = [("repeats=1", title)]
-  else:
-    short, long = _pairs(plain[0])[0]
+  elif pairs := _pairs(plain[0]):
+    short, long = pairs[0]
     panels = [(short, f"{title}, smaller set first ({short})"), (long, f"larger first ({long})")]
+  else:  # sizes without their mirrored order: a panel per size
+    panels = [(key, f"{title} ({key})") for key in sorted(plain[0]["scores"])]
   fig, axes = _figure(len(panels))
   variants = sorted({r["variant"] for r in plain})
   for ax, (key, name) in zip(axes, panels, strict=True):

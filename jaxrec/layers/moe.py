@@ -205,7 +205,10 @@ class MoE(nnx.Module):
     logits, state = self._route(x.astype(jnp.float32), router_state, cell)
     weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.shape.get("expert", 1) > 1:
+    rows = math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp", "expert"))
+    # A batch that does not split over the batch axes (sampling one prompt) takes the GSPMD
+    # path below, whose capacity counts the whole batch as one group.
+    if mesh.shape.get("expert", 1) > 1 and x.shape[0] % rows == 0:
       y, stats = self._expert_parallel(mesh, x, logits, weights)
     else:
       y, stats = self._dispatch(x, logits, weights)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jaxrec
 from experiments.configs import default
 from jaxrec.models import LM, LMConfig
 from jaxrec.train import config_checks, optim, sharding
@@ -73,3 +74,14 @@ def test_an_expert_axis_not_dividing_the_experts_names_the_flag():
   config.mesh.expert = 4
   with pytest.raises(config_checks.ConfigError, match=r"--config.mesh.expert: expected a divisor"):
     config_checks.validate_config(config, num_devices=8, num_processes=1)
+
+
+def test_a_batch_that_does_not_split_over_the_mesh_still_decodes():
+  """Sampling one prompt under an expert mesh (as the launcher does after training) takes the
+  GSPMD path, and decodes what one device decodes."""
+  model = LM(CFG, rngs=nnx.Rngs(0))
+  prompt = [[1, 2, 3]]
+  want = jaxrec.generate(model, prompt, max_new_tokens=4, temperature=0)
+  with jax.set_mesh(sharding.make_mesh((2, 1, 1, 4))):
+    got = jaxrec.generate(model, prompt, max_new_tokens=4, temperature=0)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import sys
 import time
 
@@ -40,7 +39,7 @@ from flax import nnx
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from experiments import _cli
+from experiments import _cli, _results
 from experiments.configs import default as default_train_config
 from jaxrec import data as data_lib
 from jaxrec import models, train
@@ -405,14 +404,7 @@ def _write_results(results: dict, unit: str, config, out_dir: str, results_md: s
     f"{os.cpu_count()} cores, shared with other jobs):\n\n"
     f"```\n{command}\n```\n\n"
   )
-  text = "# Results\n"
-  if os.path.isfile(results_md):
-    with open(results_md, encoding="utf-8") as f:
-      text = f.read()
-  pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-  text = pattern.sub(lambda _: section, text) if pattern.search(text) else text + "\n" + section
-  with open(results_md, "w", encoding="utf-8") as f:
-    f.write(text)
+  _results.write_section(results_md, SECTION, section)
 
 
 def main(argv):

@@ -27,7 +27,6 @@ import copy
 import itertools
 import json
 import os
-import re
 import sys
 import time
 
@@ -37,7 +36,7 @@ from absl import app, flags, logging
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from experiments import _cli
+from experiments import _cli, _results
 from experiments.configs import default as default_train_config
 from jaxrec import data as data_lib
 from jaxrec import generate, train
@@ -276,14 +275,7 @@ def _write_results(results: dict, out_dir: str, results_md: str, command: str) -
     f"{jax.default_backend()}, {os.cpu_count()} cores, shared with other jobs). Command:\n\n"
     f"```\n{command}\n```\n\n"
   )
-  text = "# Results\n"
-  if os.path.isfile(results_md):
-    with open(results_md, encoding="utf-8") as f:
-      text = f.read()
-  pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-  text = pattern.sub(lambda _: section, text) if pattern.search(text) else text + "\n" + section
-  with open(results_md, "w", encoding="utf-8") as f:
-    f.write(text)
+  _results.write_section(results_md, SECTION, section)
 
 
 def main(argv):

@@ -39,7 +39,7 @@ from flax import nnx
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from experiments import _cli, _results
+from experiments import _cached_run, _cli, _results
 from experiments.configs import default as default_train_config
 from jaxrec import data as data_lib
 from jaxrec import models, train
@@ -135,31 +135,14 @@ def _teacher(config, workdir: str):
     run_dir = path
   else:
     run_dir = os.path.join(workdir, "teacher")
-    _train_teacher(config, run_dir)
+    _cached_run.train_unless_finished(
+      config.teacher_run, run_dir, name="teacher", progress=config.progress
+    )
   model, tokenizer, run_config = train.restore_model(
     default_train_config.get_config(), run_dir, given=set()
   )
   source = {"kind": "jaxrec", "path": run_dir, "seq_len": run_config.data.seq_len}
   return model, tokenizer, source | {"run_config": run_config}
-
-
-def _train_teacher(config, run_dir: str) -> None:
-  """Trains ``config.teacher_run`` into ``run_dir``, unless a finished run is there already."""
-  run = copy.deepcopy(config.teacher_run)
-  try:
-    saved = checkpoint.check_directory(
-      os.path.join(run_dir, checkpoint.CHECKPOINT_DIR), resume=True
-    )
-  except FileNotFoundError:
-    saved = []
-  if saved and saved[-1] >= run.steps:
-    logging.info("teacher: reusing %s (step %d)", run_dir, saved[-1])
-    return
-  run.resume = bool(saved)  # an interrupted teacher continues
-  run.progress = config.progress
-  start = time.perf_counter()
-  train.train_and_evaluate(run, run_dir)
-  logging.info("teacher trained in %.0f s", time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------------------------

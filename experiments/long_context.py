@@ -23,7 +23,6 @@ attention on a RoPE transformer trained by jaxrec at a short context.
    ``RESULTS.md``.
 """
 
-import copy
 import itertools
 import json
 import os
@@ -36,12 +35,11 @@ from absl import app, flags, logging
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from experiments import _cli, _results
+from experiments import _cached_run, _cli, _results
 from experiments.configs import default as default_train_config
 from jaxrec import data as data_lib
 from jaxrec import generate, train
 from jaxrec.inference import loglikelihood, longctx
-from jaxrec.train import checkpoint
 
 CONFIG_FILE = os.path.join(os.path.dirname(__file__), "configs", "long_context.py")
 SECTION = "Long-context inference: LM-Infinite, Recycled, LongHeads, ThinK, Set-Based"
@@ -65,7 +63,9 @@ def long_context(config, workdir: str) -> dict:
   if not workdir:
     raise train.ConfigError("--workdir: expected a directory, got none")
   run_dir = os.path.join(workdir, "model")
-  _train_model(config, run_dir)
+  _cached_run.train_unless_finished(
+    config.model_run, run_dir, name="model", progress=config.progress
+  )
   model, tokenizer, run_config = train.restore_model(
     default_train_config.get_config(), run_dir, given=set()
   )
@@ -83,24 +83,6 @@ def long_context(config, workdir: str) -> dict:
   with open(os.path.join(workdir, "long_context.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)
   return results
-
-
-def _train_model(config, run_dir: str) -> None:
-  run = copy.deepcopy(config.model_run)
-  try:
-    saved = checkpoint.check_directory(
-      os.path.join(run_dir, checkpoint.CHECKPOINT_DIR), resume=True
-    )
-  except FileNotFoundError:
-    saved = []
-  if saved and saved[-1] >= run.steps:
-    logging.info("model: reusing %s (step %d)", run_dir, saved[-1])
-    return
-  run.resume = bool(saved)
-  run.progress = config.progress
-  start = time.perf_counter()
-  train.train_and_evaluate(run, run_dir)
-  logging.info("model trained in %.0f s", time.perf_counter() - start)
 
 
 def _policies(config) -> dict:

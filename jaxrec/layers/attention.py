@@ -20,9 +20,16 @@ from jaxrec.ops import attention as attention_ops
 from jaxrec.ops import segment_starts
 from jaxrec.typing import Activations, AttentionKeys, KeySegmentIds, SegmentIds
 
+# Positions of ring slots not written yet: so far in the past that every window hides them.
+EMPTY_POSITION = -(2**30)
+
 
 class KVCache(NamedTuple):
-  """Keys and values of the tokens seen so far, written contiguously from slot 0.
+  """Keys and values of the tokens seen so far.
+
+  Full attention writes them contiguously from slot 0. Sliding-window attention keeps a ring of
+  its last ``S = window`` tokens instead, token ``p`` in slot ``p mod S``, so that its decoding
+  state does not grow with the context; ``positions`` then says which token each slot holds.
 
   Attributes:
     k: rotated keys ``[B, S, G, K]`` (``K = head_dim``).
@@ -30,12 +37,19 @@ class KVCache(NamedTuple):
     segment_ids: int32 ``[B, S]``, the document of each written key, renumbered so that a new
       call continues the document of the last written token (as a recurrent state would).
     index: int32 scalar, the number of tokens written (the position of the next one).
+    positions: int32 ``[S]``, the position held by each slot of a ring (``EMPTY_POSITION`` while
+      empty); ``None`` for a contiguous cache, whose slot ``s`` holds position ``s``.
   """
 
   k: AttentionKeys
   v: AttentionKeys
   segment_ids: KeySegmentIds
   index: jax.Array
+  positions: jax.Array | None = None
+
+  @property
+  def is_ring(self) -> bool:
+    return self.positions is not None
 
 
 class Attention(nnx.Module):
@@ -145,8 +159,26 @@ class Attention(nnx.Module):
     else:
       positions = cache.index + jnp.arange(t)
       q, k = self.rope(q, positions), self.rope(k, positions)
+      o, cache = self.attend_cached(q, k, v, cache, positions=positions, segment_ids=segment_ids)
+    return self.o_proj(o), cache
+
+  def attend_cached(
+    self,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cache: KVCache,
+    *,
+    positions: jax.Array,
+    segment_ids: SegmentIds | None,
+  ) -> tuple[jax.Array, KVCache]:
+    """Attention of new rotated queries ``q [B, T, H, K]`` over the cache and the new rotated keys
+    and values ``k, v [B, T, G, K]`` (at ``positions [T]``, following the cache's), before the
+    output projection; returns it and the cache with the new tokens written."""
+    t = q.shape[1]
+    if not cache.is_ring:
       last = lax.dynamic_index_in_dim(cache.segment_ids, jnp.maximum(cache.index - 1, 0), 1)
-      segments = continue_segments(last, segment_ids, x.shape[:2])
+      segments = continue_segments(last, segment_ids, q.shape[:2])
       cache = KVCache(
         k=lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache.index, 1),
         v=lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache.index, 1),
@@ -162,7 +194,32 @@ class Attention(nnx.Module):
         kv_segment_ids=cache.segment_ids,
         q_positions=positions,
       )
-    return self.o_proj(o), cache
+      return o, cache
+    size = cache.k.shape[1]
+    last = jnp.take(cache.segment_ids, (cache.index - 1) % size, axis=1)[:, None]
+    segments = continue_segments(last, segment_ids, q.shape[:2])
+    # The queries see the ring (tokens before these) and the new tokens themselves.
+    o = attention_ops.dot_product_attention(
+      q,
+      jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1),
+      jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1),
+      window=self.window,
+      segment_ids=segments,
+      kv_segment_ids=jnp.concatenate([cache.segment_ids, segments], axis=1),
+      q_positions=positions,
+      kv_positions=jnp.concatenate([cache.positions, positions]),
+    )
+    # Only the last `size` new tokens can be seen again.
+    n = min(t, size)
+    slots = positions[-n:] % size
+    cache = KVCache(
+      k=cache.k.at[:, slots].set(k[:, -n:].astype(cache.k.dtype)),
+      v=cache.v.at[:, slots].set(v[:, -n:].astype(cache.v.dtype)),
+      segment_ids=cache.segment_ids.at[:, slots].set(segments[:, -n:]),
+      index=cache.index + t,
+      positions=cache.positions.at[slots].set(positions[-n:]),
+    )
+    return o, cache
 
   def rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """``x [B, T, H or G, K]`` rotated to ``positions`` (``[T]`` or ``[B, T]``) with this layer's
@@ -172,16 +229,35 @@ class Attention(nnx.Module):
   def init_cache(
     self, batch_size: int, max_length: int, dtype: jnp.dtype, policy: Any | None = None
   ) -> KVCache | Any:
-    """An empty cache with room for ``max_length`` tokens; keys and values in ``dtype``; the
-    ``policy``'s cache when one is given."""
+    """An empty cache for ``max_length`` tokens; keys and values in ``dtype``; the ``policy``'s
+    cache when one is given.
+
+    With a sliding window shorter than ``max_length`` the cache is a ring of ``window`` slots, the
+    same size at every context length; otherwise it has room for ``max_length`` tokens.
+    """
     if policy is not None:
       return policy.init_cache(self, batch_size, max_length, dtype)
+    if self.window is not None and self.window < max_length:
+      return self.init_ring(batch_size, dtype)
     shape = (batch_size, max_length, self.num_kv_heads, self.head_dim)
     return KVCache(
       k=jnp.zeros(shape, dtype),
       v=jnp.zeros(shape, dtype),
       segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
       index=jnp.zeros((), jnp.int32),
+    )
+
+  def init_ring(self, batch_size: int, dtype: jnp.dtype) -> KVCache:
+    """An empty ring cache of ``window`` slots (sliding-window attention at any length)."""
+    if self.window is None:
+      raise ValueError("window: a ring cache needs a sliding window, got None")
+    shape = (batch_size, self.window, self.num_kv_heads, self.head_dim)
+    return KVCache(
+      k=jnp.zeros(shape, dtype),
+      v=jnp.zeros(shape, dtype),
+      segment_ids=jnp.zeros((batch_size, self.window), jnp.int32),
+      index=jnp.zeros((), jnp.int32),
+      positions=jnp.full((self.window,), EMPTY_POSITION, jnp.int32),
     )
 
 

@@ -39,18 +39,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrec.layers import _checks
-from jaxrec.layers.attention import Attention, continue_segments
+from jaxrec.layers.attention import Attention, KVCache, continue_segments
 from jaxrec.layers.linear import Dense
 from jaxrec.ops import attention as attention_ops
 from jaxrec.ops import gla as gla_ops
-from jaxrec.typing import Activations, AttentionKeys, KeySegmentIds, MatrixState, SegmentIds
+from jaxrec.typing import Activations, MatrixState, SegmentIds
 
 LigerVariant = Literal["gla", "hgrn2"]
 LigerGateSource = Literal["key", "projection"]
 VARIANTS = get_args(LigerVariant)
 GATE_SOURCES = get_args(LigerGateSource)
-# Positions of ring slots not written yet: so far in the past that every window hides them.
-_EMPTY = -(2**30)
 
 
 class LigerCache(NamedTuple):
@@ -58,20 +56,13 @@ class LigerCache(NamedTuple):
 
   Attributes:
     state: the recurrent state ``[B, H, K, V]``, fp32.
-    k: RoPE'd keys of the last ``window`` tokens ``[B, W, G, K]``, token ``p`` in slot
-      ``p mod W`` (``None`` without a sliding window, as ``v``, ``positions`` and
-      ``segment_ids``).
-    v: their values ``[B, W, G, K]``.
-    positions: int32 ``[W]``, the position held by each slot (far negative while empty).
-    segment_ids: int32 ``[B, W]``, cache-relative document ids of the slots (as ``KVCache``'s).
+    window: the sliding-window branch's ring of the last ``window`` RoPE'd keys and values (an
+      ``Attention`` ring ``KVCache``); ``None`` without a sliding window.
     index: int32 scalar, the number of tokens seen.
   """
 
   state: MatrixState
-  k: AttentionKeys | None
-  v: AttentionKeys | None
-  positions: jax.Array | None
-  segment_ids: KeySegmentIds | None
+  window: KVCache | None
   index: jax.Array
 
 
@@ -151,20 +142,26 @@ class LigerAttention(Attention):
     gate = self.g_proj(x) if self.gate_source == "projection" else k
     index = jnp.zeros((), jnp.int32) if cache is None else cache.index
     if cache is not None and self.window is not None:
-      last = jnp.take(cache.segment_ids, (index - 1) % self.window, axis=1)[:, None]
+      ring = cache.window
+      last = jnp.take(ring.segment_ids, (index - 1) % ring.k.shape[1], axis=1)[:, None]
       segment_ids = continue_segments(last, segment_ids, (batch, t))
     o, state = self._recurrent(q, k, v, gate, segment_ids, cache)
     if self.window is not None:
       positions = index + jnp.arange(t)
       q, k = self.rope(q, positions), self.rope(k, positions)
-      swa, cache_window = self._sliding_window(q, k, v, positions, segment_ids, cache)
+      if cache is None:
+        swa = attention_ops.dot_product_attention(
+          q, k, v, window=self.window, segment_ids=segment_ids, q_positions=positions
+        )
+      else:
+        swa, ring = self.attend_cached(
+          q, k, v, cache.window, positions=positions, segment_ids=segment_ids
+        )
       o = 0.5 * o + 0.5 * swa.astype(o.dtype)
     y = self.o_proj(o.astype(x.dtype))
     if cache is None:
       return y, None
-    if self.window is None:
-      return y, cache._replace(state=state, index=index + t)
-    return y, LigerCache(state, *cache_window, index=index + t)
+    return y, LigerCache(state, ring if self.window is not None else None, index=index + t)
 
   def _recurrent(self, q, k, v, gate, segment_ids, cache):
     """``o^rec [B, T, H, K]`` in fp32 and the state after the last step (with a cache)."""
@@ -200,38 +197,6 @@ class LigerAttention(Attention):
       chunk_size=self.chunk_size,
     )
 
-  def _sliding_window(self, q, k, v, positions, segment_ids, cache):
-    """``o^swa [B, T, H, K]`` and, with a cache, its ring ``(k, v, positions, segment_ids)``
-    with the new tokens written."""
-    if cache is None:
-      o = attention_ops.dot_product_attention(
-        q, k, v, window=self.window, segment_ids=segment_ids, q_positions=positions
-      )
-      return o, None
-    # The queries see the ring (tokens before these) and the new tokens themselves.
-    keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
-    values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
-    o = attention_ops.dot_product_attention(
-      q,
-      keys,
-      values,
-      window=self.window,
-      segment_ids=segment_ids,
-      kv_segment_ids=jnp.concatenate([cache.segment_ids, segment_ids], axis=1),
-      q_positions=positions,
-      kv_positions=jnp.concatenate([cache.positions, positions]),
-    )
-    # Only the last `window` new tokens can be seen again.
-    n = min(k.shape[1], self.window)
-    slots = positions[-n:] % self.window
-    ring = (
-      cache.k.at[:, slots].set(k[:, -n:].astype(cache.k.dtype)),
-      cache.v.at[:, slots].set(v[:, -n:].astype(cache.v.dtype)),
-      cache.positions.at[slots].set(positions[-n:]),
-      cache.segment_ids.at[:, slots].set(segment_ids[:, -n:]),
-    )
-    return o, ring
-
   def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype) -> LigerCache:
     """An empty cache; its size does not depend on ``max_length``. Keys and values in ``dtype``,
     the recurrent state in fp32."""
@@ -240,14 +205,5 @@ class LigerAttention(Attention):
     state = jnp.zeros((batch_size, h, d, d), jnp.float32)
     index = jnp.zeros((), jnp.int32)
     if self.window is None:
-      return LigerCache(state, None, None, None, None, index)
-    w = self.window
-    shape = (batch_size, w, self.num_kv_heads, d)
-    return LigerCache(
-      state,
-      k=jnp.zeros(shape, dtype),
-      v=jnp.zeros(shape, dtype),
-      positions=jnp.full((w,), _EMPTY, jnp.int32),
-      segment_ids=jnp.zeros((batch_size, w), jnp.int32),
-      index=index,
-    )
+      return LigerCache(state, None, index)
+    return LigerCache(state, self.init_ring(batch_size, dtype), index)

@@ -51,7 +51,8 @@ def test_decoding_state_has_one_size_at_every_context_length():
     cache = layer.init_cache(B, 16, jnp.float32)
     size = _nbytes(cache)
     assert size == _nbytes(layer.init_cache(B, 100_000, jnp.float32))
-    assert cache.state.shape == (B, 4, 4, 4) and _nbytes((cache.k, cache.v)) == window_bytes
+    ring = (cache.window.k, cache.window.v) if cache.window is not None else ()
+    assert cache.state.shape == (B, 4, 4, 4) and _nbytes(ring) == window_bytes
     sizes = set()
     for _ in range(10):  # past the window: the ring wraps, nothing grows
       cache = step(layer, x, cache)

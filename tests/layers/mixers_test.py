@@ -297,6 +297,11 @@ def test_gla_cache_is_constant_size_and_attention_cache_grows():
   assert shapes[0] == shapes[1] == ((B, 2, 4, 8), (B, 2, 4), (B, 2))
   assert attention.init_cache(B, 1000, jnp.bfloat16).k.shape == (B, 1000, 2, 8)
   assert attention.init_cache(B, 1000, jnp.bfloat16).k.dtype == jnp.bfloat16
+  # Sliding-window attention keeps a ring of its window: one size past the window.
+  _, windowed = _mixer("attention-gqa-window")
+  assert windowed.init_cache(B, 2, jnp.float32).k.shape == (B, 2, 2, 4)
+  for n in (10, 1000):
+    assert windowed.init_cache(B, n, jnp.float32).k.shape == (B, 3, 2, 4)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,8 @@ For every mixer of the registry (``--config.mixers``; ``swa`` is attention with
    every mixer but full attention (order cannot matter to it) and PLA (it already reads the
    context non-causally).
 
-The three share one compiled train step per mixer and width (``pla`` needs a second: its prefix
+``--config.tasks`` picks some of them (``mqar``, ``sets``, ``sets_jrt``, ``counting``). The three
+share one compiled train step per mixer and width (``pla`` needs a second: its prefix
 is the MQAR context, and the whole prompt for set disjointness). Then the counting mixers
 (``--config.counting.mixers``) are trained on counting in each format with a small BPE tokenizer
 trained on the task's texts (where the formats tokenize differently), scored per length range.
@@ -51,6 +52,7 @@ _CONFIG = _cli.define_config_flag(
 )
 
 EVAL_BATCH = 64
+TASKS = ("mqar", "sets", "sets_jrt", "counting")
 # Full attention and PLA are not trained with JRT-Prompt: reading order cannot matter to the one,
 # the other already reads the context non-causally.
 _NO_JRT = ("attention", "pla")
@@ -108,29 +110,33 @@ def run_sweep(config, given: set[str] | frozenset = frozenset()) -> dict:
   vocab = max(mqar.num_tokens, sets[0].num_tokens)
   # One device: the models are tiny, and the sweep's time goes to compiling them.
   mesh = train_lib.make_mesh(train_lib.mesh_shape({"data": 1, "fsdp": 1, "tensor": 1}, 1))
+  tasks = _tasks(config)
   runs = []
-  total = len(variants) * len(widths) * 3 + len(_names(config.counting.mixers, "")) * len(
-    _names(config.counting.formats, "")
-  )
+  per_width = len({"mqar", "sets", "sets_jrt"} & set(tasks))
+  counting_runs = len(_names(config.counting.mixers, "")) * len(_names(config.counting.formats, ""))
+  total = len(variants) * len(widths) * per_width + ("counting" in tasks) * counting_runs
   bar = tqdm.tqdm(total=total, desc="recall sweep", disable=not config.progress, unit="run")
   start = time.perf_counter()
   for variant in variants:
     for width in widths:
       feature_dim = max(1, width // config.feature_dim_ratio)
       cfg = _model_config(config, variant, width, vocab, row, feature_dim)
-      mqar_cfg = cfg
-      if variant.mixer == "pla":  # its prefix: the MQAR context (2 tokens a pair)
-        mqar_cfg = dataclasses.replace(cfg, pla_prefix_len=2 * config.mqar.num_pairs)
-      trainer = _Trainer(mqar_cfg, config, config.steps, mesh)
-      runs.append(_run_mqar(trainer, config, variant, mqar, row, bar))
-      if mqar_cfg is not cfg:
-        trainer = _Trainer(cfg, config, config.steps, mesh)
-      runs.append(_run_sets(trainer, config, variant, sets, sizes, 1, row, bar))
-      if variant.mixer not in _NO_JRT or variant.window is not None:
-        runs.append(_run_sets(trainer, config, variant, sets, sizes, repeats, row, bar))
-      else:
-        bar.update()
-  runs += _run_counting(config, mesh, bar)
+      trainer = _Trainer(cfg, config, config.steps, mesh)
+      if "mqar" in tasks:
+        mqar_trainer = trainer
+        if variant.mixer == "pla":  # its prefix: the MQAR context (2 tokens a pair)
+          mqar_cfg = dataclasses.replace(cfg, pla_prefix_len=2 * config.mqar.num_pairs)
+          mqar_trainer = _Trainer(mqar_cfg, config, config.steps, mesh)
+        runs.append(_run_mqar(mqar_trainer, config, variant, mqar, row, bar))
+      if "sets" in tasks:
+        runs.append(_run_sets(trainer, config, variant, sets, sizes, 1, row, bar))
+      if "sets_jrt" in tasks:
+        if variant.mixer not in _NO_JRT or variant.window is not None:
+          runs.append(_run_sets(trainer, config, variant, sets, sizes, repeats, row, bar))
+        else:
+          bar.update()
+  if "counting" in tasks:
+    runs += _run_counting(config, mesh, bar)
   bar.close()
   seconds = time.perf_counter() - start
   return {
@@ -369,6 +375,14 @@ def _names(spec: str, flag: str) -> list[str]:
   if flag and not names:
     raise train_lib.ConfigError(f"{flag}: expected comma-separated names, got {spec!r}")
   return names
+
+
+def _tasks(config) -> list[str]:
+  tasks = _names(config.tasks, "--config.tasks")
+  unknown = [t for t in tasks if t not in TASKS]
+  if unknown:
+    raise train_lib.ConfigError(f"--config.tasks: unknown {unknown}; expected names of {TASKS}")
+  return tasks
 
 
 def _set_sizes(spec: str) -> list[tuple[int, int]]:

@@ -1,11 +1,13 @@
 """``experiments/recall.py``: a user error names its flag, and the verdict on the papers' claims
 follows its stated criteria on runs made up here (the sweep itself is too long for the tests)."""
 
+import json
 import os
 import subprocess
 import sys
 
 from experiments import _recall_report
+from experiments.configs import recall as recall_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,3 +54,75 @@ def test_verdict_follows_its_criteria():
   # Reversed orders: claim (a) does not reproduce.
   flipped = [_sets("sets", "based", w, 0.5, 0.9) for w in (32, 64)]
   assert ": does not reproduce" in _recall_report.verdict(flipped).splitlines()[0]
+
+
+def test_set_disjointness_unsolved_by_attention_is_flagged():
+  runs = [_sets("sets", "based", 32, 0.9, 0.5), _sets("sets", "attention", 32, 0.97, 0.6)]
+  assert "0.600 at width 32 in its worse order" in _recall_report.verdict(runs)
+  runs[1] = _sets("sets", "attention", 32, 0.97, 0.95)
+  assert "not learned at this budget" not in _recall_report.verdict(runs)
+
+
+def test_unmirrored_set_sizes_leave_the_order_claims_untested():
+  scores = {"4x12": {"accuracy": 0.5}}
+  runs = [{"family": "sets", "variant": "based", "d_model": 32, "state_bytes": 8, "scores": scores}]
+  assert "(a), (b) on reading order: not testable here" in _recall_report.verdict(runs)
+  assert "| 0.500 | – |" in _recall_report.sets_table(runs)
+
+
+def test_state_bytes_of_sliding_window_attention_stop_growing_at_the_window():
+  from experiments import recall
+
+  config = recall_config.get_config()
+  swa, full = recall.Variant("swa", "attention", 8), recall.Variant("attention", "attention")
+
+  def size(variant, tokens):
+    cfg = recall._model_config(config, variant, 32, 64, tokens, 4)
+    return recall.state_bytes(cfg, tokens)
+
+  def kv_bytes(tokens):  # fp32 keys and values of width 32 and int32 document ids
+    return tokens * (2 * 32 * 4 + 4)
+
+  conv = size(full, 8) - kv_bytes(8)  # the BaseConv layer's state
+  assert size(full, 64) == conv + kv_bytes(64)
+  assert size(swa, 8) == conv + kv_bytes(8)
+  assert size(swa, 64) == size(swa, 1000) == conv + kv_bytes(8) + 8 * 4  # ring + its positions
+
+
+def test_a_tiny_sweep_writes_its_numbers_plots_and_section(tmp_path):
+  """Every task and report path end to end, a few steps each (the default sweep takes ~40 min)."""
+  out = tmp_path / "out"
+  argv = [
+    sys.executable,
+    "-m",
+    "experiments.recall",
+    "--config.mixers=based,swa",
+    "--config.d_models=16",
+    "--config.steps=8",
+    "--config.warmup_steps=2",
+    "--config.eval_every=4",
+    "--config.test_examples=64",
+    "--config.counting.mixers=based",
+    "--config.counting.formats=plain,items",
+    "--config.counting.steps=8",
+    "--config.counting.d_model=16",
+    "--config.counting.lengths=4-6,7-8",
+    "--config.progress=False",
+    f"--config.out_dir={out}",
+    f"--config.results_md={tmp_path / 'RESULTS.md'}",
+  ]
+  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  runs = json.loads((out / "recall.json").read_text())["runs"]
+  families = sorted((r["family"], r["variant"]) for r in runs)
+  assert families == sorted(
+    [(f, v) for f in ("mqar", "sets", "sets_jrt") for v in ("based", "swa")]
+    + [("counting:plain", "based"), ("counting:items", "based")]
+  )
+  assert all(r["steps"] <= 8 for r in runs)
+  assert {p.name for p in out.glob("*.png")} == {"mqar.png", "sets.png", "counting.png"}
+  text = (tmp_path / "RESULTS.md").read_text()
+  for title in ("### Verdict on the papers' claims", "### MQAR", "### Set disjointness"):
+    assert title in text
+  assert "(d) letters merged into one token count worse" in text

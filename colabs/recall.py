@@ -16,9 +16,9 @@
 # Multi-query associative recall (MQAR, Zoology) asks a model to store key-value pairs and
 # answer queries for them later. Attention keeps every token and solves it; a recurrent model
 # must fit the pairs into its fixed state. This notebook trains two small models, `(baseconv,
-# attention)` and `(baseconv, based)`, on the same MQAR rows for a few hundred steps, then scores
-# them with the plain prompt and with JRT-Prompt (the context shown twice before the questions).
-# A CPU takes a few minutes. The full study, every registered mixer across state sizes, set
+# attention)` and `(baseconv, based)`, on the same MQAR rows for 2000 steps of 16 examples, then
+# scores them with the plain prompt and with JRT-Prompt (the context shown twice before the
+# questions). A CPU takes a minute or two. The full study, every registered mixer across state sizes, set
 # disjointness and counting, is `python -m experiments.recall` (see RESULTS.md).
 #
 # This notebook is generated: its source of truth is `colabs/recall.py` (jupytext percent
@@ -80,7 +80,8 @@ from jaxrec import inference, models, train
 from jaxrec.data import tasks
 
 # Training steps per model; the tests set a handful through the environment.
-STEPS = int(os.environ.get("JAXREC_NOTEBOOK_STEPS", "300"))
+STEPS = int(os.environ.get("JAXREC_NOTEBOOK_STEPS", "2000"))
+BATCH = 16
 print(f"jax {jax.__version__} on {jax.devices()}; training for {STEPS} steps per model")
 
 # %% [markdown]
@@ -94,7 +95,7 @@ print(f"jax {jax.__version__} on {jax.devices()}; training for {STEPS} steps per
 mqar = tasks.MQAR(vocab_size=64, seq_len=32, num_pairs=4)
 ROW = mqar.max_prompt_length(2)  # long enough for the JRT-Prompt rows too
 train_rows = inference.recall_dataset(
-  mqar, num_examples=STEPS * 32, batch_size=32, seed=0, seq_len=ROW, shuffle=False
+  mqar, num_examples=STEPS * BATCH, batch_size=BATCH, seed=0, seq_len=ROW, shuffle=False
 )
 example = train_rows[0]
 print("inputs ", example["inputs"][0])
@@ -113,14 +114,15 @@ mesh = train.make_mesh(train.mesh_shape({"data": 1, "fsdp": 1, "tensor": 1}, 1))
 def fit(mixer: str) -> nnx.Module:
   cfg = models.LMConfig(
     vocab_size=mqar.num_tokens,
-    d_model=32,
+    d_model=64,
     num_layers=2,
     mixer_pattern=("baseconv", mixer),
     num_heads=2,
     based_feature_dim=8,
     max_seq_len=ROW,
   )
-  schedule = train.warmup_cosine_schedule(1e-2, STEPS, max(1, STEPS // 10), 1e-3)
+  # The recall sweep's settings (experiments/configs/recall.py): peak 3e-3 after 30 steps.
+  schedule = train.warmup_cosine_schedule(3e-3, STEPS, min(30, STEPS // 2), 3e-4)
   tx = train.make_optimizer(schedule, weight_decay=0.1)
 
   def make():

@@ -4,7 +4,7 @@ The default is sized for two CPU cores: 2-layer ``(baseconv, mixer)`` models of 
 tiny vocabularies, at most 1600 steps of 16 examples with early stopping (attention's induction
 step, after which it solves MQAR, comes at 500-800 steps here; with 300 steps every mixer was
 undertrained). With the 11 mixers registered today it took 41.9 minutes on the 2 cores (2000
-steps: 41.8; a fifth of the time is compiling 24 train steps and scoring between runs).
+steps: 41.8; about a quarter of it passes between runs: compiling 24 train steps, scoring).
 ``--config.full=True`` is the paper-scale sweep for an accelerator (Zoology's MQAR settings, JRT's
 set sizes, widths up to 128); any field given on the command line keeps its value over the
 full-scale one.

@@ -45,6 +45,7 @@ from experiments.configs import recall as recall_config
 from jaxrec import train as train_lib
 from jaxrec.data import tasks as tasks_lib
 from jaxrec.inference import evaluate_recall, recall_dataset
+from jaxrec.inference import state_bytes as inference_state_bytes
 from jaxrec.models import LM, LMConfig, mixer_names, param_count
 
 _CONFIG = _cli.define_config_flag(
@@ -332,11 +333,8 @@ def _model_config(config, variant, width, vocab, row, feature_dim) -> LMConfig:
 
 
 def state_bytes(cfg: LMConfig, prompt_len: int) -> int:
-  """Bytes of the model's decoding state after a prompt of ``prompt_len`` tokens (batch 1): the
-  recurrent states, or the attention KV caches at that length."""
-  model = nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(0)))
-  cache = jax.eval_shape(lambda: model.init_cache(1, prompt_len))
-  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache) if x.ndim))
+  """Bytes of the decoding state of a model of ``cfg`` after ``prompt_len`` tokens (batch 1)."""
+  return inference_state_bytes(nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(0))), prompt_len)
 
 
 def _resolve(config, given):

@@ -3,7 +3,7 @@ scoring models on recall tasks."""
 
 from jaxrec.inference.generate import generate, sample_logits
 from jaxrec.inference.jrt import jrt_prompt
-from jaxrec.inference.recall import evaluate_recall, recall_dataset, score_batch
+from jaxrec.inference.recall import evaluate_recall, recall_dataset, score_batch, state_bytes
 from jaxrec.inference.scoring import loglikelihood
 
 __all__ = [
@@ -14,4 +14,5 @@ __all__ = [
   "recall_dataset",
   "sample_logits",
   "score_batch",
+  "state_bytes",
 ]

@@ -110,3 +110,11 @@ def evaluate_recall(
     "exact_match": total["exact"] / max(total["examples"], 1.0),
     "examples": total["examples"],
   }
+
+
+def state_bytes(model: nnx.Module, prompt_len: int) -> int:
+  """Bytes of ``model``'s decoding state after a prompt of ``prompt_len`` tokens (batch 1): the
+  recurrent states, or the attention KV caches at that length (a ring of the window for
+  sliding-window attention). ``model`` may be abstract (``nnx.eval_shape``)."""
+  cache = jax.eval_shape(lambda: model.init_cache(1, prompt_len))
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache) if x.ndim))

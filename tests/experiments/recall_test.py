@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 
+from flax import nnx
+
 from experiments import _recall_report
-from experiments.configs import recall as recall_config
+from jaxrec import inference, models
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,22 +73,29 @@ def test_unmirrored_set_sizes_leave_the_order_claims_untested():
 
 
 def test_state_bytes_of_sliding_window_attention_stop_growing_at_the_window():
-  from experiments import recall
+  """The sweep's models, ``(baseconv, attention)`` with and without its window, measured by
+  ``jaxrec.inference.state_bytes`` (``experiments.recall`` is not imported: one launcher per
+  process defines the ``--config`` flag)."""
 
-  config = recall_config.get_config()
-  swa, full = recall.Variant("swa", "attention", 8), recall.Variant("attention", "attention")
-
-  def size(variant, tokens):
-    cfg = recall._model_config(config, variant, 32, 64, tokens, 4)
-    return recall.state_bytes(cfg, tokens)
+  def size(window, tokens):
+    cfg = models.LMConfig(
+      vocab_size=64,
+      d_model=32,
+      num_layers=2,
+      mixer_pattern=("baseconv", "attention"),
+      num_heads=2,
+      window=window,
+      max_seq_len=tokens,
+    )
+    return inference.state_bytes(nnx.eval_shape(lambda: models.LM(cfg, rngs=nnx.Rngs(0))), tokens)
 
   def kv_bytes(tokens):  # fp32 keys and values of width 32 and int32 document ids
     return tokens * (2 * 32 * 4 + 4)
 
-  conv = size(full, 8) - kv_bytes(8)  # the BaseConv layer's state
-  assert size(full, 64) == conv + kv_bytes(64)
-  assert size(swa, 8) == conv + kv_bytes(8)
-  assert size(swa, 64) == size(swa, 1000) == conv + kv_bytes(8) + 8 * 4  # ring + its positions
+  conv = size(None, 8) - kv_bytes(8)  # the BaseConv layer's state
+  assert size(None, 64) == conv + kv_bytes(64)
+  assert size(8, 8) == conv + kv_bytes(8)
+  assert size(8, 64) == size(8, 1000) == conv + kv_bytes(8) + 8 * 4  # ring + its positions
 
 
 def test_a_tiny_sweep_writes_its_numbers_plots_and_section(tmp_path):

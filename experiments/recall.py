@@ -44,7 +44,7 @@ from experiments import _cli, _recall_report
 from experiments.configs import recall as recall_config
 from jaxrec import train as train_lib
 from jaxrec.data import tasks as tasks_lib
-from jaxrec.inference import evaluate_recall, recall_dataset
+from jaxrec.inference import recall_dataset, score_batches
 from jaxrec.inference import state_bytes as inference_state_bytes
 from jaxrec.models import LM, LMConfig, mixer_names, param_count
 
@@ -139,6 +139,7 @@ def run_sweep(config, given: set[str] | frozenset = frozenset()) -> dict:
   if "counting" in tasks:
     runs += _run_counting(config, mesh, bar)
   bar.close()
+  _drawn_cached.cache_clear()
   seconds = time.perf_counter() - start
   return {
     "command": " ".join(["python -m experiments.recall", *sys.argv[1:]]),
@@ -195,29 +196,35 @@ class _Trainer:
   def model(self, state) -> nnx.Module:
     return nnx.merge(self.graphdef, state.params, state.rest)
 
-  def train_rows(self, tasks, repeats: int, row: int):
+  def train_rows(self, tasks, repeats: int, row: int) -> tuple[dict, ...]:
     config = self.config
-    return recall_dataset(
-      tasks,
-      num_examples=self.steps * config.batch_size,
-      batch_size=config.batch_size,
-      seed=config.seed,
-      repeats=repeats,
-      seq_len=row,
-      shuffle=False,
-    )
+    return _drawn(tasks, repeats, row, self.steps * config.batch_size, config.batch_size, config.seed)
 
 
 def _score(model, task, config, *, repeats=1, row, examples=None, seed=2):
-  return evaluate_recall(
-    model,
-    task,
-    num_examples=examples or config.test_examples,
-    batch_size=EVAL_BATCH,
-    seed=config.seed + seed,
+  examples = examples or config.test_examples
+  return score_batches(model, _drawn(task, repeats, row, examples, EVAL_BATCH, config.seed + seed))
+
+
+def _drawn(tasks, repeats, row, num_examples, batch_size, seed) -> tuple[dict, ...]:
+  """The batches of ``recall_dataset``, drawn once per sweep: every model trains and is scored on
+  the same examples, and drawing one in Python costs more than its share of a train step."""
+  tasks = tuple(tasks) if isinstance(tasks, list | tuple) else (tasks,)
+  return _drawn_cached(tasks, repeats, row, num_examples, batch_size, seed)
+
+
+@functools.lru_cache(maxsize=64)
+def _drawn_cached(tasks, repeats, row, num_examples, batch_size, seed) -> tuple[dict, ...]:
+  ds = recall_dataset(
+    tasks,
+    num_examples=num_examples,
+    batch_size=batch_size,
+    seed=seed,
     repeats=repeats,
     seq_len=row,
+    shuffle=False,
   )
+  return tuple(ds[i] for i in range(len(ds)))
 
 
 def _run_mqar(trainer, config, variant, mqar, row, bar) -> dict:

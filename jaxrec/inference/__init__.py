@@ -3,7 +3,13 @@ scoring models on recall tasks."""
 
 from jaxrec.inference.generate import generate, sample_logits
 from jaxrec.inference.jrt import jrt_prompt
-from jaxrec.inference.recall import evaluate_recall, recall_dataset, score_batch, state_bytes
+from jaxrec.inference.recall import (
+  evaluate_recall,
+  recall_dataset,
+  score_batch,
+  score_batches,
+  state_bytes,
+)
 from jaxrec.inference.scoring import loglikelihood
 
 __all__ = [
@@ -14,5 +20,6 @@ __all__ = [
   "recall_dataset",
   "sample_logits",
   "score_batch",
+  "score_batches",
   "state_bytes",
 ]

@@ -61,6 +61,9 @@ def test_verdict_follows_its_criteria():
 def test_set_disjointness_unsolved_by_attention_is_flagged():
   runs = [_sets("sets", "based", 32, 0.9, 0.5), _sets("sets", "attention", 32, 0.97, 0.6)]
   assert "0.600 at width 32 in its worse order" in _recall_report.verdict(runs)
+  # With one mixer layer the report says why; with two it does not claim that reason.
+  assert "With one mixer layer this is structural" in _recall_report.verdict(runs, num_layers=2)
+  assert "With one mixer layer" not in _recall_report.verdict(runs, num_layers=4)
   runs[1] = _sets("sets", "attention", 32, 0.97, 0.95)
   assert "not learned at this budget" not in _recall_report.verdict(runs)
 

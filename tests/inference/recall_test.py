@@ -70,5 +70,11 @@ def test_evaluate_recall_scores_the_answers_with_and_without_jrt_prompt():
     np.testing.assert_allclose(got["accuracy"], right[scored].mean(), rtol=1e-6)
     exact = np.mean([right[b][scored[b]].all() for b in range(8)])
     np.testing.assert_allclose(got["exact_match"], exact, rtol=1e-6)
+    # The same numbers from batches drawn beforehand (how a sweep scores many models).
+    given = inference.score_batches(model, [batch])
+    np.testing.assert_allclose(given["accuracy"], right[scored].mean(), rtol=1e-6)
+    np.testing.assert_allclose(given["exact_match"], exact, rtol=1e-6)
+  with pytest.raises(ValueError, match="batches: expected at least one batch"):
+    inference.score_batches(model, [])
   with pytest.raises(ValueError, match="num_examples: expected a multiple of batch_size=4"):
     inference.evaluate_recall(model, task, num_examples=6, batch_size=4)

@@ -108,16 +108,15 @@ class _Runner:
   def mqar(self, chunk_size: int, cfg: LMConfig) -> dict:
     c = self.config.mqar
     task = _mqar_task(c)
-    train = iter(
-      tasks_lib.task_dataset(
-        task,
-        num_examples=c.steps * c.batch_size,
-        batch_size=c.batch_size,
-        seq_len=c.seq_len,
-        seed=self.config.seed,
-        shuffle=False,
-      )
+    rows = tasks_lib.task_dataset(
+      task,
+      num_examples=c.steps * c.batch_size,
+      batch_size=c.batch_size,
+      seq_len=c.seq_len,
+      seed=self.config.seed,
+      shuffle=False,
     )
+    train = iter(tasks_lib.read_ahead(rows))
     graphdef, state, record = self._train(cfg, c, self.config.seed, train)
     with jax.set_mesh(self.mesh):
       scores = evaluate_recall(

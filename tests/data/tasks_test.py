@@ -142,6 +142,16 @@ def test_rows_score_only_the_answers_and_are_deterministic():
   assert np.array_equal(one[5]["inputs"][0], four[1]["inputs"][1])
 
 
+def test_read_ahead_yields_the_datasets_batches_in_order():
+  ds = tasks.task_dataset(tasks.MQAR(), num_examples=12, batch_size=2, seq_len=64, seed=1)
+  got = list(tasks.read_ahead(ds, batches=3))
+  assert len(got) == len(ds) == 6
+  for i, batch in enumerate(got):
+    assert all(np.array_equal(batch[k], ds[i][k]) for k in ds[i])
+  with pytest.raises(ValueError, match="^batches: expected a positive int"):
+    tasks.read_ahead(ds, batches=0)
+
+
 @pytest.mark.parametrize(
   ("make", "field"),
   [

@@ -6,10 +6,11 @@
 
 Each task draws ``Example`` s (context, question, targets, weights) deterministically from a seed;
 ``task_dataset`` turns them into left-padded rows (``inputs``, ``targets``, ``segment_ids``,
-``weights`` on the scored positions only) batched by grain. See ``base`` for the layout.
+``weights`` on the scored positions only) batched by grain, and ``read_ahead`` iterates them for
+training. See ``base`` for the layout.
 """
 
-from jaxrec.data.tasks.base import Example, Prompt, Task, make_row, task_dataset
+from jaxrec.data.tasks.base import Example, Prompt, Task, make_row, read_ahead, task_dataset
 from jaxrec.data.tasks.counting import FORMATS, Counting, CountingFormat, format_string
 from jaxrec.data.tasks.mqar import MQAR
 from jaxrec.data.tasks.sets import SetDisjointness
@@ -25,5 +26,6 @@ __all__ = [
   "Task",
   "format_string",
   "make_row",
+  "read_ahead",
   "task_dataset",
 ]

@@ -133,6 +133,19 @@ def task_dataset(
   return ds.repeat(num_epochs).batch(batch_size, drop_remainder=drop_remainder)
 
 
+def read_ahead(ds: grain.MapDataset, batches: int = 8) -> grain.IterDataset:
+  """``ds`` (a ``task_dataset``) to iterate while training: one thread draws up to ``batches``
+  batches ahead.
+
+  Examples are drawn in Python, so more threads only contend for the interpreter lock with the
+  train loop: iterating the dataset directly (grain's default, 16 threads reading 500 elements
+  ahead) halved the train-step rate of small models on 2 CPU cores; one thread comes within ~20%
+  of batches drawn beforehand.
+  """
+  check_positive_int("batches", batches)
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=batches))
+
+
 def make_row(example: Example, seq_len: int, pad_id: int, prompt: Prompt | None = None) -> dict:
   """The left-padded ``[T]`` row of one example (module docstring)."""
   question = np.asarray(example.question, np.int32)

@@ -122,18 +122,18 @@ def run_sweep(config, given: set[str] | frozenset = frozenset()) -> dict:
     for width in widths:
       feature_dim = max(1, width // config.feature_dim_ratio)
       cfg = _model_config(config, variant, width, vocab, row, feature_dim)
-      trainer = _Trainer(cfg, config, config.steps, mesh)
+      # Built on first use, once per model configuration: the tasks of this width share it.
+      trainer = functools.cache(lambda c: _Trainer(c, config, config.steps, mesh))
       if "mqar" in tasks:
-        mqar_trainer = trainer
+        mqar_cfg = cfg
         if variant.mixer == "pla":  # its prefix: the MQAR context (2 tokens a pair)
           mqar_cfg = dataclasses.replace(cfg, pla_prefix_len=2 * config.mqar.num_pairs)
-          mqar_trainer = _Trainer(mqar_cfg, config, config.steps, mesh)
-        runs.append(_run_mqar(mqar_trainer, config, variant, mqar, row, bar))
+        runs.append(_run_mqar(trainer(mqar_cfg), config, variant, mqar, row, bar))
       if "sets" in tasks:
-        runs.append(_run_sets(trainer, config, variant, sets, sizes, 1, row, bar))
+        runs.append(_run_sets(trainer(cfg), config, variant, sets, sizes, 1, row, bar))
       if "sets_jrt" in tasks:
         if variant.mixer not in _NO_JRT or variant.window is not None:
-          runs.append(_run_sets(trainer, config, variant, sets, sizes, repeats, row, bar))
+          runs.append(_run_sets(trainer(cfg), config, variant, sets, sizes, repeats, row, bar))
         else:
           bar.update()
   if "counting" in tasks:
@@ -198,7 +198,9 @@ class _Trainer:
 
   def train_rows(self, tasks, repeats: int, row: int) -> tuple[dict, ...]:
     config = self.config
-    return _drawn(tasks, repeats, row, self.steps * config.batch_size, config.batch_size, config.seed)
+    return _drawn(
+      tasks, repeats, row, self.steps * config.batch_size, config.batch_size, config.seed
+    )
 
 
 def _score(model, task, config, *, repeats=1, row, examples=None, seed=2):

@@ -148,7 +148,7 @@ def test_read_ahead_yields_the_datasets_batches_in_order():
   assert len(got) == len(ds) == 6
   for i, batch in enumerate(got):
     assert all(np.array_equal(batch[k], ds[i][k]) for k in ds[i])
-  with pytest.raises(ValueError, match="^batches: expected a positive int"):
+  with pytest.raises(ValueError, match=r"^batches: expected a positive int"):
     tasks.read_ahead(ds, batches=0)
 
 

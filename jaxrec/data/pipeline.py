@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from jaxrec.data.tokenizers import Tokenizer
+from jaxrec.data.tokenizers import Tokenizer, require_specials
 
 _TOKENS = "tokens"
 
@@ -68,6 +68,7 @@ def make_lm_dataset(
   """
   _check_positive_int("seq_len", seq_len)
   _check_positive_int("batch_size", batch_size)
+  require_specials(tokenizer, ("bos", "eos", "pad"), "the LM pipeline (documents are bos ... eos)")
   rows = list(range(batch_size)) if rows is None else list(rows)
   if (
     not rows

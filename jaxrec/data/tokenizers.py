@@ -5,12 +5,14 @@ Both expose the same interface (:class:`Tokenizer`): ``vocab_size``, ``bos_id``,
 and ``decode(ids) -> str`` (specials skipped).
 """
 
+import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 _BYTE_SPEC = "byte"
-# Names tried, in order, when a tokenizer.json does not say which of its tokens are bos/eos/pad.
+# Names tried, in order, for a tokenizer.json with no tokenizer_config.json or
+# special_tokens_map.json beside it to say which of its tokens are bos/eos/pad.
 _BOS_NAMES = ("<s>", "<bos>", "[BOS]", "<|begin_of_text|>", "<|startoftext|>", "<|endoftext|>")
 _EOS_NAMES = ("</s>", "<eos>", "[EOS]", "<|end_of_text|>", "<|endoftext|>")
 _PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>")
@@ -21,9 +23,9 @@ class Tokenizer(Protocol):
   """What the data pipeline and the samplers need from a tokenizer."""
 
   vocab_size: int
-  bos_id: int
-  eos_id: int
-  pad_id: int
+  bos_id: int | None
+  eos_id: int | None
+  pad_id: int | None
 
   def encode(self, text: str) -> list[int]: ...
 
@@ -61,17 +63,35 @@ class HFTokenizer:
 
   Args:
     tokenizer: a ``tokenizers.Tokenizer``.
-    bos_id, eos_id, pad_id: special ids; ``pad_id`` may equal ``eos_id`` (padding is always
-      masked out by ``weights``, so sharing the id is harmless).
+    bos_id, eos_id, pad_id: special ids, ``None`` where the checkpoint does not say which token it
+      is (listed in ``unknown_specials``; whatever needs one then raises instead of guessing).
+      ``pad_id`` may equal ``eos_id`` (padding is always masked out by ``weights``, so sharing
+      the id is harmless).
+    chat_template: the Jinja chat template of the checkpoint (``tokenizer_config.json``), if any.
   """
 
-  def __init__(self, tokenizer, *, bos_id: int, eos_id: int, pad_id: int):
+  def __init__(
+    self,
+    tokenizer,
+    *,
+    bos_id: int | None,
+    eos_id: int | None,
+    pad_id: int | None,
+    chat_template: str | None = None,
+  ):
     self._tokenizer = tokenizer
     self.bos_id = bos_id
     self.eos_id = eos_id
     self.pad_id = pad_id
+    self.chat_template = chat_template
     self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-    self._specials = {bos_id, eos_id, pad_id}
+    self._specials = {i for i in (bos_id, eos_id, pad_id) if i is not None}
+
+  @property
+  def unknown_specials(self) -> tuple[str, ...]:
+    """The names (``"bos"``, ``"eos"``, ``"pad"``) of the special ids nobody said."""
+    ids = {"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id}
+    return tuple(name for name, i in ids.items() if i is None)
 
   def encode(self, text: str) -> list[int]:
     # The pipeline adds bos/eos itself, so the file's post-processor template is not applied.
@@ -82,7 +102,24 @@ class HFTokenizer:
     return self._tokenizer.decode(ids, skip_special_tokens=True)
 
   def __repr__(self) -> str:
-    return f"HFTokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
+    unknown = f", unknown={self.unknown_specials}" if self.unknown_specials else ""
+    return (
+      f"HFTokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
+      f"pad_id={self.pad_id}{unknown})"
+    )
+
+
+def require_specials(tokenizer: Tokenizer, names: Sequence[str], purpose: str) -> None:
+  """Raises ``ValueError`` naming the tokenizer and the fix when any of the special ids ``names``
+  (``"bos"``, ``"eos"``, ``"pad"``) that ``purpose`` needs is unknown."""
+  missing = [n for n in names if getattr(tokenizer, f"{n}_id", None) is None]
+  if missing:
+    raise ValueError(
+      f"tokenizer: {purpose} needs the {'/'.join(missing)} token id(s), which {tokenizer!r} does "
+      "not know; put the checkpoint's tokenizer_config.json (or special_tokens_map.json) beside "
+      "its tokenizer.json, or name them with load_tokenizer(..., bos_token=, eos_token=, "
+      "pad_token=)"
+    )
 
 
 def load_tokenizer(
@@ -94,17 +131,22 @@ def load_tokenizer(
 ) -> Tokenizer:
   """Returns the tokenizer named by ``spec``.
 
+  The special tokens of a ``tokenizer.json`` come from, in order: the arguments; the
+  ``tokenizer_config.json`` (then ``special_tokens_map.json``) beside the file, as transformers
+  reads them; for a file alone, the usual names (``<s>``, ``</s>``, ``<|endoftext|>``,
+  ``<pad>``, ...). A token none of these names stays unknown (``None``, listed in
+  ``tokenizer.unknown_specials``) rather than defaulting to some id; the pad id falls back to the
+  eos id.
+
   Args:
     spec: ``"byte"`` for :class:`ByteTokenizer`, or the path of a local HuggingFace
       ``tokenizer.json`` (needs the optional ``tokenizers`` package: ``pip install jaxrec[hf]``).
-    bos_token, eos_token, pad_token: names of the special tokens in the file; by default the
-      usual names (``<s>``, ``</s>``, ``<|endoftext|>``, ``<pad>``, ...) are looked up, and the
-      pad id falls back to the eos id.
+    bos_token, eos_token, pad_token: names of the special tokens in the file.
 
   Raises:
     FileNotFoundError: ``spec`` is neither ``"byte"`` nor an existing file.
     ImportError: the ``tokenizers`` package is not installed.
-    ValueError: a bos/eos/pad token is not in the vocabulary.
+    ValueError: a named bos/eos/pad token is not in the vocabulary.
   """
   if str(spec) == _BYTE_SPEC:
     return ByteTokenizer()
@@ -119,21 +161,53 @@ def load_tokenizer(
       "`pip install tokenizers` or `pip install jaxrec[hf]`"
     ) from e
   tok = tokenizers.Tokenizer.from_file(path)
-  bos_id = _special_id(tok, "bos_token", bos_token, _BOS_NAMES, path)
-  eos_id = _special_id(tok, "eos_token", eos_token, _EOS_NAMES, path)
-  if pad_token is None and not any(tok.token_to_id(n) is not None for n in _PAD_NAMES):
-    pad_id = eos_id
-  else:
-    pad_id = _special_id(tok, "pad_token", pad_token, _PAD_NAMES, path)
-  return HFTokenizer(tok, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
-
-
-def _special_id(tok, arg: str, name: str | None, defaults: Sequence[str], path: str) -> int:
-  names = defaults if name is None else (name,)
-  for n in names:
-    i = tok.token_to_id(n)
-    if i is not None:
-      return i
-  raise ValueError(
-    f"{arg}: expected one of {tuple(names)} in the vocabulary of {path!r}, none found"
+  config, config_file = _checkpoint_config(os.path.dirname(path))
+  given = {"bos": bos_token, "eos": eos_token, "pad": pad_token}
+  guesses = {"bos": _BOS_NAMES, "eos": _EOS_NAMES, "pad": _PAD_NAMES}
+  ids = {}
+  for name, token in given.items():
+    if token is not None:
+      ids[name] = _token_id(tok, f"{name}_token", token, path)
+    elif config_file is not None:
+      # The checkpoint says; a key it leaves out or null is unknown, not guessed.
+      named = config.get(f"{name}_token")
+      ids[name] = None if named is None else _token_id(tok, f"{name}_token", named, config_file)
+    else:
+      ids[name] = next(
+        (tok.token_to_id(n) for n in guesses[name] if tok.token_to_id(n) is not None), None
+      )
+  if ids["pad"] is None:
+    ids["pad"] = ids["eos"]
+  return HFTokenizer(
+    tok,
+    bos_id=ids["bos"],
+    eos_id=ids["eos"],
+    pad_id=ids["pad"],
+    chat_template=config.get("chat_template"),
   )
+
+
+def _checkpoint_config(folder: str) -> tuple[dict, str | None]:
+  """The special tokens (and chat template) that transformers would read beside a
+  ``tokenizer.json``: ``tokenizer_config.json``, whose entries ``special_tokens_map.json``
+  overrides (as ``PreTrainedTokenizerBase.from_pretrained`` does). Token entries are names (an
+  ``AddedToken`` dict becomes its ``content``). Returns ``(config, the files read, or None)``."""
+  config, read = {}, []
+  for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    file = os.path.join(folder, name)
+    if os.path.isfile(file):
+      with open(file, encoding="utf-8") as f:
+        entries = json.load(f)
+      read.append(file)
+      config.update(
+        (key, value.get("content") if isinstance(value, Mapping) else value)
+        for key, value in entries.items()
+      )
+  return config, " and ".join(read) or None
+
+
+def _token_id(tok, arg: str, name: str, source: str) -> int:
+  i = tok.token_to_id(name)
+  if i is None:
+    raise ValueError(f"{arg}: expected a token of the vocabulary, got {name!r} (from {source!r})")
+  return i

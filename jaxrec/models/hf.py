@@ -43,7 +43,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -244,20 +244,9 @@ def save_pretrained(
 
 
 def load_pretrained_tokenizer(path: str | os.PathLike) -> HFTokenizer:
-  """The ``tokenizer.json`` of a checkpoint directory, its special tokens named by
-  ``tokenizer_config.json`` when there is one (else the usual names are looked up)."""
-  path = os.fspath(path)
-  names = {}
-  config_path = os.path.join(path, "tokenizer_config.json")
-  if os.path.isfile(config_path):
-    with open(config_path, encoding="utf-8") as f:
-      config = json.load(f)
-    for key in ("bos_token", "eos_token", "pad_token"):
-      token = config.get(key)
-      token = token.get("content") if isinstance(token, Mapping) else token
-      if token is not None:
-        names[key] = token
-  return load_tokenizer(_require(path, "tokenizer.json"), **names)
+  """The ``tokenizer.json`` of a checkpoint directory, with the special tokens and chat template
+  that its ``tokenizer_config.json`` / ``special_tokens_map.json`` name (``load_tokenizer``)."""
+  return load_tokenizer(_require(os.fspath(path), "tokenizer.json"))
 
 
 # ----------------------------------------------------------------------------------------------

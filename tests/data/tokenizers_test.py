@@ -1,10 +1,11 @@
 """Tests for jaxrec.data.tokenizers: byte tokenizer, tokenizer.json loading."""
 
+import json
 import sys
 
 import pytest
 
-from jaxrec.data import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from jaxrec.data import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer, make_lm_dataset
 
 TEXTS = ["", "plain ascii\n", "héllo wörld → 世界 🙂", "tab\tnul\x00end"]
 
@@ -113,3 +114,69 @@ def test_load_tokenizer_json_pad_falls_back_to_eos(tmp_path):
   raw = _train_bpe(path, ["<|endoftext|>"])
   tok = load_tokenizer(path)
   assert tok.bos_id == tok.eos_id == tok.pad_id == raw.token_to_id("<|endoftext|>")
+
+
+CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # SmolLM2's ids 0, 1, 2
+
+
+def _checkpoint(folder, **config_files):
+  """A tokenizer.json whose vocabulary starts like SmolLM2's, with the given JSON files beside."""
+  raw = _train_bpe(folder / "tokenizer.json", CHAT_SPECIALS)
+  for name, content in config_files.items():
+    (folder / f"{name}.json").write_text(json.dumps(content))
+  return raw
+
+
+def test_specials_come_from_the_tokenizer_config_beside_the_file(tmp_path):
+  # Without the config, <|endoftext|> (id 0) matches the usual bos/eos names; the checkpoint
+  # says otherwise, as transformers reads it.
+  template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+  raw = _checkpoint(
+    tmp_path,
+    tokenizer_config={
+      "bos_token": "<|im_start|>",
+      "eos_token": {"content": "<|im_end|>", "special": True},  # an AddedToken entry
+      "pad_token": "<|im_end|>",
+      "chat_template": template,
+    },
+  )
+  tok = load_tokenizer(tmp_path / "tokenizer.json")
+  want = [raw.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>", "<|im_end|>")]
+  assert [tok.bos_id, tok.eos_id, tok.pad_id] == want == [1, 2, 2]
+  assert tok.unknown_specials == ()
+  assert tok.chat_template == template
+
+
+def test_special_tokens_map_overrides_the_tokenizer_config(tmp_path):
+  _checkpoint(
+    tmp_path,
+    tokenizer_config={"bos_token": "<|im_start|>", "eos_token": "<|im_start|>"},
+    special_tokens_map={"eos_token": "<|im_end|>"},
+  )
+  tok = load_tokenizer(tmp_path / "tokenizer.json")
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2)  # pad: the eos id
+
+
+def test_specials_the_checkpoint_leaves_out_are_unknown_not_id_0(tmp_path):
+  _checkpoint(tmp_path, tokenizer_config={"eos_token": "<|im_end|>", "bos_token": None})
+  tok = load_tokenizer(tmp_path / "tokenizer.json")
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (None, 2, 2)
+  assert tok.unknown_specials == ("bos",)
+  assert "unknown=('bos',)" in repr(tok)
+  with pytest.raises(ValueError, match=r"tokenizer: the LM pipeline .* needs the bos token"):
+    make_lm_dataset(["some text"], tok, seq_len=8, batch_size=1, seed=0)
+
+
+def test_a_file_alone_with_no_usual_names_has_unknown_specials(tmp_path):
+  raw = _train_bpe(tmp_path / "tokenizer.json", ["<|im_start|>", "<|im_end|>"])
+  tok = load_tokenizer(tmp_path / "tokenizer.json")
+  assert tok.unknown_specials == ("bos", "eos", "pad")
+  text = "héllo 世界"
+  assert tok.encode(text) == raw.encode(text, add_special_tokens=False).ids
+  assert tok.decode(tok.encode(text)) == text
+
+
+def test_a_config_naming_a_token_outside_the_vocabulary_is_refused(tmp_path):
+  _checkpoint(tmp_path, tokenizer_config={"bos_token": "<s>"})
+  with pytest.raises(ValueError, match=r"bos_token: expected a token of the vocabulary, got '<s>'"):
+    load_tokenizer(tmp_path / "tokenizer.json")

@@ -76,7 +76,9 @@ def _filled_layer(cache, context: int, key):
   values = {}
   for name, x in zip(cache._fields, cache, strict=True):
     key, sub = jax.random.split(key)
-    if name in ("index", "position"):
+    if x is None:  # an absent field, e.g. a contiguous KVCache's ring positions
+      values[name] = None
+    elif name in ("index", "position"):
       values[name] = jnp.asarray(context, jnp.int32)
     elif name == "last_full":
       values[name] = jnp.asarray(context - 1, jnp.int32)

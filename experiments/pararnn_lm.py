@@ -113,18 +113,53 @@ def _parse_overrides(mixers: list[str]) -> dict[str, dict[str, int]]:
 # Measurements on the final checkpoint.
 
 
+class _NewtonProbe(nnx.Module):
+  """A ParaRNN mixer that also reports its solve (``nnx.sow``): the mean of
+  ``NewtonInfo.iterations`` over the rows and the fraction of rows that fell back to the
+  sequential scan. The diagnostics come from the layer's own ``recurrence``, on the input the
+  block hands the mixer, so the stack runs as ``LM.__call__`` runs it (the solve is done twice:
+  once for the numbers, once for the output)."""
+
+  def __init__(self, mixer: nnx.Module):
+    self.mixer = mixer
+
+  def __call__(self, x, *, segment_ids=None, cache=None):
+    _, info = self.mixer.recurrence(x, segment_ids=segment_ids)
+    self.sow(nnx.Intermediate, "newton_iterations", jnp.mean(info.iterations))
+    self.sow(nnx.Intermediate, "fallback_fraction", jnp.mean(info.fallback))
+    return self.mixer(x, segment_ids=segment_ids, cache=cache)
+
+
+def _with_newton_probes(model: LM) -> int:
+  """Wraps every ParaRNN mixer of ``model`` (in place) in a ``_NewtonProbe``; returns how many."""
+  blocks = [
+    m for _, m in nnx.iter_modules(model) if isinstance(getattr(m, "mixer", None), _PARARNN)
+  ]
+  for block in blocks:
+    block.mixer = _NewtonProbe(block.mixer)
+  return len(blocks)
+
+
 @nnx.jit
-def _newton_iterations(model: LM, inputs, segment_ids):
-  """Mean Newton iterations of each ParaRNN layer over the rows, and the fraction of rows that
-  fell back to the sequential scan; walks the blocks as ``LM.__call__`` does."""
-  x = jnp.take(model.embedding[...], inputs, axis=0).astype(model.cfg.compute_dtype)
-  stats = []
-  for block in model.layers:
-    if isinstance(block.mixer, _PARARNN):
-      _, info = block.mixer.recurrence(block.mixer_norm(x), segment_ids=segment_ids)
-      stats.append((jnp.mean(info.iterations), jnp.mean(info.fallback)))
-    x, _ = block(x, segment_ids=segment_ids)
-  return stats
+def _newton_diagnostics(model: LM, inputs, segment_ids) -> nnx.State:
+  """What the probes of ``model`` report on one forward pass."""
+  forward = nnx.capture(lambda m: m(inputs, segment_ids=segment_ids), nnx.Intermediate)
+  return forward(model)[1]
+
+
+def _newton_stats(model: LM, inputs, segment_ids) -> dict[str, float]:
+  """Mean Newton iterations and fallback fraction over the ParaRNN layers of ``model``."""
+  layers_probed = _with_newton_probes(model)
+  sown = jax.device_get(_newton_diagnostics(model, inputs, segment_ids))
+  values = {"newton_iterations": [], "fallback_fraction": []}
+  for path, variable in nnx.to_flat_state(sown):
+    values[path[-1]].extend(variable.get_value())
+  if len(values["newton_iterations"]) != layers_probed:
+    raise ValueError(
+      f"model: expected Newton diagnostics from its {layers_probed} ParaRNN layers, got "
+      f"{len(values['newton_iterations'])} (the probes report without remat and scan_layers)"
+    )
+  return {name: float(np.mean(v)) for name, v in values.items()}
 
 
 def _measure(config, run_dir: str) -> dict:
@@ -166,9 +201,8 @@ def _measure(config, run_dir: str) -> dict:
     models = {"init": make_model(), "trained": nnx.merge(graphdef, state.params, state.rest)}
     for name, model in models.items():
       with jax.set_mesh(mesh):
-        stats = jax.device_get(_newton_iterations(model, val["inputs"], val["segment_ids"]))
-      out[f"newton_iterations_{name}"] = float(np.mean([s[0] for s in stats]))
-      out[f"fallback_fraction_{name}"] = float(np.mean([s[1] for s in stats]))
+        stats = _newton_stats(model, val["inputs"], val["segment_ids"])
+      out |= {f"{key}_{name}": value for key, value in stats.items()}
   if _THROUGHPUT_STEPS.value:
     with jax.set_mesh(mesh):
       train_step = train_lib.make_train_step(

@@ -4,10 +4,12 @@ xLSTM 7B's weights.
 This package is the only reader of ``LMConfig``: ``registry`` maps mixer names to the layers of
 ``jaxrec.layers`` and to the builders (``mixers``) that configure them from an ``LMConfig``.
 Llama-family models (Llama 2 and 3, Qwen2) are ``LM`` s configured from a Hugging Face
-``config.json`` (``hf_config``); ``hf`` loads and writes their safetensors checkpoints.
+``config.json`` (``hf_config``); ``hf`` loads and writes their safetensors checkpoints and
+``gguf`` loads llama.cpp's GGUF files (quantized or not) with their tokenizers.
 """
 
 from jaxrec.models.config import LMConfig
+from jaxrec.models.gguf import config_from_gguf, load_gguf
 from jaxrec.models.hf import load_pretrained, load_pretrained_tokenizer, save_pretrained
 from jaxrec.models.hf_config import config_from_hf, hf_config_of
 from jaxrec.models.lm import LM, Block, BlockGroup, param_count_of
@@ -25,11 +27,13 @@ __all__ = [
   "LMConfig",
   "MixerEntry",
   "build_mixer",
+  "config_from_gguf",
   "config_from_hf",
   "config_from_xlstm",
   "get_mixer",
   "get_preset",
   "hf_config_of",
+  "load_gguf",
   "load_pretrained",
   "load_pretrained_tokenizer",
   "load_xlstm",

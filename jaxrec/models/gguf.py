@@ -296,7 +296,8 @@ def _import_gguf():
     import gguf  # optional dependency, imported only for this path
   except ImportError as e:
     raise ImportError(
-      'path: loading a GGUF file needs the gguf package; install it with `pip install "jaxrec[real]"`'
+      "path: loading a GGUF file needs the gguf package; install it with "
+      '`pip install "jaxrec[real]"`'
     ) from e
   return gguf
 

@@ -165,7 +165,9 @@ def config_from_gguf(
       return default
     value = metadata[full]
     if isinstance(value, list):
-      raise ValueError(f"metadata: {full}: expected one value for every layer, got {value!r}")
+      raise ValueError(
+        f"metadata: {full}: expected one value (the same in every layer), got {value!r}"
+      )
     return value
 
   for key, fine in (

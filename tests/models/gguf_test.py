@@ -22,6 +22,7 @@ from testing_utils import assert_close, max_abs, numpy_llama, train_chat_bpe
 from jaxrec import train
 from jaxrec.models import (
   NAMED_MODELS,
+  config_from_gguf,
   load_gguf,
   load_pretrained,
   load_pretrained_tokenizer,
@@ -369,6 +370,47 @@ def test_files_that_do_not_match_their_metadata_name_the_key_or_tensor(
   (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
   with pytest.raises(ValueError, match="is not a GGUF file"):
     load_gguf(tmp_path / "junk.gguf")
+
+
+BASE_METADATA = {
+  "general.architecture": "llama",
+  "llama.block_count": 2,
+  "llama.context_length": 64,
+  "llama.embedding_length": 96,
+  "llama.feed_forward_length": 160,
+  "llama.attention.head_count": 6,
+  "llama.attention.head_count_kv": 2,
+  "llama.attention.layer_norm_rms_epsilon": np.float32(1e-6),
+  "llama.vocab_size": 100,
+}
+
+
+def test_config_from_gguf_reads_the_defaults_and_refuses_what_the_lm_cannot_express():
+  cfg = config_from_gguf(BASE_METADATA, ["token_embd.weight", "output.weight"])
+  assert (cfg.attn_head_dim, cfg.rope_theta, cfg.norm_eps, cfg.tie_embeddings) == (
+    16,
+    10_000.0,
+    1e-6,  # the float32 of the file, as the decimal it was written from
+    False,
+  )
+  assert config_from_gguf(BASE_METADATA, ["token_embd.weight"], dtype="bfloat16").tie_embeddings
+  for key, value, match in (
+    ("general.architecture", "mamba", r"general\.architecture: expected one of"),
+    ("llama.rope.scaling.type", "yarn", r"llama\.rope\.scaling\.type: the LM has no such option"),
+    ("llama.expert_count", 8, r"llama\.expert_count: the LM has no such option"),
+    ("llama.rope.dimension_count", 8, r"llama\.rope\.dimension_count: expected the key width 16"),
+    ("llama.attention.value_length", 32, r"llama\.attention\.value_length: expected the key"),
+    (
+      "llama.attention.head_count_kv",
+      [2, 2],
+      r"llama\.attention\.head_count_kv: expected one value",
+    ),
+  ):
+    with pytest.raises(ValueError, match=f"metadata: {match}"):
+      config_from_gguf(BASE_METADATA | {key: value}, [])
+  missing = {k: v for k, v in BASE_METADATA.items() if k != "llama.block_count"}
+  with pytest.raises(ValueError, match=r"metadata: llama\.block_count: missing"):
+    config_from_gguf(missing, [])
 
 
 def test_named_model_without_its_package_says_how_to_install_it(monkeypatch):

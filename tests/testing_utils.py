@@ -282,6 +282,123 @@ def scan_mlstm(q, k, v, i_gate, f_gate, state, segment_ids=None, eps=1e-6):
   return jnp.moveaxis(h, 0, 1), final
 
 
+def numpy_llama(
+  tensors, tokens, *, num_heads, num_kv_heads, norm_eps, rope_theta, rope_pairs="adjacent"
+) -> np.ndarray:
+  """float64 logits ``[B, T, V]`` of a Llama-family model written as llama.cpp computes it, from
+  its GGUF tensors (``token_embd.weight``, ``blk.{i}.attn_q.weight``, ... as ``[out, in]``
+  numpy arrays, ``output.weight`` absent when tied).
+
+  ``rope_pairs``: ``"adjacent"`` rotates channels ``(2i, 2i + 1)`` of each head (llama.cpp's
+  Llama RoPE, for which its converter reorders the query and key rows), ``"halves"`` rotates
+  ``(i, i + K/2)`` (NeoX, Hugging Face's; llama.cpp's Qwen2)."""
+  t = {name: np.asarray(value, np.float64) for name, value in tensors.items()}
+  x = t["token_embd.weight"][np.asarray(tokens)]
+  length = x.shape[1]
+
+  def rms_norm(x, scale):
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + norm_eps) * scale
+
+  def rope(x):  # [B, T, H, K]
+    half = x.shape[-1] // 2
+    angle = np.arange(length)[:, None] * rope_theta ** (-np.arange(half) / half)
+    cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]
+    a, b = (
+      (x[..., 0::2], x[..., 1::2]) if rope_pairs == "adjacent" else (x[..., :half], x[..., half:])
+    )
+    ra, rb = a * cos - b * sin, a * sin + b * cos
+    if rope_pairs == "adjacent":
+      return np.stack([ra, rb], -1).reshape(x.shape)
+    return np.concatenate([ra, rb], -1)
+
+  def project(h, name, heads):
+    y = h @ t[f"{name}.weight"].T + t.get(f"{name}.bias", 0.0)
+    return y.reshape(*y.shape[:-1], heads, -1)
+
+  layer = 0
+  while f"blk.{layer}.attn_q.weight" in t:
+    p = f"blk.{layer}."
+    h = rms_norm(x, t[p + "attn_norm.weight"])
+    q = rope(project(h, p + "attn_q", num_heads))
+    k = rope(project(h, p + "attn_k", num_kv_heads))
+    v = project(h, p + "attn_v", num_kv_heads)
+    group = num_heads // num_kv_heads
+    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    scores = np.einsum("bthk,bshk->bhts", q, k) / np.sqrt(q.shape[-1])
+    scores = np.where(np.tril(np.ones((length, length), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    o = np.einsum("bhts,bshk->bthk", probs, v).reshape(*x.shape[:2], -1)
+    x = x + o @ t[p + "attn_output.weight"].T
+    h = rms_norm(x, t[p + "ffn_norm.weight"])
+    gate = h @ t[p + "ffn_gate.weight"].T
+    x = (
+      x + (gate / (1 + np.exp(-gate)) * (h @ t[p + "ffn_up.weight"].T)) @ t[p + "ffn_down.weight"].T
+    )
+    layer += 1
+  x = rms_norm(x, t["output_norm.weight"])
+  return x @ t.get("output.weight", t["token_embd.weight"]).T
+
+
+CHAT_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHAT_TEXT = """\
+The 3 cats ate 12 fish in 2024; 7 + 35 = 42. def add(a, b):\n    return a + b
+Héllo wörld, naïve café: 世界 🙂. Tabs\tand  double  spaces,
+new lines\n\nand numbers 1000000 and 3.14159.
+"""
+
+
+def train_chat_bpe(vocab_size=300, *, digits=True):
+  """A byte-level BPE trained by ``tokenizers`` on ``CHAT_TEXT`` with SmolLM2's chat specials
+  (ids 0-2) and pre-tokenizer (digits split off, then GPT-2's expression; ``digits=False``:
+  GPT-2's alone), and the ``tokenizer.*`` metadata that llama.cpp's converter writes for it.
+  Returns ``(tokenizer, metadata)``."""
+  import json
+
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  tok = Tokenizer(models.BPE())
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.pre_tokenizer = (
+    pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if digits
+    else byte_level
+  )
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+    vocab_size=vocab_size,
+    special_tokens=list(CHAT_SPECIALS),
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+  )
+  tok.train_from_iterator([CHAT_TEXT] * 4, trainer)
+  assert tok.get_vocab_size() == vocab_size, tok.get_vocab_size()
+  merges = json.loads(tok.to_str())["model"]["merges"]
+  metadata = {
+    "tokenizer.ggml.model": "gpt2",
+    "tokenizer.ggml.pre": "smollm" if digits else "gpt2",
+    "tokenizer.ggml.tokens": [tok.id_to_token(i) for i in range(vocab_size)],
+    "tokenizer.ggml.token_type": [3 if i < len(CHAT_SPECIALS) else 1 for i in range(vocab_size)],
+    "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in merges],
+    "tokenizer.ggml.bos_token_id": 1,
+    "tokenizer.ggml.eos_token_id": 2,
+    "tokenizer.ggml.unknown_token_id": 0,
+    "tokenizer.ggml.padding_token_id": 2,
+    "tokenizer.chat_template": CHATML_TEMPLATE,
+  }
+  return tok, metadata
+
+
+# SmolLM2-135M-Instruct's template.
+CHATML_TEMPLATE = (
+  "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+  "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+  "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+  "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+  "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
 def execute_notebook(source, probe: str, workdir, monkeypatch, **env) -> tuple[object, dict]:
   """Executes the jupytext notebook ``source`` on CPU (one device) in ``workdir`` with jaxrec
   imported from this checkout and ``env`` set, then the ``probe`` cell, which must print one JSON

@@ -1,8 +1,11 @@
-"""Tokenizers, document corpora (with an embedded default), grain input pipelines, synthetic
-recall tasks (``jaxrec.data.tasks``) and objectives written into the batch."""
+"""Tokenizers (byte-level, Hugging Face files, GGUF metadata; chat templates), document corpora
+(with an embedded default), grain input pipelines, synthetic recall tasks (``jaxrec.data.tasks``)
+and objectives written into the batch."""
 
 from jaxrec.data import tasks
+from jaxrec.data.chat_template import render_chat_template
 from jaxrec.data.corpora import DocumentCorpus, stdlib_corpus, text_file_corpus
+from jaxrec.data.gguf_tokenizer import tokenizer_from_gguf
 from jaxrec.data.objectives import JRTObjective, jrt_objective
 from jaxrec.data.pipeline import make_lm_dataset
 from jaxrec.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
@@ -16,7 +19,9 @@ __all__ = [
   "jrt_objective",
   "load_tokenizer",
   "make_lm_dataset",
+  "render_chat_template",
   "stdlib_corpus",
   "tasks",
   "text_file_corpus",
+  "tokenizer_from_gguf",
 ]

@@ -2,13 +2,16 @@
 
 Both expose the same interface (:class:`Tokenizer`): ``vocab_size``, ``bos_id``, ``eos_id``,
 ``pad_id``, ``encode(text) -> list[int]`` (no specials added; the pipeline adds ``bos``/``eos``)
-and ``decode(ids) -> str`` (specials skipped).
+and ``decode(ids) -> str`` (specials skipped). An ``HFTokenizer`` also renders its checkpoint's
+chat template (``apply_chat_template``) and writes itself back as Hugging Face files (``save``).
 """
 
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+
+from jaxrec.data.chat_template import render_chat_template
 
 _BYTE_SPEC = "byte"
 # Names tried, in order, for a tokenizer.json with no tokenizer_config.json or
@@ -16,6 +19,9 @@ _BYTE_SPEC = "byte"
 _BOS_NAMES = ("<s>", "<bos>", "[BOS]", "<|begin_of_text|>", "<|startoftext|>", "<|endoftext|>")
 _EOS_NAMES = ("</s>", "<eos>", "[EOS]", "<|end_of_text|>", "<|endoftext|>")
 _PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>")
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 writes the template
 
 
 @runtime_checkable
@@ -67,6 +73,8 @@ class HFTokenizer:
       is (listed in ``unknown_specials``; whatever needs one then raises instead of guessing).
       ``pad_id`` may equal ``eos_id`` (padding is always masked out by ``weights``, so sharing
       the id is harmless).
+    unk_id: the unknown token's id, if the checkpoint names one (a byte-level BPE never emits
+      it; it is kept to be written back and shown to chat templates).
     chat_template: the Jinja chat template of the checkpoint (``tokenizer_config.json``), if any.
   """
 
@@ -77,12 +85,14 @@ class HFTokenizer:
     bos_id: int | None,
     eos_id: int | None,
     pad_id: int | None,
+    unk_id: int | None = None,
     chat_template: str | None = None,
   ):
     self._tokenizer = tokenizer
     self.bos_id = bos_id
     self.eos_id = eos_id
     self.pad_id = pad_id
+    self.unk_id = unk_id
     self.chat_template = chat_template
     self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     self._specials = {i for i in (bos_id, eos_id, pad_id) if i is not None}
@@ -100,6 +110,58 @@ class HFTokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     ids = [int(i) for i in ids if int(i) not in self._specials]
     return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+  @property
+  def special_tokens(self) -> dict[str, str]:
+    """``{"bos_token": "<s>", ...}``: the special tokens the checkpoint names, by text."""
+    ids = {"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id, "unk": self.unk_id}
+    return {f"{k}_token": self._tokenizer.id_to_token(i) for k, i in ids.items() if i is not None}
+
+  def apply_chat_template(
+    self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True, **context
+  ) -> str:
+    """The prompt text of ``messages`` (``[{"role": "user", "content": ...}, ...]``) under the
+    checkpoint's chat template, rendered as transformers does (``render_chat_template``) with
+    the special tokens in the context; ``encode`` it for the ids.
+
+    Raises:
+      ValueError: the checkpoint has no chat template, or the template refused the messages.
+    """
+    if self.chat_template is None:
+      raise ValueError(
+        f"messages: {self!r} has no chat template (its checkpoint's tokenizer_config.json names "
+        "none)"
+      )
+    return render_chat_template(
+      self.chat_template,
+      messages,
+      add_generation_prompt=add_generation_prompt,
+      **{**self.special_tokens, **context},
+    )
+
+  def save(self, folder: str | os.PathLike, *, model_max_length: int | None = None) -> list[str]:
+    """Writes ``tokenizer.json`` and a ``tokenizer_config.json`` naming the special tokens and
+    holding the chat template, which transformers' ``AutoTokenizer`` and ``load_tokenizer``
+    read back to the same tokenizer. Returns the files written (relative to ``folder``)."""
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    self._tokenizer.save(os.path.join(folder, TOKENIZER_FILE))
+    config = {
+      "tokenizer_class": "PreTrainedTokenizerFast",
+      **self.special_tokens,
+      # The pipeline adds bos/eos itself; transformers must not add them either.
+      "add_bos_token": False,
+      "add_eos_token": False,
+      "clean_up_tokenization_spaces": False,
+    }
+    if model_max_length is not None:
+      config["model_max_length"] = model_max_length
+    if self.chat_template is not None:
+      config["chat_template"] = self.chat_template
+    with open(os.path.join(folder, TOKENIZER_CONFIG_FILE), "w", encoding="utf-8") as f:
+      json.dump(config, f, indent=2, ensure_ascii=False)
+      f.write("\n")
+    return [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE]
 
   def __repr__(self) -> str:
     unknown = f", unknown={self.unknown_specials}" if self.unknown_specials else ""
@@ -178,22 +240,26 @@ def load_tokenizer(
       )
   if ids["pad"] is None:
     ids["pad"] = ids["eos"]
+  unk = config.get("unk_token")
   return HFTokenizer(
     tok,
     bos_id=ids["bos"],
     eos_id=ids["eos"],
     pad_id=ids["pad"],
+    unk_id=None if unk is None else tok.token_to_id(unk),
     chat_template=config.get("chat_template"),
   )
 
 
 def _checkpoint_config(folder: str) -> tuple[dict, str | None]:
-  """The special tokens (and chat template) that transformers would read beside a
+  """The special tokens and chat template that transformers would read beside a
   ``tokenizer.json``: ``tokenizer_config.json``, whose entries ``special_tokens_map.json``
-  overrides (as ``PreTrainedTokenizerBase.from_pretrained`` does). Token entries are names (an
-  ``AddedToken`` dict becomes its ``content``). Returns ``(config, the files read, or None)``."""
+  overrides (as ``PreTrainedTokenizerBase.from_pretrained`` does), and the template of
+  ``chat_template.jinja`` over the config's (or the config's one named ``"default"`` when it
+  lists several). Token entries are names (an ``AddedToken`` dict becomes its ``content``).
+  Returns ``(config, the files read, or None)``."""
   config, read = {}, []
-  for name in ("tokenizer_config.json", "special_tokens_map.json"):
+  for name in (TOKENIZER_CONFIG_FILE, "special_tokens_map.json"):
     file = os.path.join(folder, name)
     if os.path.isfile(file):
       with open(file, encoding="utf-8") as f:
@@ -203,6 +269,13 @@ def _checkpoint_config(folder: str) -> tuple[dict, str | None]:
         (key, value.get("content") if isinstance(value, Mapping) else value)
         for key, value in entries.items()
       )
+  if isinstance(config.get("chat_template"), list):
+    named = {t.get("name"): t.get("template") for t in config["chat_template"]}
+    config["chat_template"] = named.get("default")
+  template = os.path.join(folder, CHAT_TEMPLATE_FILE)
+  if os.path.isfile(template):
+    with open(template, encoding="utf-8") as f:
+      config["chat_template"] = f.read()
   return config, " and ".join(read) or None
 
 

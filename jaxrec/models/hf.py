@@ -6,33 +6,13 @@ weights as ``model.safetensors`` or as shards ``model-0000i-of-0000n.safetensors
 read, through the ``safetensors`` package's numpy API: nothing is unpickled or executed, and a
 directory with only ``pytorch_model.bin`` is refused.
 
-Loading is tensor by tensor: each parameter is made with ``jax.make_array_from_callback`` in its
-sharding (from the parameters' logical axes and ``jaxrec.train.LOGICAL_AXIS_RULES`` on ``mesh``,
-or one device), and the callback reads from the file only the block that one device holds. No
-host copy of the whole model is ever made. Before any tensor is read, every name and shape in
+Loading is tensor by tensor into the parameters' shardings, each device's block read from the
+file alone (``hf_layout``, whose table also names and lays out every tensor). No host copy of
+the whole model is ever made. Before any tensor is read, every name and shape in
 the files' headers is checked against the model ``config.json`` describes; a missing,
 unexpected or misshapen tensor is an error that names it.
 
-The names, one table (``_TOP`` and ``_BLOCK``), Hugging Face ``[out, in]`` matrices against
-jaxrec's ``[in, out]`` kernels whose head axes stay separate (``D`` model width, ``F`` MLP width,
-``H`` query and ``G`` key/value heads, ``K`` head width, ``V`` vocabulary)::
-
-  model.embed_tokens.weight                [V, D]     embedding                  [V, D]
-  model.layers.{i}.input_layernorm.weight  [D]        layers.{i}.mixer_norm.scale [D]
-  ...self_attn.q_proj.weight               [H·K, D]   ...mixer.q_proj.kernel     [D, H, K]
-  ...self_attn.{k,v}_proj.weight           [G·K, D]   ...mixer.{k,v}_proj.kernel [D, G, K]
-  ...self_attn.{q,k,v}_proj.bias (Qwen2)   [H·K]      ...mixer.{q,k,v}_proj.bias [H, K]
-  ...self_attn.o_proj.weight               [D, H·K]   ...mixer.o_proj.kernel     [H, K, D]
-  ...post_attention_layernorm.weight       [D]        layers.{i}.mlp_norm.scale  [D]
-  ...mlp.{gate,up}_proj.weight             [F, D]     ...mlp.{gate,up}.kernel    [D, F]
-  ...mlp.down_proj.weight                  [D, F]     ...mlp.down.kernel         [F, D]
-  model.norm.weight                        [D]        final_norm.scale           [D]
-  lm_head.weight (untied)                  [V, D]     head.kernel                [D, V]
-
-A row ``h·K + k`` of a fused head axis is head ``h``, channel ``k``: the row-major reshape, so
-each layout is a reshape of the Hugging Face tensor followed by a transpose. Both use RoPE's
-"rotate half" channel order, so no permutation of the query and key rows is needed. Ignored:
-``rotary_emb.inv_freq`` buffers of old checkpoints (derived from the config) and an
+Ignored: ``rotary_emb.inv_freq`` buffers of old checkpoints (derived from the config) and an
 ``lm_head.weight`` stored next to tied embeddings.
 """
 
@@ -40,96 +20,34 @@ import contextlib
 import functools
 import glob
 import json
-import math
 import os
 import shutil
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import jax
-import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxrec.data import HFTokenizer, load_tokenizer
-from jaxrec.models import hf_config
+from jaxrec.models import hf_config, hf_layout
 from jaxrec.models.lm import LM
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-# What save_pretrained copies from the model's source directory.
-COPIED_FILES = (
+GENERATION_CONFIG_FILE = "generation_config.json"
+# What save_pretrained copies from the model's source directory; the first four describe the
+# tokenizer, and a tokenizer given to save_pretrained writes its own instead.
+TOKENIZER_FILES = (
   "tokenizer.json",
   "tokenizer_config.json",
   "special_tokens_map.json",
-  "generation_config.json",
+  "chat_template.jinja",
 )
+COPIED_FILES = (*TOKENIZER_FILES, GENERATION_CONFIG_FILE)
 DEFAULT_SHARD_BYTES = 5 * 2**30
-
-
-class _Layout(NamedTuple):
-  """jaxrec array ``= hf.reshape(view).transpose(perm)``; ``groups[i]`` consecutive view axes
-  make Hugging Face axis ``i``."""
-
-  groups: tuple[int, ...]
-  perm: tuple[int, ...]
-
-  def view(self, shape: Sequence[int]) -> tuple[int, ...]:
-    inverse = np.argsort(self.perm)
-    return tuple(shape[a] for a in inverse)
-
-  def hf_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
-    view, out, start = self.view(shape), [], 0
-    for g in self.groups:
-      out.append(math.prod(view[start : start + g]))
-      start += g
-    return tuple(out)
-
-
-_SAME_1D = _Layout((1,), (0,))
-_SAME_2D = _Layout((1, 1), (0, 1))
-_LINEAR = _Layout((1, 1), (1, 0))  # [out, in] -> [in, out]
-_HEADS_OUT = _Layout((2, 1), (2, 0, 1))  # [H·K, D] -> [D, H, K]
-_HEADS_BIAS = _Layout((2,), (0, 1))  # [H·K] -> [H, K]
-_HEADS_IN = _Layout((1, 2), (1, 2, 0))  # [D, H·K] -> [H, K, D]
-
-_TOP = {
-  ("embedding",): ("model.embed_tokens.weight", _SAME_2D),
-  ("final_norm", "scale"): ("model.norm.weight", _SAME_1D),
-  ("head", "kernel"): ("lm_head.weight", _LINEAR),
-}
-_BLOCK = {
-  ("mixer_norm", "scale"): ("input_layernorm.weight", _SAME_1D),
-  **{("mixer", f"{p}_proj", "kernel"): (f"self_attn.{p}_proj.weight", _HEADS_OUT) for p in "qkv"},
-  **{("mixer", f"{p}_proj", "bias"): (f"self_attn.{p}_proj.bias", _HEADS_BIAS) for p in "qkv"},
-  ("mixer", "o_proj", "kernel"): ("self_attn.o_proj.weight", _HEADS_IN),
-  ("mlp_norm", "scale"): ("post_attention_layernorm.weight", _SAME_1D),
-  ("mlp", "gate", "kernel"): ("mlp.gate_proj.weight", _LINEAR),
-  ("mlp", "up", "kernel"): ("mlp.up_proj.weight", _LINEAR),
-  ("mlp", "down", "kernel"): ("mlp.down_proj.weight", _LINEAR),
-}
-
-
-def hf_name(path: Sequence) -> tuple[str, _Layout]:
-  """The Hugging Face name and layout of the parameter at ``path`` of an ``LM``.
-
-  Raises:
-    ValueError: the parameter has no Hugging Face name (a mixer other than attention, a LoRA
-      factor not merged yet, stacked ``scan_layers`` blocks).
-  """
-  path = tuple(path)
-  if path in _TOP:
-    return _TOP[path]
-  if len(path) > 2 and path[0] == "layers" and isinstance(path[1], int) and path[2:] in _BLOCK:
-    name, layout = _BLOCK[path[2:]]
-    return f"model.layers.{path[1]}.{name}", layout
-  raise ValueError(
-    f"model: parameter {'.'.join(map(str, path))} has no Hugging Face name (only Llama-family "
-    "weights do; merge LoRA first with jaxrec.linearize.merge_lora)"
-  )
 
 
 def load_pretrained(
@@ -156,15 +74,16 @@ def load_pretrained(
     cfg = hf_config.config_from_hf(json.load(f), dtype=dtype)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(0))))
   flat = list(nnx.to_flat_state(state))
-  shardings = _shardings(state, mesh)
+  shardings = hf_layout.shardings(state, mesh)
   with contextlib.ExitStack() as stack:
     files = _open_tensor_files(path, stack)
-    expected = {hf_name(p)[0]: hf_name(p)[1].hf_shape(v.shape) for p, v in flat}
+    names = {p: hf_layout.hf_name(p) for p, _ in flat}
+    expected = {names[p][0]: names[p][1].hf_shape(v.shape) for p, v in flat}
     _check_names_and_shapes(path, files, expected, tied=cfg.tie_embeddings)
     loaded = []
     for p, v in flat:
-      name, layout = hf_name(p)
-      read = functools.partial(_read_block, files[name].get_slice(name), layout, v)
+      name, layout = names[p]
+      read = functools.partial(hf_layout.read_block, files[name].get_slice(name), layout, v)
       loaded.append((p, v.replace(jax.make_array_from_callback(v.shape, shardings[p], read))))
   return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
@@ -173,11 +92,13 @@ def save_pretrained(
   model: LM,
   path: str | os.PathLike,
   *,
+  tokenizer: HFTokenizer | None = None,
   source: str | os.PathLike | None = None,
   max_shard_size: int = DEFAULT_SHARD_BYTES,
 ) -> list[str]:
   """Writes ``model`` as a Hugging Face checkpoint: ``config.json`` and safetensors weights,
-  sharded with ``model.safetensors.index.json`` when larger than ``max_shard_size`` bytes.
+  sharded with ``model.safetensors.index.json`` when larger than ``max_shard_size`` bytes, and
+  the tokenizer files when given one.
 
   Tensors are gathered to the host one shard file at a time. ``load_pretrained`` of the result
   gives the same parameters, bit for bit.
@@ -186,28 +107,45 @@ def save_pretrained(
     model: an ``LM`` whose layers are all ``"attention"`` (written as Llama, or Qwen2 with
       ``qkv_bias``) or ``"liger"`` (``"model_type": "jaxrec"``); LoRA merged.
     path: a new or empty directory (existing weights are never overwritten).
+    tokenizer: the model's ``HFTokenizer`` (``load_gguf`` gives one): ``tokenizer.json`` and
+      ``tokenizer_config.json`` (special tokens, chat template; ``HFTokenizer.save``) are
+      written, its bos/eos/pad ids go into ``config.json``, and ``generation_config.json``
+      holds them unless ``source`` has one. transformers' ``AutoTokenizer`` and
+      ``load_pretrained_tokenizer`` read the directory back to the same tokenizer.
     source: the Hugging Face directory the model came from: its tokenizer and generation files
-      (``COPIED_FILES``) are copied and its ``config.json``'s other fields (token ids, ...) kept.
+      (``COPIED_FILES``; the tokenizer's only without ``tokenizer``) are copied and its
+      ``config.json``'s other fields (token ids, ...) kept.
     max_shard_size: the most bytes of tensors per file.
 
   Returns:
     The files written, relative to ``path``.
 
   Raises:
-    ValueError: a parameter without a Hugging Face name, or a config it cannot express.
+    ValueError: a parameter without a Hugging Face name, a config it cannot express, or a
+      tokenizer that is not an ``HFTokenizer`` or has more ids than the model.
     FileExistsError: ``path`` already holds safetensors weights.
   """
   path = os.fspath(path)
   if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size < 1:
     raise ValueError(f"max_shard_size: expected a positive number of bytes, got {max_shard_size!r}")
-  base = None
+  base = {}
   if source is not None:
     with open(_require(os.fspath(source), CONFIG_FILE), encoding="utf-8") as f:
       base = json.load(f)
-  config = hf_config.hf_config_of(model.cfg, base)
+  token_ids = {}
+  if tokenizer is not None:
+    if not isinstance(tokenizer, HFTokenizer):
+      raise ValueError(f"tokenizer: expected an HFTokenizer, got {tokenizer!r}")
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+      raise ValueError(
+        f"tokenizer: expected at most the model's {model.cfg.vocab_size} ids, got {tokenizer!r}"
+      )
+    ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
+    token_ids = {f"{k}_token_id": i for k, i in ids.items() if i is not None}
+  config = hf_config.hf_config_of(model.cfg, base | token_ids)
   params = sorted(
-    ((*hf_name(p), v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))),
-    key=lambda item: _hf_order(item[0]),
+    ((*hf_layout.hf_name(p), v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))),
+    key=lambda item: hf_layout.hf_order(item[0]),
   )
   existing = glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(
     os.path.join(path, INDEX_FILE)
@@ -226,7 +164,7 @@ def save_pretrained(
       SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
     )
     # One shard's tensors on the host at a time.
-    tensors = {params[j][0]: _to_hf(params[j][2], params[j][1]) for j in members}
+    tensors = {params[j][0]: hf_layout.to_hf(params[j][2], params[j][1]) for j in members}
     save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})
     written.append(name)
   if len(shards) > 1:
@@ -236,10 +174,16 @@ def save_pretrained(
     written.append(INDEX_FILE)
   _write_json(os.path.join(path, CONFIG_FILE), config)
   written.append(CONFIG_FILE)
-  for name in COPIED_FILES if source is not None else ():
+  copied = COPIED_FILES if tokenizer is None else (GENERATION_CONFIG_FILE,)
+  for name in copied if source is not None else ():
     if os.path.isfile(os.path.join(source, name)):
       shutil.copyfile(os.path.join(source, name), os.path.join(path, name))
       written.append(name)
+  if tokenizer is not None:
+    written += tokenizer.save(path, model_max_length=model.cfg.max_seq_len)
+    if GENERATION_CONFIG_FILE not in written:
+      _write_json(os.path.join(path, GENERATION_CONFIG_FILE), token_ids)
+      written.append(GENERATION_CONFIG_FILE)
   return written
 
 
@@ -300,55 +244,6 @@ def _check_names_and_shapes(path, files, expected, *, tied: bool) -> None:
       raise ValueError(
         f"path: unexpected tensor {name!r} in {path} (not in the model config.json describes)"
       )
-
-
-def _shardings(state: nnx.State, mesh: Mesh | None) -> dict:
-  """``{parameter path: sharding}``: from the logical axis rules on ``mesh``, else one device."""
-  if mesh is None:
-    device = SingleDeviceSharding(jax.devices()[0])
-    return {p: device for p, _ in nnx.to_flat_state(state)}
-  # Deferred: jaxrec.train imports jaxrec.models.
-  from jaxrec.train import sharding as sharding_lib
-
-  placed = sharding_lib.tree_shardings(state, mesh)
-  return {p: v.get_value() for p, v in nnx.to_flat_state(placed)}
-
-
-def _read_block(tensor, layout: _Layout, target, index: tuple[slice, ...]) -> np.ndarray:
-  """The block ``index`` of the jaxrec array read from the Hugging Face ``tensor``: along each
-  fused axis the rows of the outer (head) slice, whole in the inner axes, which are then cut."""
-  view = layout.view(target.shape)
-  view_index = [slice(None)] * len(view)
-  for axis, v_axis in enumerate(layout.perm):
-    view_index[v_axis] = index[axis]
-  rows, block_shape, inner, start = [], [], [], 0
-  for g in layout.groups:
-    axes = range(start, start + g)
-    lo, hi, _ = view_index[start].indices(view[start])
-    width = math.prod(view[a] for a in axes[1:])
-    rows.append(slice(lo * width, hi * width))
-    block_shape += [hi - lo, *(view[a] for a in axes[1:])]
-    inner += [slice(None), *(view_index[a] for a in axes[1:])]
-    start += g
-  block = tensor[tuple(rows)].reshape(block_shape)[tuple(inner)]
-  return np.ascontiguousarray(block.transpose(layout.perm)).astype(target.dtype)
-
-
-def _to_hf(array: jax.Array, layout: _Layout) -> np.ndarray:
-  if not array.is_fully_addressable:
-    raise ValueError("model: save_pretrained writes from one process; its arrays span several")
-  host = np.asarray(jax.device_get(array))
-  return np.ascontiguousarray(
-    host.transpose(np.argsort(layout.perm)).reshape(layout.hf_shape(host.shape))
-  )
-
-
-def _hf_order(name: str) -> tuple:
-  """Embedding, blocks in order, final norm, head: the order Hugging Face writes."""
-  parts = name.split(".")
-  if parts[:2] == ["model", "layers"]:
-    return (1, int(parts[2]), name)
-  return ({"model.embed_tokens.weight": 0, "model.norm.weight": 2}.get(name, 3), 0, name)
 
 
 def _partition(sizes: Sequence[int], limit: int) -> list[list[int]]:

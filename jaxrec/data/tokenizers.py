@@ -35,7 +35,7 @@ class Tokenizer(Protocol):
 
   def encode(self, text: str) -> list[int]: ...
 
-  def decode(self, ids: Iterable[int]) -> str: ...
+  def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str: ...
 
 
 class ByteTokenizer:
@@ -53,7 +53,9 @@ class ByteTokenizer:
   def encode(self, text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
-  def decode(self, ids: Iterable[int]) -> str:
+  def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
+    """The text of the byte ids; the special ids have no text and are always dropped."""
+    del skip_special_tokens
     ids = [int(i) for i in ids]
     bad = [i for i in ids if not 0 <= i < self.vocab_size]
     if bad:
@@ -107,9 +109,13 @@ class HFTokenizer:
     # The pipeline adds bos/eos itself, so the file's post-processor template is not applied.
     return self._tokenizer.encode(text, add_special_tokens=False).ids
 
-  def decode(self, ids: Iterable[int]) -> str:
-    ids = [int(i) for i in ids if int(i) not in self._specials]
-    return self._tokenizer.decode(ids, skip_special_tokens=True)
+  def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
+    """The text of ``ids``; with ``skip_special_tokens=False`` the special tokens are written
+    out (``<|im_start|>user``...), as transformers' ``decode`` does by default."""
+    ids = [int(i) for i in ids]
+    if skip_special_tokens:
+      ids = [i for i in ids if i not in self._specials]
+    return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
   @property
   def special_tokens(self) -> dict[str, str]:

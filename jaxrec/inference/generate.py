@@ -166,6 +166,7 @@ def generate_with(
   tokens, segment_ids = prefill_lib.left_pad(prompts, length, pad_id)
   starts = [length - len(p) for p in prompts]
   schedule = prefill_lib.chunk_schedule(length, prefill_chunk, starts)
+  prefill_lib.check_prefix_chunks(model, schedule, starts)
   if policy is not None and schedule.calls > 1:
     policy = policy.chunked(length)
   greedy = temperature == 0

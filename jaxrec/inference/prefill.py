@@ -25,11 +25,12 @@ boundary would be read as a continuation of the padding. The schedule therefore 
 boundaries by a short head chunk of ``r`` tokens, the smallest ``r`` at which no row's prompt
 starts on a boundary (``r = 0``, no shift, unless some padding is a multiple of the chunk).
 
-Two mixers read a chunked prefill differently from one call, by their definition: prefix linear
+One mixer reads a chunked prefill differently from one call, by its definition: prefix linear
 attention (``"pla"``) reads a document's prefix non-causally only within the call where the
-document starts (the prefix tokens of later chunks are read causally, as decoding reads them),
-and RAT's chunk grid runs over the row, so its chunks and the prefill chunks must align
-(``prefill_chunk`` a multiple of ``rat_chunk_size``).
+document starts (prefix tokens in a later call are read causally, as decoding reads them);
+``check_prefix_chunks`` warns when a prefix crosses a chunk boundary. RAT's chunk grid runs over
+the row rather than from each document's start, so left padding moves a ragged row's RAT chunks
+(a chunked prefill is exact for it: its cached form counts positions over the row too).
 """
 
 import warnings
@@ -194,3 +195,26 @@ def check_context(model, tokens: int, policy, *, stacklevel: int = 3) -> None:
     "jaxrec.inference.longctx), or shorten the prompt.",
     stacklevel=stacklevel,
   )
+
+
+def check_prefix_chunks(
+  model, schedule: ChunkSchedule, starts: Sequence[int], *, stacklevel: int = 4
+) -> None:
+  """Warns when a prefix-linear-attention layer's document prefix (``pla_prefix_len`` tokens from
+  a prompt's start, ``starts``) crosses a boundary of the prefill's chunks: that prefix is then
+  read in part causally (see the module docstring)."""
+  cfg = getattr(model, "cfg", None)
+  prefix = getattr(cfg, "pla_prefix_len", 0)
+  if schedule.calls == 1 or not prefix or "pla" not in getattr(cfg, "mixer_pattern", ()):
+    return
+  first = schedule.head or schedule.size
+  bounds = range(first, schedule.length, schedule.size)
+  crossed = [s for s in starts if any(s < b < min(s + prefix, schedule.length) for b in bounds)]
+  if crossed:
+    warnings.warn(
+      f"prefill_chunk: the prefix of pla_prefix_len={prefix} tokens of a prompt starting at "
+      f"column {crossed[0]} crosses a boundary of the {schedule.size}-token prefill chunks, so "
+      "prefix linear attention reads part of it causally; pass a larger prefill_chunk or None "
+      "for the one-call prefill.",
+      stacklevel=stacklevel,
+    )

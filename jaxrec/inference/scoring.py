@@ -60,6 +60,7 @@ def loglikelihood(
   inputs = tokens.shape[1] - 1
   chunked = prefill if prefill is not None else inputs
   schedule = prefill_lib.chunk_schedule(chunked, prefill_chunk)
+  prefill_lib.check_prefix_chunks(model, schedule, [0], stacklevel=3)
   if schedule.calls == 1 and prefill is None:
     schedule = None  # one pass without a cache
   elif policy is not None and schedule.calls > 1:

@@ -1,7 +1,10 @@
 """A prompt prefilled in chunks through the caches equals one prefill call: for plain attention, a
 recurrent mixer and every long-context policy, the logits and greedy tokens of ``generate`` and
 the scores of ``loglikelihood`` (a pass over the whole sequence, and a prefill followed by
-teacher-forced decoding)."""
+teacher-forced decoding); prefix linear attention, whose prefix is read within one call, equals it
+when the prefix fits in the first chunk and warns otherwise."""
+
+import warnings
 
 import numpy as np
 import pytest
@@ -66,3 +69,26 @@ def test_a_chunked_prefill_equals_one_call(case):
       for chunk in (None, CHUNK)
     )
     assert_close(got, want, rtol=0, atol=tol * max_abs(want), err_msg=f"{case} {prefill}")
+
+
+def test_prefix_linear_attention_equals_one_call_while_its_prefix_fits_a_chunk():
+  cfg = LMConfig(
+    vocab_size=32,
+    d_model=D,
+    num_layers=1,
+    mixer_pattern=("pla",),
+    num_heads=2,
+    init_std=0.5,
+    based_feature_dim=4,
+    pla_prefix_len=4,
+  )
+  model = LM(cfg, rngs=nnx.Rngs(0))
+  tokens = np.random.default_rng(2).integers(0, 32, (2, T0)).astype(np.int32)
+  want = loglikelihood(model, tokens, prefill_chunk=None)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    got = loglikelihood(model, tokens, prefill_chunk=8)  # calls of 8 and 4: the prefix in the first
+  tol = reorder_tolerance(D, T0, layers=1)
+  assert_close(got, want, rtol=0, atol=tol * max_abs(want))
+  with pytest.warns(UserWarning, match="pla_prefix_len=4 .* crosses a boundary"):
+    loglikelihood(model, tokens, prefill_chunk=3)

@@ -173,7 +173,7 @@ def test_prompts_past_the_trained_context_warn_without_a_policy(models):
 
 
 def test_a_session_of_many_prompt_lengths_compiles_once_per_bucket():
-  """20 prompts of 20 lengths: the backend compiles one program per (prompt, new-token) bucket."""
+  """20 prompts of 20 lengths (and one count of new tokens): one program per prompt bucket."""
   cfg = dataclasses.replace(CFG, vocab_size=48, num_layers=2, max_seq_len=64)
   model = LM(cfg, rngs=nnx.Rngs(2))
   lengths = list(range(3, 43, 2))
@@ -189,7 +189,10 @@ def test_a_session_of_many_prompt_lengths_compiles_once_per_bucket():
       assert out.tokens.shape == (1, 4)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
-  assert compiles.count("/jax/core/compile/backend_compile_duration") == len(buckets)
+  # Every new program is lowered once, whether the backend then compiles it or the persistent
+  # compilation cache (tests/conftest.py) loads it.
+  assert compiles.count("/jax/core/compile/jaxpr_to_mlir_module_duration") == len(buckets)
+  assert compiles.count("/jax/core/compile/backend_compile_duration") <= len(buckets)
 
 
 def test_sampling_filters_restrict_the_support():

@@ -87,8 +87,8 @@ def generate(
       padding, so their prompts must have one length and are not bucketed.
     pad_id: the id of left padding and of the tokens after a row stops.
     buckets: ``"pow2"`` (default) rounds the prompt length and ``max_new_tokens`` up to powers
-      of two (at least 16), a list of lengths rounds the prompt length up to the first that fits,
-      ``None`` compiles for the exact lengths.
+      of two (at least 16) for the compiled program, a list of lengths rounds them up to the first
+      that fits (past the list, to a power of two), ``None`` compiles for the exact lengths.
     prefill_chunk: prompts longer than this are prefilled in chunks of this many tokens, so the
       prefill's memory grows with the chunk rather than the prompt; ``None``: one call.
     on_token: ``on_token(tokens, finished)`` is called on the host as each step is decoded, with
@@ -295,8 +295,16 @@ def _program_fn(
   return out, lengths, kept
 
 
-_STATIC = ("schedule", "out_len", "greedy", "top_k", "use_top_p", "policy", "stream")
-_STATIC += ("return_logits",)
+_STATIC = (
+  "schedule",
+  "out_len",
+  "greedy",
+  "top_k",
+  "use_top_p",
+  "policy",
+  "stream",
+  "return_logits",
+)
 
 
 def jit_program():

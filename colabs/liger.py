@@ -202,9 +202,9 @@ print({k: round(v, 3) for k, v in scores.items()})
 prompt = [tokenizer.bos_id, *tokenizer.encode("def ")]
 samples = {}
 for name, model in (("teacher", teacher), ("liger", student)):
-  tokens = jaxrec.generate(model, prompt, max_new_tokens=120, temperature=0.0)
-  samples[name] = np.asarray(tokens)[0]
-  print(f"--- {name}\ndef {tokenizer.decode(samples[name][len(prompt) :])}")
+  new = jaxrec.generate(model, prompt, max_new_tokens=120).tokens[0]  # greedy
+  samples[name] = np.concatenate([prompt, new])
+  print(f"--- {name}\ndef {tokenizer.decode(new)}")
 
 # %% [markdown]
 # ## Decoding memory

@@ -103,13 +103,13 @@ policies = {
 }
 cache_bytes = {}
 for name, policy in policies.items():
-  out = jaxrec.generate(model, prompt, 8, temperature=0, policy=policy)
+  out = jaxrec.generate(model, prompt, 8, policy=policy).tokens
   kw = {} if policy is None else {"policy": policy}
   # The cache after the prompt: the shapes the prefill returns (jax.eval_shape computes nothing).
   empty = model.init_cache(1, LENGTH + 8, **kw)
   cache = jax.eval_shape(lambda c, kw=kw: model(jnp.asarray(prompt), cache=c, **kw)[1], empty)
   cache_bytes[name] = longctx.cache_bytes(cache)
-  print(f"{name:12s} new tokens {out[0, -8:].tolist()}  cache {cache_bytes[name] / 2**10:.0f} KiB")
+  print(f"{name:12s} new tokens {out[0].tolist()}  cache {cache_bytes[name] / 2**10:.0f} KiB")
 
 plt.bar(list(cache_bytes), [b / 2**10 for b in cache_bytes.values()])
 plt.ylabel("KV cache after the prompt (KiB)")

@@ -194,11 +194,15 @@ plt.show()
 #
 # `jaxrec.generate` prefills the caches with the prompt in one parallel pass, then decodes one
 # token at a time: the GLA layers from their fixed-size state, the attention layer from a KV
-# cache.
+# cache. It is greedy unless given a `temperature`, and stops a row at any of its `stop_tokens`.
+# (`jaxrec.Sampler(model, tokenizer)` does the same from text, with the tokenizer's eos.)
 
 # %%
 model = nnx.merge(graphdef, state.params, state.rest)
 prompt = [tokenizer.bos_id, *tokenizer.encode("def ")]
 with jax.set_mesh(mesh):
-  tokens = jaxrec.generate(model, prompt, max_new_tokens=200, temperature=0.8, top_p=0.95)
-print("def " + tokenizer.decode(np.asarray(tokens)[0, len(prompt) :]))
+  out = jaxrec.generate(
+    model, prompt, 200, stop_tokens=[tokenizer.eos_id], temperature=0.8, top_p=0.95
+  )
+tokens = out.tokens[:, : out.lengths[0]]
+print("def " + tokenizer.decode(tokens[0]))

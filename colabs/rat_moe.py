@@ -200,8 +200,9 @@ plt.show()
 NEW_TOKENS = 24
 prompt = [tokenizer.bos_id, *tokenizer.encode("def ")]
 with jax.set_mesh(mesh):
-  generated = jaxrec.generate(model, [prompt], max_new_tokens=NEW_TOKENS, temperature=0.0)
-print(repr(tokenizer.decode(np.asarray(generated[0, len(prompt) :]))))
+  new = jaxrec.generate(model, [prompt], max_new_tokens=NEW_TOKENS).tokens  # greedy
+generated = np.concatenate([[prompt], new], axis=1)
+print(repr(tokenizer.decode(new[0])))
 
 # %% [markdown]
 # ## RMoE: routing with a GRU across layers

@@ -107,9 +107,10 @@ print(
 
 # %%
 prompt = np.arange(1, 9, dtype=np.int32)[None] % cfg.vocab_size
-tokens = jaxrec.generate(model, prompt, max_new_tokens=16, temperature=0.0)
+new = jaxrec.generate(model, prompt, max_new_tokens=16).tokens  # greedy
+tokens = np.concatenate([prompt, new], axis=1)
 print("prompt   ", prompt[0].tolist())
-print("generated", np.asarray(tokens)[0, prompt.shape[1] :].tolist())
+print("generated", new[0].tolist())
 
 # %% [markdown]
 # Decoding from the state is the same computation as a full forward pass over the whole text:

@@ -145,7 +145,7 @@ def _passkey(model, tokenizer, policies, config) -> dict:
     prompts = [passkey_prompt(length, k, d)[0] for k, d in zip(keys, rng.random(len(keys)))]
     tokens = np.asarray([tokenizer.encode(p) for p in prompts], np.int32)
     for name, policy in policies.items():
-      new = np.asarray(generate(model, tokens, digits, temperature=0, policy=policy))[:, -digits:]
+      new = generate(model, tokens, digits, policy=policy).tokens
       answers = [tokenizer.decode(row.tolist()) for row in new]
       exact = np.mean([a == k for a, k in zip(answers, keys, strict=True)])
       per_digit = np.mean(

@@ -8,7 +8,7 @@ given), e.g. ``--config.sample.prompt='class ' --config.sample.temperature=0.5``
 from absl import app, flags
 
 from experiments import _cli
-from jaxrec.train import restore_model, sample_text
+from jaxrec.train import restore_model, sample_pieces
 
 _CONFIG = _cli.define_config_flag("The run's config file (the run record takes precedence).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory (holds checkpoints/).")
@@ -22,7 +22,10 @@ def main(argv):
     model, tokenizer, config = restore_model(
       _CONFIG.value, _WORKDIR.value, given=_cli.given_fields(_CONFIG)
     )
-  print(config.sample.prompt + sample_text(model, tokenizer, config.sample))
+  print(config.sample.prompt, end="", flush=True)
+  for piece in sample_pieces(model, tokenizer, config.sample):  # as the tokens are decoded
+    print(piece, end="", flush=True)
+  print()
 
 
 if __name__ == "__main__":

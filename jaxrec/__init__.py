@@ -1,7 +1,8 @@
 """jaxrec: recurrent and long-context language models in JAX."""
 
 from jaxrec import ops
-from jaxrec.inference.generate import generate
+from jaxrec.inference.generate import Generation, generate
+from jaxrec.inference.sampler import Sampler
 
 __version__ = "0.1.0"
-__all__ = ["generate", "ops"]
+__all__ = ["Generation", "Sampler", "generate", "ops"]

@@ -427,3 +427,44 @@ def execute_notebook(source, probe: str, workdir, monkeypatch, **env) -> tuple[o
   ).execute()
   stdout = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
   return nb, json.loads(stdout)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation.
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def reorder_tolerance(width: int, length: int, layers: int) -> float:
+  """Relative tolerance (of the logits' scale) between two fp32 runs of one model that compute
+  the same function with their sums in another order: padding adds masked terms to a softmax,
+  prefill chunks and chunk grids move a recurrence's partial sums, RoPE turns by other angles.
+  Reordering a sum of ``n`` terms moves it by at most about ``n · eps`` of its terms' magnitude;
+  in a layer the longest sums run over the width (projections) or the context (attention, the
+  recurrences), a layer composes a few of them (``8``: projections, mixer, norm, MLP), and the
+  layers' errors add up."""
+  return 8 * layers * (width + length) * EPS32
+
+
+def assert_same_generation(got, want, tol: float, err_msg: str = "") -> None:
+  """Two ``jaxrec.Generation``s with logits: logits within ``tol · max |want.logits|`` and the
+  same tokens and lengths, except after a step where the reference's two best logits lie within
+  twice that bound of each other (a near tie that rounding may break either way; the rest of
+  that row is then another continuation and is not compared)."""
+  atol = tol * max_abs(want.logits)
+  for row in range(want.tokens.shape[0]):
+    n = int(want.lengths[row])
+    tokens = got.tokens[row, :n]
+    differ = np.flatnonzero(tokens != want.tokens[row, :n])
+    last = n if not differ.size else int(differ[0]) + 1
+    if differ.size:
+      top2 = np.sort(want.logits[row, differ[0]])[-2:]
+      assert top2[1] - top2[0] <= 2 * atol, (
+        f"{err_msg}: row {row} step {differ[0]}: {tokens.tolist()} != "
+        f"{want.tokens[row, :n].tolist()}"
+      )
+    else:
+      assert int(got.lengths[row]) == n, f"{err_msg}: row {row} length"
+    assert_close(
+      got.logits[row, :last], want.logits[row, :last], rtol=0, atol=atol, err_msg=err_msg
+    )

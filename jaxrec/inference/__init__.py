@@ -1,7 +1,7 @@
-"""Inference: sampling with caches, scoring, long-context policies (``longctx``), JRT-Prompt, and
-scoring models on recall tasks."""
+"""Inference: generation with caches (``generate``, ``Sampler``), scoring, long-context policies
+(``longctx``), JRT-Prompt, and scoring models on recall tasks."""
 
-from jaxrec.inference.generate import generate, sample_logits
+from jaxrec.inference.generate import Generation, generate, sample_logits
 from jaxrec.inference.jrt import jrt_prompt
 from jaxrec.inference.recall import (
   evaluate_recall,
@@ -10,9 +10,13 @@ from jaxrec.inference.recall import (
   score_batches,
   state_bytes,
 )
+from jaxrec.inference.sampler import Sampler, SamplerOutput
 from jaxrec.inference.scoring import loglikelihood
 
 __all__ = [
+  "Generation",
+  "Sampler",
+  "SamplerOutput",
   "evaluate_recall",
   "generate",
   "jrt_prompt",

@@ -3,7 +3,7 @@ metrics, loop."""
 
 from jaxrec.train.checkpoint import Checkpointer, CheckpointError, restore_params
 from jaxrec.train.config_checks import ConfigError, model_config, validate_config
-from jaxrec.train.loop import restore_model, sample_text, train_and_evaluate
+from jaxrec.train.loop import restore_model, sample_pieces, sample_text, train_and_evaluate
 from jaxrec.train.metrics import MetricsWriter, plot_losses, read_metrics, token_byte_lengths
 from jaxrec.train.optim import (
   make_optimizer,
@@ -54,6 +54,7 @@ __all__ = [
   "read_metrics",
   "restore_model",
   "restore_params",
+  "sample_pieces",
   "sample_text",
   "summarize",
   "token_byte_lengths",

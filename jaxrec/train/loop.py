@@ -15,7 +15,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import jax
@@ -279,17 +279,21 @@ def _schedule(config: ml_collections.ConfigDict):
 
 
 def sample_text(model, tokenizer, sample: ml_collections.ConfigDict) -> str:
-  """Continues ``sample.prompt`` (after a bos token) and decodes the new tokens."""
-  prompt = [tokenizer.bos_id, *tokenizer.encode(sample.prompt)]
-  tokens = jaxrec.generate(
-    model,
-    prompt,
-    sample.max_new_tokens,
-    temperature=sample.temperature,
-    top_k=sample.top_k,
-    top_p=sample.top_p,
-    seed=sample.seed,
-  )
-  # Gathered first: under several processes the tokens are a global array.
-  tokens = multihost_utils.process_allgather(tokens, tiled=True)
-  return tokenizer.decode(np.asarray(tokens)[0, len(prompt) :])
+  """Continues ``sample.prompt`` (after a bos token) until the tokenizer's eos or
+  ``sample.max_new_tokens`` tokens, and decodes the new tokens; ``temperature=0`` is greedy (the
+  ``top_k``/``top_p`` filters only apply to sampling)."""
+  sampler = jaxrec.Sampler(model, tokenizer)
+  return sampler(sample.prompt, sample.max_new_tokens, **_sampling(sample)).text[0]
+
+
+def sample_pieces(model, tokenizer, sample: ml_collections.ConfigDict) -> Iterator[str]:
+  """``sample_text`` as it is decoded: the pieces of the new text, on one process."""
+  sampler = jaxrec.Sampler(model, tokenizer)
+  return sampler.stream(sample.prompt, sample.max_new_tokens, **_sampling(sample))
+
+
+def _sampling(sample: ml_collections.ConfigDict) -> dict:
+  options = dict(temperature=sample.temperature, seed=sample.seed)
+  if sample.temperature > 0:
+    options |= dict(top_k=sample.top_k, top_p=sample.top_p)
+  return options

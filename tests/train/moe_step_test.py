@@ -81,7 +81,7 @@ def test_a_batch_that_does_not_split_over_the_mesh_still_decodes():
   GSPMD path, and decodes what one device decodes."""
   model = LM(CFG, rngs=nnx.Rngs(0))
   prompt = [[1, 2, 3]]
-  want = jaxrec.generate(model, prompt, max_new_tokens=4, temperature=0)
+  want = jaxrec.generate(model, prompt, max_new_tokens=4).tokens
   with jax.set_mesh(sharding.make_mesh((2, 1, 1, 4))):
-    got = jaxrec.generate(model, prompt, max_new_tokens=4, temperature=0)
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    got = jaxrec.generate(model, prompt, max_new_tokens=4).tokens
+  np.testing.assert_array_equal(got, want)

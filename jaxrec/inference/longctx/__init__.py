@@ -16,7 +16,7 @@ from jaxrec.inference.longctx.longheads import LongHeads, LongHeadsCache, LongHe
 from jaxrec.inference.longctx.policy import Policy, cache_bytes, check_policy
 from jaxrec.inference.longctx.recycled import Recycled, RecycledCache
 from jaxrec.inference.longctx.set_based import SetBased, SetBasedCache
-from jaxrec.inference.longctx.think import SnapKV, ThinK, ThinKCache, ThinKEmpty
+from jaxrec.inference.longctx.think import SnapKV, ThinK, ThinKCache, ThinKEmpty, ThinKFilling
 
 lm_infinite = LMInfinite
 longheads = LongHeads
@@ -39,6 +39,7 @@ __all__ = [
   "ThinK",
   "ThinKCache",
   "ThinKEmpty",
+  "ThinKFilling",
   "cache_bytes",
   "check_policy",
   "lm_infinite",

@@ -11,7 +11,8 @@ A query at position ``i`` sees, with ``L = window``, ``G = global_tokens`` and `
 
 Optionally (``top_k > 0``, the authors' later addition) the last query of each call in layers
 ``>= top_k_from_layer`` also sees the ``top_k`` middle keys ``G <= j <= i - L`` that score highest
-under ``(R_{top_k_insert_at} q_i)·k_j / sqrt(K)``, with those scores.
+under ``(R_{top_k_insert_at} q_i)·k_j / sqrt(K)``, with those scores. A prompt prefilled in
+chunks (``chunked``) gives them only to its last query, as one call would.
 
 The cache holds the ``G`` global keys un-rotated (they are seen at the capped distance) and a ring
 of the last ``L`` keys rotated at their own positions (local scores are the true RoPE scores, so
@@ -71,6 +72,9 @@ class LMInfinite(Policy):
     top_k: middle keys added to the last query (0: none; the paper's passkey runs use 5).
     top_k_from_layer: first layer (0-based) with the top-k middle keys.
     top_k_insert_at: the distance at which the middle keys are scored.
+    prompt_length: set by ``chunked`` for a prompt prefilled in several calls: of the queries of
+      multi-token calls only the one at ``prompt_length - 1`` sees the middle keys (decoding
+      steps always do); ``None``: the last query of every call.
   """
 
   global_tokens: int = 10
@@ -79,6 +83,7 @@ class LMInfinite(Policy):
   top_k: int = 0
   top_k_from_layer: int = 4
   top_k_insert_at: int = 2048
+  prompt_length: int | None = None
 
   def __post_init__(self):
     check_int("global_tokens", self.global_tokens, 0)
@@ -87,11 +92,16 @@ class LMInfinite(Policy):
     check_int("top_k", self.top_k, 0)
     check_int("top_k_from_layer", self.top_k_from_layer, 0)
     check_int("top_k_insert_at", self.top_k_insert_at, 0)
+    if self.prompt_length is not None:
+      check_int("prompt_length", self.prompt_length, 1)
     if self.window > self.distance_cap:
       raise ValueError(
         f"window: expected at most distance_cap={self.distance_cap} (local keys are never "
         f"farther than the cap), got {self.window}"
       )
+
+  def chunked(self, prompt_length: int) -> "LMInfinite":
+    return dataclasses.replace(self, prompt_length=prompt_length) if self.top_k else self
 
   def init_cache(self, attn, batch_size, max_length, dtype):
     head = (attn.num_kv_heads, attn.head_dim)
@@ -183,6 +193,9 @@ class LMInfinite(Policy):
     sm = scores(last, k_all)[:, :, 0]  # [B, H, S]
     j = jnp.arange(k_all.shape[1])
     candidate = (j >= self.global_tokens) & (j <= i - self.window)
+    if self.prompt_length is not None:
+      # Chunked prefill: inside the prompt only its last query takes the middle keys.
+      candidate &= i >= self.prompt_length - 1
     top, idx = jax.lax.top_k(jnp.where(candidate, sm, -jnp.inf), min(self.top_k, k_all.shape[1]))
     vv = jnp.take_along_axis(repeat_kv(v_all, h), idx.transpose(0, 2, 1)[..., None], axis=1)
     return top[:, :, None], top[:, :, None] > -jnp.inf, vv

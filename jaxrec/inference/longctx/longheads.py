@@ -18,7 +18,9 @@ its true positions: plain attention.
 Decoding costs ``O(chunks_per_head · w)`` attention plus one score per chunk. The cache holds
 pre-RoPE keys (positions change with the selection), the chunk representations and the queries of
 the current chunk. The prefill gives every query its own selection, as decoding would (one query
-at a time: ``lax.map``); a multi-token call must start the cache.
+at a time: ``lax.map``). A multi-token call after earlier ones (a chunked prefill) completes the
+chunks it closes from the cached queries of the open chunk and its own, then answers its queries
+the same way: a representation depends only on its chunk, so the result equals one call.
 """
 
 import dataclasses
@@ -72,9 +74,7 @@ class LongHeads(Policy):
     if cache is None or isinstance(cache, LongHeadsEmpty):
       return self._prefill(attn, q, k, v, cache)
     if q.shape[1] != 1:
-      raise ValueError(
-        f"tokens: after its prefill a LongHeads cache decodes one token at a time, got {q.shape[1]}"
-      )
+      return self._extend(attn, q, k, v, cache)
     w, i = self.chunk_size, cache.index
     cache = LongHeadsCache(
       k=jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), i, 1),
@@ -117,6 +117,34 @@ class LongHeads(Policy):
     return o, LongHeadsCache(
       k=pad(k), v=pad(v), reps=reps.astype(dtype), q_chunk=q_chunk, index=jnp.asarray(t, jnp.int32)
     )
+
+  def _extend(self, attn, q, k, v, cache):
+    """A multi-token call at ``cache.index`` after earlier ones."""
+    b, t, h, dim = q.shape
+    w, i0 = self.chunk_size, cache.index
+    k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), i0, 1)
+    v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), i0, 1)
+    # Queries from the start of the open chunk (base): the cached ones, then the new ones.
+    base = i0 - i0 % w
+    n = (w + t) // w + 1  # chunks the buffer can reach, one spare for the open chunk's slice
+    queries = jnp.zeros((b, n * w, h, dim), cache.q_chunk.dtype)
+    queries = queries.at[:, :w].set(cache.q_chunk)
+    queries = jax.lax.dynamic_update_slice_in_dim(queries, q.astype(queries.dtype), i0 % w, 1)
+    # The chunks this call closes: every one of the buffer that ends by i0 + t.
+    closes = base + (jnp.arange(n) + 1) * w <= i0 + t
+    slots = jnp.clip(base + jnp.arange(n * w), 0, k_all.shape[1] - 1)
+    split = lambda x: x.reshape(b, n, w, *x.shape[2:])
+    reps = self.chunk_representations(
+      attn, split(queries), split(jnp.take(k_all, slots, 1)), split(jnp.take(v_all, slots, 1))
+    )
+    ids = jnp.where(closes, base // w + jnp.arange(n), cache.reps.shape[1])  # the others dropped
+    reps = cache.reps.at[:, ids].set(reps.astype(cache.reps.dtype), mode="drop")
+    one = lambda qi_i: self._query(attn, qi_i[0], qi_i[1], k_all, v_all, reps)
+    o = jax.lax.map(one, (q.transpose(1, 0, 2, 3), i0 + jnp.arange(t)))  # [T, B, H, K]
+    end = i0 + t
+    q_chunk = jax.lax.dynamic_slice_in_dim(queries, end - end % w - base, w, 1)
+    cache = LongHeadsCache(k=k_all, v=v_all, reps=reps, q_chunk=q_chunk, index=end)
+    return o.transpose(1, 0, 2, 3).astype(q.dtype), cache
 
   def chunk_representations(self, attn, q, k, v):
     """``[B, N, H, K]`` key representations of ``N`` complete chunks from their un-rotated

@@ -10,7 +10,11 @@ A policy is a frozen (hashable, static) dataclass with the paper's defaults. Giv
 * ``attend(attn, q, k, v, cache=..., layer=...)`` gets the layer's un-rotated queries ``[B, T, H,
   K]`` and keys and values ``[B, T, G, K]`` and returns the heads' outputs ``[B, T, H, K]`` and
   the advanced cache; ``cache=None`` is a one-shot pass over the whole sequence (scoring),
-  ``layer`` the depth of the layer (LM-Infinite's top-k starts at layer 4).
+  ``layer`` the depth of the layer (LM-Infinite's top-k starts at layer 4). With a cache, a
+  multi-token call continues after earlier ones (a chunked prefill, ``jaxrec.inference.
+  prefill``), and a chunked prefill equals one call;
+* ``chunked(prompt_length)`` is the policy for such a chunked prefill and the decoding after it
+  (itself, unless the method decides something from the end of the prompt).
 
 ``attn`` lends the layer's RoPE (``attn.rope``) and head counts. Without a policy ``Attention``
 runs its own path unchanged. Packed sequences (``segment_ids``) are not supported by policies.
@@ -35,6 +39,18 @@ class Policy(abc.ABC):
   def attend(self, attn, q, k, v, *, cache, layer: int):
     """``(heads [B, T, H, K], cache)`` for un-rotated ``q [B, T, H, K]`` and ``k, v [B, T, G,
     K]``."""
+
+  def chunked(self, prompt_length: int) -> "Policy":
+    """The policy for a prompt of ``prompt_length`` tokens prefilled in several calls, and for
+    the decoding after it.
+
+    A method that reads a chunk after earlier ones as one call would read them returns itself
+    (the default). One whose prefill decides something from the end of the prompt (ThinK's
+    pruning, LM-Infinite's top-k for the last query) returns a variant that knows where the
+    prompt ends, so that the chunked prefill equals one call.
+    """
+    del prompt_length
+    return self
 
 
 def check_policy(policy) -> None:

@@ -8,7 +8,8 @@ each generated token takes the previous position plus one.
 
 Each option then depends only on ``A`` and itself at order-free positions, and the softmax sums
 over keys without regard to their order: the suffix and everything generated are invariant under
-any permutation of the options. Keys are cached after RoPE with their positions.
+any permutation of the options. Keys are cached after RoPE with their positions; a cached call
+reads the layout at its slots, so the prompt may arrive in several calls (a chunked prefill).
 """
 
 import dataclasses
@@ -84,8 +85,8 @@ class SetBased(Policy):
 
   def attend(self, attn, q, k, v, *, cache, layer):
     t = q.shape[1]
-    if cache is None or t > 1:
-      # The prompt: at the start, with its 2-D mask and positions.
+    if cache is None:
+      # The prompt in one pass, with its 2-D mask and positions.
       if t != self.length:
         raise ValueError(
           f"tokens: expected the prompt of prefix + options + suffix = {self.length} tokens "
@@ -93,23 +94,25 @@ class SetBased(Policy):
         )
       mask, positions = (jnp.asarray(a) for a in self.layout())
       qr, kr = attn.rope(q, positions), attn.rope(k, positions)
-      o = softmax_values(scores(qr, kr), mask[None, None], v, q.dtype)
-      if cache is None:
-        return o, None
-      return o, SetBasedCache(
-        k=jax.lax.dynamic_update_slice_in_dim(cache.k, kr.astype(cache.k.dtype), 0, 1),
-        v=jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), 0, 1),
-        positions=jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, 0, 0),
-        index=jnp.asarray(t, jnp.int32),
-      )
-    # One generated token: the next position, every written key visible.
-    position = cache.positions[jnp.maximum(cache.index - 1, 0)] + 1
-    qr, kr = attn.rope(q, position[None]), attn.rope(k, position[None])
+      return softmax_values(scores(qr, kr), mask[None, None], v, q.dtype), None
+    # Through a cache, in calls of any length (a chunked prefill, then decoding): a slot of the
+    # prompt takes its layout's row and position; a later one sees every key before it, at the
+    # position after the one before.
+    mask, positions = self.layout()
+    room, n = cache.k.shape[1], self.length
+    positions = np.concatenate([positions, positions[-1] + 1 + np.arange(max(room - n, 0))])
+    slots = cache.index + jnp.arange(t)
+    q_pos = jnp.take(jnp.asarray(positions, jnp.int32), slots)
+    qr, kr = attn.rope(q, q_pos), attn.rope(k, q_pos)
     cache = SetBasedCache(
       k=jax.lax.dynamic_update_slice_in_dim(cache.k, kr.astype(cache.k.dtype), cache.index, 1),
       v=jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache.index, 1),
-      positions=cache.positions.at[cache.index].set(position),
-      index=cache.index + 1,
+      positions=jax.lax.dynamic_update_slice_in_dim(cache.positions, q_pos, cache.index, 0),
+      index=cache.index + t,
     )
-    visible = (jnp.arange(cache.k.shape[1]) < cache.index)[None, None, None]
-    return softmax_values(scores(qr, cache.k), visible, cache.v, q.dtype), cache
+    k_slots = jnp.arange(room)
+    rows = jnp.take(jnp.asarray(mask), jnp.clip(slots, 0, n - 1), axis=0)  # [T, n]
+    rows = jnp.pad(rows, ((0, 0), (0, max(room - n, 0))))[:, :room]
+    in_prompt = (slots[:, None] < n) & (k_slots[None, :] < n)
+    visible = jnp.where(in_prompt, rows, k_slots[None, :] <= slots[:, None])
+    return softmax_values(scores(qr, cache.k), visible[None, None], cache.v, q.dtype), cache

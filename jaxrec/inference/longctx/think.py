@@ -18,6 +18,11 @@ generated token keep all channels. Decoding scores an older key as ``q[keep]·k[
 The paper scores each query head after ``repeat_kv`` and stores per query head; scoring per key
 head (summing its query heads) keeps grouped-query caches at ``G`` heads and is the same method
 when ``H == G``.
+
+A prompt prefilled in several calls (``chunked``, ``jaxrec.inference.prefill``) keeps every key
+whole (``ThinKFilling``) with the queries of its last ``observation`` tokens; the first decoding
+step then evicts and prunes exactly as the one-call prefill of the whole prompt does, so the two
+agree.
 """
 
 import dataclasses
@@ -41,6 +46,22 @@ class ThinKEmpty(NamedTuple):
   """A ThinK cache before its prefill: ``room [S, 0]`` only records the capacity ``S``."""
 
   room: jax.Array
+
+
+class ThinKFilling(NamedTuple):
+  """A ThinK cache during a chunked prefill.
+
+  Attributes:
+    k, v: rotated keys and values ``[B, S, G, K]`` of the tokens so far (slot = position).
+    q_obs: rotated queries ``[B, observation, H, K]`` of the last ``observation`` tokens, oldest
+      first.
+    index: int32, the tokens written.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  q_obs: jax.Array
+  index: jax.Array
 
 
 class ThinKCache(NamedTuple):
@@ -92,11 +113,15 @@ class ThinK(Policy):
     channel_ratio: ``λ in [0, 1)``, the fraction of key channels dropped (0.4 in the paper).
     observation: the last prompt tokens whose queries score the channels, kept whole (32).
     eviction: ``SnapKV`` token eviction applied first, or ``None``.
+    prompt_length: set by ``chunked`` for a prompt prefilled in several calls: keys stay whole
+      until the first decoding step, which evicts and prunes as a one-call prefill of
+      ``prompt_length`` tokens does; ``None``: the prefill call prunes.
   """
 
   channel_ratio: float = 0.4
   observation: int = 32
   eviction: SnapKV | None = None
+  prompt_length: int | None = None
 
   def __post_init__(self):
     r = self.channel_ratio
@@ -110,11 +135,29 @@ class ThinK(Policy):
         f"eviction: expected a capacity above observation={self.observation}, got "
         f"{self.eviction.capacity}"
       )
+    if self.prompt_length is not None:
+      check_int("prompt_length", self.prompt_length, 1)
+
+  def chunked(self, prompt_length: int) -> "ThinK":
+    return dataclasses.replace(self, prompt_length=prompt_length)
 
   def init_cache(self, attn, batch_size, max_length, dtype):
     return ThinKEmpty(room=jnp.zeros((max_length, 0), dtype))
 
   def attend(self, attn, q, k, v, *, cache, layer):
+    if self.prompt_length is not None and isinstance(cache, ThinKEmpty):
+      b, h, dim = q.shape[0], q.shape[2], q.shape[3]
+      shape = (b, cache.room.shape[0], *k.shape[2:])
+      zeros = lambda shape: jnp.zeros(shape, cache.room.dtype)
+      cache = ThinKFilling(
+        zeros(shape), zeros(shape), zeros((b, self.observation, h, dim)), jnp.zeros((), jnp.int32)
+      )
+      return self._fill(attn, q, k, v, cache)  # even one token: the prompt's first
+    if isinstance(cache, ThinKFilling):
+      if q.shape[1] > 1:
+        return self._fill(attn, q, k, v, cache)
+      # The first decoding step: the prompt is complete.
+      cache = self._finish(cache)
     if cache is None or isinstance(cache, ThinKEmpty):
       return self._prefill(attn, q, k, v, cache)
     if q.shape[1] != 1:
@@ -142,7 +185,7 @@ class ThinK(Policy):
     return merged_softmax_values(parts, q.dtype), cache
 
   def _prefill(self, attn, q, k, v, cache):
-    b, t = q.shape[:2]
+    t = q.shape[1]
     positions = jnp.arange(t)
     qr, kr = attn.rope(q, positions), attn.rope(k, positions)
     s = scores(qr, kr)
@@ -150,19 +193,52 @@ class ThinK(Policy):
     o = softmax_values(s, causal, v, q.dtype)
     if cache is None:
       return o, None
-    dtype = cache.room.dtype
+    old = t - min(self.observation, t)
+    obs = slice(old, None)
+    room, dtype = cache.room.shape[0], cache.room.dtype
+    return o, self._compress(qr[:, obs], kr, v, s[:, :, obs], causal[:, :, obs], room, dtype)
+
+  def _fill(self, attn, q, k, v, cache):
+    """A chunk of a chunked prefill: full causal attention over every key so far."""
+    t = q.shape[1]
+    positions = cache.index + jnp.arange(t)
+    qr, kr = attn.rope(q, positions), attn.rope(k, positions)
+    k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, kr.astype(cache.k.dtype), cache.index, 1)
+    v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache.index, 1)
+    mask = (jnp.arange(k_all.shape[1])[None, :] <= positions[:, None])[None, None]
+    o = softmax_values(scores(qr, k_all), mask, v_all, q.dtype)
+    q_obs = jnp.concatenate([cache.q_obs, qr.astype(cache.q_obs.dtype)], axis=1)
+    q_obs = q_obs[:, -self.observation :]
+    return o, ThinKFilling(k_all, v_all, q_obs, cache.index + t)
+
+  def _finish(self, cache):
+    """The compressed cache of a chunked prefill of ``prompt_length`` tokens, as one call."""
+    t = self.prompt_length
     recent = min(self.observation, t)
+    kr, v = cache.k[:, :t], cache.v[:, :t]
+    q_obs = cache.q_obs[:, self.observation - recent :]
+    rows = (t - recent + jnp.arange(recent))[:, None]
+    mask = (jnp.arange(t)[None, :] <= rows)[None, None]
+    s = scores(q_obs, kr)
+    return self._compress(q_obs, kr, v, s, mask, cache.k.shape[1], cache.k.dtype)
+
+  def _compress(self, q_obs, kr, v, s_obs, mask_obs, room, dtype):
+    """The ``ThinKCache`` of a prompt: its rotated keys ``kr`` and values ``v`` ``[B, T, G,
+    K]``, the rotated queries ``q_obs [B, R, H, K]`` of its last ``R`` tokens and their scores
+    ``s_obs [B, H, R, T]`` (visible where ``mask_obs``); ``room`` slots in all."""
+    b, t, g = kr.shape[:3]
+    recent = q_obs.shape[1]
     old = t - recent
-    rows = jnp.broadcast_to(jnp.arange(old), (b, attn.num_kv_heads, old))  # [B, G, P]
+    rows = jnp.broadcast_to(jnp.arange(old), (b, g, old))  # [B, G, P]
     if self.eviction is not None and old > self.eviction.capacity - recent:
-      rows = self._evict(s, causal, old, recent, attn.num_kv_heads)
+      rows = self._evict(s_obs, mask_obs, old, recent, g)
     pick = lambda x: jnp.take_along_axis(x, rows.transpose(0, 2, 1)[..., None], axis=1)
     k_old, v_old = pick(kr[:, :old]), pick(v[:, :old])
-    keep = self._channels(qr[:, old:], k_old)
+    keep = self._channels(q_obs, k_old)
     k_old = jnp.take_along_axis(k_old, keep[:, None], axis=-1)
-    room = cache.room.shape[0] - old
+    room = room - old
     pad = lambda x: jnp.pad(x[:, old:], ((0, 0), (0, room - recent), (0, 0), (0, 0)))
-    return o, ThinKCache(
+    return ThinKCache(
       k_old=k_old.astype(dtype),
       v_old=v_old.astype(dtype),
       keep=keep,
@@ -172,9 +248,9 @@ class ThinK(Policy):
       position=jnp.asarray(t, jnp.int32),
     )
 
-  def _evict(self, s, causal, old, recent, kv_heads):
+  def _evict(self, s_obs, mask_obs, old, recent, kv_heads):
     """SnapKV: ``[B, G, capacity - recent]`` older rows (sorted) kept per key head."""
-    p = jax.nn.softmax(jnp.where(causal, s, -jnp.inf)[:, :, old:], axis=-1)[..., :old]
+    p = jax.nn.softmax(jnp.where(mask_obs, s_obs, -jnp.inf), axis=-1)[..., :old]
     votes = p.sum(axis=2)  # [B, H, P]
     b, h = votes.shape[:2]
     votes = votes.reshape(b, kv_heads, h // kv_heads, old).sum(axis=2)

@@ -46,16 +46,7 @@ def _generate(model, prompts, **kw):
   return jaxrec.generate(model, prompts, NEW, buckets=None, return_logits=True, **kw)
 
 
-RAT_CHUNK_GRID = pytest.mark.xfail(
-  reason="RAT's chunk grid runs over the row, not from each document's start, so left padding "
-  "moves the prompt's chunks (being changed in jaxrec/ops/rat.py by another engineer)",
-  strict=False,
-)
-
-
-@pytest.mark.parametrize(
-  "mixer", [pytest.param(m, marks=RAT_CHUNK_GRID) if m == "rat" else m for m in mixer_names()]
-)
+@pytest.mark.parametrize("mixer", mixer_names())
 def test_a_ragged_batch_equals_each_prompt_alone(mixer):
   model = _model(mixer)
   tol = reorder_tolerance(D, len(LONG[0]) + NEW, layers=1)

@@ -31,6 +31,7 @@ RANKS = {
   "pallas_kernels": 0,
   "jaxrec.typing": 1,  # the shape aliases: a leaf, named by every annotated module above kernels
   "jaxrec.ops": 1,
+  "jaxrec.sharding": 1,  # mesh axes and logical-axis rules, read by layers, models, train
   "jaxrec.layers": 2,
   "jaxrec.models": 3,
   "jaxrec.train": 3,

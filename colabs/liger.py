@@ -79,7 +79,7 @@ import optax
 from flax import nnx
 
 import jaxrec
-from jaxrec import data, linearize, models, train
+from jaxrec import data, linearize, models, sharding, train
 
 # Teacher training steps (LoRA gets a fifth of them); the tests set a handful.
 STEPS = int(os.environ.get("JAXREC_NOTEBOOK_STEPS", "500"))
@@ -104,7 +104,9 @@ cfg = models.LMConfig(
   tie_embeddings=False,
   max_seq_len=256,
 )
-mesh = train.make_mesh(train.mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, jax.device_count()))
+mesh = sharding.make_mesh(
+  sharding.mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, jax.device_count())
+)
 byte_lengths = train.token_byte_lengths(tokenizer)
 
 

@@ -71,7 +71,7 @@ import numpy as np
 from flax import nnx
 
 import jaxrec
-from jaxrec import data, models, train
+from jaxrec import data, models, sharding, train
 
 # Training steps; the tests set a handful through the environment.
 STEPS = int(os.environ.get("JAXREC_NOTEBOOK_STEPS", "300"))
@@ -148,7 +148,9 @@ print(repr(tokenizer.decode(example["inputs"][0])))
 # %%
 schedule = train.warmup_cosine_schedule(3e-3, STEPS, warmup_steps=min(30, STEPS // 10), end_lr=3e-4)
 tx = train.make_optimizer(schedule, weight_decay=0.1)
-mesh = train.make_mesh(train.mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, jax.device_count()))
+mesh = sharding.make_mesh(
+  sharding.mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, jax.device_count())
+)
 
 
 def make_model():

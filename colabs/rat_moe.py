@@ -84,7 +84,7 @@ import numpy as np
 from flax import nnx
 
 import jaxrec
-from jaxrec import data, models, train
+from jaxrec import data, models, sharding, train
 
 # Training steps and model width; the tests set small ones through the environment.
 STEPS = int(os.environ.get("JAXREC_NOTEBOOK_STEPS", "200"))
@@ -134,7 +134,7 @@ batches = iter(
 )
 schedule = train.warmup_cosine_schedule(3e-3, STEPS, max(1, STEPS // 10), end_lr=3e-4)
 tx = train.make_optimizer(schedule, weight_decay=0.1)
-mesh = train.make_mesh(train.mesh_shape({"data": 1, "fsdp": 1, "tensor": 1}, 1))
+mesh = sharding.make_mesh(sharding.mesh_shape({"data": 1, "fsdp": 1, "tensor": 1}, 1))
 
 
 def make_model():

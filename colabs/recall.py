@@ -76,7 +76,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-from jaxrec import inference, models, train
+from jaxrec import inference, models, sharding, train
 from jaxrec.data import tasks
 
 # Training steps per model; the tests set a handful through the environment.
@@ -108,7 +108,7 @@ print("targets", np.where(example["weights"][0] > 0, example["targets"][0], -1))
 # The same training step as `python -m experiments.train` (`jaxrec.train`), on the task's rows.
 
 # %%
-mesh = train.make_mesh(train.mesh_shape({"data": 1, "fsdp": 1, "tensor": 1}, 1))
+mesh = sharding.make_mesh(sharding.mesh_shape({"data": 1, "fsdp": 1, "tensor": 1}, 1))
 
 
 def fit(mixer: str) -> nnx.Module:

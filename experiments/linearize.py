@@ -42,7 +42,7 @@ from matplotlib.figure import Figure
 from experiments import _cached_run, _cli, _results
 from experiments.configs import default as default_train_config
 from jaxrec import data as data_lib
-from jaxrec import models, train
+from jaxrec import models, sharding, train
 from jaxrec.linearize import apply_lora, liger, merge_lora
 from jaxrec.train import checkpoint, run_record
 
@@ -72,7 +72,9 @@ def linearize(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"--workdir: {workdir}/{name}/export exists from an earlier run; pick another --workdir "
         "(the teacher under DIR/teacher is reused) or set --config.export=False"
       )
-  mesh = train.make_mesh(train.mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, jax.device_count()))
+  mesh = sharding.make_mesh(
+    sharding.mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, jax.device_count())
+  )
   teacher, tokenizer, source = _teacher(config, workdir)
   seq_len = config.seq_len or source.get("seq_len", 128)
   data = _Data(config, tokenizer, seq_len, mesh)

@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 from experiments._results import write_section
 from experiments.configs import default as default_config
 from jaxrec import data as data_lib
-from jaxrec import layers
+from jaxrec import layers, sharding
 from jaxrec import train as train_lib
 from jaxrec.models import LM, MIXERS, LMConfig, get_mixer, mixer_names, param_count
 
@@ -164,7 +164,7 @@ def _newton_stats(model: LM, inputs, segment_ids) -> dict[str, float]:
 
 def _measure(config, run_dir: str) -> dict:
   """Newton iterations (at init and trained) and train tokens/s from the run's checkpoint."""
-  mesh = train_lib.make_mesh(train_lib.mesh_shape(dict(config.mesh), jax.device_count()))
+  mesh = sharding.make_mesh(sharding.mesh_shape(dict(config.mesh), jax.device_count()))
   tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
   model_cfg = train_lib.model_config(config, tokenizer.vocab_size)
   opt = config.optim

@@ -38,6 +38,7 @@ from ml_collections import config_flags
 
 from experiments import _cli, _rat_moe_report, _results
 from jaxrec import data as data_lib
+from jaxrec import sharding
 from jaxrec import train as train_lib
 from jaxrec.data import tasks as tasks_lib
 from jaxrec.inference import evaluate_recall
@@ -72,7 +73,7 @@ def run_experiments(config, command: str) -> dict:
         f"{config[p].warmup_steps}"
       )
   total = sum(len(plan) * config[p].steps for p, plan in plans.items())
-  mesh = train_lib.make_mesh(train_lib.mesh_shape({"data": 1, "fsdp": 1, "tensor": 1}, 1))
+  mesh = sharding.make_mesh(sharding.mesh_shape({"data": 1, "fsdp": 1, "tensor": 1}, 1))
   results = {}
   with tqdm.tqdm(total=total, unit="step", disable=not config.progress, file=sys.stderr) as bar:
     runner = _Runner(config, mesh, bar)

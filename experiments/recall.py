@@ -42,6 +42,7 @@ from flax import nnx
 
 from experiments import _cli, _recall_report
 from experiments.configs import recall as recall_config
+from jaxrec import sharding
 from jaxrec import train as train_lib
 from jaxrec.data import tasks as tasks_lib
 from jaxrec.inference import recall_dataset, score_batches
@@ -110,7 +111,7 @@ def run_sweep(config, given: set[str] | frozenset = frozenset()) -> dict:
   row = max(mqar.max_prompt_length(2), *(s.max_prompt_length(repeats) for s in sets))
   vocab = max(mqar.num_tokens, sets[0].num_tokens)
   # One device: the models are tiny, and the sweep's time goes to compiling them.
-  mesh = train_lib.make_mesh(train_lib.mesh_shape({"data": 1, "fsdp": 1, "tensor": 1}, 1))
+  mesh = sharding.make_mesh(sharding.mesh_shape({"data": 1, "fsdp": 1, "tensor": 1}, 1))
   tasks = _tasks(config)
   runs = []
   per_width = len({"mqar", "sets", "sets_jrt"} & set(tasks))

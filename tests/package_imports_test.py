@@ -3,18 +3,24 @@ layering of DESIGN.md, and no module reaching for another's private names.
 
 Dependencies point one way::
 
-  experiments -> models / train / inference / linearize -> layers -> ops -> pallas_kernels
+  experiments -> train, inference, linearize -> models -> layers -> ops, sharding -> pallas_kernels
 
-``pallas_kernels`` imports nothing from ``jaxrec``, and ``data`` is a leaf (it imports no other
-part of the project) used by the top layer (train, experiments). The graph is read from the source
-with ``ast``, so nothing is imported: every import that runs when a module is imported counts,
-including those under ``if TYPE_CHECKING:`` (a layer must not name a model even for typing) and
-in class bodies; imports inside functions (deferred) do not.
+``pallas_kernels`` imports nothing from ``jaxrec``. ``sharding`` (the mesh and its logical-axis
+rules) and ``typing`` (the shape aliases) sit beside ``ops`` and are leaves: they import no other
+part of the project. ``data`` is a leaf too, used from the models up (tokenizers of pretrained
+models, train, experiments).
 
-Private names: what modules share is public where it is shared. A module never imports another
-module's ``_name`` (nor reads ``module._name`` off an imported module), anywhere in the file; a
-private *module* (``jaxrec/ops/_checks.py``) is private to its package, so only modules of that
-package (and its subpackages) import it.
+The graph is read from the source with ``ast``, so nothing is imported, and every import
+statement counts wherever it stands: at module level, under ``if TYPE_CHECKING:`` (a layer must
+not name a model even for typing), in class bodies and inside functions. A deferred import
+(inside a function) only postpones the dependency: a model loader importing the trainer's
+sharding rules is still a model that needs the trainer (``models.hf_layout`` and
+``models.xlstm`` did, deferred because importing ``jaxrec.train`` at module level runs its
+``__init__``, which imports the models back). So the cycle check reads the same graph as the
+layering, deferred imports included: it could only report a false cycle where two modules need
+each other and one defers its import to get past the loop at import time, and that is a cycle
+of the design all the same. No module defers a project import; across parts the layering
+forbids such a pair anyway, and within a part it is one module split in two.
 """
 
 import ast
@@ -31,16 +37,18 @@ RANKS = {
   "pallas_kernels": 0,
   "jaxrec.typing": 1,  # the shape aliases: a leaf, named by every annotated module above kernels
   "jaxrec.ops": 1,
+  "jaxrec.sharding": 1,  # mesh axes and logical-axis rules: a leaf, read by layers, models, train
   "jaxrec.layers": 2,
-  "jaxrec.models": 3,
-  "jaxrec.train": 3,
-  "jaxrec.inference": 3,
-  "jaxrec.linearize": 3,
-  "jaxrec": 3,  # jaxrec/__init__.py alone: it re-exports the public API (ops, generate)
-  "experiments": 4,
+  "jaxrec.models": 3,  # below what uses a model: it imports no trainer, inference or conversion
+  "jaxrec.train": 4,
+  "jaxrec.inference": 4,
+  "jaxrec.linearize": 4,
+  "jaxrec": 4,  # jaxrec/__init__.py alone: it re-exports the public API (ops, generate)
+  "experiments": 5,
 }
-DATA = "jaxrec.data"  # the leaf: imports nothing of the project, imported from rank 3 up
+DATA = "jaxrec.data"  # a leaf imported from rank DATA_USERS up
 DATA_USERS = 3
+LEAVES = (DATA, "jaxrec.sharding", "jaxrec.typing")  # they import nothing of the project
 
 
 def module_files(root: pathlib.Path, packages) -> dict[str, pathlib.Path]:
@@ -55,17 +63,6 @@ def module_files(root: pathlib.Path, packages) -> dict[str, pathlib.Path]:
   return files
 
 
-def _import_time_nodes(node):
-  """The import statements that run when the module is imported: everywhere but in functions."""
-  for child in ast.iter_child_nodes(node):
-    if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
-      continue
-    if isinstance(child, ast.Import | ast.ImportFrom):
-      yield child
-    else:
-      yield from _import_time_nodes(child)
-
-
 def _resolve(name: str, modules) -> str | None:
   """The longest prefix of ``name`` that is a project module (``a.b.attr`` -> ``a.b``)."""
   parts = name.split(".")
@@ -77,12 +74,13 @@ def _resolve(name: str, modules) -> str | None:
 
 
 def imports_of(module: str, path: pathlib.Path, modules, is_package: bool):
-  """``[(imported project module, line)]`` of ``module``'s import-time imports."""
+  """``[(imported project module, line)]`` of every import statement of ``module``, at module
+  level or inside functions."""
   found = []
-  for node in _import_time_nodes(ast.parse(path.read_text(), filename=str(path))):
+  for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
     if isinstance(node, ast.Import):
       names = [alias.name for alias in node.names]
-    else:
+    elif isinstance(node, ast.ImportFrom):
       base = node.module or ""
       if node.level:  # relative: from the module's package, up level - 1 packages
         package = module.split(".") if is_package else module.split(".")[:-1]
@@ -93,6 +91,8 @@ def imports_of(module: str, path: pathlib.Path, modules, is_package: bool):
         f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
         for alias in node.names
       ]
+    else:
+      continue
     for name in names:
       target = _resolve(name, modules)
       if target is not None and target != module:
@@ -182,8 +182,8 @@ def layering_violations(graph) -> list[str]:
       dst = part_of(target)
       if src == dst:
         continue
-      if src == DATA:
-        why = f"{DATA} is a leaf and imports nothing of the project"
+      if src in LEAVES:
+        why = f"{src} is a leaf and imports nothing of the project"
       elif dst == DATA:
         why = None if RANKS[src] >= DATA_USERS else f"{src} is below the users of {DATA}"
       else:
@@ -201,6 +201,7 @@ def test_no_import_cycle_between_modules():
 def test_imports_follow_the_one_way_layering():
   graph = import_graph(ROOT)
   assert {"jaxrec.layers", "jaxrec.models", "pallas_kernels.gla"} <= set(graph)
+  assert "jaxrec.sharding" in graph["jaxrec.layers.moe"]  # the rules sit below the layers
   violations = layering_violations(graph)
   assert not violations, "imports against the layering:\n" + "\n".join(violations)
 
@@ -317,6 +318,8 @@ def test_the_checks_catch_a_typing_only_cycle_and_an_upward_import(tmp_path):
     "of the project)",
     "jaxrec.layers.attention:3 imports jaxrec.models.config (jaxrec.layers may not import the "
     "higher jaxrec.models)",
+    "jaxrec.layers.attention:5 imports jaxrec.train (jaxrec.layers may not import the higher "
+    "jaxrec.train)",
     "pallas_kernels.linear_scan:1 imports jaxrec.data (pallas_kernels is below the users of "
     "jaxrec.data)",
   ]
@@ -324,10 +327,59 @@ def test_the_checks_catch_a_typing_only_cycle_and_an_upward_import(tmp_path):
     part_of("jaxrec.extra")
 
 
+def test_the_checks_read_imports_inside_functions(tmp_path):
+  """A miniature project whose upward imports all stand inside functions: a model loader reaching
+  for the trainer's sharding rules (as ``models.hf_layout`` did before ``jaxrec.sharding``), a
+  model's method reaching for inference in a nested function, the sharding leaf reaching for a
+  layer. The layering check names each, and with the imports back the cycle check sees the
+  loops they close."""
+  _write(
+    tmp_path,
+    {
+      "jaxrec/__init__.py": "",
+      "jaxrec/sharding.py": "def rules():\n  from jaxrec.layers import moe\n",
+      "jaxrec/layers/__init__.py": "",
+      "jaxrec/layers/moe.py": "from jaxrec.sharding import rules\n",
+      "jaxrec/models/__init__.py": "",
+      "jaxrec/models/hf_layout.py": (
+        "import jaxrec.layers\n"
+        "def shardings(state, mesh):\n"
+        "  from jaxrec.train import sharding\n"
+        "  return sharding.tree_shardings(state, mesh)\n"
+      ),
+      "jaxrec/models/lm.py": (
+        "class LM:\n"
+        "  def generate(self):\n"
+        "    def inner():\n"
+        "      import jaxrec.inference.generate\n"
+        "    return inner\n"
+      ),
+      "jaxrec/inference/__init__.py": "",
+      "jaxrec/inference/generate.py": "from jaxrec.models import lm\n",
+      "jaxrec/train/__init__.py": "",
+      "jaxrec/train/sharding.py": "from jaxrec.models.hf_layout import shardings\n",
+    },
+  )
+  graph = import_graph(tmp_path)
+  assert find_cycles(graph) == [
+    ["jaxrec.inference.generate", "jaxrec.models.lm", "jaxrec.inference.generate"],
+    ["jaxrec.layers.moe", "jaxrec.sharding", "jaxrec.layers.moe"],
+    ["jaxrec.models.hf_layout", "jaxrec.train.sharding", "jaxrec.models.hf_layout"],
+  ]
+  assert layering_violations(graph) == [
+    "jaxrec.models.hf_layout:3 imports jaxrec.train.sharding (jaxrec.models may not import the "
+    "higher jaxrec.train)",
+    "jaxrec.models.lm:4 imports jaxrec.inference.generate (jaxrec.models may not import the "
+    "higher jaxrec.inference)",
+    "jaxrec.sharding:2 imports jaxrec.layers.moe (jaxrec.sharding is a leaf and imports nothing "
+    "of the project)",
+  ]
+
+
 def test_the_private_name_check_catches_what_the_newton_split_did(tmp_path):
-  """A miniature project: private names imported across modules, a private module used outside
-  its package, and a private attribute read off an imported module are caught; package-private
-  modules used inside their package are not."""
+  """A miniature project: private names imported across modules (at module level or in a
+  method), a private module used outside its package, and a private attribute read off an
+  imported module are caught; package-private modules used inside their package are not."""
   _write(
     tmp_path,
     {
@@ -346,7 +398,12 @@ def test_the_private_name_check_catches_what_the_newton_split_did(tmp_path):
       "jaxrec/layers/_params.py": "def logical_param(): pass\n",
       "jaxrec/layers/linear.py": "from jaxrec.layers._params import logical_param\n",
       "jaxrec/models/__init__.py": "",
-      "jaxrec/models/lm.py": "from jaxrec.layers._params import logical_param\n",
+      "jaxrec/models/lm.py": (
+        "from jaxrec.layers._params import logical_param\n"
+        "class LM:\n"
+        "  def __call__(self):\n"
+        "    from jaxrec.ops.newton import _validate\n"
+      ),
       "pallas_kernels/__init__.py": "",
       "pallas_kernels/_backend.py": "",
       "pallas_kernels/gla/__init__.py": "",
@@ -355,6 +412,7 @@ def test_the_private_name_check_catches_what_the_newton_split_did(tmp_path):
   )
   assert private_name_uses(tmp_path) == [
     "jaxrec.models.lm:1 jaxrec.layers._params",
+    "jaxrec.models.lm:4 jaxrec.ops.newton._validate",
     "jaxrec.ops.sharded:1 jaxrec.ops.newton._validate",
     "jaxrec.ops.sharded:5 jaxrec.ops.newton._validate",
   ]

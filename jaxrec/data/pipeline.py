@@ -56,7 +56,7 @@ def make_lm_dataset(
     seed: seed of the document shuffle; every process must pass the same seed.
     shuffle: shuffle the documents, with a different order in every epoch.
     rows: the global rows this process loads, in the order it hands them to
-      ``jax.make_array_from_process_local_data`` (``jaxrec.train.sharding.process_rows``);
+      ``jax.make_array_from_process_local_data`` (``jaxrec.train.distributed.process_rows``);
       default all ``B`` rows (one process).
     num_epochs: passes over ``docs``; ``None`` repeats forever. A finite stream ends with the
       first row stream that runs out.

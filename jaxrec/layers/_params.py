@@ -1,8 +1,9 @@
 """Parameters annotated with logical axis names, and with whether weight decay applies.
 
 Every parameter in jaxrec carries its logical axes (``"vocab", "embed", "mlp", "heads",
-"kv_heads", "head_dim", "rank", "norm", "layers", "expert", "router"``) as NNX ``out_sharding`` metadata; the trainer
-maps them onto mesh axes with one rules table (``nnx.logical_axis_rules``).
+"kv_heads", "head_dim", "rank", "norm", "layers", "expert", "router"``) as NNX ``out_sharding``
+metadata; ``jaxrec.sharding.tree_shardings`` maps them onto mesh axes with one rules table
+(``LOGICAL_AXIS_RULES``).
 
 A parameter that must never be weight-decayed whatever its shape (a recurrent gate's diagonal, a
 peephole, a gate bias that sets a memory's time scale) says so with ``weight_decay=False``

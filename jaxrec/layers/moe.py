@@ -1,11 +1,12 @@
 """Mixture-of-experts feed-forward with top-k capacity routing, and the RMoE GRU router.
 
 **Experts** are SwiGLU MLPs stored stacked, ``[E, D, F]`` and ``[E, F, D]``, their leading axis
-named ``"expert"`` so a mesh axis of that name shards them. Under a mesh (``jax.set_mesh``) whose
-``expert`` axis is larger than 1 the layer runs expert-parallel in a ``shard_map``: each device
-routes its own tokens, with the capacity of its own group of tokens (GShard), and two
-``all_to_all`` s carry the expert slots to the experts' devices and back. Without such a mesh
-the same routing runs on all tokens as one group (XLA partitions it as it can).
+named ``"expert"``, which ``jaxrec.sharding``'s rules shard over the mesh's ``expert`` axis
+(``EXPERT_AXIS``). Under a mesh (``jax.set_mesh``) whose ``expert`` axis is larger than 1 the
+layer runs expert-parallel in a ``shard_map``: each device routes its own tokens, with the
+capacity of its own group of tokens (GShard), and two ``all_to_all`` s carry the expert slots to
+the experts' devices and back. Without such a mesh the same routing runs on all tokens as one
+group (XLA partitions it as it can).
 
 **Routing** (GShard/Switch): ``p = softmax(logits)`` per token, its ``top_k`` experts, their
 weights renormalized to sum to one. Every expert takes at most ``C = ceil(capacity_factor · k ·
@@ -42,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxrec.layers import _checks
 from jaxrec.layers._params import logical_param
+from jaxrec.sharding import EXPERT_AXIS, batch_axes
 from jaxrec.typing import Activations
 
 RouterKind = Literal["linear", "gru", "gru_no_recurrence", "gru_detached", "mlp"]
@@ -205,10 +207,10 @@ class MoE(nnx.Module):
     logits, state = self._route(x.astype(jnp.float32), router_state, cell)
     weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
     mesh = jax.sharding.get_abstract_mesh()
-    rows = math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp", "expert"))
+    rows = math.prod(mesh.shape[a] for a in batch_axes(mesh))
     # A batch that does not split over the batch axes (sampling one prompt) takes the GSPMD
     # path below, whose capacity counts the whole batch as one group.
-    if mesh.shape.get("expert", 1) > 1 and x.shape[0] % rows == 0:
+    if mesh.shape.get(EXPERT_AXIS, 1) > 1 and x.shape[0] % rows == 0:
       y, stats = self._expert_parallel(mesh, x, logits, weights)
     else:
       y, stats = self._dispatch(x, logits, weights)
@@ -237,24 +239,24 @@ class MoE(nnx.Module):
     """Expert parallelism under a mesh with an ``expert`` axis: every device routes its own
     tokens (capacity per device, GShard's groups), ``all_to_all`` sends each expert its slots and
     the results back, and each device runs only its ``E / expert`` experts."""
-    ep = mesh.shape["expert"]
+    ep = mesh.shape[EXPERT_AXIS]
     if self.num_experts % ep:
       raise ValueError(
         f"num_experts: expected a multiple of the mesh's expert axis ({ep}), got {self.num_experts}"
       )
-    rows = P(tuple(a for a in ("data", "fsdp", "expert") if a in mesh.shape))
-    batch_axes = rows[0]
+    batch = batch_axes(mesh)
+    rows = P(batch)
 
     def local(x, logits, *weights):
-      y, stats = self._dispatch(x, logits, weights, expert_axis="expert")
-      mean = lambda v: lax.pmean(v, batch_axes)
+      y, stats = self._dispatch(x, logits, weights, expert_axis=EXPERT_AXIS)
+      mean = lambda v: lax.pmean(v, batch)
       return y, stats._replace(**{f: mean(getattr(stats, f)) for f in stats._fields if f != "top1"})
 
     stat_specs = RoutingStats(*(rows if f == "top1" else P() for f in RoutingStats._fields))
     return jax.shard_map(
       local,
       mesh=mesh,
-      in_specs=(rows, rows, P("expert"), P("expert"), P("expert")),
+      in_specs=(rows, rows, P(EXPERT_AXIS), P(EXPERT_AXIS), P(EXPERT_AXIS)),
       out_specs=(rows, stat_specs),
     )(x, logits, *weights)
 

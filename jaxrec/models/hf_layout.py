@@ -23,9 +23,9 @@ each layout (``Layout``) is a reshape of the Hugging Face tensor followed by a t
 use RoPE's "rotate half" channel order, so no permutation of the query and key rows is needed.
 
 Loading is tensor by tensor: each parameter is made with ``jax.make_array_from_callback`` in its
-sharding (``shardings``: from the parameters' logical axes and ``jaxrec.train.LOGICAL_AXIS_RULES``
-on a mesh, or one device), and the callback (``read_block``) reads from the source only the
-rows of the block that one device holds.
+sharding (``shardings``: from the parameters' logical axes and
+``jaxrec.sharding.LOGICAL_AXIS_RULES`` on a mesh, or one device), and the callback
+(``read_block``) reads from the source only the rows of the block that one device holds.
 """
 
 import math
@@ -36,6 +36,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
+
+from jaxrec.sharding import tree_shardings
 
 
 class Layout(NamedTuple):
@@ -121,10 +123,7 @@ def shardings(state: nnx.State, mesh: Mesh | None) -> dict:
   if mesh is None:
     device = SingleDeviceSharding(jax.devices()[0])
     return {p: device for p, _ in nnx.to_flat_state(state)}
-  # Deferred: jaxrec.train imports jaxrec.models.
-  from jaxrec.train import sharding as sharding_lib
-
-  placed = sharding_lib.tree_shardings(state, mesh)
+  placed = tree_shardings(state, mesh)
   return {p: v.get_value() for p, v in nnx.to_flat_state(placed)}
 
 

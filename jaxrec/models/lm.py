@@ -16,7 +16,6 @@ from flax import nnx
 from jax import lax
 
 from jaxrec import layers
-from jaxrec.inference.longctx.policy import check_policy
 from jaxrec.layers import logical_param
 from jaxrec.models.config import LMConfig
 from jaxrec.models.mixers import build_mixer
@@ -245,7 +244,13 @@ class LM(nnx.Module):
   def _check_policy(self, policy):
     if policy is None:
       return
-    check_policy(policy)
+    # By the methods Attention calls rather than by type: a model imports nothing from
+    # jaxrec.inference, where the Policy class lives (generate and loglikelihood check the type).
+    if not all(callable(getattr(policy, name, None)) for name in ("attend", "init_cache")):
+      raise ValueError(
+        "policy: expected None or a jaxrec.inference.longctx policy (lm_infinite, recycled, "
+        f"longheads, think, set_based), got {policy!r}"
+      )
     if self.cfg.scan_layers:
       raise ValueError(
         "policy: long-context policies need each layer's depth; build the model with "

@@ -42,6 +42,7 @@ from safetensors import safe_open
 
 from jaxrec.models.config import LMConfig
 from jaxrec.models.lm import LM
+from jaxrec.sharding import tree_shardings
 
 INDEX = "model.safetensors.index.json"
 
@@ -107,7 +108,7 @@ def load_xlstm(path: str | os.PathLike, *, mesh: Mesh | None = None, **overrides
     path: a directory with ``config.json`` and either ``model.safetensors.index.json`` and the
       shards it names, or ``*.safetensors`` files.
     mesh: place every parameter in its sharding on this mesh (the rules of
-      ``jaxrec.train.sharding``); ``None`` puts the model on the default device.
+      ``jaxrec.sharding``); ``None`` puts the model on the default device.
     **overrides: ``LMConfig`` fields to set besides the checkpoint's (``dtype="bfloat16"``,
       ``param_dtype``, ``scan_layers``, ``remat``, ``max_seq_len``, ...). Tensors are cast to
       ``param_dtype``.
@@ -241,9 +242,6 @@ def _shardings(state, mesh):
     return jax.tree.map(
       lambda v: v.replace(single), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
-  # Deferred: jaxrec.train imports jaxrec.models.
-  from jaxrec.train.sharding import tree_shardings
-
   return tree_shardings(state, mesh)
 
 

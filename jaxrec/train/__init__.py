@@ -1,8 +1,21 @@
-"""Training: optimizers and schedules, sharding rules, train/eval steps, checkpoints, run records,
-metrics, loop."""
+"""Training: optimizers and schedules, train/eval steps, checkpoints, run records, metrics, loop,
+and the processes' share of the global batch.
 
+The mesh and its placement rules live in ``jaxrec.sharding`` (below layers and models); the names
+users call as ``train.make_mesh``, ``train.mesh_shape``, ... are re-exported here."""
+
+from jaxrec.sharding import (
+  LOGICAL_AXIS_RULES,
+  MESH_AXES,
+  batch_sharding,
+  logical_to_mesh,
+  make_mesh,
+  mesh_shape,
+  tree_shardings,
+)
 from jaxrec.train.checkpoint import Checkpointer, CheckpointError, restore_params
 from jaxrec.train.config_checks import ConfigError, model_config, validate_config
+from jaxrec.train.distributed import global_batch
 from jaxrec.train.loop import restore_model, sample_pieces, sample_text, train_and_evaluate
 from jaxrec.train.metrics import MetricsWriter, plot_losses, read_metrics, token_byte_lengths
 from jaxrec.train.optim import (
@@ -10,16 +23,6 @@ from jaxrec.train.optim import (
   warmup_cosine_schedule,
   weight_decay_mask,
   wsd_schedule,
-)
-from jaxrec.train.sharding import (
-  LOGICAL_AXIS_RULES,
-  MESH_AXES,
-  batch_sharding,
-  global_batch,
-  logical_to_mesh,
-  make_mesh,
-  mesh_shape,
-  tree_shardings,
 )
 from jaxrec.train.step import (
   TrainState,

@@ -13,8 +13,9 @@ import ml_collections
 from ml_collections import config_dict
 
 from jaxrec import data as data_lib
+from jaxrec import sharding
 from jaxrec.models import MIXERS, PRESETS, LMConfig, get_preset, mixer_names
-from jaxrec.train import optim, sharding
+from jaxrec.train import optim
 
 SCHEDULES = ("cosine", "wsd")
 

@@ -27,8 +27,9 @@ from jax.experimental import multihost_utils
 
 import jaxrec
 from jaxrec import data as data_lib
+from jaxrec import sharding
 from jaxrec.models import LM
-from jaxrec.train import checkpoint, config_checks, metrics, optim, run_record, sharding
+from jaxrec.train import checkpoint, config_checks, distributed, metrics, optim, run_record
 from jaxrec.train import step as step_lib
 
 
@@ -59,7 +60,7 @@ def train_and_evaluate(
 
   # ---- Devices and mesh -------------------------------------------------------------------------
   if config.multihost:
-    sharding.initialize_distributed(**config.distributed)
+    distributed.initialize_distributed(**config.distributed)
   config_checks.validate_config(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(sharding.mesh_shape(dict(config.mesh), jax.device_count()))
   logging.info("mesh %s", dict(mesh.shape))
@@ -76,7 +77,7 @@ def train_and_evaluate(
     seq_len=config.data.seq_len,
     batch_size=config.batch_size,
     seed=config.seed,
-    rows=sharding.process_rows(mesh, config.batch_size),
+    rows=distributed.process_rows(mesh, config.batch_size),
   )
   train_ds = data_lib.make_lm_dataset(_corpus(config.data.train, "train"), **dataset_args)
   # The validation stream repeats, so every process has eval_batches batches; a fresh iterator
@@ -137,7 +138,7 @@ def train_and_evaluate(
     sums = None
     val_iter = iter(val_ds)
     for _ in range(config.eval_batches):
-      out = jax.device_get(eval_step(state, sharding.global_batch(next(val_iter), mesh)))
+      out = jax.device_get(eval_step(state, distributed.global_batch(next(val_iter), mesh)))
       sums = out if sums is None else jax.tree.map(np.add, sums, out)
     return step_lib.summarize(jax.tree.map(np.float64, sums))
 
@@ -170,7 +171,7 @@ def train_and_evaluate(
       workdir, config.steps, start, progress=config.progress, write=primary
     ) as writer:
       for step in range(start, config.steps):
-        batch = sharding.global_batch(next(train_iter), mesh)
+        batch = distributed.global_batch(next(train_iter), mesh)
         state, step_metrics = train_step(state, batch)
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:

@@ -24,7 +24,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrec.train import sharding as sharding_lib
+from jaxrec import sharding as sharding_lib
 
 Batch = dict[str, jax.Array]
 
@@ -53,7 +53,7 @@ def abstract_train_state(
   """The model's graphdef and the train state as ``ShapeDtypeStruct`` s carrying their shardings.
 
   Nothing is allocated. The shardings come from the parameters' logical axis names through
-  ``sharding.LOGICAL_AXIS_RULES``.
+  ``jaxrec.sharding.LOGICAL_AXIS_RULES``.
   """
   with nnx.use_eager_sharding(False):
     graphdef = nnx.graphdef(nnx.eval_shape(make_model))

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from testing_utils import assert_close, max_abs
 
-from jaxrec import layers, train
+from jaxrec import layers, sharding, train
 from jaxrec.linearize import LoRADense, apply_lora, liger, merge_lora
 from jaxrec.models import LM, LMConfig, load_pretrained, save_pretrained
 
@@ -80,7 +80,7 @@ def test_zero_b_changes_nothing_and_merging_reproduces_the_unmerged_model(tmp_pa
 
 def test_lora_trains_through_the_train_step_with_only_its_factors_in_the_optimizer():
   student = apply_lora(liger(LM(CFG, rngs=nnx.Rngs(0))), rank=4, alpha=4.0)
-  mesh = train.make_mesh((1, 1, 1))
+  mesh = sharding.make_mesh((1, 1, 1))
   schedule = optax.constant_schedule(3e-2)
   tx = train.make_optimizer(schedule, weight_decay=0.0)
   graphdef, abstract, state = train.train_state_from_model(

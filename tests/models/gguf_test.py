@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 from testing_utils import assert_close, max_abs, numpy_llama, train_chat_bpe
 
-from jaxrec import train
+from jaxrec import sharding
 from jaxrec.models import (
   NAMED_MODELS,
   config_from_gguf,
@@ -287,10 +287,10 @@ def test_loading_onto_a_mesh_reads_each_devices_block(tmp_path, tokenizer_metada
   """Heads sharded over ``tensor`` and the model width over ``fsdp``: each device dequantizes
   and un-permutes only its rows and columns."""
   path = _write_gguf(tmp_path / "q8.gguf", llama, tokenizer_metadata, qtype=Q.Q8_0)
-  mesh = train.make_mesh((2, 2, 2))
+  mesh = sharding.make_mesh((2, 2, 2))
   model, _ = load_gguf(path, mesh=mesh)
   state = nnx.state(model, nnx.Param)
-  placed = train.tree_shardings(state, mesh)
+  placed = sharding.tree_shardings(state, mesh)
   for (p, v), (_, s) in zip(nnx.to_flat_state(state), nnx.to_flat_state(placed), strict=True):
     assert v[...].sharding.is_equivalent_to(s.get_value(), v.ndim), p
   q = model.layers[0].mixer.q_proj.kernel[...]

@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 from testing_utils import assert_close
 
 import jaxrec
-from jaxrec import train
+from jaxrec import sharding
 from jaxrec.layers import rope_frequencies
 from jaxrec.models import (
   config_from_hf,
@@ -120,10 +120,10 @@ def test_bfloat16_checkpoint_loads_and_round_trips_in_bfloat16(models, tmp_path)
 
 
 def test_loading_onto_a_mesh_places_every_tensor_in_its_sharding(models):
-  mesh = train.make_mesh((2, 2, 2))
+  mesh = sharding.make_mesh((2, 2, 2))
   model = load_pretrained(FIXTURES / "llama", dtype="float32", mesh=mesh)
   state = nnx.state(model, nnx.Param)
-  want = train.tree_shardings(state, mesh)
+  want = sharding.tree_shardings(state, mesh)
   for (path, v), (_, s) in zip(nnx.to_flat_state(state), nnx.to_flat_state(want), strict=True):
     assert v[...].sharding.is_equivalent_to(s.get_value(), v.ndim), path
   q = model.layers[0].mixer.q_proj.kernel[...]

@@ -209,3 +209,14 @@ def test_bad_tokens_name_the_argument():
     model(np.zeros((2, 4), np.float32))
   with pytest.raises(ValueError, match="segment_ids: expected an integer array of shape"):
     model(_tokens(t=4), segment_ids=np.zeros((2, 5), np.int32))
+
+
+def test_a_bad_policy_names_the_argument():
+  """The model checks a policy by the methods its attention calls (it does not import
+  ``jaxrec.inference``, where the ``Policy`` class lives)."""
+  model = LM(dataclasses.replace(CFG, num_layers=2), rngs=nnx.Rngs(0))
+  match = "policy: expected None or a jaxrec.inference.longctx policy"
+  with pytest.raises(ValueError, match=match):
+    model(_tokens(t=4), policy="lm_infinite")
+  with pytest.raises(ValueError, match=match):
+    model.init_cache(2, 8, policy="lm_infinite")

@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 from testing_utils import assert_close, max_abs
 
 from jaxrec.models import LM, config_from_xlstm, get_preset, load_xlstm, param_count
-from jaxrec.train import make_mesh
+from jaxrec.sharding import make_mesh
 
 CHECKPOINT = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "xlstm" / "checkpoint"
 LOGITS = CHECKPOINT.parent / "logits.npz"

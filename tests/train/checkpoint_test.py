@@ -9,7 +9,8 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxrec.train import checkpoint, sharding
+from jaxrec import sharding
+from jaxrec.train import checkpoint
 from jaxrec.train import step as step_lib
 
 

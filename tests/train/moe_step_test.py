@@ -10,8 +10,9 @@ from flax import nnx
 
 import jaxrec
 from experiments.configs import default
+from jaxrec import sharding
 from jaxrec.models import LM, LMConfig
-from jaxrec.train import config_checks, optim, sharding
+from jaxrec.train import config_checks, distributed, optim
 from jaxrec.train import step as step_lib
 
 B, T = 8, 8
@@ -47,7 +48,7 @@ def _run(mesh):
   }
   with jax.set_mesh(mesh):  # as the training loop runs: the MoE layers see the expert axis
     state = step_lib.init_train_state(make_model, tx, abstract)
-    batch = sharding.global_batch(batch, mesh)
+    batch = distributed.global_batch(batch, mesh)
     lowered = train_step.lower(state, batch).as_text()
     state, metrics = train_step(state, batch)
   metrics = jax.tree.map(float, jax.device_get(metrics))

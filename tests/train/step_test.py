@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxrec import sharding
 from jaxrec.data import ByteTokenizer
 from jaxrec.models import LM, get_preset
-from jaxrec.train import metrics, optim, sharding
+from jaxrec.train import distributed, metrics, optim
 from jaxrec.train import step as step_lib
 
 # Adam divides by sqrt(v): where a coordinate's gradients nearly cancel across steps, fp32
@@ -72,7 +73,7 @@ def _run(mesh, batches, accum_steps=1):
   params = [jax.tree.map(np.asarray, state.params)]
   history = []
   for batch in batches:
-    state, m = train_step(state, sharding.global_batch(batch, mesh))
+    state, m = train_step(state, distributed.global_batch(batch, mesh))
     params.append(jax.tree.map(np.asarray, state.params))  # copied: the next step donates state
     history.append(jax.tree.map(float, jax.device_get(m)))
   assert int(state.step) == len(batches)

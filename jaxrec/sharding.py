@@ -1,5 +1,11 @@
 """The device mesh and the one table that places parameters, optimizer state and batches on it.
 
+This module sits at the bottom of the project, beside ``jaxrec.ops``: it imports nothing of
+``jaxrec``, so layers (MoE's expert parallelism), models (checkpoint loaders placing each
+parameter in its sharding) and training all read the same axis names and rules. What is about
+processes and input (``global_batch``, ``process_rows``, ``initialize_distributed``) lives in
+``jaxrec.train.distributed``.
+
 Mesh axes: ``data`` (pure data parallelism: parameters replicated), ``fsdp`` (data parallelism
 with parameters and optimizer state sharded along ``embed``), ``tensor`` (model parallelism over
 ``mlp``, ``heads``, ``kv_heads`` and ``vocab``), ``expert`` (expert parallelism: MoE experts
@@ -19,30 +25,33 @@ import math
 from collections.abc import Mapping, Sequence
 
 import jax
-import numpy as np
 from absl import logging
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
-BATCH_AXES = ("data", "fsdp", "expert")
+DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+TENSOR_AXIS = "tensor"
+EXPERT_AXIS = "expert"
+MESH_AXES = (DATA_AXIS, FSDP_AXIS, TENSOR_AXIS, EXPERT_AXIS)
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS, EXPERT_AXIS)
 
 # Logical axis name -> mesh axes. Every name a parameter may carry must appear here; None means
 # replicated. This is the only place that decides what is sharded over what.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
   ("batch", BATCH_AXES),
-  ("embed", "fsdp"),
-  ("mlp", "tensor"),
-  ("heads", "tensor"),
-  ("kv_heads", "tensor"),
-  ("vocab", "tensor"),
+  ("embed", FSDP_AXIS),
+  ("mlp", TENSOR_AXIS),
+  ("heads", TENSOR_AXIS),
+  ("kv_heads", TENSOR_AXIS),
+  ("vocab", TENSOR_AXIS),
   ("head_dim", None),
   ("rank", None),
   ("taps", None),
   ("norm", None),
   ("layers", None),
-  ("expert", "expert"),
+  ("expert", EXPERT_AXIS),
   ("router", None),
 )
 _RULES = dict(LOGICAL_AXIS_RULES)
@@ -68,7 +77,7 @@ def mesh_shape(
   """
   sizes = {}
   given = set(requested)
-  requested = {"expert": 1, **requested}
+  requested = {EXPERT_AXIS: 1, **requested}
   for axis in MESH_AXES:
     value = requested[axis]
     if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
@@ -137,7 +146,7 @@ def logical_to_mesh(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
     kept = []
     # An expert axis of size 1 is left out, so meshes without expert parallelism keep the
     # specs (and checkpoints) they had before the axis existed.
-    axes = tuple(a for a in axes if not (a == "expert" and mesh.shape.get(a, 1) == 1))
+    axes = tuple(a for a in axes if not (a == EXPERT_AXIS and mesh.shape.get(a, 1) == 1))
     for axis in axes:
       if axis in used or dim % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[axis]):
         continue
@@ -170,47 +179,18 @@ def tree_shardings(tree, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """``[B, ...]`` arrays split over the batch axes (``data`` and ``fsdp``)."""
+  """``[B, ...]`` arrays split over the batch axes (``batch_axes``)."""
   return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
-def batch_axes(mesh: Mesh) -> tuple[str, ...]:
-  """The mesh axes a batch is split over: ``BATCH_AXES`` less an ``expert`` axis of size 1."""
-  return tuple(a for a in BATCH_AXES if not (a == "expert" and mesh.shape.get(a, 1) == 1))
+def batch_axes(mesh: Mesh | AbstractMesh) -> tuple[str, ...]:
+  """The mesh axes a batch is split over: those of ``BATCH_AXES`` that ``mesh`` has, less an
+  ``expert`` axis of size 1 (so a mesh without expert parallelism splits the batch as before
+  the axis existed).
 
-
-def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assembles each process's ``[B / processes, ...]`` numpy rows into global ``[B, ...]`` arrays."""
-  sharding = batch_sharding(mesh)
-  out = {}
-  for key, value in local.items():
-    global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
-    out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
-  return out
-
-
-def process_rows(mesh: Mesh, batch_size: int) -> list[int]:
-  """The rows of a global ``[B, ...]`` batch held by this process's devices, in the order
-  ``jax.make_array_from_process_local_data`` reads them from the process's local rows (sorted).
-
-  With one process, all ``B`` rows; on several, each process's data pipeline loads only these.
+  ``mesh`` may be abstract (``jax.sharding.get_abstract_mesh()`` inside a traced layer, empty
+  when no mesh is set: then the batch is not split).
   """
-  indices = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
-  return sorted({row for index in indices.values() for row in range(*index[0].indices(batch_size))})
-
-
-def initialize_distributed(
-  coordinator_address: str | None = None,
-  num_processes: int | None = None,
-  process_id: int | None = None,
-) -> None:
-  """Joins a multi-process job with ``jax.distributed.initialize``.
-
-  On TPU pods, SLURM and GCE every argument is detected and may stay ``None``; elsewhere give
-  all three (the same address and count on every process, ``process_id`` from 0). CPU processes
-  exchange collectives over gloo, JAX's default CPU implementation.
-  """
-  jax.distributed.initialize(
-    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  return tuple(
+    a for a in BATCH_AXES if a in mesh.shape and not (a == EXPERT_AXIS and mesh.shape[a] == 1)
   )
-  logging.info("process %d of %d", jax.process_index(), jax.process_count())

@@ -1,10 +1,9 @@
-"""Mesh shapes, the logical-axis rules, and global batches on 8 fake CPU devices."""
+"""Mesh shapes, the logical-axis rules and the batch axes, on 8 fake CPU devices."""
 
 import jax
-import numpy as np
 import pytest
 
-from jaxrec.train import sharding
+from jaxrec import sharding
 
 P = jax.P
 
@@ -77,13 +76,17 @@ def test_logical_to_mesh():
     to_mesh(("conv", "embed"), (4, 8))
 
 
-def test_global_batch_is_split_over_data_and_fsdp():
-  mesh = sharding.make_mesh((2, 2, 2))
-  local = {"inputs": np.arange(8 * 3, dtype=np.int32).reshape(8, 3)}
-  batch = sharding.global_batch(local, mesh)["inputs"]
-  assert batch.shape == (8, 3)
-  assert batch.sharding.spec == P(("data", "fsdp"))
-  np.testing.assert_array_equal(np.asarray(batch), local["inputs"])
-  rows = sorted((s.index[0].start, s.index[0].stop) for s in batch.addressable_shards)
-  # 4 batch shards of 2 rows, each held by the 2 devices of the tensor axis.
-  assert rows == sorted([(2 * i, 2 * i + 2) for i in range(4)] * 2)
+def test_batch_axes_are_those_the_mesh_has():
+  """The batch splits over data and fsdp, and over expert only where it is larger than 1; a mesh
+  made outside ``make_mesh`` (or the empty abstract mesh a layer sees without one) names only
+  the axes it has."""
+  assert sharding.batch_axes(sharding.make_mesh((2, 2, 2))) == ("data", "fsdp")
+  assert sharding.batch_axes(sharding.make_mesh((2, 1, 1, 4))) == ("data", "fsdp", "expert")
+  assert sharding.batch_axes(jax.make_mesh((2, 4), ("expert", "tensor"))) == ("expert",)
+  assert sharding.batch_axes(jax.make_mesh((8,), ("tensor",))) == ()
+  assert sharding.batch_axes(jax.sharding.get_abstract_mesh()) == ()
+  with jax.set_mesh(sharding.make_mesh((2, 1, 1, 4))):
+    assert sharding.batch_axes(jax.sharding.get_abstract_mesh()) == ("data", "fsdp", "expert")
+  assert sharding.batch_sharding(sharding.make_mesh((2, 1, 1, 4))).spec == P(
+    ("data", "fsdp", "expert")
+  )

@@ -110,7 +110,7 @@ def _time_per_token(decode, cache, token) -> tuple[float, object]:
 
 def main(argv):
   del argv
-  print(_bench.machine())
+  print(f"machine: {_bench.machine()}")
   contexts = [int(c) for c in _CONTEXTS.value]
   models = {name: LM(_config(name), rngs=nnx.Rngs(0)) for name in _MIXERS.value}
   for name, model in models.items():

@@ -1,4 +1,5 @@
-"""What the benchmarks share: the line that names the machine, and a median of timed calls."""
+"""What the benchmarks and experiments share: the description of the machine that a result was
+measured on, and a median of timed calls."""
 
 import os
 import platform
@@ -9,11 +10,14 @@ import jax
 
 
 def machine() -> str:
-  """The machine, backend and JAX version, for the line every benchmark prints first."""
+  """The platform, CPU count, backend and device kind, JAX version and the load average (the
+  machine's other work, which slows a timing on shared cores), as benchmarks print it first and
+  experiments record it next to their numbers."""
+  load = os.getloadavg() if hasattr(os, "getloadavg") else ()
   return (
-    f"machine: {platform.platform()}, {platform.machine()} {platform.processor() or ''}, "
-    f"{os.cpu_count()} CPUs, backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-    f"jax {jax.__version__}"
+    f"{platform.platform()}, {os.cpu_count()} CPUs, backend {jax.default_backend()} "
+    f"({jax.devices()[0].device_kind}), jax {jax.__version__}, load average "
+    + (", ".join(f"{x:.2f}" for x in load) or "unknown")
   )
 
 

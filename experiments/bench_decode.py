@@ -110,7 +110,7 @@ def _time_per_token(decode, cache, token) -> tuple[float, object]:
 
 def main(argv):
   del argv
-  print(_bench.machine())
+  print(f"machine: {_bench.machine()}")
   contexts = [int(c) for c in _CONTEXTS.value]
   models = {name: LM(_config(name), rngs=nnx.Rngs(0)) for name in _MIXERS.value}
   for name, model in models.items():
@@ -145,10 +145,10 @@ def main(argv):
   print("\n| method | context | ms/token | tokens/s | × own first context | × gla |")
   print("|---|---:|---:|---:|---:|---:|")
   for r in rows:
-    vs_gla = "–" if r["vs_gla"] is None else f"{r['vs_gla']:.2f}"
+    vs_gla = "–" if r["vs_gla"] is None else f"{r['vs_gla']:.3g}"
     print(
       f"| {r['method']} | {r['context']} | {r['ms_per_token']:.3f} | {r['tokens_per_s']:,.0f} | "
-      f"{r['vs_first_context']:.2f} | {vs_gla} |"
+      f"{r['vs_first_context']:.3g} | {vs_gla} |"
     )
   if _JSON.value:
     with open(_JSON.value, "w") as f:

@@ -164,7 +164,7 @@ def _run_scores():
 def main(argv):
   del argv
   if _PART.value != "score_one":
-    print(_bench.machine())
+    print(f"machine: {_bench.machine()}")
   {"session": _run_sessions, "score": _run_scores, "score_one": _score_one}[_PART.value]()
 
 

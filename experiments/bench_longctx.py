@@ -16,8 +16,6 @@ Prompting changes what a structured prompt sees, not decoding cost, and is not b
 
 import functools
 import json
-import os
-import platform
 import statistics
 import time
 
@@ -27,6 +25,7 @@ from absl import app, flags
 from flax import nnx
 from jax import lax
 
+from experiments import _bench
 from jaxrec.inference import longctx
 from jaxrec.models import LM, LMConfig, param_count_of
 
@@ -121,11 +120,7 @@ def _time_per_token(decode, cache, token):
 
 def main(argv):
   del argv
-  print(
-    f"machine: {platform.platform()}, {platform.machine()} {platform.processor() or ''}, "
-    f"{os.cpu_count()} CPUs, backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-    f"jax {jax.__version__}"
-  )
+  print(f"machine: {_bench.machine()}")
   cfg = LMConfig(
     vocab_size=256,
     d_model=_D_MODEL.value,

@@ -86,7 +86,7 @@ def _heads_first(args, weights):
 
 def main(argv):
   del argv
-  print(_bench.machine())
+  print(f"machine: {_bench.machine()}")
   rows = []
   for t in (int(x) for x in _SEQ_LENS.value):
     args, weights = _inputs(t)

@@ -15,8 +15,6 @@ For each cell, batch B, length T and state width D it times, forward and forward
   python -m experiments.bench_newton --cells=paralstm,gru --seq_lens=1024 --widths=64
 """
 
-import os
-import platform
 import statistics
 import time
 
@@ -25,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments import _bench
 from jaxrec.ops import newton_rnn
 from jaxrec.ops import rnn_cells as rc
 
@@ -124,11 +123,7 @@ def _grid():
 
 def main(argv):
   del argv
-  print(
-    f"machine: {platform.machine()} {platform.processor() or ''} ({os.cpu_count()} CPUs), "
-    f"backend {jax.default_backend()}, devices {jax.devices()}, jax {jax.__version__}, "
-    f"fp32, repeats {_REPEATS.value} (median)"
-  )
+  print(f"machine: {_bench.machine()}; fp32, repeats {_REPEATS.value} (median)")
   seq_lens, widths, batches = _grid()
   print("\n| cell | method | mode | B | T | D | ms | tokens/s | vs lax.scan | iterations |")
   print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -15,7 +15,6 @@ Medians of ``--repeats`` timed calls after a warm-up call (compilation).
 """
 
 import json
-import platform
 import statistics
 import time
 
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
+from experiments import _bench
 from jaxrec import layers
 
 _LENGTHS = flags.DEFINE_list("lengths", ["512", "1024", "2048", "4096"], "Sequence lengths T.")
@@ -128,7 +128,7 @@ def run() -> list[dict]:
 
 def main(argv):
   del argv
-  print(f"machine: {platform.processor() or platform.machine()}, {jax.devices()[0].platform}")
+  print(f"machine: {_bench.machine()}")
   rows = run()
   for r in rows:
     print("  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))

@@ -8,8 +8,6 @@ speed-up over the sequential form measured in the same run, plus a causal softma
   python -m experiments.bench_scan --seq_lens=4096 --ops=gla --repeats=5
 """
 
-import platform
-
 import jax
 import jax.numpy as jnp
 from absl import app, flags
@@ -99,10 +97,7 @@ def _run_table(title, shapes, make_cases):
 
 def main(argv):
   del argv
-  print(
-    f"machine: {platform.machine()} {platform.processor() or ''}, backend {jax.default_backend()}, "
-    f"devices {jax.devices()}, jax {jax.__version__}, repeats {_REPEATS.value} (median)"
-  )
+  print(f"machine: {_bench.machine()}; repeats {_REPEATS.value} (median)")
   seq_lens = [int(t) for t in _SEQ_LENS.value]
   if "scan" in _OPS.value:
     shapes = [

@@ -13,7 +13,7 @@ The config is ``experiments/configs/linearize.py``. In order:
 3. For each setting (one, or ``--config.study=ablations``: Liger-GLA, HGRN2, the layer-wise
    hybrid, and the paper's ablations without sliding window, without LoRA and with a random gate
    projection): ``jaxrec.linearize.liger``, evaluation, LoRA on ``--config.lora.targets``
-   fine-tuned with ``jaxrec.train``'s train step on ``--config.finetune_tokens`` tokens (the LoRA
+   fine-tuned with ``jaxrec.train.Trainer`` on ``--config.finetune_tokens`` tokens (the LoRA
    factors, and a random gate projection, are the only trainable parameters), evaluation, the
    probe, and the merged model exported to ``DIR/<setting>/export``: a Hugging Face directory
    for a Hugging Face teacher, a jaxrec run (``experiments.sample --workdir`` reads it) otherwise.
@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import app, flags, logging
 from flax import nnx
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -44,7 +43,7 @@ from experiments.configs import default as default_train_config
 from jaxrec import data as data_lib
 from jaxrec import models, sharding, train
 from jaxrec.linearize import apply_lora, liger, merge_lora
-from jaxrec.train import checkpoint, run_record
+from jaxrec.train import checkpoint, config_checks, run_record
 
 CONFIG_FILE = os.path.join(os.path.dirname(__file__), "configs", "linearize.py")
 SECTION = "Liger: linearizing a small Llama-style teacher"
@@ -177,13 +176,11 @@ class _Data:
     if graphdef not in self._evals:
       self._evals[graphdef] = train.make_eval_step(graphdef, self.byte_lengths)
     state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=())
-    sums, batches = None, self.batches("validation")
-    with jax.set_mesh(self.mesh):
-      for _ in range(self.config.eval_batches):
-        batch = train.global_batch(next(batches), self.mesh)
-        out = jax.device_get(self._evals[graphdef](state, batch))
-        sums = out if sums is None else jax.tree.map(np.add, sums, out)
-    return train.summarize(jax.tree.map(np.float64, sums))[self.unit]
+    batches = self.batches("validation")
+    scores = train.evaluate(
+      self._evals[graphdef], state, batches, self.config.eval_batches, self.mesh
+    )
+    return scores[self.unit]
 
   def recall(self, model, probe) -> float:
     """Share of the probe's query values predicted (argmax) from their keys."""
@@ -251,7 +248,7 @@ def _run_setting(name, options, config, teacher, data, probe, workdir, source) -
   out = {"options": options, "converted": data.measure(student, probe)}
   steps = 0
   if options["rank"]:
-    targets = tuple(t.strip() for t in config.lora.targets.split(",") if t.strip())
+    targets = train.parse_list(config.lora.targets, "--config.lora.targets")
     apply_lora(student, rank=options["rank"], alpha=config.lora.alpha, targets=targets)
     steps = math.ceil(config.finetune_tokens / (config.batch_size * data.seq_len))
     start = time.perf_counter()
@@ -272,47 +269,45 @@ def _run_setting(name, options, config, teacher, data, probe, workdir, source) -
 def _finetune(student, config, data: _Data, steps: int, run_dir: str):
   """LoRA factors (and a random gate projection, which has no pretrained value) trained with a
   constant learning rate; returns the merged model and the training loss per step."""
-  schedule = optax.constant_schedule(config.learning_rate)
-  tx = train.make_optimizer(schedule, weight_decay=0.0, b2=0.999, clip_norm=config.clip_norm)
-  trainable = nnx.Any(nnx.LoRAParam, nnx.PathContains("g_proj"))
-  graphdef, abstract, state = train.train_state_from_model(
-    student, tx, data.mesh, trainable=trainable
+  optim = train.OptimConfig(
+    learning_rate=config.learning_rate,
+    schedule="constant",
+    weight_decay=0.0,
+    b2=0.999,
+    clip_norm=config.clip_norm,
   )
-  step_fn = train.make_train_step(
-    graphdef, tx, schedule, abstract, data.mesh, byte_lengths=data.byte_lengths
+  trainer = train.Trainer(
+    student,
+    optim,
+    steps=steps,
+    mesh=data.mesh,
+    trainable=nnx.Any(nnx.LoRAParam, nnx.PathContains("g_proj")),
+    byte_lengths=data.byte_lengths,
   )
-  batches, curve = data.batches("train"), []
-  with (
-    jax.set_mesh(data.mesh),
-    train.MetricsWriter(run_dir, steps, progress=config.progress) as writer,
-  ):
-    for step in range(steps):
-      state, metrics = step_fn(state, train.global_batch(next(batches), data.mesh))
+  curve = []
+  with train.MetricsWriter(run_dir, steps, progress=config.progress) as writer:
+
+    def log(step, state, metrics):
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       curve.append(metrics[data.unit])
-      writer.write(step + 1, "train", metrics)
+      writer.write(step, "train", metrics)
       writer.advance()
-  return merge_lora(nnx.merge(graphdef, state.params, state.rest)), curve
+
+    state, _ = trainer.fit(trainer.init(), data.batches("train"), steps, callback=log)
+  return merge_lora(trainer.model(state)), curve
 
 
 def _export_run(model, run_config, export: str, step: int, data: _Data) -> None:
   """The model as a jaxrec run: ``run.json`` with its config, and a checkpoint (fresh optimizer
   state) that ``experiments.sample`` and ``--config.init_from`` read."""
   run_config = copy.deepcopy(run_config)
-  for field in dataclasses.fields(model.cfg):
-    if field.name != "vocab_size":
-      run_config.model[field.name] = getattr(model.cfg, field.name)
+  run_config.model.update(config_checks.model_section(model.cfg))
   num_params = models.param_count_of(model)
   run_record.write(export, run_config, model.cfg, num_params)
-  opt = run_config.optim
-  tx = train.make_optimizer(
-    optax.constant_schedule(opt.learning_rate),
-    weight_decay=opt.weight_decay,
-    b1=opt.b1,
-    b2=opt.b2,
-    eps=opt.eps,
-    clip_norm=opt.clip_norm,
+  optim = dataclasses.replace(
+    train.OptimConfig(**run_config.optim), schedule="constant", warmup_steps=0
   )
+  tx = optim.make_optimizer(optim.make_schedule(step))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   del graphdef
   state = train.TrainState(

@@ -114,7 +114,7 @@ def _perplexity(model, tokenizer, policies, config, train_len) -> dict:
   ids = _validation_bytes(tokenizer)
   rng = np.random.default_rng(config.seed)
   out = {}
-  for length in config.lengths:
+  for length in train.parse_list(config.lengths, "--config.lengths", int):
     starts = rng.integers(0, len(ids) - length - 1, config.ppl_sequences)
     windows = np.stack([ids[s : s + length + 1] for s in starts])
     for name, policy in policies.items():
@@ -140,7 +140,7 @@ def _passkey(model, tokenizer, policies, config) -> dict:
   rng = np.random.default_rng(config.seed + 1)
   digits = config.passkey.digits
   out = {}
-  for length in config.passkey.lengths:
+  for length in train.parse_list(config.passkey.lengths, "--config.passkey.lengths", int):
     keys = [str(k) for k in rng.integers(10 ** (digits - 1), 10**digits, config.passkey.samples)]
     prompts = [passkey_prompt(length, k, d)[0] for k, d in zip(keys, rng.random(len(keys)))]
     tokens = np.asarray([tokenizer.encode(p) for p in prompts], np.int32)
@@ -161,7 +161,7 @@ def _choice(model, tokenizer, config) -> dict:
   ids = _validation_bytes(tokenizer)
   rng = np.random.default_rng(config.seed + 2)
   lengths, prefix, n_q = (
-    tuple(config.choice.option_lengths),
+    train.parse_list(config.choice.option_lengths, "--config.choice.option_lengths", int),
     config.choice.prefix,
     config.choice.questions,
   )

@@ -79,7 +79,7 @@ def _config(mixer: str, overrides: dict[str, int]):
   config.steps = _STEPS.value
   config.batch_size = _BATCH_SIZE.value
   config.data.seq_len = _SEQ_LEN.value
-  config.model.mixer_pattern = (mixer,)
+  config.model.mixer_pattern = mixer
   config.model.num_layers = _NUM_LAYERS.value
   config.model.d_model = _D_MODEL.value
   config.model.num_heads = _NUM_HEADS.value
@@ -167,24 +167,15 @@ def _measure(config, run_dir: str) -> dict:
   mesh = sharding.make_mesh(sharding.mesh_shape(dict(config.mesh), jax.device_count()))
   tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
   model_cfg = train_lib.model_config(config, tokenizer.vocab_size)
-  opt = config.optim
-  schedule = train_lib.warmup_cosine_schedule(
-    opt.learning_rate, config.steps, opt.warmup_steps, opt.learning_rate * opt.end_lr_ratio
+  trainer = train_lib.Trainer(
+    model_cfg,
+    train_lib.OptimConfig(**config.optim),
+    steps=config.steps,
+    mesh=mesh,
+    seed=config.seed,
+    byte_lengths=train_lib.token_byte_lengths(tokenizer),
   )
-  tx = train_lib.make_optimizer(
-    schedule,
-    weight_decay=opt.weight_decay,
-    b1=opt.b1,
-    b2=opt.b2,
-    eps=opt.eps,
-    clip_norm=opt.clip_norm,
-  )
-
-  def make_model():
-    return LM(model_cfg, rngs=nnx.Rngs(config.seed))
-
-  graphdef, abstract = train_lib.abstract_train_state(make_model, tx, mesh)
-  state = train_lib.restore_params(os.path.join(run_dir, "checkpoints"), abstract)
+  state = train_lib.restore_params(os.path.join(run_dir, "checkpoints"), trainer.abstract)
   rows = dict(tokenizer=tokenizer, seq_len=config.data.seq_len, seed=config.seed)
   val = next(
     iter(
@@ -198,31 +189,27 @@ def _measure(config, run_dir: str) -> dict:
   )
   out = {}
   if any(issubclass(get_mixer(m).module, _PARARNN) for m in model_cfg.mixer_pattern):
-    models = {"init": make_model(), "trained": nnx.merge(graphdef, state.params, state.rest)}
+    models = {"init": LM(model_cfg, rngs=nnx.Rngs(config.seed)), "trained": trainer.model(state)}
     for name, model in models.items():
       with jax.set_mesh(mesh):
         stats = _newton_stats(model, val["inputs"], val["segment_ids"])
       out |= {f"{key}_{name}": value for key, value in stats.items()}
   if _THROUGHPUT_STEPS.value:
-    with jax.set_mesh(mesh):
-      train_step = train_lib.make_train_step(
-        graphdef, tx, schedule, abstract, mesh, byte_lengths=train_lib.token_byte_lengths(tokenizer)
+    it = iter(
+      data_lib.make_lm_dataset(
+        data_lib.stdlib_corpus(split="train"), batch_size=config.batch_size, **rows
       )
-      it = iter(
-        data_lib.make_lm_dataset(
-          data_lib.stdlib_corpus(split="train"), batch_size=config.batch_size, **rows
-        )
-      )
-      batches = [train_lib.global_batch(next(it), mesh) for _ in range(_THROUGHPUT_STEPS.value + 1)]
-      state, metrics = train_step(state, batches[0])  # compiles
-      jax.block_until_ready(metrics)
-      start = time.perf_counter()
-      for batch in batches[1:]:
-        state, metrics = train_step(state, batch)
-      jax.block_until_ready((state, metrics))
-      seconds = time.perf_counter() - start
-      tokens = _THROUGHPUT_STEPS.value * config.batch_size * config.data.seq_len
-      out["train_tokens_per_s"] = tokens / seconds
+    )
+    # Placed on the mesh beforehand, so that only the steps are timed.
+    batches = [train_lib.global_batch(next(it), mesh) for _ in range(_THROUGHPUT_STEPS.value + 1)]
+    state, metrics = trainer.fit(state, batches[:1], 1)  # compiles
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    state, metrics = trainer.fit(state, batches[1:], _THROUGHPUT_STEPS.value)
+    jax.block_until_ready((state, metrics))
+    seconds = time.perf_counter() - start
+    tokens = _THROUGHPUT_STEPS.value * config.batch_size * config.data.seq_len
+    out["train_tokens_per_s"] = tokens / seconds
   return out
 
 

@@ -12,8 +12,8 @@ r"""The RAT and RMoE papers' smallest experiments, on CPU (``seed_models.md`` §
   layers, the GRU with it detached), over seeds: validation bits per byte and the routing
   statistics of ``LM``'s ``moe/*`` metrics. RMoE's claim: RMoE < no-recurrence ≈ SMoE < detach.
 
-Every run trains through ``jaxrec.train``'s optimizer, sharded init and jitted train/eval steps
-(no checkpoints or samples: the runs are thrown away). It writes ``<out_dir>/rat_moe.{json,png}``
+Every run trains through ``jaxrec.train.Trainer`` (no checkpoints or samples: the runs are thrown
+away). It writes ``<out_dir>/rat_moe.{json,png}``
 and the section "RAT and RMoE: the papers' smallest experiments" of ``RESULTS.md``.
 
   python -m experiments.rat_moe                          # 20-30 min on 2 shared CPU cores
@@ -24,25 +24,22 @@ and the section "RAT and RMoE: the papers' smallest experiments" of ``RESULTS.md
 import dataclasses
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 
 import jax
-import numpy as np
 import tqdm
 from absl import app, logging
-from flax import nnx
 from ml_collections import config_flags
 
-from experiments import _cli, _rat_moe_report, _results
+from experiments import _bench, _cli, _rat_moe_report, _results
 from jaxrec import data as data_lib
 from jaxrec import sharding
 from jaxrec import train as train_lib
 from jaxrec.data import tasks as tasks_lib
 from jaxrec.inference import evaluate_recall
-from jaxrec.models import LM, LMConfig, get_preset, param_count
+from jaxrec.models import LMConfig, get_preset, param_count
 
 PARTS = ("lm", "mqar", "moe")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -61,7 +58,7 @@ def run_experiments(config, command: str) -> dict:
   Raises:
     ConfigError: a field is invalid; the message names its ``--config.*`` flag.
   """
-  parts = _names(config.experiments, "--config.experiments")
+  parts = train_lib.parse_list(config.experiments, "--config.experiments")
   unknown = [p for p in parts if p not in PARTS]
   if unknown:
     raise train_lib.ConfigError(f"--config.experiments: expected names of {PARTS}, got {unknown}")
@@ -82,7 +79,7 @@ def run_experiments(config, command: str) -> dict:
       runs = [getattr(runner, part)(key, cfg) for key, cfg in plan]
       results[part] = {
         "command": command,
-        "machine": _machine(),
+        "machine": _bench.machine(),
         "seconds": time.perf_counter() - start,
         "settings": {"seed": config.seed, **config[part].to_dict()},
         "runs": runs,
@@ -98,9 +95,9 @@ class _Runner:
   config: object
   mesh: object
   bar: tqdm.tqdm
-  # The model's graphdef, abstract state, optimizer and jitted steps per (LMConfig, part): the
-  # seeds of one MoE router share them, so their steps compile once.
-  _compiled: dict = dataclasses.field(default_factory=dict)
+  # One trainer per (LMConfig, part): the seeds of one MoE router share it, so their steps
+  # compile once.
+  _trainers: dict = dataclasses.field(default_factory=dict)
 
   def lm(self, chunk_size: int, cfg: LMConfig) -> dict:
     record = self._byte_lm(cfg, self.config.lm, self.config.seed)
@@ -117,11 +114,11 @@ class _Runner:
       seed=self.config.seed,
       shuffle=False,
     )
-    train = iter(tasks_lib.read_ahead(rows))
-    graphdef, state, record = self._train(cfg, c, self.config.seed, train)
+    trainer = self._trainer(cfg, c)
+    state, record = self._train(trainer, cfg, c, self.config.seed, tasks_lib.read_ahead(rows))
     with jax.set_mesh(self.mesh):
       scores = evaluate_recall(
-        nnx.merge(graphdef, state.params, state.rest),
+        trainer.model(state),
         task,
         num_examples=c.test_examples,
         batch_size=math.gcd(64, c.test_examples),
@@ -137,76 +134,60 @@ class _Runner:
 
   def _byte_lm(self, cfg: LMConfig, c, seed: int) -> dict:
     """Trains ``LM(cfg)`` on the embedded corpus (parameters and data order from ``seed``) and
-    evaluates it on the validation split."""
+    evaluates it on the validation split: loss, bits per byte and the ``moe/*`` routing
+    statistics over ``c.eval_batches``."""
     tokenizer = data_lib.load_tokenizer("byte")
     byte_lengths = train_lib.token_byte_lengths(tokenizer)
     rows = dict(tokenizer=tokenizer, seq_len=c.seq_len, batch_size=c.batch_size, seed=seed)
-    train = iter(data_lib.make_lm_dataset(data_lib.stdlib_corpus(split="train"), **rows))
-    _, state, record = self._train(cfg, c, seed, train, byte_lengths)
+    train = data_lib.make_lm_dataset(data_lib.stdlib_corpus(split="train"), **rows)
+    trainer = self._trainer(cfg, c, byte_lengths)
+    state, record = self._train(trainer, cfg, c, seed, train)
     val = data_lib.make_lm_dataset(
       data_lib.stdlib_corpus(split="validation"), shuffle=False, **rows
     )
-    return record | self._evaluate(cfg, c, state, val, byte_lengths)
+    summary = trainer.evaluate(state, val, c.eval_batches)
+    return record | {
+      ("val_" + k if k in ("loss", "bits_per_byte") else k): float(v) for k, v in summary.items()
+    }
 
-  def _train(self, cfg: LMConfig, c, seed: int, batches, byte_lengths=None):
-    """Trains a fresh ``LM(cfg)`` for ``c.steps``; returns its graphdef, train state and record
-    (parameters, median step time after the compiling first step, the loss every tenth step)."""
-    graphdef, abstract, tx, train_step, _ = self._steps(cfg, c, byte_lengths)
-    state = train_lib.init_train_state(lambda: LM(cfg, rngs=nnx.Rngs(seed)), tx, abstract)
+  def _train(self, trainer, cfg: LMConfig, c, seed: int, batches):
+    """Trains a fresh ``LM(cfg)`` of ``seed`` for ``c.steps``; returns its train state and record
+    (parameters, median step time after the compiling first step, the loss every tenth step).
+    A step's time runs from the end of the previous one to its loss on the host, its batch
+    included."""
     seconds, curve = [], []
-    with jax.set_mesh(self.mesh):
-      for step in range(1, c.steps + 1):
-        batch = train_lib.global_batch(next(batches), self.mesh)
-        start = time.perf_counter()
-        state, metrics = train_step(state, batch)
-        loss = float(metrics["loss"])  # waits for the step
-        seconds.append(time.perf_counter() - start)
-        if step % 10 == 0 or step == c.steps:
-          curve.append((step, loss))
-        self.bar.update()
+    clock = time.perf_counter()
+
+    def record(step, state, metrics):
+      nonlocal clock
+      loss = float(metrics["loss"])  # waits for the step
+      seconds.append(time.perf_counter() - clock)
+      if step % 10 == 0 or step == c.steps:
+        curve.append((step, loss))
+      self.bar.update()
+      clock = time.perf_counter()
+
+    state, metrics = trainer.fit(trainer.init(seed), batches, c.steps, callback=record)
+    loss = float(metrics["loss"])
     logging.info("%s: train loss %.4f after %d steps", _describe(cfg), loss, c.steps)
-    record = {
+    return state, {
       "params": param_count(cfg),
       "train_loss": loss,
       "step_ms": 1e3 * statistics.median(seconds[1:] or seconds),
       "curve": curve,
     }
-    return graphdef, state, record
 
-  def _steps(self, cfg: LMConfig, c, byte_lengths):
+  def _trainer(self, cfg: LMConfig, c, byte_lengths=None) -> train_lib.Trainer:
     key = (cfg, id(c))
-    if key not in self._compiled:
-      schedule = train_lib.warmup_cosine_schedule(
-        c.learning_rate, c.steps, c.warmup_steps, c.learning_rate * 0.1
+    if key not in self._trainers:
+      optim = train_lib.OptimConfig(learning_rate=c.learning_rate, warmup_steps=c.warmup_steps)
+      self._trainers[key] = train_lib.Trainer(
+        cfg, optim, steps=c.steps, mesh=self.mesh, byte_lengths=byte_lengths
       )
-      tx = train_lib.make_optimizer(schedule, weight_decay=0.1)
-      graphdef, abstract = train_lib.abstract_train_state(
-        lambda: LM(cfg, rngs=nnx.Rngs(0)), tx, self.mesh
-      )
-      train_step = train_lib.make_train_step(
-        graphdef, tx, schedule, abstract, self.mesh, byte_lengths=byte_lengths
-      )
-      eval_step = train_lib.make_eval_step(graphdef, byte_lengths)
-      self._compiled[key] = (graphdef, abstract, tx, train_step, eval_step)
-    return self._compiled[key]
-
-  def _evaluate(self, cfg, c, state, dataset, byte_lengths) -> dict:
-    """Validation loss, bits per byte and the ``moe/*`` routing statistics over
-    ``c.eval_batches``."""
-    eval_step = self._steps(cfg, c, byte_lengths)[-1]
-    batches = iter(dataset)
-    sums = None
-    with jax.set_mesh(self.mesh):
-      for _ in range(c.eval_batches):
-        out = jax.device_get(eval_step(state, train_lib.global_batch(next(batches), self.mesh)))
-        sums = out if sums is None else jax.tree.map(np.add, sums, out)
-    summary = train_lib.summarize(jax.tree.map(np.float64, sums))
-    return {
-      ("val_" + k if k in ("loss", "bits_per_byte") else k): float(v) for k, v in summary.items()
-    }
+    return self._trainers[key]
 
 
-def _plans(config, parts: list[str]) -> dict[str, list[tuple]]:
+def _plans(config, parts: tuple[str, ...]) -> dict[str, list[tuple]]:
   """Every run of ``parts`` as ``(key, LMConfig)``, all built before any trains so that a bad
   setting stops the experiment at once."""
   vocab = data_lib.load_tokenizer("byte").vocab_size
@@ -214,19 +195,19 @@ def _plans(config, parts: list[str]) -> dict[str, list[tuple]]:
   if "lm" in parts:
     plans["lm"] = [
       (size, _rat_config(config.lm, size, vocab, "--config.lm"))
-      for size in _ints(config.lm.chunk_sizes, "--config.lm.chunk_sizes")
+      for size in train_lib.parse_list(config.lm.chunk_sizes, "--config.lm.chunk_sizes", int)
     ]
   if "mqar" in parts:
     tokens = _mqar_task(config.mqar).num_tokens
     plans["mqar"] = [
       (size, _rat_config(config.mqar, size, tokens, "--config.mqar"))
-      for size in _ints(config.mqar.chunk_sizes, "--config.mqar.chunk_sizes")
+      for size in train_lib.parse_list(config.mqar.chunk_sizes, "--config.mqar.chunk_sizes", int)
     ]
   if "moe" in parts:
     plans["moe"] = [
       ((router, seed), _moe_config(config.moe, router, vocab))
-      for router in _names(config.moe.routers, "--config.moe.routers")
-      for seed in _ints(config.moe.seeds, "--config.moe.seeds")
+      for router in train_lib.parse_list(config.moe.routers, "--config.moe.routers")
+      for seed in train_lib.parse_list(config.moe.seeds, "--config.moe.seeds", int)
     ]
   return plans
 
@@ -238,32 +219,25 @@ def _mqar_task(c) -> tasks_lib.MQAR:
     raise train_lib.ConfigError(f"--config.mqar.{e}") from e
 
 
+# The LMConfig field each setting of a part's section gives, by the setting's name: an error of
+# LMConfig (which starts with its field) names the flag to fix.
+_RAT_SETTINGS = {
+  "d_model": "d_model",
+  "num_layers": "num_layers",
+  "num_heads": "num_heads",
+  "max_seq_len": "seq_len",
+}
+_MOE_SETTINGS = _RAT_SETTINGS | {
+  "moe_num_experts": "num_experts",
+  "moe_top_k": "top_k",
+  "moe_hidden": "expert_hidden",
+  "moe_router_dim": "router_dim",
+}
+
+
 def _moe_config(c, router: str, vocab_size: int) -> LMConfig:
-  return _checked(
-    c,
-    "--config.moe",
-    lambda: get_preset(
-      "tiny-moe",
-      vocab_size=vocab_size,
-      d_model=c.d_model,
-      num_layers=c.num_layers,
-      num_heads=c.num_heads,
-      max_seq_len=c.seq_len,
-      moe_num_experts=c.num_experts,
-      moe_top_k=c.top_k,
-      moe_hidden=c.expert_hidden,
-      moe_router_dim=c.router_dim,
-      moe_router=router,
-    ),
-    {
-      "max_seq_len": "seq_len",
-      "moe_router": "routers",
-      "moe_num_experts": "num_experts",
-      "moe_top_k": "top_k",
-      "moe_hidden": "expert_hidden",
-      "moe_router_dim": "router_dim",
-    },
-  )
+  settings = _MOE_SETTINGS | {"moe_router": "routers"}
+  return _model_config("tiny-moe", c, "--config.moe", settings, vocab_size, moe_router=router)
 
 
 def _rat_config(c, chunk_size: int, vocab_size: int, flag: str) -> LMConfig:
@@ -271,31 +245,21 @@ def _rat_config(c, chunk_size: int, vocab_size: int, flag: str) -> LMConfig:
     raise train_lib.ConfigError(
       f"{flag}.chunk_sizes: expected chunk lengths in [1, seq_len={c.seq_len}], got {chunk_size}"
     )
-  return _checked(
-    c,
-    flag,
-    lambda: get_preset(
-      "tiny-rat",
-      vocab_size=vocab_size,
-      d_model=c.d_model,
-      num_layers=c.num_layers,
-      num_heads=c.num_heads,
-      max_seq_len=c.seq_len,
-      rat_chunk_size=chunk_size,
-    ),
-    {"rat_chunk_size": "chunk_sizes", "max_seq_len": "seq_len"},
-  )
+  settings = _RAT_SETTINGS | {"rat_chunk_size": "chunk_sizes"}
+  return _model_config("tiny-rat", c, flag, settings, vocab_size, rat_chunk_size=chunk_size)
 
 
-def _checked(c, flag: str, build, renamed: dict[str, str]) -> LMConfig:
-  """``build()``, with ``LMConfig``'s ``ValueError`` (which starts with its field) turned into a
-  ``ConfigError`` naming the flag of section ``c`` that sets the field (the section's flag when
-  none does, e.g. ``head_dim`` from ``d_model / num_heads``)."""
+def _model_config(preset: str, c, flag: str, settings, vocab_size: int, **swept) -> LMConfig:
+  """``preset`` with each field of ``settings`` from its setting in section ``c`` (a ``swept``
+  field from its value), ``LMConfig``'s ``ValueError`` turned into a ``ConfigError`` naming the
+  flag of the setting (the section's flag when no setting gives the field, e.g. ``head_dim``
+  from ``d_model / num_heads``)."""
+  fields = {field: c[name] for field, name in settings.items() if field not in swept}
   try:
-    return build()
+    return get_preset(preset, vocab_size=vocab_size, **fields, **swept)
   except ValueError as e:
-    name = renamed.get(field := str(e).split(":", 1)[0], field)
-    raise train_lib.ConfigError(f"{flag}.{name}: {e}" if name in c else f"{flag}: {e}") from e
+    name = settings.get(str(e).split(":", 1)[0])
+    raise train_lib.ConfigError(f"{flag}.{name}: {e}" if name else f"{flag}: {e}") from e
 
 
 def _label(chunk_size: int, seq_len: int) -> str:
@@ -310,27 +274,6 @@ def _describe(cfg: LMConfig) -> str:
   if cfg.ffn == "moe":
     return f"MoE router {cfg.moe_router}"
   return f"RAT L={cfg.rat_chunk_size}"
-
-
-def _names(spec: str, flag: str) -> list[str]:
-  names = [s.strip() for s in str(spec).split(",") if s.strip()]
-  if not names:
-    raise train_lib.ConfigError(f"{flag}: expected comma-separated names, got {spec!r}")
-  return names
-
-
-def _ints(spec, flag: str) -> list[int]:
-  try:
-    return [int(s) for s in _names(spec, flag)]
-  except ValueError as e:
-    raise train_lib.ConfigError(f"{flag}: expected comma-separated integers, got {spec!r}") from e
-
-
-def _machine() -> str:
-  return (
-    f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
-    f"backend {jax.default_backend()}, jax {jax.__version__}; shared with other jobs"
-  ).replace(" ,", ",")
 
 
 def main(argv):

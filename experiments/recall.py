@@ -29,18 +29,16 @@ with the verdict on the papers' claims. This file parses flags and calls ``run_s
 import dataclasses
 import functools
 import os
-import platform
 import sys
 import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import tqdm
 from absl import app, logging
 from flax import nnx
 
-from experiments import _cli, _recall_report
+from experiments import _bench, _cli, _recall_report
 from experiments.configs import recall as recall_config
 from jaxrec import sharding
 from jaxrec import train as train_lib
@@ -75,9 +73,9 @@ def sweep_variants(config) -> tuple[list[Variant], list[str]]:
   candidates = [Variant(m, m) for m in registered]
   if "attention" in registered:
     candidates.append(Variant("swa", "attention", config.window))
-  wanted = _names(config.mixers, "--config.mixers")
+  wanted = train_lib.parse_list(config.mixers, "--config.mixers")
   known = {v.name for v in candidates}
-  if wanted != ["all"]:
+  if wanted != ("all",):
     unknown = [w for w in wanted if w not in known]
     if unknown:
       raise train_lib.ConfigError(
@@ -85,9 +83,10 @@ def sweep_variants(config) -> tuple[list[Variant], list[str]]:
       )
     candidates = [v for v in candidates if v.name in wanted]
   variants, notes = [], []
+  width = train_lib.parse_list(config.d_models, "--config.d_models", int)[0]
   for variant in candidates:
     try:  # a mixer that needs settings this sweep does not give cannot run here
-      _model_config(config, variant, int(_names(config.d_models, "")[0]), 16, 8, 4)
+      _model_config(config, variant, width, 16, 8, 4)
     except ValueError as e:
       notes.append(f"{variant.name}: left out, its model cannot be built here ({e})")
       continue
@@ -99,7 +98,7 @@ def run_sweep(config, given: set[str] | frozenset = frozenset()) -> dict:
   """Runs the sweep of ``config`` (module docstring); returns what ``recall.json`` holds."""
   config = _resolve(config, given)
   variants, notes = sweep_variants(config)
-  widths = [int(w) for w in _names(config.d_models, "--config.d_models")]
+  widths = train_lib.parse_list(config.d_models, "--config.d_models", int)
   mqar = tasks_lib.MQAR(
     vocab_size=config.mqar.vocab_size,
     seq_len=config.mqar.seq_len,
@@ -115,8 +114,9 @@ def run_sweep(config, given: set[str] | frozenset = frozenset()) -> dict:
   tasks = _tasks(config)
   runs = []
   per_width = len({"mqar", "sets", "sets_jrt"} & set(tasks))
-  counting_runs = len(_names(config.counting.mixers, "")) * len(_names(config.counting.formats, ""))
-  total = len(variants) * len(widths) * per_width + ("counting" in tasks) * counting_runs
+  total = len(variants) * len(widths) * per_width
+  if "counting" in tasks:
+    total += len(_counting_mixers(config)) * len(_counting_formats(config))
   bar = tqdm.tqdm(total=total, desc="recall sweep", disable=not config.progress, unit="run")
   start = time.perf_counter()
   for variant in variants:
@@ -124,7 +124,7 @@ def run_sweep(config, given: set[str] | frozenset = frozenset()) -> dict:
       feature_dim = max(1, width // config.feature_dim_ratio)
       cfg = _model_config(config, variant, width, vocab, row, feature_dim)
       # Built on first use, once per model configuration: the tasks of this width share it.
-      trainer = functools.cache(lambda c: _Trainer(c, config, config.steps, mesh))
+      trainer = functools.cache(lambda c: _trainer(c, config, config.steps, mesh))
       if "mqar" in tasks:
         mqar_cfg = cfg
         if variant.mixer == "pla":  # its prefix: the MQAR context (2 tokens a pair)
@@ -145,7 +145,7 @@ def run_sweep(config, given: set[str] | frozenset = frozenset()) -> dict:
   return {
     "command": " ".join(["python -m experiments.recall", *sys.argv[1:]]),
     "config": config.to_dict(),
-    "machine": _machine(),
+    "machine": _bench.machine(),
     "seconds": seconds,
     "notes": notes,
     "runs": runs,
@@ -156,52 +156,38 @@ def run_sweep(config, given: set[str] | frozenset = frozenset()) -> dict:
 # Training.
 
 
-class _Trainer:
-  """One model configuration, compiled once, that trains fresh models on any task's rows."""
+def _trainer(cfg: LMConfig, config, steps: int, mesh) -> train_lib.Trainer:
+  """One model configuration, compiled once; every run it trains starts from the same
+  initialization (``config.seed``)."""
+  optim = train_lib.OptimConfig(
+    learning_rate=config.learning_rate,
+    warmup_steps=config.warmup_steps,
+    weight_decay=config.weight_decay,
+  )
+  return train_lib.Trainer(cfg, optim, steps=steps, mesh=mesh, seed=config.seed)
 
-  def __init__(self, cfg: LMConfig, config, steps: int, mesh):
-    self.cfg, self.config, self.steps, self.mesh = cfg, config, steps, mesh
-    lr = config.learning_rate
-    self.schedule = train_lib.warmup_cosine_schedule(lr, steps, config.warmup_steps, lr * 0.1)
-    self.tx = train_lib.make_optimizer(self.schedule, weight_decay=config.weight_decay)
-    self.graphdef, self.abstract = train_lib.abstract_train_state(
-      self._maker(config.seed), self.tx, mesh
-    )
-    self.train_step = train_lib.make_train_step(
-      self.graphdef, self.tx, self.schedule, self.abstract, mesh
-    )
-    # Every model of this trainer starts from the same initialization, compiled once; the step
-    # donates its input state, so each run trains a copy.
-    self.initial = train_lib.init_train_state(self._maker(config.seed), self.tx, self.abstract)
 
-  def _maker(self, seed):
-    return lambda: LM(self.cfg, rngs=nnx.Rngs(seed))
+def _fit(trainer: train_lib.Trainer, config, rows, validate) -> tuple[nnx.Module, dict]:
+  """Trains a fresh model on ``rows`` until ``validate(model) >= target_accuracy`` (checked every
+  ``eval_every`` steps) or the rows run out; returns it and its training record."""
+  curve, start = [], time.perf_counter()
+  steps = len(rows)
 
-  def fit(self, train_ds, validate) -> tuple[nnx.Module, dict]:
-    """Trains a fresh model on ``train_ds`` until ``validate(model) >= target_accuracy`` (checked
-    every ``eval_every`` steps) or the steps run out; returns it and its training record."""
-    config = self.config
-    state = jax.tree.map(jnp.copy, self.initial)
-    curve, start, step = [], time.perf_counter(), 0
-    for step, batch in enumerate(train_ds, 1):
-      state, metrics = self.train_step(state, train_lib.global_batch(batch, self.mesh))
-      if step % config.eval_every == 0 or step == self.steps:
-        accuracy = validate(self.model(state))
-        curve.append({"step": step, "loss": float(metrics["loss"]), "accuracy": accuracy})
-        logging.info("step %d: loss %.4f, validation accuracy %.3f", *curve[-1].values())
-        if accuracy >= config.target_accuracy:
-          break
-    record = {"steps": step, "seconds": time.perf_counter() - start, "curve": curve}
-    return self.model(state), record
+  def check(step, state, metrics):
+    if step % config.eval_every and step != steps:
+      return False
+    accuracy = validate(trainer.model(state))
+    curve.append({"step": step, "loss": float(metrics["loss"]), "accuracy": accuracy})
+    logging.info("step %d: loss %.4f, validation accuracy %.3f", *curve[-1].values())
+    return accuracy >= config.target_accuracy
 
-  def model(self, state) -> nnx.Module:
-    return nnx.merge(self.graphdef, state.params, state.rest)
+  state, _ = trainer.fit(trainer.init(), rows, steps, callback=check)
+  record = {"steps": int(state.step), "seconds": time.perf_counter() - start, "curve": curve}
+  return trainer.model(state), record
 
-  def train_rows(self, tasks, repeats: int, row: int) -> tuple[dict, ...]:
-    config = self.config
-    return _drawn(
-      tasks, repeats, row, self.steps * config.batch_size, config.batch_size, config.seed
-    )
+
+def _train_rows(tasks, config, steps: int, repeats: int, row: int) -> tuple[dict, ...]:
+  return _drawn(tasks, repeats, row, steps * config.batch_size, config.batch_size, config.seed)
 
 
 def _score(model, task, config, *, repeats=1, row, examples=None, seed=2):
@@ -234,23 +220,26 @@ def _run_mqar(trainer, config, variant, mqar, row, bar) -> dict:
   validate = functools.partial(
     _accuracy, task=mqar, config=config, repeats=1, row=row, metric="accuracy"
   )
-  model, record = trainer.fit(trainer.train_rows(mqar, 1, row), validate)
+  rows = _train_rows(mqar, config, config.steps, 1, row)
+  model, record = _fit(trainer, config, rows, validate)
   scores = {f"repeats={r}": _score(model, mqar, config, repeats=r, row=row) for r in (1, 2)}
-  return _finish(bar, "mqar", variant, trainer.cfg, record, scores, mqar.max_prompt_length(1))
+  return _finish(bar, "mqar", variant, model.cfg, record, scores, mqar.max_prompt_length(1))
 
 
 def _run_sets(trainer, config, variant, sets, sizes, repeats, row, bar) -> dict:
   validate = functools.partial(
     _accuracy, task=sets, config=config, repeats=repeats, row=row, metric="accuracy"
   )
-  model, record = trainer.fit(trainer.train_rows(sets, repeats, row), validate)
+  model, record = _fit(
+    trainer, config, _train_rows(sets, config, config.steps, repeats, row), validate
+  )
   scores = {
     f"{a}x{b}": _score(model, task, config, repeats=repeats, row=row)
     for (a, b), task in zip(sizes, sets, strict=True)
   }
   family = "sets" if repeats == 1 else "sets_jrt"
   prompt = max(s.max_prompt_length(repeats) for s in sets)
-  return _finish(bar, family, variant, trainer.cfg, record, scores, prompt)
+  return _finish(bar, family, variant, model.cfg, record, scores, prompt)
 
 
 def _accuracy(model, *, task, config, repeats, row, metric) -> float:
@@ -284,15 +273,7 @@ def _finish(bar, family, variant, cfg, record, scores, prompt_len) -> dict:
 
 
 def _run_counting(config, mesh, bar) -> list[dict]:
-  mixers = _names(config.counting.mixers, "--config.counting.mixers")
-  formats = _names(config.counting.formats, "--config.counting.formats")
-  if not mixers or not formats:
-    return []
-  unknown = [f for f in formats if f not in tasks_lib.FORMATS]
-  if unknown:
-    raise train_lib.ConfigError(
-      f"--config.counting.formats: unknown {unknown}; expected names of {tasks_lib.FORMATS}"
-    )
+  mixers, formats = _counting_mixers(config), _counting_formats(config)
   ranges = _ranges(config.counting.lengths)
   lo, hi = ranges[0][0], ranges[-1][1]
   path = os.path.join(config.out_dir, "tokenizer.json")
@@ -309,12 +290,13 @@ def _run_counting(config, mesh, bar) -> list[dict]:
   for mixer in mixers:
     variant = Variant(mixer, mixer)
     cfg = _model_config(config, variant, config.counting.d_model, tokenizer.vocab_size, row, 8)
-    trainer = _Trainer(cfg, config, config.counting.steps, mesh)
+    trainer = _trainer(cfg, config, config.counting.steps, mesh)
     for fmt, task in train_tasks.items():
       validate = functools.partial(
         _accuracy, task=task, config=config, repeats=1, row=row, metric="exact_match"
       )
-      model, record = trainer.fit(trainer.train_rows(task, 1, row), validate)
+      rows = _train_rows(task, config, config.counting.steps, 1, row)
+      model, record = _fit(trainer, config, rows, validate)
       scores = {
         f"{a}-{b}": _score(model, counting(format=fmt, min_length=a, max_length=b), config, row=row)
         for a, b in ranges
@@ -378,15 +360,22 @@ def _resolve(config, given):
   return config
 
 
-def _names(spec: str, flag: str) -> list[str]:
-  names = [n.strip() for n in str(spec).split(",") if n.strip()]
-  if flag and not names:
-    raise train_lib.ConfigError(f"{flag}: expected comma-separated names, got {spec!r}")
-  return names
+def _counting_mixers(config) -> tuple[str, ...]:
+  return train_lib.parse_list(config.counting.mixers, "--config.counting.mixers")
 
 
-def _tasks(config) -> list[str]:
-  tasks = _names(config.tasks, "--config.tasks")
+def _counting_formats(config) -> tuple[str, ...]:
+  formats = train_lib.parse_list(config.counting.formats, "--config.counting.formats")
+  unknown = [f for f in formats if f not in tasks_lib.FORMATS]
+  if unknown:
+    raise train_lib.ConfigError(
+      f"--config.counting.formats: unknown {unknown}; expected names of {tasks_lib.FORMATS}"
+    )
+  return formats
+
+
+def _tasks(config) -> tuple[str, ...]:
+  tasks = train_lib.parse_list(config.tasks, "--config.tasks")
   unknown = [t for t in tasks if t not in TASKS]
   if unknown:
     raise train_lib.ConfigError(f"--config.tasks: unknown {unknown}; expected names of {TASKS}")
@@ -395,7 +384,9 @@ def _tasks(config) -> list[str]:
 
 def _set_sizes(spec: str) -> list[tuple[int, int]]:
   try:
-    return [tuple(int(n) for n in s.split("x")) for s in _names(spec, "--config.sets.sizes")]
+    return [
+      tuple(int(n) for n in s.split("x")) for s in train_lib.parse_list(spec, "--config.sets.sizes")
+    ]
   except ValueError as e:
     raise train_lib.ConfigError(
       f"--config.sets.sizes: expected pairs like 4x16,16x4, got {spec!r}"
@@ -405,21 +396,14 @@ def _set_sizes(spec: str) -> list[tuple[int, int]]:
 def _ranges(spec: str) -> list[tuple[int, int]]:
   try:
     ranges = [
-      tuple(int(n) for n in s.split("-")) for s in _names(spec, "--config.counting.lengths")
+      tuple(int(n) for n in s.split("-"))
+      for s in train_lib.parse_list(spec, "--config.counting.lengths")
     ]
   except ValueError as e:
     raise train_lib.ConfigError(
       f"--config.counting.lengths: expected ranges like 4-8,9-12, got {spec!r}"
     ) from e
   return sorted(ranges)
-
-
-def _machine() -> str:
-  load = os.getloadavg() if hasattr(os, "getloadavg") else None
-  return (
-    f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, backend "
-    f"{jax.default_backend()}, load average at the end {load}"
-  )
 
 
 def main(argv):

@@ -64,7 +64,7 @@ def _teacher_run() -> ml_collections.ConfigDict:
   run.batch_size = 16
   run.data.seq_len = 128
   run.model.preset = "tiny"
-  run.model.mixer_pattern = ("attention",)
+  run.model.mixer_pattern = "attention"
   run.model.num_layers = 4
   run.model.num_heads = 4
   run.model.num_kv_heads = 2

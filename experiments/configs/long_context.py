@@ -18,18 +18,18 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model_run = _model_run()
   # Context lengths of the evaluations, in tokens (bytes); the model trains at model_run's.
-  config.lengths = (128, 256, 512)
+  config.lengths = "128,256,512"
   config.ppl_sequences = 4  # validation windows per length for the perplexity
 
   config.passkey = ml_collections.ConfigDict()
-  config.passkey.lengths = (256, 512)  # prompt lengths (the preamble alone is 140 bytes)
+  config.passkey.lengths = "256,512"  # prompt lengths (the preamble alone is 140 bytes)
   config.passkey.samples = 4  # prompts per length (keys and needle depths drawn at random)
   config.passkey.digits = 5
 
   config.choice = ml_collections.ConfigDict()
   config.choice.questions = 12  # multiple-choice questions, each asked in all 3! orders
   config.choice.prefix = 48  # bytes of context before the options
-  config.choice.option_lengths = (12, 20, 28)  # unequal option lengths
+  config.choice.option_lengths = "12,20,28"  # unequal option lengths
 
   # The policies, sized to the training context (the papers' settings scaled down).
   config.lm_infinite = ml_collections.ConfigDict(
@@ -50,7 +50,7 @@ def _model_run() -> ml_collections.ConfigDict:
   run.batch_size = 8
   run.data.seq_len = 128
   run.model.preset = "tiny"
-  run.model.mixer_pattern = ("attention",)
+  run.model.mixer_pattern = "attention"
   run.model.num_layers = 4
   run.model.num_heads = 4
   run.eval_every = 0

@@ -1,5 +1,5 @@
-"""Training: optimizers and schedules, train/eval steps, checkpoints, run records, metrics, loop,
-and the processes' share of the global batch.
+"""Training: optimizers and schedules, train/eval steps, the trainer, checkpoints, run records,
+metrics, loop, and the processes' share of the global batch.
 
 The mesh and its placement rules live in ``jaxrec.sharding`` (below layers and models); the names
 users call as ``train.make_mesh``, ``train.mesh_shape``, ... are re-exported here."""
@@ -14,11 +14,12 @@ from jaxrec.sharding import (
   tree_shardings,
 )
 from jaxrec.train.checkpoint import Checkpointer, CheckpointError, restore_params
-from jaxrec.train.config_checks import ConfigError, model_config, validate_config
+from jaxrec.train.config_checks import ConfigError, model_config, parse_list, validate_config
 from jaxrec.train.distributed import global_batch
 from jaxrec.train.loop import restore_model, sample_pieces, sample_text, train_and_evaluate
 from jaxrec.train.metrics import MetricsWriter, plot_losses, read_metrics, token_byte_lengths
 from jaxrec.train.optim import (
+  OptimConfig,
   make_optimizer,
   warmup_cosine_schedule,
   weight_decay_mask,
@@ -33,6 +34,7 @@ from jaxrec.train.step import (
   summarize,
   train_state_from_model,
 )
+from jaxrec.train.trainer import Trainer, evaluate
 
 __all__ = [
   "LOGICAL_AXIS_RULES",
@@ -41,9 +43,12 @@ __all__ = [
   "Checkpointer",
   "ConfigError",
   "MetricsWriter",
+  "OptimConfig",
   "TrainState",
+  "Trainer",
   "abstract_train_state",
   "batch_sharding",
+  "evaluate",
   "global_batch",
   "init_train_state",
   "logical_to_mesh",
@@ -53,6 +58,7 @@ __all__ = [
   "make_train_step",
   "mesh_shape",
   "model_config",
+  "parse_list",
   "plot_losses",
   "read_metrics",
   "restore_model",

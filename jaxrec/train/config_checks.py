@@ -2,8 +2,12 @@
 
 Every error is a ``ConfigError`` whose message starts with the flag to fix, as the launcher spells
 it (``--config.mesh.fsdp: ...``), then what was expected and what was given.
+
+Lists in experiment configs are comma-separated strings (``--config.model.mixer_pattern=gla,
+attention``, ``--config.lengths=128,256``), read by one parser, ``parse_list``.
 """
 
+import ast
 import dataclasses
 import re
 import types
@@ -38,17 +42,73 @@ def model_config_dict(preset: str) -> ml_collections.ConfigDict:
   return section
 
 
+def model_section(cfg: LMConfig) -> dict:
+  """``cfg``'s fields (but ``vocab_size``) as the ``model`` section holds them: a list of names
+  comma-separated (``parse_list``), every other value as it is; ``model_config`` reads them back
+  to ``cfg``."""
+  out = {}
+  for field in dataclasses.fields(LMConfig):
+    value = getattr(cfg, field.name)
+    if field.name != "vocab_size":
+      out[field.name] = ",".join(value) if _is_name_list(field.type) else value
+  return out
+
+
+def _is_name_list(annotation) -> bool:
+  return typing.get_origin(annotation) is tuple and typing.get_args(annotation) == (str, ...)
+
+
 def _value_type(annotation) -> type:
-  """``int`` for ``int | None``, ``tuple`` for ``tuple[str, ...]``, else the annotation."""
+  """``int`` for ``int | None``; ``str`` (a comma-separated list, ``parse_list``) for
+  ``tuple[str, ...]``; ``tuple`` for other tuples; else the annotation."""
   if isinstance(annotation, types.UnionType):
     (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+  if _is_name_list(annotation):
+    return str
   return typing.get_origin(annotation) or annotation
 
 
-def split_mixer_pattern(pattern) -> tuple[str, ...]:
-  """``mixer_pattern`` as given, with comma-separated names split: ``("gla,attention",)`` (from
-  ``--config.model.mixer_pattern=gla,attention``) is ``("gla", "attention")``."""
-  return tuple(name.strip() for item in pattern for name in str(item).split(","))
+def parse_list(value, flag: str, item: type = str) -> tuple:
+  """A list-valued config field as a tuple of ``item`` s.
+
+  Lists are written comma-separated, in config files and on the command line alike
+  (``--config.mixers=attention,gla``, ``--config.d_models=32,64``); spaces around items are
+  dropped. Also read: the Python spelling of a tuple or list, quoted on the command line
+  (``--config.lengths="(128, 256)"``, as ``ml_collections`` wrote tuple fields), and a tuple or
+  list given in Python (a run record's JSON list).
+
+  Args:
+    value: the field's value.
+    flag: the field's flag (``--config.mixers``), for the error.
+    item: the items' type (``str``, ``int``, ``float``).
+
+  Raises:
+    ConfigError: naming ``flag``, when the list is empty or an item is not an ``item``.
+  """
+  expected = f"expected comma-separated {item.__name__} values, got {value!r}"
+  items = value
+  if isinstance(value, str):
+    text = value.strip()
+    try:
+      items = ast.literal_eval(text) if text[:1] in "([" else text.split(",")
+    except (ValueError, SyntaxError):
+      raise ConfigError(f"{flag}: {expected}") from None
+  if isinstance(items, int | float | str):  # "(128)" is 128
+    items = (items,)
+  if not isinstance(items, list | tuple) or not items:
+    raise ConfigError(f"{flag}: {expected}")
+  out = []
+  for x in items:
+    if isinstance(x, str):
+      x = x.strip()
+    bad = x == "" or isinstance(x, bool) or not isinstance(x, int | float | str)
+    if bad or (item is int and isinstance(x, float)):
+      raise ConfigError(f"{flag}: {expected}")
+    try:
+      out.append(item(x))
+    except ValueError:
+      raise ConfigError(f"{flag}: {expected}") from None
+  return tuple(out)
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> LMConfig:
@@ -65,7 +125,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> LMConfig
   fields = {f.name for f in dataclasses.fields(LMConfig)} - {"vocab_size"}
   overrides = {k: v for k, v in cfg.items() if k in fields and v is not None}
   if "mixer_pattern" in overrides:
-    pattern = split_mixer_pattern(overrides["mixer_pattern"])
+    pattern = parse_list(overrides["mixer_pattern"], "--config.model.mixer_pattern")
     unknown = [m for m in pattern if m not in MIXERS]
     if unknown:
       raise ConfigError(
@@ -168,8 +228,7 @@ def _validate_optim(config: ml_collections.ConfigDict) -> None:
 
 def decay_steps(config: ml_collections.ConfigDict) -> int:
   """WSD cooldown length: ``optim.decay_steps``, or a fifth of the run when unset."""
-  given = config.optim.decay_steps
-  return config.steps // 5 if given is None else given
+  return optim.wsd_decay_steps(config.steps, config.optim.decay_steps)
 
 
 def _check_positive(flag: str, value) -> None:

@@ -20,9 +20,7 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
-from flax import nnx
 from jax.experimental import multihost_utils
 
 import jaxrec
@@ -30,7 +28,7 @@ from jaxrec import data as data_lib
 from jaxrec import sharding
 from jaxrec.models import LM
 from jaxrec.train import checkpoint, config_checks, distributed, metrics, optim, run_record
-from jaxrec.train import step as step_lib
+from jaxrec.train.trainer import Trainer
 
 
 def train_and_evaluate(
@@ -89,13 +87,16 @@ def train_and_evaluate(
 
   # ---- Model and optimizer ----------------------------------------------------------------------
   model_cfg = config_checks.model_config(config, tokenizer.vocab_size)
-  schedule = _schedule(config)
-  tx = _optimizer(config, schedule)
-
-  def make_model():
-    return LM(model_cfg, rngs=nnx.Rngs(config.seed))
-
-  graphdef, abstract = step_lib.abstract_train_state(make_model, tx, mesh)
+  trainer = Trainer(
+    model_cfg,
+    optim.OptimConfig(**config.optim),
+    steps=config.steps,
+    mesh=mesh,
+    seed=config.seed,
+    accum_steps=config.grad_accum_steps,
+    byte_lengths=byte_lengths,
+  )
+  abstract = trainer.abstract
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
   logging.info(
     "model (preset %s) %s: %.2fM parameters", config.model.preset, model_cfg, num_params / 1e6
@@ -110,7 +111,7 @@ def train_and_evaluate(
       f"expected more steps to train it further, got {config.steps}"
     )
   if not config.resume:
-    state = step_lib.init_train_state(make_model, tx, abstract)
+    state = trainer.init()
     if config.init_from:
       source = checkpoint.restore_params(
         os.path.join(config.init_from, checkpoint.CHECKPOINT_DIR), abstract
@@ -123,24 +124,8 @@ def train_and_evaluate(
     if jax.process_count() > 1:  # the other processes start appending metrics after the move
       multihost_utils.sync_global_devices("run record written")
 
-  train_step = step_lib.make_train_step(
-    graphdef,
-    tx,
-    schedule,
-    abstract,
-    mesh,
-    accum_steps=config.grad_accum_steps,
-    byte_lengths=byte_lengths,
-  )
-  eval_step = step_lib.make_eval_step(graphdef, byte_lengths)
-
   def evaluate(state):
-    sums = None
-    val_iter = iter(val_ds)
-    for _ in range(config.eval_batches):
-      out = jax.device_get(eval_step(state, distributed.global_batch(next(val_iter), mesh)))
-      sums = out if sums is None else jax.tree.map(np.add, sums, out)
-    return step_lib.summarize(jax.tree.map(np.float64, sums))
+    return trainer.evaluate(state, iter(val_ds), config.eval_batches)
 
   train_metrics = {}
   tokens_per_step = config.batch_size * config.data.seq_len
@@ -170,10 +155,9 @@ def train_and_evaluate(
     with metrics.MetricsWriter(
       workdir, config.steps, start, progress=config.progress, write=primary
     ) as writer:
-      for step in range(start, config.steps):
-        batch = distributed.global_batch(next(train_iter), mesh)
-        state, step_metrics = train_step(state, batch)
-        done = step + 1
+
+      def after_step(done, state, step_metrics):
+        nonlocal train_metrics, clock, clock_step
         if done % config.log_every == 0 or done == config.steps:
           train_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
           elapsed = time.perf_counter() - clock
@@ -187,13 +171,15 @@ def train_and_evaluate(
         if done % config.log_every == 0:
           clock, clock_step = time.perf_counter(), done
 
+      state, _ = trainer.fit(state, train_iter, config.steps - start, callback=after_step)
+
       # ---- Final evaluation, checkpoint, plot, sample -------------------------------------------
       final = evaluate(state)
       writer.write(config.steps, "validation", final)
     if ckpt.latest_step() != config.steps:
       ckpt.save(config.steps, state, train_iter, force=True)
   with jax.set_mesh(mesh):
-    sample = sample_text(nnx.merge(graphdef, state.params, state.rest), tokenizer, config.sample)
+    sample = sample_text(trainer.model(state), tokenizer, config.sample)
   if primary:
     plot = metrics.plot_losses(workdir)
     with open(os.path.join(workdir, metrics.SAMPLE_FILE), "w", encoding="utf-8") as f:
@@ -226,23 +212,13 @@ def restore_model(
   mesh = sharding.make_mesh(sharding.mesh_shape(dict(config.mesh), jax.device_count()))
   tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
   model_cfg = config_checks.model_config(config, tokenizer.vocab_size)
-  tx = _optimizer(config, _schedule(config))
-  graphdef, abstract = step_lib.abstract_train_state(
-    lambda: LM(model_cfg, rngs=nnx.Rngs(config.seed)), tx, mesh
+  trainer = Trainer(
+    model_cfg, optim.OptimConfig(**config.optim), steps=config.steps, mesh=mesh, seed=config.seed
   )
-  state = checkpoint.restore_params(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), abstract)
-  return nnx.merge(graphdef, state.params, state.rest), tokenizer, config
-
-
-def _optimizer(config: ml_collections.ConfigDict, schedule):
-  return optim.make_optimizer(
-    schedule,
-    weight_decay=config.optim.weight_decay,
-    b1=config.optim.b1,
-    b2=config.optim.b2,
-    eps=config.optim.eps,
-    clip_norm=config.optim.clip_norm,
+  state = checkpoint.restore_params(
+    os.path.join(workdir, checkpoint.CHECKPOINT_DIR), trainer.abstract
   )
+  return trainer.model(state), tokenizer, config
 
 
 def _corpus(spec: str, split: str):
@@ -253,30 +229,15 @@ def _corpus(spec: str, split: str):
   """
   if spec == "stdlib":
     return data_lib.stdlib_corpus(split=split)
+  paths = config_checks.parse_list(spec, f"--config.data.{split}")
   try:
-    return data_lib.text_file_corpus(spec.split(","))
+    return data_lib.text_file_corpus(paths)
   except (FileNotFoundError, ValueError) as e:
     message = re.sub(r"^paths_or_globs: ", "", str(e))
     raise config_checks.ConfigError(
       f"--config.data.{split}: {message} (expected 'stdlib', or paths or globs of .txt / .jsonl "
       "files, comma-separated)"
     ) from e
-
-
-def _schedule(config: ml_collections.ConfigDict):
-  opt = config.optim
-  end_lr = opt.learning_rate * opt.end_lr_ratio
-  if opt.schedule == "wsd":
-    return optim.wsd_schedule(
-      opt.learning_rate,
-      config.steps,
-      opt.warmup_steps,
-      config_checks.decay_steps(config),
-      init_lr=opt.init_lr,
-      end_lr=end_lr,
-      decay_shape=opt.decay_shape,
-    )
-  return optim.warmup_cosine_schedule(opt.learning_rate, config.steps, opt.warmup_steps, end_lr)
 
 
 def sample_text(model, tokenizer, sample: ml_collections.ConfigDict) -> str:

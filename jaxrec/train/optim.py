@@ -8,12 +8,15 @@
   data; Hägele et al. 2024 for the ``1-sqrt`` cooldown shape).
 * ``make_optimizer``: global-norm clipping, then AdamW with the weight decay masked off norms,
   biases, the input embedding and recurrent-gate parameters (``weight_decay_mask``).
+* ``OptimConfig``: the ``optim`` section of an experiment config as one value, which builds the
+  schedule and the optimizer for a run of a given length (what ``Trainer`` takes).
 
 Gradient accumulation is not an optax wrapper here: the train step (``step.py``) scans over
 microbatches and sums the token-weighted loss, so an accumulated step equals the large-batch step
 exactly (see there).
 """
 
+import dataclasses
 import math
 
 import jax
@@ -22,6 +25,79 @@ import optax
 from flax import nnx
 
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """The optimizer and learning-rate schedule of a run, as its config's ``optim`` section holds
+  them (``OptimConfig(**config.optim)``); the run's length is given when they are built.
+
+  Attributes:
+    learning_rate: the peak (``cosine``, ``wsd``) or only (``constant``) learning rate.
+    schedule: ``"cosine"`` (``warmup_cosine_schedule``), ``"wsd"`` (``wsd_schedule``) or
+      ``"constant"`` (``learning_rate`` throughout, no warmup).
+    warmup_steps: linear warmup steps (``cosine``, ``wsd``).
+    end_lr_ratio: the final learning rate over the peak (``cosine``, ``wsd``).
+    init_lr: where the ``wsd`` warmup starts (re-warming a continued run).
+    decay_steps: the ``wsd`` cooldown; ``None`` is a fifth of the run (``wsd_decay_steps``).
+    decay_shape: the ``wsd`` cooldown's shape, one of ``DECAY_SHAPES``.
+    weight_decay, b1, b2, eps, clip_norm: ``make_optimizer``'s.
+  """
+
+  learning_rate: float
+  schedule: str = "cosine"
+  warmup_steps: int = 0
+  end_lr_ratio: float = 0.1
+  init_lr: float = 0.0
+  decay_steps: int | None = None
+  decay_shape: str = "1-sqrt"
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  clip_norm: float | None = 1.0
+
+  def __post_init__(self):
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
+    if self.schedule == "constant" and self.warmup_steps:
+      raise ValueError(
+        f"warmup_steps: the constant schedule has no warmup, expected 0, got {self.warmup_steps}"
+      )
+
+  def make_schedule(self, total_steps: int) -> optax.Schedule:
+    """The learning rate of each step of a run of ``total_steps`` updates."""
+    end_lr = self.learning_rate * self.end_lr_ratio
+    if self.schedule == "constant":
+      return optax.constant_schedule(self.learning_rate)
+    if self.schedule == "wsd":
+      return wsd_schedule(
+        self.learning_rate,
+        total_steps,
+        self.warmup_steps,
+        wsd_decay_steps(total_steps, self.decay_steps),
+        init_lr=self.init_lr,
+        end_lr=end_lr,
+        decay_shape=self.decay_shape,
+      )
+    return warmup_cosine_schedule(self.learning_rate, total_steps, self.warmup_steps, end_lr)
+
+  def make_optimizer(self, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """``make_optimizer`` with this config's settings, following ``schedule``."""
+    return make_optimizer(
+      schedule,
+      weight_decay=self.weight_decay,
+      b1=self.b1,
+      b2=self.b2,
+      eps=self.eps,
+      clip_norm=self.clip_norm,
+    )
+
+
+def wsd_decay_steps(total_steps: int, decay_steps: int | None = None) -> int:
+  """The WSD cooldown of a run of ``total_steps``: ``decay_steps``, or a fifth of the run."""
+  return total_steps // 5 if decay_steps is None else decay_steps
 
 
 def warmup_cosine_schedule(

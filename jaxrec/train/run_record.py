@@ -40,7 +40,7 @@ from absl import logging
 
 from jaxrec.models import LMConfig
 from jaxrec.train import checkpoint, metrics
-from jaxrec.train.config_checks import ConfigError, split_mixer_pattern
+from jaxrec.train.config_checks import ConfigError, parse_list
 
 RECORD_FILE = "run.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -255,8 +255,21 @@ def _follow(config, record, workdir, given, fixed, rest_from_record: bool):
         disagreements.append((path, shown, flat[path]))
     elif path in given or not rest_from_record:
       continue
-    _set(out, path, tuple(value) if isinstance(value, list) else value)
+    _set(out, path, _from_json(out, path, value))
   return out, disagreements
+
+
+def _from_json(config: ml_collections.ConfigDict, path: str, value):
+  """A recorded value as its config field takes it: a JSON list is a comma-separated string for
+  a list field (``parse_list``; records before that dialect hold lists), else a tuple."""
+  if not isinstance(value, list):
+    return value
+  *parents, name = path.split(".")
+  for parent in parents:
+    config = config[parent]
+  if config.get_type(name) is str:
+    return ",".join(str(v) for v in value)
+  return tuple(value)
 
 
 def _agrees(path: str, value, recorded, tokenizer: Mapping[str, Any]) -> bool:
@@ -264,8 +277,8 @@ def _agrees(path: str, value, recorded, tokenizer: Mapping[str, Any]) -> bool:
     if "file" not in tokenizer:
       return value == _BYTE
     return os.path.isfile(value) and _sha256(value) == tokenizer["sha256"]
-  if path == "model.mixer_pattern":
-    value = split_mixer_pattern(value)
+  if isinstance(recorded, list) and isinstance(value, str):  # a list field (``parse_list``)
+    return list(parse_list(value, f"--config.{path}")) == [str(v) for v in recorded]
   return _jsonable(value) == recorded
 
 

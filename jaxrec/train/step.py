@@ -69,7 +69,15 @@ def init_train_state(
   make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, abstract: TrainState
 ) -> TrainState:
   """Initializes the model and optimizer directly into their shardings (one jitted call)."""
-  return jax.jit(lambda: _init(make_model, tx), out_shardings=_shardings(abstract))()
+  return train_state_initializer(make_model, tx, abstract)()
+
+
+def train_state_initializer(
+  make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, abstract: TrainState
+) -> Callable[[], TrainState]:
+  """``init_train_state`` as a function to call again: compiled once, each call returns a fresh
+  state (for runs that each start from the same initialization)."""
+  return jax.jit(lambda: _init(make_model, tx), out_shardings=_shardings(abstract))
 
 
 def train_state_from_model(
@@ -92,7 +100,10 @@ def train_state_from_model(
     step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params)
   )
   shardings = sharding_lib.tree_shardings(state, mesh)
-  state = jax.device_put(state, shardings, may_alias=False)
+  # Copied first: ``device_put(..., may_alias=False)`` still hands over the source buffer as the
+  # shard on its own device when the target spans several devices (jax 0.10), and the first
+  # step would then delete the model's arrays.
+  state = jax.device_put(jax.tree.map(jnp.copy, state), shardings)
   abstract = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
   )

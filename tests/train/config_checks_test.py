@@ -41,10 +41,18 @@ def test_a_preset_is_taken_whole(name, millions):
 
 def test_a_model_field_given_replaces_the_presets():
   config = _config(model__preset="small-hybrid", model__num_layers=4)
-  config.model.mixer_pattern = ("gla,attention",)  # --config.model.mixer_pattern=gla,attention
+  config.model.mixer_pattern = "gla,attention"  # --config.model.mixer_pattern=gla,attention
   cfg = config_checks.model_config(config, vocab_size=259)
   preset = models.get_preset("small-hybrid", vocab_size=259)
   assert cfg == dataclasses.replace(preset, num_layers=4, mixer_pattern=("gla", "attention"))
+
+
+def test_a_models_section_reads_back_to_its_config():
+  cfg = models.get_preset("small-hybrid", vocab_size=259, mixer_pattern=("gla", "attention"))
+  config = default.get_config()
+  config.model.update(config_checks.model_section(cfg))
+  assert config.model.mixer_pattern == "gla,attention" and config.model.dtype == "float32"
+  assert config_checks.model_config(config, vocab_size=259) == cfg
 
 
 def test_every_model_field_has_a_flag():
@@ -56,7 +64,7 @@ def test_every_model_field_has_a_flag():
   "fields, message",
   [
     (
-      {"model__mixer_pattern": ("gla", "lstm")},
+      {"model__mixer_pattern": "gla,lstm"},
       r"--config.model.mixer_pattern: unknown mixer 'lstm'",
     ),
     ({"model__preset": "huge"}, r"--config.model.preset: expected one of"),
@@ -110,3 +118,33 @@ def test_train_and_evaluate_validates_before_touching_the_workdir(tmp_path, fiel
   with pytest.raises(ConfigError, match=message):
     loop.train_and_evaluate(_config(**fields), str(workdir))
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+  "value, item, want",
+  [
+    ("gla,attention", str, ("gla", "attention")),  # the dialect: comma-separated
+    (" gla , attention ", str, ("gla", "attention")),
+    ("gla", str, ("gla",)),
+    ("('gla', 'attention')", str, ("gla", "attention")),  # a quoted Python tuple, as before
+    ("['gla']", str, ("gla",)),
+    (("gla", "attention"), str, ("gla", "attention")),  # given in Python, or a record's list
+    ("128,256", int, (128, 256)),
+    ("(128, 256)", int, (128, 256)),
+    ("(128)", int, (128,)),
+    ([1, 2], int, (1, 2)),
+    (64, int, (64,)),
+    ("1e-3,0.5", float, (1e-3, 0.5)),
+  ],
+)
+def test_a_list_field_is_read_in_every_spelling(value, item, want):
+  got = config_checks.parse_list(value, "--config.x", item)
+  assert got == want and all(type(x) is item for x in got)
+
+
+@pytest.mark.parametrize(
+  "value, item", [("", str), ("a,,b", str), ("()", str), ("1,x", int), ("(1.5,)", int), (True, int)]
+)
+def test_a_bad_list_names_its_flag(value, item):
+  with pytest.raises(ConfigError, match=r"^--config.x: expected comma-separated .* got "):
+    config_checks.parse_list(value, "--config.x", item)

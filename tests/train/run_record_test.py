@@ -22,7 +22,7 @@ LEFTOVERS = {
   "run.json": b'{"format": 1, "config": {}}',
   "checkpoints/5.orbax-checkpoint-tmp-1/state/x": b"half a save",
 }
-MODEL = {"d_model": 16, "num_heads": 2, "num_layers": 1, "mixer_pattern": ("attention",)}
+MODEL = {"d_model": 16, "num_heads": 2, "num_layers": 1, "mixer_pattern": "attention"}
 
 
 def _tokenizer_json(path):
@@ -86,7 +86,8 @@ def test_the_record_holds_the_resolved_model_and_a_copy_of_the_tokenizer(run):
   workdir, tokenizer = run
   record = _record(workdir)
   vocab_size = data.load_tokenizer(str(tokenizer)).vocab_size
-  want = models.get_preset("micro-hybrid", vocab_size=vocab_size, **MODEL)
+  fields = {**MODEL, "mixer_pattern": ("attention",)}
+  want = models.get_preset("micro-hybrid", vocab_size=vocab_size, **fields)
   assert record["model"] == json.loads(json.dumps(dataclasses.asdict(want)))
   assert record["parameters"] == models.param_count(want)
   assert (workdir / "tokenizer.json").read_bytes() == tokenizer.read_bytes()
@@ -149,7 +150,29 @@ def test_resume_takes_the_recorded_config_and_the_changes_it_allows(run):
   assert (out.steps, out.eval_every, out.resume) == (5, 1, True)
   assert (out.batch_size, out.data.seq_len, out.optim.warmup_steps) == (8, 16, 1)  # recorded
   assert out.data.tokenizer == str(workdir / "tokenizer.json")
-  assert out.model.mixer_pattern == ("attention",) and out.model.d_model == 16
+  assert out.model.mixer_pattern == "attention" and out.model.d_model == 16
+
+
+@pytest.mark.parametrize("pattern", ["attention", "('attention',)", "attention,attention"])
+def test_a_list_flag_agrees_with_the_record_in_either_spelling(run, tmp_path, pattern):
+  """The pattern as a comma-separated list or a quoted tuple (the spelling before lists were
+  comma-separated) agrees with the record's list; a record of that time, which holds the
+  experiment config's lists as JSON lists, still resumes."""
+  workdir, _ = run
+  old = tmp_path / "old"
+  old.mkdir()
+  record = _record(workdir)
+  record["config"]["model"]["mixer_pattern"] = ["attention"]
+  (old / run_record.RECORD_FILE).write_text(json.dumps(record))
+  config = default.get_config()
+  config.resume = True
+  config.model.mixer_pattern = pattern
+  given = {"resume", "model.mixer_pattern"}
+  if pattern == "attention,attention":
+    with pytest.raises(ConfigError, match=r"--config\.model\.mixer_pattern: recorded"):
+      run_record.resolve(config, str(old), given)
+  else:
+    assert run_record.resolve(config, str(old), given).model.mixer_pattern == "attention"
 
 
 def test_init_from_takes_model_and_tokenizer_and_nothing_else(run):

@@ -1,8 +1,52 @@
-"""The test toolkit (on sys.path via setup.cfg's pythonpath): one closeness check, and the
-independent reference forms that several test files compare against, written once.
+"""The test toolkit (on sys.path via setup.cfg's pythonpath): one closeness check, the rule that
+sets its tolerance, and the independent reference forms that several test files compare against,
+written once.
 
 The references are deliberately plain: one step at a time, a ``lax.scan`` or a float64 numpy
 loop, with segment resets derived here from ``segment_ids`` rather than by the library.
+
+How a test chooses its tolerance
+--------------------------------
+A tolerance is derived from the arithmetic being checked, never tuned to the rounding of one
+machine: XLA:CPU picks instruction sets, fusions and summation orders per CPU
+(``--xla_cpu_max_isa``), so the last bits of a result legitimately differ between machines. The
+model (Higham, *Accuracy and Stability of Numerical Algorithms*, §3):
+
+* **Sums.** A sum of ``n`` products computed with unit roundoff ``u`` (``unit_roundoff``: 2⁻²⁴
+  for fp32, 2⁻⁸ for bf16) is within about ``n·u·Σ|terms|`` of the exact sum, in any summation
+  order. The bound scales with the magnitude of the *terms*, not of the result: a sum that
+  cancels to a small value keeps the error of its large terms.
+* **Magnitude.** ``Σ|terms|`` is the same float64 reference run on absolute values (``|a|·|b|``
+  for every ``a·b``): ``numpy_linear_scan(|a|, |b|, |h0|)``, ``φ(|x|) = |φ(x)|`` for the Taylor
+  features. Inputs that enter only through ``exp`` (log-decays, gate pre-activations) stay as
+  they are: their factors are positive already. For gradients, the same gradient of the
+  reference at ``|inputs|`` with ``|cotangents|`` (the gradient of a multilinear form is one).
+* **Counting n.** One per rounding on the longest chain of operations that feeds an element: ``K``
+  for a length-``K`` dot product, ``K + T`` for a state summed over ``T`` steps and then read out
+  with a length-``K`` dot product; a recurrence ``h = a·h + b`` adds two per step. Comparing two
+  computed results (two fp32 forms, a split run against one pass), their errors add: count both
+  chains.
+* **Exponentials of computed exponents.** ``exp(E)`` with ``E`` a sum of ``m`` logs of total
+  size ``L = Σ|log|`` carries the relative error ``m·u·L`` of ``E``: count ``m·L`` more.
+* **Quotients.** ``y = N / D`` whose parts have magnitudes ``N̄, D̄`` is off by at most
+  ``n·u·(N̄ + |y|·D̄) / |D|`` (``quotient_magnitude``): normalized attention, softmax, norms,
+  the mLSTM normalizer. A denominator that cancels to near zero makes ``y`` ill-conditioned, and
+  the bound says so.
+* **bf16.** Each rounding of an operand or a result to bf16 adds ``u_bf16`` relative to that
+  value; accumulations stay fp32, so count the bf16 roundings on the path, not the sum length.
+* **Iterations.** A Newton solve stops at its residual tolerance, not at round-off; that
+  residual, carried forward through the recurrence, joins the rounding of each step.
+
+``rounding_atol(magnitude, terms=n)`` is then ``c·n·u·magnitude`` with ``c = ROUNDING_SAFETY``
+(2): room for the ulp or two of XLA's ``exp``/``tanh``/``rsqrt`` approximations and second-order
+terms, so that counts stay one per operation. Pass the magnitude per element (an array) where the
+reference can compute it, or per tensor (``max_abs`` of it) where only a scale is known; use
+``rtol=0``. A test needing a larger ``c`` has missed a source of error: find it and count it,
+and say in a comment what the count is. The bound stays orders of magnitude below what a real
+bug costs (a dropped decay, an off-by-one mask, a wrong feature scale all move results by
+``O(|result|)``), so a tolerance derived this way keeps the test's power.
+
+Exact results (integer counts, copies, permutations, a value read back) are compared exactly.
 """
 
 import contextlib
@@ -14,27 +58,66 @@ import numpy as np
 from flax import nnx
 
 
-def assert_close(actual, desired, *, rtol: float, atol: float = 0.0, err_msg: str = "") -> None:
+def assert_close(actual, desired, *, rtol: float, atol=0.0, err_msg: str = "") -> None:
   """Asserts ``|actual - desired| <= atol + rtol * |desired|`` elementwise (numpy's metric).
 
-  Both sides are compared in float64 and must have the same shape. A NaN never passes; an
-  infinity passes only against the same infinity. On failure the message reports the worst
-  absolute error and the worst error relative to ``|desired|``.
-
-  For a tolerance relative to the scale of the whole reference, pass
-  ``atol=tol * max_abs(desired)``.
+  Both sides are compared in float64 and must have the same shape; ``atol`` is a scalar or an
+  array that broadcasts to that shape (a per-element bound from ``rounding_atol``). A NaN never
+  passes; an infinity passes only against the same infinity. On failure the message reports how
+  many elements fail, the worst one (by error over its tolerance) with its index, and the worst
+  absolute error.
   """
   actual = np.asarray(actual, np.float64)
   desired = np.asarray(desired, np.float64)
   assert actual.shape == desired.shape, f"{err_msg}: shape {actual.shape} != {desired.shape}"
-  np.testing.assert_allclose(
-    actual, desired, rtol=rtol, atol=atol, equal_nan=False, err_msg=err_msg
+  finite = np.isfinite(actual) & np.isfinite(desired)
+  with np.errstate(invalid="ignore"):
+    error = np.where(finite, np.abs(actual - desired), np.inf)
+  bound = np.asarray(atol, np.float64) + rtol * np.where(finite, np.abs(desired), 0.0)
+  bound = np.broadcast_to(bound, desired.shape)
+  bad = np.where(finite, error > bound, ~(np.isinf(desired) & (actual == desired)))
+  if not bad.any():
+    return
+  with np.errstate(divide="ignore", invalid="ignore"):
+    excess = np.where(bad, error / bound, -np.inf)
+  worst = np.unravel_index(np.argmax(excess), desired.shape)
+  raise AssertionError(
+    f"{err_msg}{': ' if err_msg else ''}{int(bad.sum())} of {desired.size} elements differ by "
+    f"more than atol + rtol·|desired|; worst at index {tuple(int(i) for i in worst)}: actual "
+    f"{float(actual[worst])!r}, desired {float(desired[worst])!r}, |difference| "
+    f"{float(error[worst]):.3g} > tolerance {float(bound[worst]):.3g}; max finite |difference| "
+    f"{float(np.max(error, initial=0.0, where=finite)):.3g}"
   )
 
 
 def max_abs(x) -> float:
   """``max |x|`` in float64: the scale of a reference, for ``atol``."""
   return float(np.max(np.abs(np.asarray(x, np.float64))))
+
+
+ROUNDING_SAFETY = 2.0
+
+
+def unit_roundoff(dtype=jnp.float32) -> float:
+  """``u``, the largest relative error of one rounding to ``dtype``: 2⁻²⁴ for fp32, 2⁻⁸ for
+  bf16, 2⁻¹¹ for fp16, 2⁻⁵³ for fp64."""
+  return float(jnp.finfo(dtype).eps) / 2
+
+
+def rounding_atol(magnitude, *, terms: float, dtype=jnp.float32) -> np.ndarray:
+  """``c · terms · u(dtype) · magnitude`` (``c = ROUNDING_SAFETY``): the ``atol`` that the
+  module docstring's error model allows a result of that magnitude (``Σ|terms|``, per element
+  or per tensor) after ``terms`` roundings on its longest chain. Add two of these for two
+  dtypes (fp32 accumulation of bf16 operands)."""
+  return ROUNDING_SAFETY * terms * unit_roundoff(dtype) * np.asarray(magnitude, np.float64)
+
+
+def quotient_magnitude(y, den, num_magnitude, den_magnitude) -> np.ndarray:
+  """The magnitude of ``y = num / den`` when ``num`` and ``den`` carry errors proportional to
+  ``num_magnitude`` and ``den_magnitude``: ``|δy| <= |δnum| / |den| + |y| · |δden| / |den|``, so
+  ``(num_magnitude + |y| · den_magnitude) / |den|``; ``den`` broadcasts against ``y``."""
+  y, den = np.asarray(y, np.float64), np.asarray(den, np.float64)
+  return (np.asarray(num_magnitude) + np.abs(y) * np.asarray(den_magnitude)) / np.abs(den)
 
 
 @contextlib.contextmanager

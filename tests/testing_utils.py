@@ -274,39 +274,67 @@ def numpy_taylor_features(x):
 
 
 def numpy_prefix_attention(
-  q, k, v, k_enc=None, v_enc=None, prefix_len=0, segment_ids=None, h0=None, eps=1e-12
+  q,
+  k,
+  v,
+  k_enc=None,
+  v_enc=None,
+  prefix_len=0,
+  segment_ids=None,
+  h0=None,
+  eps=1e-12,
+  *,
+  with_magnitude=False,
 ):
   """Normalized linear attention with the Taylor map, written as explicit weights in float64:
   ``y_i = Σ_j w_ij v_j / Σ_j w_ij`` with ``w_ij = φ(q_i)·φ(k_j)`` for the earlier tokens of the
   same document, plus ``φ(q_i)·φ(k_enc,j)`` (values ``v_enc``) for the first ``prefix_len`` tokens
   of that document, before or after ``i``. ``h0 [B, H, F', V + 1]`` (numerator columns, then the
-  normalizer) feeds the first document. Based is ``prefix_len=0``."""
+  normalizer) feeds the first document. Based is ``prefix_len=0``.
+
+  With ``with_magnitude`` returns ``(y, magnitude)``: the magnitude of the quotient
+  (``quotient_magnitude``) with numerator and normalizer magnitudes from the same sums over
+  ``|inputs|``, since ``φ(|x|) = |φ(x)|``."""
+  args = (q, k, v, k_enc, v_enc, h0)
+  num, den = _prefix_attention_parts(*args, prefix_len=prefix_len, segment_ids=segment_ids)
+  y = num / (den + eps)[..., None]
+  if not with_magnitude:
+    return y
+  absolute = (None if x is None else np.abs(np.asarray(x, np.float64)) for x in args)
+  num_mag, den_mag = _prefix_attention_parts(
+    *absolute, prefix_len=prefix_len, segment_ids=segment_ids
+  )
+  return y, quotient_magnitude(y, den[..., None] + eps, num_mag, den_mag[..., None])
+
+
+def _prefix_attention_parts(q, k, v, k_enc, v_enc, h0, *, prefix_len, segment_ids):
+  """``numpy_prefix_attention``'s numerator ``[B, T, H, V]`` and normalizer ``[B, T, H]``."""
   phi_q, phi_k = numpy_taylor_features(q), numpy_taylor_features(k)
   v = np.asarray(v, np.float64)
   batch, t, heads, _ = q.shape
   doc = np.zeros((batch, t), int) if segment_ids is None else np.asarray(segment_ids)
-  y = np.zeros(v.shape)
+  num, den = np.zeros(v.shape), np.zeros(v.shape[:-1])
   for b in range(batch):
     starts = [0] + [i for i in range(1, t) if doc[b, i] != doc[b, i - 1]]
     run = np.searchsorted(starts, np.arange(t), side="right") - 1
     offset = np.arange(t) - np.asarray(starts)[run]
     for i in range(t):
       for h in range(heads):
-        num, den = np.zeros(v.shape[-1]), 0.0
         if h0 is not None and run[i] == 0:
           s0 = np.asarray(h0[b, h], np.float64)
-          num, den = phi_q[b, i, h] @ s0[:, :-1], phi_q[b, i, h] @ s0[:, -1]
+          num[b, i, h], den[b, i, h] = phi_q[b, i, h] @ s0[:, :-1], phi_q[b, i, h] @ s0[:, -1]
         for j in range(t):
           if run[j] != run[i]:
             continue
           if j <= i:
             w = phi_q[b, i, h] @ phi_k[b, j, h]
-            num, den = num + w * v[b, j, h], den + w
+            num[b, i, h] += w * v[b, j, h]
+            den[b, i, h] += w
           if offset[j] < prefix_len:
             w = phi_q[b, i, h] @ numpy_taylor_features(k_enc[b, j, h])
-            num, den = num + w * np.asarray(v_enc[b, j, h], np.float64), den + w
-        y[b, i, h] = num / (den + eps)
-  return y
+            num[b, i, h] += w * np.asarray(v_enc[b, j, h], np.float64)
+            den[b, i, h] += w
+  return num, den
 
 
 def numpy_mlstm(q, k, v, i_gate, f_gate, state=None, segment_ids=None, eps=1e-6):

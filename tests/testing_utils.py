@@ -203,6 +203,101 @@ def scan_gla(q, k, v, log_decay, h0, segment_ids=None, scale=None):
   return jnp.moveaxis(o, 0, 1), state
 
 
+def numpy_gla(q, k, v, g, h0=None, segment_ids=None, scale=None):
+  """Gated linear attention in float64, one step at a time: ``S_t = diag(e^{g_t}) S_{t-1} +
+  k_t v_tᵀ`` (``S`` zeroed where a segment starts), ``o_t = scale · q_tᵀ S_t``; returns ``(o,
+  final_state)``. ``g`` per key channel ``[B, T, H, K]`` or per head ``[B, T, H]``."""
+  q, k, v, g = (np.asarray(x, np.float64) for x in (q, k, v, g))
+  batch, t, heads, key_dim = q.shape
+  scale = key_dim**-0.5 if scale is None else scale
+  if g.ndim == 3:
+    g = np.broadcast_to(g[..., None], q.shape)
+  state = np.zeros((batch, heads, key_dim, v.shape[-1]))
+  if h0 is not None:
+    state = np.array(h0, np.float64)
+  seg = None if segment_ids is None else np.asarray(segment_ids)
+  o = np.zeros((batch, t, heads, v.shape[-1]))
+  for i in range(t):
+    if seg is not None and i > 0:
+      state[seg[:, i] != seg[:, i - 1]] = 0.0
+    state = np.exp(g[:, i])[..., None] * state + k[:, i, :, :, None] * v[:, i, :, None, :]
+    o[:, i] = scale * np.einsum("bhk,bhkv->bhv", q[:, i], state)
+  return o, state
+
+
+# The GLA error model (the module docstring's rules, counted for the forms of jaxrec.ops.gla,
+# jaxrec.ops.gla_chunk and pallas_kernels.gla).
+
+
+def _gla_chunk_len(t, chunk_size):
+  """The chunk length the chunkwise forms use: shorter for a shorter T, still a power of two."""
+  return min(chunk_size, 1 << max(t - 1, 0).bit_length())
+
+
+def gla_chain(method, t, key_dim, chunk_size=16):
+  """Roundings on the longest chain of one output or state entry: the sequential form's three a
+  step (exp, decay, add) and a K-long readout; the chunkwise forms' two a chunk state, in-chunk
+  sums of C keys and C values, the K-long readouts and a few multiplies (scale, factors)."""
+  if method == "sequential":
+    return 3 * t + key_dim + 2
+  c = _gla_chunk_len(t, chunk_size)
+  return 2 * -(-t // c) + 2 * c + 2 * key_dim + 4
+
+
+def gla_exponent_terms(method, g, chunk_size=16):
+  """``2·C·L``: a chunkwise factor ``e^{G_i - G_j}`` takes its exponent from two in-chunk sums of
+  at most ``C`` log-decays, whose size is at most ``L``, the largest ``Σ|g|`` over ``C``
+  consecutive steps (any channel); its relative error is ``2·C·L·u``. The sequential form takes
+  ``exp`` of each given log-decay: none."""
+  if method == "sequential":
+    return 0.0
+  c = _gla_chunk_len(g.shape[1], chunk_size)
+  g = np.abs(np.asarray(g, np.float64))
+  total = np.cumsum(np.pad(g, [(0, 0), (1, 0)] + [(0, 0)] * (g.ndim - 2)), axis=1)
+  window = total[:, c:] - total[:, :-c] if g.shape[1] > c else total[:, -1:]
+  return 2 * c * float(np.max(window))
+
+
+def gla_magnitudes(q, k, v, g, h0=None, seg=None, scale=None):
+  """``Σ|terms|`` of every entry of ``o`` and of the final state (``numpy_gla`` on absolute
+  values, the decays as they are), each with the part that is not a step's own ``k_t v_tᵀ``
+  term: ``(o, o without its own term), (state, state without the last step's)``."""
+  a = [np.abs(np.asarray(x, np.float64)) for x in (q, k, v)]
+  o_mag, s_mag = numpy_gla(*a, g, None if h0 is None else np.abs(h0), seg, scale)
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  o_own = scale * np.sum(a[0] * a[1], -1, keepdims=True) * a[2]
+  s_own = a[1][:, -1, :, :, None] * a[2][:, -1, :, None, :]
+  return (o_mag, o_mag - o_own), (s_mag, s_mag - s_own)
+
+
+def gla_atols(q, k, v, g, h0=None, seg=None, scale=None, *, terms, exponent_terms):
+  """Per-element ``atol`` of ``o`` and of the final state: ``terms`` roundings for every term,
+  and ``exponent_terms`` more for every term but a step's own (its factor is ``e^0``, exact in
+  every form)."""
+  return tuple(
+    rounding_atol(mag, terms=terms) + rounding_atol(others, terms=exponent_terms)
+    for mag, others in gla_magnitudes(q, k, v, g, h0, seg, scale)
+  )
+
+
+def gla_gradient_magnitudes(q, k, v, g, h0, seg, w_o, w_s, scale=None):
+  """Per input, the largest ``Σ|terms|`` of an entry of the gradient of ``Σ w_o·o + Σ w_s·state``:
+  that gradient through ``scan_gla`` at absolute inputs and weights, the decays as they are
+  (every term of it then counts positively). Per tensor: the chunkwise forms' ``dg`` sums
+  ``q ⊙ dq - k ⊙ dk`` terms that cancel where the true gradient is small."""
+  absolute = [np.abs(x) for x in (q, k, v)]
+  _, vjp = jax.vjp(lambda *a: scan_gla(*a, seg, scale), *absolute, g, np.abs(h0))
+  return [max_abs(m) for m in vjp((np.abs(w_o), np.abs(w_s)))]
+
+
+def gla_gradient_terms(method, g, key_dim, chunk_size=16):
+  """Two computations (the form under test, the ``scan_gla`` reference), each a forward and a
+  backward chain, and the exponent error of the form's factors in both directions."""
+  t = g.shape[1]
+  chains = gla_chain(method, t, key_dim, chunk_size) + gla_chain("sequential", t, key_dim)
+  return 2 * chains + 2 * gla_exponent_terms(method, g, chunk_size)
+
+
 def sequential_rnn(cell, params, xs, h0):
   """``h_t = cell(params, h_{t-1}, x_t)`` one sequence at a time by ``lax.scan``: the reference
   for every Newton solve. ``xs [B, T, ...]``, ``h0 [B, D]`` -> ``h [B, T, D]``."""

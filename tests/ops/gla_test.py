@@ -14,83 +14,23 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from testing_utils import assert_close, max_abs, rounding_atol, scan_gla
+from testing_utils import (
+  assert_close,
+  gla_atols,
+  gla_chain,
+  gla_exponent_terms,
+  gla_gradient_magnitudes,
+  gla_gradient_terms,
+  gla_magnitudes,
+  numpy_gla,
+  rounding_atol,
+  scan_gla,
+)
 
 from jaxrec.ops import gated_linear_attention, gated_linear_attention_step, gla_chunk
 from jaxrec.ops.segments import segment_starts
 
 FORMS = ["sequential", "chunk"]
-
-
-def _numpy_gla(q, k, v, g, h0=None, segment_ids=None, scale=None):
-  """S_t = diag(e^{g_t}) S_{t-1} + k_t v_tᵀ, o_t = scale q_tᵀ S_t, in float64, one step at a time."""
-  q, k, v, g = (np.asarray(x, np.float64) for x in (q, k, v, g))
-  batch, t, heads, key_dim = q.shape
-  scale = key_dim**-0.5 if scale is None else scale
-  if g.ndim == 3:
-    g = np.broadcast_to(g[..., None], q.shape)
-  state = np.zeros((batch, heads, key_dim, v.shape[-1]))
-  if h0 is not None:
-    state = np.array(h0, np.float64)
-  seg = None if segment_ids is None else np.asarray(segment_ids)
-  o = np.zeros((batch, t, heads, v.shape[-1]))
-  for i in range(t):
-    if seg is not None and i > 0:
-      state[seg[:, i] != seg[:, i - 1]] = 0.0
-    state = np.exp(g[:, i])[..., None] * state + k[:, i, :, :, None] * v[:, i, :, None, :]
-    o[:, i] = scale * np.einsum("bhk,bhkv->bhv", q[:, i], state)
-  return o, state
-
-
-def _chunk_len(t, chunk_size):
-  """The chunk length the chunkwise forms use: shorter for a shorter T, still a power of two."""
-  return min(chunk_size, 1 << max(t - 1, 0).bit_length())
-
-
-def _chain(method, t, key_dim, chunk_size=16):
-  """Roundings on the longest chain of one output or state entry: the sequential form's three a
-  step (exp, decay, add) and a K-long readout; the chunkwise forms' two a chunk state, in-chunk
-  sums of C keys and C values, the K-long readouts and a few multiplies (scale, factors)."""
-  if method == "sequential":
-    return 3 * t + key_dim + 2
-  c = _chunk_len(t, chunk_size)
-  return 2 * -(-t // c) + 2 * c + 2 * key_dim + 4
-
-
-def _exponent_terms(method, g, chunk_size=16):
-  """``2·C·L``: a chunkwise factor ``e^{G_i - G_j}`` takes its exponent from two in-chunk sums of
-  at most ``C`` log-decays, whose size is at most ``L``, the largest ``Σ|g|`` over ``C``
-  consecutive steps (any channel); its relative error is ``2·C·L·u``. The sequential form takes
-  ``exp`` of each given log-decay: none."""
-  if method == "sequential":
-    return 0.0
-  c = _chunk_len(g.shape[1], chunk_size)
-  g = np.abs(np.asarray(g, np.float64))
-  total = np.cumsum(np.pad(g, [(0, 0), (1, 0)] + [(0, 0)] * (g.ndim - 2)), axis=1)
-  window = total[:, c:] - total[:, :-c] if g.shape[1] > c else total[:, -1:]
-  return 2 * c * float(np.max(window))
-
-
-def _magnitudes(q, k, v, g, h0=None, seg=None, scale=None):
-  """``Σ|terms|`` of every entry of ``o`` and of the final state (``_numpy_gla`` on absolute
-  values, the decays as they are), each with the part that is not a step's own ``k_t v_tᵀ``
-  term: ``(o, o without its own term), (state, state without the last step's)``."""
-  a = [np.abs(np.asarray(x, np.float64)) for x in (q, k, v)]
-  o_mag, s_mag = _numpy_gla(*a, g, None if h0 is None else np.abs(h0), seg, scale)
-  scale = q.shape[-1] ** -0.5 if scale is None else scale
-  o_own = scale * np.sum(a[0] * a[1], -1, keepdims=True) * a[2]
-  s_own = a[1][:, -1, :, :, None] * a[2][:, -1, :, None, :]
-  return (o_mag, o_mag - o_own), (s_mag, s_mag - s_own)
-
-
-def _atols(q, k, v, g, h0=None, seg=None, scale=None, *, terms, exponent_terms):
-  """Per-element ``atol`` of ``o`` and of the final state: ``terms`` roundings for every term,
-  and ``exponent_terms`` more for every term but a step's own (its factor is ``e^0``, exact in
-  every form)."""
-  return tuple(
-    rounding_atol(mag, terms=terms) + rounding_atol(others, terms=exponent_terms)
-    for mag, others in _magnitudes(q, k, v, g, h0, seg, scale)
-  )
 
 
 def _inputs(b, t, h, key_dim, value_dim, scalar, seed=0, decay=(0.01, 1.0)):
@@ -142,10 +82,17 @@ def test_matches_numpy_reference(method, case):
   h0 = h0 if with_h0 else None
   seg = _segments(b, t) if with_seg else None
   o, state = _gla(method)(q, k, v, g, initial_state=h0, segment_ids=seg)
-  o_ref, state_ref = _numpy_gla(q, k, v, g, h0, seg)
+  o_ref, state_ref = numpy_gla(q, k, v, g, h0, seg)
   assert o.dtype == jnp.float32 and state.dtype == jnp.float32
-  o_atol, state_atol = _atols(
-    q, k, v, g, h0, seg, terms=_chain(method, t, key_dim), exponent_terms=_exponent_terms(method, g)
+  o_atol, state_atol = gla_atols(
+    q,
+    k,
+    v,
+    g,
+    h0,
+    seg,
+    terms=gla_chain(method, t, key_dim),
+    exponent_terms=gla_exponent_terms(method, g),
   )
   assert_close(o, o_ref, rtol=0.0, atol=o_atol)
   assert_close(state, state_ref, rtol=0.0, atol=state_atol)
@@ -159,10 +106,10 @@ def test_resets_at_chunk_edges_and_scale():
   seg[0, 31:] += 1
   seg[0, 33:] += 1
   seg[0, 36:] = 0  # an id seen before still starts a new segment
-  o_ref, state_ref = _numpy_gla(q, k, v, g, h0, seg, scale=0.3)
+  o_ref, state_ref = numpy_gla(q, k, v, g, h0, seg, scale=0.3)
   for method in FORMS:
     o, state = _gla(method, scale=0.3)(q, k, v, g, initial_state=h0, segment_ids=seg)
-    o_atol, state_atol = _atols(
+    o_atol, state_atol = gla_atols(
       q,
       k,
       v,
@@ -170,8 +117,8 @@ def test_resets_at_chunk_edges_and_scale():
       h0,
       seg,
       0.3,
-      terms=_chain(method, 40, 8),
-      exponent_terms=_exponent_terms(method, g),
+      terms=gla_chain(method, 40, 8),
+      exponent_terms=gla_exponent_terms(method, g),
     )
     assert_close(o, o_ref, rtol=0.0, atol=o_atol)
     assert_close(state, state_ref, rtol=0.0, atol=state_atol)
@@ -181,35 +128,17 @@ def test_resets_at_chunk_edges_and_scale():
 def test_bf16_inputs(scalar):
   q, k, v, g, h0 = (jnp.asarray(x, jnp.bfloat16) for x in _inputs(2, 40, 2, 8, 8, scalar, seed=1))
   exact = [np.asarray(x, np.float32) for x in (q, k, v, g, h0)]  # bf16 values, exactly
-  o_ref, state_ref = _numpy_gla(*exact)
+  o_ref, state_ref = numpy_gla(*exact)
   for method in FORMS:
     o, state = _gla(method)(q, k, v, g, initial_state=h0)
     assert o.dtype == jnp.bfloat16 and state.dtype == jnp.float32
     # fp32 arithmetic on the bf16 values; only the output is rounded to bf16.
-    o_atol, state_atol = _atols(
-      *exact, terms=_chain(method, 40, 8), exponent_terms=_exponent_terms(method, exact[3])
+    o_atol, state_atol = gla_atols(
+      *exact, terms=gla_chain(method, 40, 8), exponent_terms=gla_exponent_terms(method, exact[3])
     )
     o_atol = o_atol + rounding_atol(np.abs(o_ref), terms=1, dtype=jnp.bfloat16)
     assert_close(o, o_ref, rtol=0.0, atol=o_atol)
     assert_close(state, state_ref, rtol=0.0, atol=state_atol)
-
-
-def _gradient_magnitudes(q, k, v, g, h0, seg, w_o, w_s):
-  """Per input, the largest ``Σ|terms|`` of an entry of the gradient of ``Σ w_o·o + Σ w_s·state``:
-  that gradient through ``scan_gla`` at absolute inputs and weights, the decays as they are
-  (every term of it then counts positively). Per tensor: the chunkwise forms' ``dg`` sums
-  ``q ⊙ dq - k ⊙ dk`` terms that cancel where the true gradient is small."""
-  absolute = [np.abs(x) for x in (q, k, v)]
-  _, vjp = jax.vjp(lambda *a: scan_gla(*a, seg), *absolute, g, np.abs(h0))
-  return [max_abs(m) for m in vjp((np.abs(w_o), np.abs(w_s)))]
-
-
-def _gradient_terms(method, g, chunk_size=16, t=None, key_dim=8):
-  """Two computations (the form under test, the ``scan_gla`` reference), each a forward and a
-  backward chain, and the exponent error of the form's factors in both directions."""
-  t = g.shape[1] if t is None else t
-  chains = _chain(method, t, key_dim, chunk_size) + _chain("sequential", t, key_dim)
-  return 2 * chains + 2 * _exponent_terms(method, g, chunk_size)
 
 
 @pytest.mark.parametrize("scalar", [False, True])
@@ -230,11 +159,11 @@ def test_gradients_match_scan_reference(scalar):
   ref = jax.jit(jax.grad(lambda *a: loss(lambda *x: scan_gla(*x, seg), *a), argnums))(
     q, k, v, g, h0
   )
-  magnitudes = _gradient_magnitudes(q, k, v, g, h0, seg, w_o, w_s)
+  magnitudes = gla_gradient_magnitudes(q, k, v, g, h0, seg, w_o, w_s)
   for method in FORMS:
     fn = lambda *x, m=method: _gla(m)(*x[:4], initial_state=x[4], segment_ids=seg)
     got = jax.jit(jax.grad(lambda *a, f=fn: loss(f, *a), argnums))(q, k, v, g, h0)
-    terms = _gradient_terms(method, g)
+    terms = gla_gradient_terms(method, g, 8)
     for name, x, r, m in zip(("q", "k", "v", "log_decay", "initial_state"), got, ref, magnitudes):
       assert np.all(np.isfinite(x)), (method, name)
       assert_close(x, r, rtol=0.0, atol=rounding_atol(m, terms=terms), err_msg=f"{method} {name}")
@@ -256,15 +185,15 @@ def test_split_sequence_with_state_passing(method):
   o_a, state_a = _gla(method)(*first, initial_state=h0, segment_ids=seg[:, :cut])
   o_b, state_b = _gla(method)(*second, initial_state=state_a, segment_ids=seg[:, cut:])
   # Two computations, neither with a longer chain than one pass.
-  o_atol, state_atol = _atols(
+  o_atol, state_atol = gla_atols(
     q,
     k,
     v,
     g,
     h0,
     seg,
-    terms=2 * _chain(method, 48, 8),
-    exponent_terms=2 * _exponent_terms(method, g),
+    terms=2 * gla_chain(method, 48, 8),
+    exponent_terms=2 * gla_exponent_terms(method, g),
   )
   assert_close(np.concatenate([o_a, o_b], axis=1), o, rtol=0.0, atol=o_atol)
   assert_close(state_b, state, rtol=0.0, atol=state_atol)
@@ -282,14 +211,14 @@ def test_step_matches_full_sequence(scalar):
     o_t, state_t = step(q[:, i], k[:, i], v[:, i], g[:, i], state_t)
     outs.append(o_t)
   assert state_t.dtype == jnp.float32
-  o_atol, state_atol = _atols(
+  o_atol, state_atol = gla_atols(
     q,
     k,
     v,
     g,
     h0,
-    terms=_chain("chunk", t, 8) + _chain("sequential", t, 8),
-    exponent_terms=_exponent_terms("chunk", g),
+    terms=gla_chain("chunk", t, 8) + gla_chain("sequential", t, 8),
+    exponent_terms=gla_exponent_terms("chunk", g),
   )
   assert_close(np.stack(outs, axis=1), o, rtol=0.0, atol=o_atol)
   assert_close(state_t, state, rtol=0.0, atol=state_atol)
@@ -303,9 +232,14 @@ def test_long_sequence_extreme_decays(decay):
   q, k, v, g, _ = _inputs(1, t, 1, 16, 16, False, seed=6, decay=decay)
   o, state = _gla("chunk", chunk_size=64, with_state=False)(q, k, v, g)
   assert state is None and np.all(np.isfinite(o))
-  o_ref, _ = _numpy_gla(q, k, v, g)
-  o_atol, _ = _atols(
-    q, k, v, g, terms=_chain("chunk", t, 16, 64), exponent_terms=_exponent_terms("chunk", g, 64)
+  o_ref, _ = numpy_gla(q, k, v, g)
+  o_atol, _ = gla_atols(
+    q,
+    k,
+    v,
+    g,
+    terms=gla_chain("chunk", t, 16, 64),
+    exponent_terms=gla_exponent_terms("chunk", g, 64),
   )
   assert_close(o, o_ref, rtol=0.0, atol=o_atol)
   # The three-pass form, as the GPU benchmark runs it: chunks of 64, 16-step diagonal blocks.
@@ -334,16 +268,16 @@ def test_random_resets_and_decay_strengths(starts, strength, seed):
   q, k, v, g, h0 = _inputs(1, 24, 2, 8, 4, False, seed=seed, decay=(0.0, strength))
   seg = np.cumsum(np.asarray(starts, np.int32))[None]
   o, state = _gla("chunk", chunk_size=8)(q, k, v, g, initial_state=h0, segment_ids=seg)
-  o_ref, state_ref = _numpy_gla(q, k, v, g, h0, seg)
-  o_atol, state_atol = _atols(
+  o_ref, state_ref = numpy_gla(q, k, v, g, h0, seg)
+  o_atol, state_atol = gla_atols(
     q,
     k,
     v,
     g,
     h0,
     seg,
-    terms=_chain("chunk", 24, 8, 8),
-    exponent_terms=_exponent_terms("chunk", g, 8),
+    terms=gla_chain("chunk", 24, 8, 8),
+    exponent_terms=gla_exponent_terms("chunk", g, 8),
   )
   assert_close(o, o_ref, rtol=0.0, atol=o_atol)
   assert_close(state, state_ref, rtol=0.0, atol=state_atol)
@@ -392,22 +326,22 @@ def test_three_pass_form_matches_references(chunk_size, diag_size, state_pass):
     w_o, w_s = rng.standard_normal((b, t, h, 4), np.float32), rng.standard_normal(h0.shape)
     w_s = w_s.astype(np.float32)
     o, state, grads = fn(q, k, v, g, h0, seg, w_o, w_s)
-    o_ref, state_ref = _numpy_gla(q, k, v, g, h0, seg)
-    o_atol, state_atol = _atols(
+    o_ref, state_ref = numpy_gla(q, k, v, g, h0, seg)
+    o_atol, state_atol = gla_atols(
       q,
       k,
       v,
       g,
       h0,
       seg,
-      terms=_chain("chunk", t, 8, chunk_size),
-      exponent_terms=_exponent_terms("chunk", g, chunk_size),
+      terms=gla_chain("chunk", t, 8, chunk_size),
+      exponent_terms=gla_exponent_terms("chunk", g, chunk_size),
     )
     assert_close(o, o_ref, rtol=0.0, atol=o_atol)
     assert_close(state, state_ref, rtol=0.0, atol=state_atol)
     ref = jax.vjp(lambda *a: scan_gla(*a, seg), q, k, v, g, h0)[1]((w_o, w_s))
-    magnitudes = _gradient_magnitudes(q, k, v, g, h0, seg, w_o, w_s)
-    terms = _gradient_terms("chunk", g, chunk_size)
+    magnitudes = gla_gradient_magnitudes(q, k, v, g, h0, seg, w_o, w_s)
+    terms = gla_gradient_terms("chunk", g, 8, chunk_size)
     for name, x, r, m in zip(("q", "k", "v", "log_decay", "initial_state"), grads, ref, magnitudes):
       assert np.all(np.isfinite(x)), (decay, name)
       atol = rounding_atol(m, terms=terms)
@@ -426,14 +360,16 @@ def test_three_pass_form_bf16():
     q, k, v, g, h0.astype(jnp.float32), seg, np.ones((b, t, h, 8)), np.ones(h0.shape)
   )
   exact = [np.asarray(a, np.float32) for a in (q, k, v, g, h0)]  # bf16 values, exactly
-  o_ref, state_ref = _numpy_gla(*exact)
+  o_ref, state_ref = numpy_gla(*exact)
   assert o.dtype == jnp.float32  # the compute dtype; gated_linear_attention casts back
-  o_atol, state_atol = _atols(
-    *exact, terms=_chain("chunk", t, 8, 64), exponent_terms=_exponent_terms("chunk", exact[3], 64)
+  o_atol, state_atol = gla_atols(
+    *exact,
+    terms=gla_chain("chunk", t, 8, 64),
+    exponent_terms=gla_exponent_terms("chunk", exact[3], 64),
   )
   # bf16 matmul operands: an output term is a product of at most three roundings to bf16 (the
   # decayed query or the score, the decayed key, the state); a state term of one (the key).
-  (o_mag, _), (state_mag, _) = _magnitudes(*exact)
+  (o_mag, _), (state_mag, _) = gla_magnitudes(*exact)
   o_atol = o_atol + rounding_atol(o_mag, terms=3, dtype=jnp.bfloat16)
   state_atol = state_atol + rounding_atol(state_mag, terms=1, dtype=jnp.bfloat16)
   assert_close(o, o_ref, rtol=0.0, atol=o_atol)

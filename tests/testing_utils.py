@@ -432,10 +432,55 @@ def _prefix_attention_parts(q, k, v, k_enc, v_enc, h0, *, prefix_len, segment_id
   return num, den
 
 
-def numpy_mlstm(q, k, v, i_gate, f_gate, state=None, segment_ids=None, eps=1e-6):
+def numpy_mlstm(
+  q,
+  k,
+  v,
+  i_gate,
+  f_gate,
+  state=None,
+  segment_ids=None,
+  eps=1e-6,
+  *,
+  with_magnitude=False,
+  accumulated=False,
+):
   """The stabilized mLSTM (``jaxrec.ops.mlstm``'s docstring) in float64, one step at a time; the
   forget gate is shut where ``segment_ids`` changes. ``[B, T, H, ...]`` inputs, ``state`` a
-  ``(C, n, m)`` tuple (zeros when ``None``); returns ``(h, (C, n, m))``."""
+  ``(C, n, m)`` tuple (zeros when ``None``); returns ``(h, (C, n, m))``.
+
+  With ``with_magnitude`` returns ``(h, (C, n, m), (h, C, n, m) magnitudes)``: the same
+  recurrence over ``|q|, |k|, |v|, |C_0|, |n_0|`` (the gates and so the stabilizer as they are)
+  gives the ``Σ|terms|`` of the memory, the normalizer and the output's numerator and
+  normalizer, and the output's is their quotient's (``quotient_magnitude``, the floor
+  ``exp(-m)`` counted in the normalizer's). The stabilizer's is ``Σ|terms|`` of the chain of
+  additions it is: ``|ĩ_j|`` or ``|m_0|`` where it last restarted, plus ``|log f|`` since.
+
+  With ``accumulated``, the memory's and normalizer's magnitudes are ``Σ_{s<=t} (Π_{s<r<=t} f'_r)
+  |C|_s``: the sum of every earlier step's magnitude carried to ``t`` by the decays, which bounds
+  (per unit of rounding a step) the error a long recurrence accumulates, where ``T`` roundings
+  against ``|C|_t`` would ignore what the forget gates forget."""
+  args = (q, k, v, i_gate, f_gate, state, segment_ids, eps)
+  h, final, (_, den, m_mag) = _mlstm_parts(*args)
+  if not with_magnitude:
+    return h, final
+  absolute = [np.abs(np.asarray(x, np.float64)) for x in (q, k, v)]
+  if state is not None:
+    state = (np.abs(np.asarray(state[0])), np.abs(np.asarray(state[1])), state[2])
+  _, (c_mag, n_mag, _), (num_mag, den_mag, _) = _mlstm_parts(
+    *absolute, i_gate, f_gate, state, segment_ids, eps, magnitudes=True, accumulated=accumulated
+  )
+  h_mag = quotient_magnitude(h, den[..., None], num_mag, den_mag[..., None])
+  return h, final, (h_mag, c_mag, n_mag, m_mag)
+
+
+def _mlstm_parts(
+  q, k, v, i_gate, f_gate, state, segment_ids, eps, magnitudes=False, accumulated=False
+):
+  """``numpy_mlstm``'s ``(h, (C, n, m))`` and ``(numerator s qᵀC [B, T, H, V], normalizer
+  max(|s qᵀn|, exp(-m)) + ε [B, T, H], the final stabilizer's magnitude [B, H])``; for
+  ``magnitudes`` (absolute inputs) the normalizer is ``s qᵀn + exp(-m)``, a bound for either
+  branch of the max."""
   q, k, v, i_gate, f_gate = (np.asarray(x, np.float64) for x in (q, k, v, i_gate, f_gate))
   batch, t, heads, key_dim = q.shape
   if state is None:
@@ -444,26 +489,42 @@ def numpy_mlstm(q, k, v, i_gate, f_gate, state=None, segment_ids=None, eps=1e-6)
   else:
     c, n, m = (np.array(x, np.float64) for x in state)
   log_f = -np.logaddexp(0.0, -f_gate)
-  h = np.zeros(v.shape)
+  h, num, den = np.zeros(v.shape), np.zeros(v.shape), np.zeros(v.shape[:-1])
+  m_mag = np.abs(m)
+  acc_c, acc_n = c, n
   for s in range(t):
     carried = log_f[:, s] + m
     if segment_ids is not None and s > 0:
       carried[np.asarray(segment_ids)[:, s] != np.asarray(segment_ids)[:, s - 1]] = -np.inf
     m_new = np.maximum(carried, i_gate[:, s])
+    m_mag = np.where(carried >= i_gate[:, s], m_mag - log_f[:, s], np.abs(i_gate[:, s]))
     decay, gain = np.exp(carried - m_new), np.exp(i_gate[:, s] - m_new)
     c = decay[..., None, None] * c + gain[..., None, None] * k[:, s, ..., None] * v[:, s, :, None]
     n = decay[..., None] * n + gain[..., None] * k[:, s]
+    if accumulated:
+      acc_c, acc_n = decay[..., None, None] * acc_c + c, decay[..., None] * acc_n + n
     qs = q[:, s] * key_dim**-0.5
-    den = np.maximum(np.abs(np.einsum("bhk,bhk->bh", qs, n)), np.exp(-m_new)) + eps
-    h[:, s] = np.einsum("bhk,bhkv->bhv", qs, c) / den[..., None]
+    num[:, s] = np.einsum("bhk,bhkv->bhv", qs, acc_c if accumulated else c)
+    dot = np.einsum("bhk,bhk->bh", qs, acc_n if accumulated else n)
+    if magnitudes:
+      den[:, s] = dot + np.exp(-m_new) + eps
+    else:
+      den[:, s] = np.maximum(np.abs(dot), np.exp(-m_new)) + eps
+    h[:, s] = num[:, s] / den[:, s, ..., None]
     m = m_new
-  return h, (c, n, m)
+  if accumulated:
+    c, n = acc_c, acc_n
+  return h, (c, n, m), (num, den, m_mag)
 
 
-def scan_mlstm(q, k, v, i_gate, f_gate, state, segment_ids=None, eps=1e-6):
+def scan_mlstm(q, k, v, i_gate, f_gate, state, segment_ids=None, eps=1e-6, *, parts=False):
   """The same recurrence as a plain ``lax.scan`` in fp32, for ``jax.grad`` references. The
   stabilizer ``m`` is a constant under differentiation (``stop_gradient``), the convention of
-  every form of ``jaxrec.ops.mlstm``; the given initial ``m`` keeps its gradient."""
+  every form of ``jaxrec.ops.mlstm``; the given initial ``m`` keeps its gradient.
+
+  With ``parts`` returns ``((numerator, normalizer), final)`` instead, the normalizer taken as
+  ``s qᵀn + exp(-m) + ε``: the parts whose pull-back at absolute inputs bounds the magnitude of
+  a gradient (``mlstm_gradient_magnitudes``)."""
   q, k, v, i_gate, f_gate = (jnp.asarray(x, jnp.float32) for x in (q, k, v, i_gate, f_gate))
   scale = q.shape[-1] ** -0.5
   reset = jnp.zeros(q.shape[:2], bool) if segment_ids is None else _resets(segment_ids)
@@ -480,12 +541,97 @@ def scan_mlstm(q, k, v, i_gate, f_gate, state, segment_ids=None, eps=1e-6):
     n = decay[..., None] * n + gain[..., None] * k_t
     num = jnp.einsum("bhk,bhkv->bhv", scale * q_t, c, precision="highest")
     den = jnp.einsum("bhk,bhk->bh", scale * q_t, n, precision="highest")
+    if parts:
+      return (c, n, m_new), (num, den + jnp.exp(-m_new) + eps)
     h = num / (jnp.maximum(jnp.abs(den), jnp.exp(-m_new)) + eps)[..., None]
     return (c, n, m_new), h
 
   xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, i_gate, f_gate, reset))
-  final, h = jax.lax.scan(step, tuple(jnp.asarray(x, jnp.float32) for x in state), xs)
-  return jnp.moveaxis(h, 0, 1), final
+  final, out = jax.lax.scan(step, tuple(jnp.asarray(x, jnp.float32) for x in state), xs)
+  return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), out), final
+
+
+# The mLSTM error model (the module docstring's rules, counted for the forms of jaxrec.ops.mlstm
+# and pallas_kernels.mlstm).
+
+
+def mlstm_chain(method, t, key_dim, chunk_size=64):
+  """Roundings on the longest chain of one output or state entry: the sequential form's five a
+  step (two factors, a product, a multiply, an add) then the readout and the division; the
+  parallel form's weights, a K-long score, a T-long sum and the division; the chunkwise forms'
+  two a chunk state plus in-chunk sums of C scores and C values, and the readouts."""
+  if method == "sequential":
+    return 5 * t + key_dim + 3
+  if method == "parallel":
+    return t + 2 * key_dim + 6
+  c = min(chunk_size, 1 << max(t - 1, 0).bit_length())
+  return 2 * -(-t // c) + 2 * c + 2 * key_dim + 8
+
+
+def mlstm_exponent_terms(method, i_gate, f_gate, m0=None, chunk_size=64):
+  """Roundings that the log-weights ``ĩ_j + Σ_{j<s<=t} log f_s - m_t`` add, as relative errors of
+  the weights (``M = max(|ĩ|, |m_0|)`` bounds ``|m|``):
+
+  * sequential: each step's exponent ``log f + m_{t-1} - m_t`` takes two roundings of terms of
+    size ``|log f| + |ĩ| + 2M``, and reaches every older weight: ``2·T·(max|log f| + |ĩ| + 2M)``;
+  * parallel: cumulative sums of up to ``T`` log-decays, ``2·T·L_T`` with ``L_S`` the largest
+    ``Σ|log f|`` over ``S`` consecutive steps, plus ``2·(|ĩ| + 2M)``;
+  * chunkwise: in-chunk sums, ``2·C·L_C``, and the stabilizer carried over ``T / C`` chunks as the
+    sequential form carries it over steps, ``2·(T / C)·(L_C + |ĩ| + 2M)``.
+  """
+  t = i_gate.shape[1]
+  log_f = np.abs(np.logaddexp(0.0, -np.asarray(f_gate, np.float64)))
+  gate = float(np.max(np.abs(i_gate)))
+  bound = 2 * max(gate, 0.0 if m0 is None else float(np.max(np.abs(m0))))
+
+  def window(span):
+    total = np.cumsum(np.pad(log_f, ((0, 0), (1, 0), (0, 0))), axis=1)
+    return float(np.max(total[:, span:] - total[:, :-span]))
+
+  if method == "sequential":
+    return 2 * t * (float(np.max(log_f)) + gate + bound)
+  if method == "parallel":
+    return 2 * t * window(t) + 2 * (gate + bound)
+  c = min(chunk_size, t)
+  return 2 * c * window(c) + 2 * -(-t // c) * (window(c) + gate + bound)
+
+
+def mlstm_gradient_magnitudes(args, state, segment_ids, cotangents):
+  """Per input (``q, k, v, ĩ, f̃, C_0, n_0, m_0``), the largest ``Σ|terms|`` of an entry of the
+  gradient of ``Σ w_h·h + Σ w_C·C + Σ w_n·n`` (``cotangents = (w_h, w_C, w_n)``): the output's
+  cotangents on its numerator (``w_h / den``) and normalizer (``Σ w_h·h / den``) taken absolute,
+  with ``|w_C|, |w_n|``, pulled back through ``scan_mlstm``'s parts at absolute inputs (the gates
+  and ``m_0`` as they are: their terms are positive already)."""
+  w_h, w_c, w_n = (np.asarray(x, np.float64) for x in cotangents)
+  h, _, (_, den, _) = _mlstm_parts(*args, state, segment_ids, 1e-6)
+  d_num = np.abs(w_h / den[..., None]).astype(np.float32)
+  d_den = np.abs(np.sum(w_h * h, -1) / den).astype(np.float32)
+
+  def pulled_back(q, k, v, i_gate, f_gate, c0, n0, m0):
+    (num, den), (c, n, _) = scan_mlstm(
+      q, k, v, i_gate, f_gate, (c0, n0, m0), segment_ids, parts=True
+    )
+    return (
+      jnp.sum(d_num * num)
+      + jnp.sum(d_den * den)
+      + jnp.sum(np.abs(w_c) * c)
+      + jnp.sum(np.abs(w_n) * n)
+    )
+
+  q, k, v, i_gate, f_gate = args
+  absolute = (np.abs(q), np.abs(k), np.abs(v), i_gate, f_gate, np.abs(state[0]), np.abs(state[1]))
+  grads = jax.jit(jax.grad(pulled_back, argnums=tuple(range(8))))(*absolute, state[2])
+  return [max_abs(g) for g in grads]
+
+
+def mlstm_atols(q, k, v, i_gate, f_gate, state=None, segment_ids=None, *, terms, accumulated=False):
+  """Per-element ``atol`` s of ``(h, (C, n, m))`` against ``numpy_mlstm``: ``terms`` roundings
+  (a chain and the exponent terms) for every term of the magnitudes that ``numpy_mlstm`` gives
+  over absolute inputs (``accumulated`` ones: ``terms`` then counts roundings a step)."""
+  _, _, magnitudes = numpy_mlstm(
+    q, k, v, i_gate, f_gate, state, segment_ids, with_magnitude=True, accumulated=accumulated
+  )
+  return tuple(rounding_atol(mag, terms=terms) for mag in magnitudes)
 
 
 def execute_notebook(source, probe: str, workdir, monkeypatch, **env) -> tuple[object, dict]:

@@ -181,6 +181,26 @@ def lax_linear_scan(a, b, h0, reverse=False, segment_ids=None):
   return jnp.moveaxis(h, 0, 1), h_last
 
 
+def linear_scan_atol(a, b, h0, reverse=False, segment_ids=None, *, terms):
+  """Per-element ``atol`` of ``h`` for ``terms`` roundings (two a step on every form's longest
+  chain: a multiply and an add, or a product of decays and an add) against the magnitudes
+  ``numpy_linear_scan(|a|, |b|, |h0|)``."""
+  magnitude = numpy_linear_scan(np.abs(a), np.abs(b), np.abs(h0), reverse, segment_ids)
+  return rounding_atol(magnitude, terms=terms)
+
+
+def linear_scan_gradient_magnitudes(a, b, h0, w_h, w_last, reverse=False, segment_ids=None):
+  """Per element of ``(da, db, dh0)``, ``Σ|terms|`` of the gradient of ``Σ w_h·h + Σ w_last·h_last``:
+  that gradient at absolute inputs and weights (a multilinear form: every term counts
+  positively)."""
+
+  def loss(a, b, h0):
+    h, h_last = lax_linear_scan(a, b, h0, reverse, segment_ids)
+    return jnp.sum(np.abs(w_h) * h) + jnp.sum(np.abs(w_last) * h_last)
+
+  return jax.grad(loss, argnums=(0, 1, 2))(*(np.abs(np.asarray(x)) for x in (a, b, h0)))
+
+
 def scan_gla(q, k, v, log_decay, h0, segment_ids=None, scale=None):
   """Gated linear attention as a plain ``lax.scan`` in fp32:
   ``S_t = diag(e^{g_t}) S_{t-1} + k_t v_tᵀ`` (``S`` zeroed where a segment starts),

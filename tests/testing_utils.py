@@ -62,8 +62,8 @@ def assert_close(actual, desired, *, rtol: float, atol=0.0, err_msg: str = "") -
   """Asserts ``|actual - desired| <= atol + rtol * |desired|`` elementwise (numpy's metric).
 
   Both sides are compared in float64 and must have the same shape; ``atol`` is a scalar or an
-  array that broadcasts to that shape (a per-element bound from ``rounding_atol``). A NaN never
-  passes; an infinity passes only against the same infinity. On failure the message reports how
+  array that broadcasts to that shape (a per-element bound from ``rounding_atol``), never NaN. A
+  NaN never passes; an infinity passes only against the same infinity. On failure the message reports how
   many elements fail, the worst one (by error over its tolerance) with its index, and the worst
   absolute error.
   """
@@ -75,6 +75,7 @@ def assert_close(actual, desired, *, rtol: float, atol=0.0, err_msg: str = "") -
     error = np.where(finite, np.abs(actual - desired), np.inf)
   bound = np.asarray(atol, np.float64) + rtol * np.where(finite, np.abs(desired), 0.0)
   bound = np.broadcast_to(bound, desired.shape)
+  assert not np.any(np.isnan(bound)), f"{err_msg}: the tolerance is NaN"
   bad = np.where(finite, error > bound, ~(np.isinf(desired) & (actual == desired)))
   if not bad.any():
     return
@@ -330,6 +331,53 @@ def sequential_rnn(cell, params, xs, h0):
     return jax.lax.scan(step, h, x)[1]
 
   return jax.vmap(one)(xs, h0)
+
+
+def rnn_error_bound(cell, params, xs, h0, h, *, residual=0.0, terms, dtype=jnp.float32):
+  """Per-element bound ``[B, T, D]`` on the difference of two solutions of ``h_t = cell(params,
+  h_{t-1}, x_t)`` whose steps each miss the exact step by up to ``residual`` (a Newton solve's
+  stopping tolerance; 0 for a scan) plus ``terms`` roundings of the cell: a local error ``δ_s``
+  reaches step ``t`` through the product of the step Jacobians ``P_{t,s} = J_t ··· J_{s+1}``
+  (``J = ∂cell/∂h`` along ``h``, either solution), so ``|e_t| <= Σ_s |P_{t,s}| δ_s``. The products
+  are formed signed (a dense Jacobian's entries cancel; ``|J_t| ··· |J_{s+1}|`` would grow where
+  the recurrence contracts) and followed until they fall below ``1e-3 / (D·T)`` of a step's
+  error.
+
+  ``δ_s = residual + c·terms·u·M_s``, where ``M_s``, the magnitude of one cell evaluation, is
+  ``Σ_p |∂cell/∂p|·|p| + |cell|``: every product with a parameter (``W h``, ``U x``, a bias) taken
+  absolute and carried through the cell's nonlinearities, the pre-activations' ``Σ|terms|``
+  (module docstring) for cells built of such products."""
+
+  def local(h_prev, x):
+    jac_h = jax.jacfwd(cell, argnums=1)(params, h_prev, x)
+    jac_p = jax.jacrev(cell, argnums=0)(params, h_prev, x)
+    magnitude = jnp.abs(cell(params, h_prev, x))
+    for jac, p in zip(jax.tree.leaves(jac_p), jax.tree.leaves(params), strict=True):
+      magnitude = magnitude + jnp.sum(jnp.abs(jac) * jnp.abs(p), axis=tuple(range(1, jac.ndim)))
+    return jac_h, magnitude
+
+  h_prev = jnp.concatenate([jnp.asarray(h0)[:, None], jnp.asarray(h)[:, :-1]], axis=1)
+  jac, magnitude = jax.jit(jax.vmap(jax.vmap(local)))(h_prev, xs)
+  jac, magnitude = np.asarray(jac, np.float64), np.asarray(magnitude, np.float64)
+  local_error = np.broadcast_to(
+    residual + rounding_atol(magnitude, terms=terms, dtype=dtype), magnitude.shape
+  )
+  batch, t, d = magnitude.shape
+  bound = local_error.copy()
+  product = np.broadcast_to(np.eye(d), (batch, t, d, d))  # P_{s+k, s} for every s, at lag k
+  for lag in range(1, t):
+    product = np.einsum("bsij,bsjk->bsik", jac[:, lag:], product[:, :-1])
+    bound[:, lag:] += np.einsum("bsij,bsj->bsi", np.abs(product), local_error[:, :-lag])
+    if np.max(np.abs(product)) * d * t < 1e-3:
+      break
+  return bound
+
+
+def newton_residual(h, tol):
+  """A converged Newton solve's largest step residual, ``tol · max(1, max |h|)`` per sequence
+  (``jaxrec.ops.newton_core.is_converged``), ``[B, 1, 1]``."""
+  scale = np.max(np.abs(np.asarray(h, np.float64)), axis=(1, 2), keepdims=True)
+  return tol * np.maximum(1.0, scale)
 
 
 def assert_rnn_grads_match(solve, cell, params, xs, h0, weights, *, rtol=1e-4):

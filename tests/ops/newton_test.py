@@ -3,7 +3,7 @@ and jax.grad of that scan (gradients).
 
 Tolerances (testing_utils' error model): a converged solve misses each step by at most its
 residual tolerance, and both it and the scan round each cell evaluation; ``rnn_error_bound``
-carries those local errors forward through the step Jacobians (``_atol``)."""
+carries those local errors forward through the step Jacobians (``newton_atol``)."""
 
 import functools
 import warnings
@@ -16,8 +16,7 @@ from testing_utils import (
   assert_close,
   assert_rnn_grads_match,
   caught_host_warnings,
-  newton_residual,
-  rnn_error_bound,
+  newton_atol,
   rounding_atol,
 )
 from testing_utils import sequential_rnn as _reference
@@ -27,22 +26,6 @@ from jaxrec.ops import rnn_cells as rc
 from jaxrec.ops.newton_core import detect_jacobian_structure, solve_linear_recurrence
 
 INPUT = 4
-
-
-def _cell_terms(width):
-  """Roundings on the longest chain of one cell evaluation: a dot product over the state and the
-  input with the bias, then a few for the nonlinearities and the gates."""
-  return width + INPUT + 6
-
-
-def _atol(cell, params, xs, h0, ref, *, solves=1, tol=None, newton_steps=0, dtype=jnp.float32):
-  """``rnn_error_bound`` for ``solves`` converged Newton solves (residual ``tol`` each, 0: none)
-  against ``ref`` (or each other), both rounding every cell evaluation once, plus what
-  ``newton_steps`` linearized updates round (a length-D product with the Jacobian each)."""
-  width = ref.shape[-1]
-  residual = 0.0 if tol is None else solves * newton_residual(ref, tol)
-  terms = 2 * _cell_terms(width) + newton_steps * (width + 2)
-  return rnn_error_bound(cell, params, xs, h0, ref, residual=residual, terms=terms, dtype=dtype)
 
 
 @functools.cache
@@ -72,13 +55,13 @@ def test_matches_sequential_fp32(name):
     xs, h0 = _inputs(batch, t, 8, seed=t)
     h, info = newton_rnn(cell, params, xs, h0)
     ref = _reference(cell, params, xs, h0)
-    assert_close(h, ref, rtol=0, atol=_atol(cell, params, xs, h0, ref, tol=info.tol))
+    assert_close(h, ref, rtol=0, atol=newton_atol(cell, params, xs, h0, ref, tol=info.tol))
     assert isinstance(info, NewtonInfo)
     assert np.all(info.converged) and not np.any(info.fallback), info
     if t == 17 and info.structure.kind != "dense":
       # The structured Jacobian path agrees with the generic dense one: two converged solves.
       h_dense, _ = newton_rnn(cell, params, xs, h0, jacobian="dense")
-      atol = _atol(cell, params, xs, h0, ref, solves=2, tol=info.tol)
+      atol = newton_atol(cell, params, xs, h0, ref, solves=2, tol=info.tol)
       assert_close(h, h_dense, rtol=0, atol=atol)
 
 
@@ -88,7 +71,7 @@ def test_matches_sequential_long(name):
   xs, h0 = _inputs(1, 65537, 4)
   h, info = newton_rnn(cell, params, xs, h0)
   ref = _reference(cell, params, xs, h0)
-  assert_close(h, ref, rtol=0, atol=_atol(cell, params, xs, h0, ref, tol=info.tol))
+  assert_close(h, ref, rtol=0, atol=newton_atol(cell, params, xs, h0, ref, tol=info.tol))
   assert np.all(info.converged) and not np.any(info.fallback)
 
 
@@ -101,7 +84,7 @@ def test_matches_sequential_fp64(name):
     h, info = newton_rnn(cell, params, xs, h0)
     assert h.dtype == jnp.float64
     ref = _reference(cell, params, xs, h0)
-    atol = _atol(cell, params, xs, h0, ref, tol=info.tol, dtype=jnp.float64)
+    atol = newton_atol(cell, params, xs, h0, ref, tol=info.tol, dtype=jnp.float64)
     assert_close(h, ref, rtol=0, atol=atol)
     assert np.all(info.converged) and info.tol == 1e-12
 
@@ -156,7 +139,7 @@ def test_causality_first_states_exact():
     assert np.all(info.iterations == k) and not np.any(info.converged)
     # The initial guess makes h_0 exact; each iteration adds (at least) one exact state: only
     # rounding, the cell's and that of the k linearized updates.
-    atol = _atol(cell, params, xs, h0, ref, newton_steps=k)[:, : k + 1]
+    atol = newton_atol(cell, params, xs, h0, ref, newton_steps=k)[:, : k + 1]
     assert_close(h[:, : k + 1], ref[:, : k + 1], rtol=0, atol=atol)
     assert np.max(np.abs(h - ref)) > 1e-3  # not yet converged: the check above is not vacuous
 
@@ -171,7 +154,7 @@ def test_linear_cell_converges_in_one_iteration():
   assert info.structure == JacobianStructure("diagonal")
   np.testing.assert_array_equal(info.iterations, [1, 1])
   ref = _reference(cell, params, xs, h0)
-  assert_close(h, ref, rtol=0, atol=_atol(cell, params, xs, h0, ref, tol=info.tol))
+  assert_close(h, ref, rtol=0, atol=newton_atol(cell, params, xs, h0, ref, tol=info.tol))
 
 
 def _rotation_cell(params, h, x):
@@ -215,7 +198,7 @@ def test_stiff_cell_damping_and_fallback():
   assert np.all(info.residual > info.tol)
   h, info = newton_rnn(cell, params, xs, h0, damping=1.0, max_iters=10)
   assert np.all(info.fallback)
-  assert_close(h, ref, rtol=0, atol=_atol(cell, params, xs, h0, ref))  # two scans
+  assert_close(h, ref, rtol=0, atol=newton_atol(cell, params, xs, h0, ref))  # two scans
 
 
 def test_unconverged_without_fallback_warns():
@@ -281,7 +264,9 @@ def _assert_equal_where_finite(h, ref, cell, params, xs, h0, tol):
   np.testing.assert_array_equal(np.isfinite(h), np.isfinite(ref))
   big = float(jnp.finfo(jnp.float32).max)
   finite = lambda x: jnp.asarray(np.nan_to_num(np.asarray(x), nan=0.0, posinf=big, neginf=-big))
-  atol = _atol(cell, jax.tree.map(finite, params), finite(xs), finite(h0), finite(ref), tol=tol)
+  atol = newton_atol(
+    cell, jax.tree.map(finite, params), finite(xs), finite(h0), finite(ref), tol=tol
+  )
   keep = np.isfinite(ref)
   assert_close(h[keep], ref[keep], rtol=0, atol=atol[keep])
 

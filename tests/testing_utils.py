@@ -380,6 +380,15 @@ def newton_residual(h, tol):
   return tol * np.maximum(1.0, scale)
 
 
+def cell_atol(cell, params, h, x):
+  """``atol`` of one fp32 evaluation ``cell(params, h [D], x [I])`` against an exact reference:
+  ``rnn_error_bound`` for one step, ``D + I + 6`` roundings (``newton_atol``'s count for a side)."""
+  h, x = jnp.asarray(h), jnp.asarray(x)
+  out = jnp.asarray(cell(params, h, x))[None, None]
+  terms = h.shape[-1] + x.shape[-1] + 6
+  return rnn_error_bound(cell, params, x[None, None], h[None], out, terms=terms)[0, 0]
+
+
 def newton_atol(cell, params, xs, h0, ref, *, tol=None, solves=1, newton_steps=0, dtype=None):
   """``rnn_error_bound`` for ``solves`` converged Newton solves (each step off by up to the
   residual tolerance ``tol``; ``None``: none, as for a scan or a fallback) against ``ref`` or

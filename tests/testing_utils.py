@@ -53,6 +53,7 @@ import contextlib
 import warnings
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -422,6 +423,38 @@ def assert_rnn_grads_match(solve, cell, params, xs, h0, weights, *, rtol=1e-4):
   want = grads(lambda p, x, h: sequential_rnn(cell, p, x, h))
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     assert_close(g, w, rtol=rtol, atol=rtol * max_abs(w))
+
+
+def sensitivity_magnitude(f, *args):
+  """Per element of ``f(*args)`` (a pytree of arrays): ``Σ_a |∂f/∂a|·|a|`` over every entry ``a``
+  of ``args`` (parameters and inputs), the first-order change of ``f`` when each is perturbed by
+  a relative 1. A rounding is a relative perturbation of one product or summand, and in a stack
+  of layers every product has a parameter or an input among its factors, so this is the
+  magnitude (``Σ|terms|``, a term counted once per factor) of a whole layer or model, where no
+  reference on absolute values exists; ``rounding_atol(magnitude, terms=n)`` with ``n`` the
+  roundings on the longest chain then bounds the error. One compilation per ``f`` and argument
+  shapes (pass the same ``f`` object to reuse it)."""
+  flat, unravel = jax.flatten_util.ravel_pytree(args)
+  shapes = tuple((x.shape, x.dtype) for x in jax.tree.leaves(args))
+  key = (f, jax.tree.structure(args), shapes)
+  if key not in _SENSITIVITIES:
+    out = jax.eval_shape(f, *args)
+    _, unravel_out = jax.flatten_util.ravel_pytree(
+      jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), out)
+    )
+
+    def flat_f(v):
+      return jax.flatten_util.ravel_pytree(f(*unravel(v)))[0]
+
+    size = sum(x.size for x in jax.tree.leaves(out))
+    jacobian = jax.jacrev if size <= flat.size else jax.jacfwd
+    magnitude = jax.jit(lambda v: jnp.abs(jacobian(flat_f)(v)) @ jnp.abs(v))
+    _SENSITIVITIES[key] = (magnitude, unravel_out)
+  magnitude, unravel_out = _SENSITIVITIES[key]
+  return unravel_out(magnitude(flat))
+
+
+_SENSITIVITIES = {}
 
 
 def mixer_outputs_and_grads(mixer, reference, x, weights):

@@ -457,6 +457,31 @@ def sensitivity_magnitude(f, *args):
 _SENSITIVITIES = {}
 
 
+def module_sensitivity(module, *args):
+  """``sensitivity_magnitude`` of ``module(*args)[0]`` (a layer's or a model's first output, the
+  logits of an ``LM``) with respect to its parameters (and any float ``args``: integer tokens
+  enter through the embedding, a parameter)."""
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+  def output(params, *args):
+    return nnx.merge(graphdef, params, rest)(*args)[0]
+
+  floats = [jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) for a in args]
+  if all(floats):
+    return sensitivity_magnitude(output, params, *args)
+  return sensitivity_magnitude(lambda p: output(p, *args), params)
+
+
+def lm_chain(cfg, t):
+  """Roundings on the longest chain of one logit of an ``LM`` of ``cfg`` over ``t`` tokens: per
+  block a norm (D), the mixer (its input projection D, a sum over t steps, three a step for a
+  recurrence, head-wide dot products, the output projection D) and the SwiGLU MLP (D, a few,
+  its hidden width), and the residual adds; then the final norm and the head (D)."""
+  d = cfg.d_model
+  block = d + (d + 3 * t + 2 * d + d) + d + (d + 4 + cfg.mlp_dim) + 2
+  return cfg.num_layers * block + 2 * d + 4
+
+
 def mixer_outputs_and_grads(mixer, reference, x, weights):
   """``(y, (dparams, dx))`` of ``loss = sum(weights * y)`` for the mixer's ``y = mixer(x)[0]``
   and for ``y = reference(params, x)``, a reference written on the mixer's parameters as a pure

@@ -36,6 +36,13 @@ model (Higham, *Accuracy and Stability of Numerical Algorithms*, §3):
   value; accumulations stay fp32, so count the bf16 roundings on the path, not the sum length.
 * **Iterations.** A Newton solve stops at its residual tolerance, not at round-off; that
   residual, carried forward through the recurrence, joins the rounding of each step.
+* **Layers.** A layer has no reference on absolute values; its magnitude is its sensitivity to a
+  relative perturbation of every parameter and input (``sensitivity_magnitude``), which counts a
+  term once per factor.
+* **Whole models.** That count is dozens per logit of an LM, where internal cancellations
+  (norms, normalizers) make the sensitivity hundreds of times the logits: a bound that no bug
+  would exceed. There the magnitude is the logits' own scale per tensor and the count the
+  model's chain, both computations (``lm_logits_atol``): round-off, not a change of function.
 
 ``rounding_atol(magnitude, terms=n)`` is then ``c·n·u·magnitude`` with ``c = ROUNDING_SAFETY``
 (2): room for the ulp or two of XLA's ``exp``/``tanh``/``rsqrt`` approximations and second-order
@@ -447,8 +454,21 @@ def sensitivity_magnitude(f, *args):
       return jax.flatten_util.ravel_pytree(f(*unravel(v)))[0]
 
     size = sum(x.size for x in jax.tree.leaves(out))
-    jacobian = jax.jacrev if size <= flat.size else jax.jacfwd
-    magnitude = jax.jit(lambda v: jnp.abs(jacobian(flat_f)(v)) @ jnp.abs(v))
+    if size > flat.size:
+      magnitude = jax.jit(lambda v: jnp.abs(jax.jacfwd(flat_f)(v)) @ jnp.abs(v))
+    else:
+      # Rows of the Jacobian by reverse mode, a block of outputs at a time (a block of rows of
+      # at most 2^24 entries in memory).
+      block = max(1, min(size, 2**24 // flat.size))
+      blocks = -(-size // block)
+
+      def magnitude(v):
+        _, pull = jax.vjp(flat_f, v)
+        basis = jnp.eye(blocks * block, size, dtype=v.dtype).reshape(blocks, block, size)
+        rows = jax.lax.map(lambda b: jnp.abs(jax.vmap(pull)(b)[0]) @ jnp.abs(v), basis)
+        return rows.reshape(-1)[:size]
+
+      magnitude = jax.jit(magnitude)
     _SENSITIVITIES[key] = (magnitude, unravel_out)
   magnitude, unravel_out = _SENSITIVITIES[key]
   return unravel_out(magnitude(flat))
@@ -457,14 +477,14 @@ def sensitivity_magnitude(f, *args):
 _SENSITIVITIES = {}
 
 
-def module_sensitivity(module, *args):
-  """``sensitivity_magnitude`` of ``module(*args)[0]`` (a layer's or a model's first output, the
-  logits of an ``LM``) with respect to its parameters (and any float ``args``: integer tokens
-  enter through the embedding, a parameter)."""
+def module_sensitivity(module, *args, **kwargs):
+  """``sensitivity_magnitude`` of ``module(*args, **kwargs)[0]`` (a layer's or a model's first
+  output, the logits of an ``LM``) with respect to its parameters and any float ``args`` (integer
+  tokens enter through the embedding, a parameter; ``kwargs`` are held fixed)."""
   graphdef, params, rest = nnx.split(module, nnx.Param, ...)
 
   def output(params, *args):
-    return nnx.merge(graphdef, params, rest)(*args)[0]
+    return nnx.merge(graphdef, params, rest)(*args, **kwargs)[0]
 
   floats = [jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) for a in args]
   if all(floats):
@@ -480,6 +500,15 @@ def lm_chain(cfg, t):
   d = cfg.d_model
   block = d + (d + 3 * t + 2 * d + d) + d + (d + 4 + cfg.mlp_dim) + 2
   return cfg.num_layers * block + 2 * d + 4
+
+
+def lm_logits_atol(logits, cfg, t, *, computations=2, extra=0.0, dtype=jnp.float32):
+  """``atol`` for logits of an ``LM`` of ``cfg`` over ``t`` tokens compared across
+  ``computations`` runs: the logits' scale (``max_abs``) and ``lm_chain`` roundings each, plus
+  ``extra`` (what an op's exponents add, say), in units of ``dtype``'s roundoff."""
+  return rounding_atol(
+    max_abs(logits), terms=computations * (lm_chain(cfg, t) + extra), dtype=dtype
+  )
 
 
 def mixer_outputs_and_grads(mixer, reference, x, weights):

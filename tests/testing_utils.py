@@ -36,6 +36,10 @@ model (Higham, *Accuracy and Stability of Numerical Algorithms*, §3):
   value; accumulations stay fp32, so count the bf16 roundings on the path, not the sum length.
 * **Iterations.** A Newton solve stops at its residual tolerance, not at round-off; that
   residual, carried forward through the recurrence, joins the rounding of each step.
+* **Long recurrences.** A rounding made ``s`` steps back reaches step ``t`` through the same
+  decays (or Jacobians) as the terms it touched: count the roundings of one step against the
+  magnitudes carried forward (``numpy_mlstm(accumulated=True)``, ``rnn_error_bound``'s products
+  of Jacobians), not ``T`` of them against today's magnitude.
 * **Layers.** A layer has no reference on absolute values; its magnitude is its sensitivity to a
   relative perturbation of every parameter and input (``sensitivity_magnitude``), which counts a
   term once per factor.
@@ -70,10 +74,10 @@ def assert_close(actual, desired, *, rtol: float, atol=0.0, err_msg: str = "") -
   """Asserts ``|actual - desired| <= atol + rtol * |desired|`` elementwise (numpy's metric).
 
   Both sides are compared in float64 and must have the same shape; ``atol`` is a scalar or an
-  array that broadcasts to that shape (a per-element bound from ``rounding_atol``), never NaN. A
-  NaN never passes; an infinity passes only against the same infinity. On failure the message reports how
-  many elements fail, the worst one (by error over its tolerance) with its index, and the worst
-  absolute error.
+  array that broadcasts to that shape (a per-element bound from ``rounding_atol``), never NaN.
+  A NaN never passes; an infinity passes only against the same infinity. On failure the message
+  reports how many elements fail, the worst one (by error over its tolerance) with its index,
+  and the worst absolute error.
   """
   actual = np.asarray(actual, np.float64)
   desired = np.asarray(desired, np.float64)
@@ -199,8 +203,8 @@ def linear_scan_atol(a, b, h0, reverse=False, segment_ids=None, *, terms):
 
 
 def linear_scan_gradient_magnitudes(a, b, h0, w_h, w_last, reverse=False, segment_ids=None):
-  """Per element of ``(da, db, dh0)``, ``Σ|terms|`` of the gradient of ``Σ w_h·h + Σ w_last·h_last``:
-  that gradient at absolute inputs and weights (a multilinear form: every term counts
+  """Per element of ``(da, db, dh0)``, ``Σ|terms|`` of the gradient of ``Σ w_h·h + Σ w_last ·
+  h_last``: that gradient at absolute inputs and weights (a multilinear form: every term counts
   positively)."""
 
   def loss(a, b, h0):

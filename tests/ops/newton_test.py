@@ -1,5 +1,5 @@
-"""jaxrec.ops.newton_rnn against a plain sequential lax.scan of the same cell (testing_utils; values)
-and jax.grad of that scan (gradients).
+"""jaxrec.ops.newton_rnn against a plain sequential lax.scan of the same cell (testing_utils;
+values) and jax.grad of that scan (gradients).
 
 Tolerances (testing_utils' error model): a converged solve misses each step by at most its
 residual tolerance, and both it and the scan round each cell evaluation; ``rnn_error_bound``

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from testing_utils import rounding_atol
 
 from jaxrec import layers
 
@@ -39,6 +40,23 @@ def attend(s, mask, v):
   p = np.exp(s - s.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   return np.einsum("hts,shk->thk", p, v)
+
+
+def layer_atol(attn, x, computations=1):
+  """``atol`` of one attention layer's output over ``x [B, T, D]`` against a float64 reference
+  that shares its fp32 projections, under any mask (testing_utils' error model, per tensor): an
+  output head is a convex combination of values, ``|heads| <= max|v|``, so the output projection
+  has magnitude ``max_i Σ_j |W_o[j, i]| · max|v|``; its ``H·K``-long product, the ``T`` weighted
+  values, the softmax's few roundings, and each weight's relative error from its logit (twice a
+  ``K``-long product of rotated factors, the rotation a few roundings more, times the largest
+  ``|q|·|k| / √K``), for ``computations`` fp32 runs (the reference's own o_proj counted once)."""
+  q, k, v = projections(attn, x)
+  head_dim = q.shape[-1]
+  logits = np.max(np.einsum("bthk,bshk->bhts", np.abs(q), np.abs(k))) / np.sqrt(head_dim)
+  kernel = np.abs(np.asarray(attn.o_proj.kernel[...], np.float64)).reshape(-1, x.shape[-1])
+  magnitude = np.max(kernel.sum(0)) * np.max(np.abs(v))
+  per_run = kernel.shape[0] + x.shape[1] + 3 + 2 * (head_dim + 2 + 4) * logits
+  return rounding_atol(magnitude, terms=computations * per_run + kernel.shape[0])
 
 
 def output(attn, heads):

@@ -1,13 +1,28 @@
 """Token mixers, built from plain constructor arguments: forward and gradients against references
 written here, cached decoding against the full forward, packed documents against separate runs,
-and the validation of their arguments."""
+and the validation of their arguments.
+
+Tolerances (testing_utils' error model): a whole layer has no reference on absolute values, so
+its magnitude is ``sensitivity_magnitude`` of the reference (every parameter and input perturbed
+by a relative 1), per element of the output and per tensor of the gradients, with ``_terms``
+roundings."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from testing_utils import assert_close, mixer_outputs_and_grads, scan_gla, scan_mlstm
+from testing_utils import (
+  assert_close,
+  max_abs,
+  mixer_outputs_and_grads,
+  rounding_atol,
+  scan_gla,
+  scan_mlstm,
+  sensitivity_magnitude,
+)
 from testing_utils import decode_token_by_token as _decode
 
 from jaxrec import layers
@@ -43,6 +58,19 @@ CASES = {
   "pla": (layers.PrefixLinearAttention, dict(num_heads=2, feature_dim=4, prefix_len=2)),
   "mlstm": (layers.MLSTM, dict(num_heads=2, chunk_size=4, gate_soft_cap=5.0)),
 }
+
+
+def _terms(case, computations=2):
+  """Roundings on a mixer's longest chain, for ``computations`` fp32 runs compared: the input
+  projection (D), the op's sums over T steps (three a step for a recurrence), its head-wide dot
+  products (K <= D: the scores or readout, and the output norm), the output projection (D) and a
+  few elementwise ops; and what the recurrences' exponents add (testing_utils): the mLSTM's
+  capped gates (|log f|, |ĩ|, |m| <= 5) over its sequential reference (2·T·20) and chunks of 4
+  (2·4·20 in a chunk, 2·3·35 carried); the GLA decays' ``2·C·L`` (``|log α| <= 1/4`` a step)."""
+  chain = D + 3 * T + 2 * D + D + 10
+  exponents = {"mlstm": 2 * T * 20 + 2 * 4 * 20 + 2 * 3 * 35, "gla": 2 * T * T / 4}
+  exponents.update({name: exponents["gla"] for name in CASES if name.startswith("liger")})
+  return computations * (chain + exponents.get(case, 0))
 
 
 def _mixer(case):
@@ -215,9 +243,11 @@ def _mlstm_reference(p, x, cap=5.0, eps=1e-6):
   return jnp.einsum("bthk,hkd->btd", o, p["out_proj"]["kernel"])
 
 
-def _reference(case, kw):
+@functools.cache
+def _reference(case):
   """The reference for a case; the layers' defaults (RoPE theta, GLA's τ, eps) are the
-  references' defaults."""
+  references' defaults. Cached: one object per case, whose sensitivities compile once."""
+  kw = CASES[case][1]
   if case == "mlstm":
     return _mlstm_reference
   if case == "gla":
@@ -234,12 +264,25 @@ def _reference(case, kw):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_forward_and_gradients_match_reference(case):
-  kw, mixer = _mixer(case)
+  _, mixer = _mixer(case)
   x = _x()
   w = np.random.default_rng(1).standard_normal(x.shape, np.float32)
-  (got, got_grads), (want, want_grads) = mixer_outputs_and_grads(mixer, _reference(case, kw), x, w)
-  assert_close(got, want, rtol=1e-5, atol=1e-5)
-  jax.tree.map(lambda g, r: assert_close(g, r, rtol=1e-4, atol=1e-5), got_grads, want_grads)
+  reference = _reference(case)
+  (got, got_grads), (want, want_grads) = mixer_outputs_and_grads(mixer, reference, x, w)
+  params = nnx.to_pure_dict(nnx.split(mixer)[1])
+  magnitude = sensitivity_magnitude(reference, params, x)
+  assert_close(got, want, rtol=0, atol=rounding_atol(magnitude, terms=_terms(case)))
+  # Each computation a forward and a backward chain.
+  loss = jax.grad(lambda p, x: jnp.sum(reference(p, x) * w), argnums=(0, 1))
+  magnitudes = sensitivity_magnitude(loss, params, x)
+  jax.tree.map(
+    lambda g, r, m: assert_close(
+      g, r, rtol=0, atol=rounding_atol(max_abs(m), terms=_terms(case, computations=4))
+    ),
+    got_grads,
+    want_grads,
+    magnitudes,
+  )
 
 
 @jax.jit
@@ -270,17 +313,22 @@ def _cached_runs(mixer, x):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_cached_decoding_and_packing_match_full_forward(case):
   _, mixer = _mixer(case)
-  out = _cached_runs(mixer, _x(2))
+  x = _x(2)
+  out = _cached_runs(mixer, x)
   assert out["no_cache"] is None
-  close = dict(rtol=1e-5, atol=1e-5)
+  # Magnitudes of one pass and of the two documents run separately (two computations each).
+  reference, params = _reference(case), nnx.to_pure_dict(nnx.split(mixer)[1])
+  full = rounding_atol(sensitivity_magnitude(reference, params, x), terms=_terms(case))
+  separate = [sensitivity_magnitude(reference, params, x) for x in (x[:, :SPLIT], x[:, SPLIT:])]
+  separate = rounding_atol(np.concatenate(separate, 1), terms=_terms(case))
   if case == "pla":
     # Token by token from position 0 no token sees a later prefix token: not the parallel form.
     assert np.abs(out["steps"] - out["full"]).max() > 1e-3
   else:
-    assert_close(out["steps"], out["full"], **close)
-  assert_close(out["prefill_decode"], out["full"], **close)
-  assert_close(out["packed"], out["separate"], **close)
-  assert_close(out["packed_cache_tail"], out["separate"][:, -2:], **close)
+    assert_close(out["steps"], out["full"], rtol=0, atol=full)
+  assert_close(out["prefill_decode"], out["full"], rtol=0, atol=full)
+  assert_close(out["packed"], out["separate"], rtol=0, atol=separate)
+  assert_close(out["packed_cache_tail"], out["separate"][:, -2:], rtol=0, atol=separate[:, -2:])
   # The packed run must differ from the unpacked one, or the check above proves nothing.
   assert np.abs(out["packed"][:, SPLIT:] - out["full"][:, SPLIT:]).max() > 1e-3
 

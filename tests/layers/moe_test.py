@@ -1,6 +1,11 @@
 """Mixture of experts: routing, capacity and dropping, the load-balancing loss and the routers
 against numpy references written here (a loop over tokens and experts, PyTorch's GRUCell form),
-and the causality of the shared GRU router over layers."""
+and the causality of the shared GRU router over layers.
+
+Tolerances (testing_utils' error model): an output is ``Σ_k w_k e_k(x)`` over the chosen experts:
+each expert a SwiGLU MLP (its factors' errors carried into the product, then the down
+projection), each weight carrying the relative error of the router logits, twice a logit's error
+(``_atol``)."""
 
 import dataclasses
 
@@ -9,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from testing_utils import assert_close
+from testing_utils import assert_close, rnn_error_bound, rounding_atol
 
 from jaxrec import layers
 from jaxrec.models import LM, LMConfig
@@ -38,14 +43,30 @@ def _softmax(a):
   return a / a.sum(-1, keepdims=True)
 
 
-def _reference(p, x, logits, top_k, capacity):
+def _expert_magnitude(p, e, x):
+  """``Σ|terms|`` of an expert's output: the gate's and up's products carried into their product
+  (``|silu'| <= 1.1``), then the down projection."""
+  a, b = x @ p["w_gate"][e], x @ p["w_up"][e]
+  ax = np.abs(x)
+  factors = 1.1 * (ax @ np.abs(p["w_gate"][e])) * np.abs(b) + np.abs(_silu(a)) * (
+    ax @ np.abs(p["w_up"][e])
+  )
+  return factors @ np.abs(p["w_down"][e])
+
+
+def _reference(p, x, logits, top_k, capacity, logit_error=None):
   """Token and expert loop: top-k of the softmax, renormalized; an assignment is served in order
-  (every first choice, then every second choice, ...) while its expert has room."""
+  (every first choice, then every second choice, ...) while its expert has room.
+
+  With ``logit_error`` (``[B, T]``, the absolute error of a token's logits) also returns the
+  per-element ``atol`` of the output: each expert's ``D + 4 + F`` roundings against its
+  magnitude, and its weight's relative error, twice the logit error and a few roundings
+  (softmax, renormalization)."""
   x = np.asarray(x, np.float64).reshape(-1, D)
   probs = _softmax(np.asarray(logits, np.float64).reshape(len(x), -1))
   top = np.argsort(-probs, -1, kind="stable")[:, :top_k]
   used = np.zeros(probs.shape[1], int)
-  y = np.zeros_like(x)
+  y, atol = np.zeros_like(x), np.zeros_like(x)
   kept = 0
   for j in range(top_k):
     for n in range(len(x)):
@@ -55,8 +76,14 @@ def _reference(p, x, logits, top_k, capacity):
         kept += 1
         w = probs[n, e] / probs[n, top[n]].sum()
         y[n] += w * _expert(p, e, x[n])
+        if logit_error is not None:
+          out = w * np.abs(_expert(p, e, x[n]))
+          atol[n] += rounding_atol(w * _expert_magnitude(p, e, x[n]), terms=D + 4 + F + 1)
+          atol[n] += 2 * logit_error.reshape(-1)[n] * out + rounding_atol(out, terms=top_k + 4)
   load = np.bincount(top.ravel(), minlength=probs.shape[1]) / top.size
   aux = probs.shape[1] * np.sum(load * probs.mean(0))
+  if logit_error is not None:
+    return y.reshape(B, T, D), 1 - kept / top.size, aux, atol.reshape(B, T, D)
   return y.reshape(B, T, D), 1 - kept / top.size, aux
 
 
@@ -74,13 +101,17 @@ def test_linear_routing_capacity_drops_and_aux_loss_equal_the_loop(capacity_fact
   x = _x()
   y, state, stats = _call(moe, x)
   p = _params(moe)
-  want, dropped, aux = _reference(p, x, x @ p["router_out"], 2, capacity)
+  logits, logit_error = x @ p["router_out"], _logit_error(x, p["router_out"])
+  want, dropped, aux, atol = _reference(p, x, logits, 2, capacity, logit_error)
   assert state is None
-  assert_close(y, want, rtol=1e-5, atol=1e-6)
-  assert_close(stats.dropped, dropped, rtol=1e-6)
+  assert_close(y, want, rtol=0, atol=atol)
+  assert_close(stats.dropped, dropped, rtol=1e-6)  # 1 - k/n: two roundings
   assert (float(stats.dropped) > 0) == (capacity_factor is not None)
   aux_got = layers.load_balancing_loss(stats.load[None], stats.prob[None])
-  assert_close(aux_got, aux, rtol=1e-5)
+  # Positive terms: the probabilities' relative error (twice the largest logit error, and the
+  # softmax's few roundings), a mean over B·T tokens and a sum over E experts.
+  atol = 2 * np.max(logit_error) * aux + rounding_atol(aux, terms=4 + B * T + E)
+  assert_close(aux_got, aux, rtol=0, atol=atol)
 
 
 def test_one_expert_top_one_is_the_dense_swiglu():
@@ -88,8 +119,24 @@ def test_one_expert_top_one_is_the_dense_swiglu():
   x = _x(1)
   y, _, stats = _call(moe, x)
   p = _params(moe)
-  assert_close(y, _expert(p, 0, np.asarray(x, np.float64)), rtol=1e-5, atol=1e-6)
+  x64 = np.asarray(x, np.float64)
+  # One expert, weight 1 exactly: the expert's own roundings.
+  atol = rounding_atol(_expert_magnitude(p, 0, x64), terms=D + 4 + F + 1)
+  assert_close(y, _expert(p, 0, x64), rtol=0, atol=atol)
   assert float(stats.dropped) == 0.0
+
+
+def _logit_error(x, router):
+  """A token's largest logit error, ``[B, T]``: a ``len(x)``-long product, relative to its terms."""
+  return np.max(rounding_atol(np.abs(x) @ np.abs(router), terms=x.shape[-1] + 1), -1)
+
+
+def _gru_cell_jax(c, x, h):
+  """``_gru_cell_numpy`` in jnp, for its Jacobian and rounding bound."""
+  gi, gh = x @ c["w_ih"] + c["b_ih"], h @ c["w_hh"] + c["b_hh"]
+  (ir, iz, i_n), (hr, hz, hn) = jnp.split(gi, 3, -1), jnp.split(gh, 3, -1)
+  r, z = jax.nn.sigmoid(ir + hr), jax.nn.sigmoid(iz + hz)
+  return (1 - z) * jnp.tanh(i_n + r * hn) + z * h
 
 
 def _gru_cell_numpy(c, x, h):
@@ -117,13 +164,26 @@ def test_gru_router_chain_equals_the_numpy_gru_cell():
 
   got = chain(cell, moes, xs)
   c = {k: np.asarray(v, np.float64) for k, v in nnx.to_pure_dict(nnx.state(cell)).items()}
-  h = np.zeros((B, T, 5))
-  for moe, x, (y, h_got) in zip(moes, xs, got, strict=True):
-    p = _params(moe)
-    h = _gru_cell_numpy(c, x @ p["router_proj"], h)
-    assert_close(h_got, h, rtol=1e-5, atol=1e-6)
-    want, _, _ = _reference(p, x, h @ p["router_out"], 2, B * T)
-    assert_close(y, want, rtol=1e-5, atol=1e-6)
+  # The two layers' cells as a recurrence over layers (tokens as the batch): each cell's rounding
+  # on an input that a D-long product rounded, carried through the next cell's Jacobian.
+  us = [x @ _params(moe)["router_proj"] for moe, x in zip(moes, xs, strict=True)]
+  hs = [_gru_cell_numpy(c, us[0], np.zeros((B, T, 5)))]
+  hs.append(_gru_cell_numpy(c, us[1], hs[0]))
+  tokens = lambda arrays: np.stack([a.reshape(B * T, 5) for a in arrays], 1)
+  h_atol = rnn_error_bound(
+    lambda c, h, u: _gru_cell_jax(c, u, h),
+    c,
+    jnp.asarray(tokens(us), jnp.float32),
+    jnp.zeros((B * T, 5)),
+    jnp.asarray(tokens(hs), jnp.float32),
+    terms=5 + 5 + 6 + D,
+  )
+  for layer, (moe, x, (y, h_got)) in enumerate(zip(moes, xs, got, strict=True)):
+    p, h, h_error = _params(moe), hs[layer], h_atol[:, layer].reshape(B, T, 5)
+    assert_close(h_got, h, rtol=0, atol=h_error)
+    logit_error = _logit_error(h, p["router_out"]) + np.max(h_error @ np.abs(p["router_out"]), -1)
+    want, _, _, atol = _reference(p, x, h @ p["router_out"], 2, B * T, logit_error)
+    assert_close(y, want, rtol=0, atol=atol)
 
 
 CFG = LMConfig(

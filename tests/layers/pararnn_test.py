@@ -1,13 +1,26 @@
 """ParaGRU / ParaLSTM mixers: forward and gradients against a sequential ``lax.scan`` written here,
 cached decoding against the full forward, packed documents against separate runs, the input
-projections kept out of the Newton loop, and an LM decoding through ``jaxrec.generate``."""
+projections kept out of the Newton loop, and an LM decoding through ``jaxrec.generate``.
+
+Tolerances (testing_utils' error model): the layer's magnitude is ``sensitivity_magnitude`` of
+the reference, with ``_terms`` roundings, which include the Newton solve's residual tolerance.
+"""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from testing_utils import assert_close, max_abs, mixer_outputs_and_grads
+from testing_utils import (
+  assert_close,
+  max_abs,
+  mixer_outputs_and_grads,
+  rounding_atol,
+  sensitivity_magnitude,
+  unit_roundoff,
+)
 from testing_utils import decode_token_by_token as _decode
 
 import jaxrec
@@ -28,6 +41,15 @@ def _mixer(kind, **kw):
   if kind == "paralstm":
     mixer.peephole[...] = 3.0 * mixer.peephole[...]
   return mixer
+
+
+def _terms(computations=2):
+  """Roundings on the layer's longest chain, for ``computations`` fp32 runs compared: the input
+  projection (D), the cell projection (D/H), the recurrence's cell (a few a step over T steps),
+  the output norm (D), the gate and output projections (D), and the Newton solve's residual
+  tolerance (1e-6 of the state a step, ``newton_core.default_tol``) over at most T steps."""
+  chain = D + D // HEADS + 6 * T + D + 2 * D + 10
+  return computations * chain + T * 1e-6 / unit_roundoff()
 
 
 def _x(seed=0, t=T):
@@ -60,6 +82,16 @@ def _lstm_step(a, p, carry, u):
   return (c, h), h
 
 
+@functools.cache
+def _reference_fn(kind):
+  """One reference object per kind: its sensitivities compile once."""
+  return lambda p, x: _reference(kind, p, x)
+
+
+def _params(mixer):
+  return nnx.to_pure_dict(nnx.split(mixer)[1])
+
+
 def _reference(kind, p, x, eps=1e-6):
   b, t, d = x.shape
   xh = jax.nn.silu(jnp.einsum("btd,dhk->bthk", x, p["in_proj"]["kernel"]))
@@ -83,10 +115,15 @@ def _reference(kind, p, x, eps=1e-6):
 def test_forward_and_gradients_match_sequential_scan(kind):
   x = _x()
   w = np.random.default_rng(1).standard_normal(x.shape, np.float32)
-  reference = lambda p, x: _reference(kind, p, x)
-  (got, got_grads), (want, want_grads) = mixer_outputs_and_grads(_mixer(kind), reference, x, w)
-  assert_close(got, want, rtol=1e-5, atol=1e-5)
-  jax.tree.map(lambda g, r: assert_close(g, r, rtol=1e-4, atol=1e-5), got_grads, want_grads)
+  reference, mixer = _reference_fn(kind), _mixer(kind)
+  (got, got_grads), (want, want_grads) = mixer_outputs_and_grads(mixer, reference, x, w)
+  magnitude = sensitivity_magnitude(reference, _params(mixer), x)
+  assert_close(got, want, rtol=0, atol=rounding_atol(magnitude, terms=_terms()))
+  # Per tensor; each computation a forward and a backward chain.
+  loss = jax.grad(lambda p, x: jnp.sum(reference(p, x) * w), argnums=(0, 1))
+  magnitudes = sensitivity_magnitude(loss, _params(mixer), x)
+  atols = jax.tree.map(lambda m: rounding_atol(max_abs(m), terms=_terms(4)), magnitudes)
+  jax.tree.map(lambda g, r, a: assert_close(g, r, rtol=0, atol=a), got_grads, want_grads, atols)
   # The clipped diagonals still get a gradient for every entry.
   assert np.all(np.abs(got_grads[0]["recurrent"]) > 0)
 
@@ -121,16 +158,25 @@ def _cached_runs(mixer, x):
 @pytest.mark.parametrize("kind", KINDS)
 def test_cached_decoding_and_packing_match_full_forward(kind):
   mixer = _mixer(kind)
-  out = _cached_runs(mixer, _x(2))
+  x = _x(2)
+  out = _cached_runs(mixer, x)
   assert out["no_cache"] is None
   assert out["full_state"].shape == (B, (2 if kind == "paralstm" else 1) * D)
   assert out["full_state"].dtype == jnp.float32
-  close = dict(rtol=1e-5, atol=1e-5)
-  assert_close(out["steps"], out["full"], **close)
-  assert_close(out["prefill_decode"], out["full"], **close)
-  assert_close(out["step_state"], out["full_state"], **close)
-  assert_close(out["packed"], out["separate"], **close)
-  assert_close(out["packed_cache_tail"], out["separate"][:, -2:], **close)
+  reference, params = _reference_fn(kind), _params(mixer)
+  full = rounding_atol(sensitivity_magnitude(reference, params, x), terms=_terms())
+  separate = [sensitivity_magnitude(reference, params, x) for x in (x[:, :SPLIT], x[:, SPLIT:])]
+  separate = rounding_atol(np.concatenate(separate, 1), terms=_terms())
+  assert_close(out["steps"], out["full"], rtol=0, atol=full)
+  assert_close(out["prefill_decode"], out["full"], rtol=0, atol=full)
+  # The state: the recurrence's chain and the Newton residual against its own scale, at least 1
+  # (it is what the solve's tolerance is relative to).
+  state = max(max_abs(out["full_state"]), 1.0)
+  assert_close(
+    out["step_state"], out["full_state"], rtol=0, atol=rounding_atol(state, terms=_terms())
+  )
+  assert_close(out["packed"], out["separate"], rtol=0, atol=separate)
+  assert_close(out["packed_cache_tail"], out["separate"][:, -2:], rtol=0, atol=separate[:, -2:])
   # The packed run must differ from the unpacked one, or the check above proves nothing.
   assert np.abs(out["packed"][:, SPLIT:] - out["full"][:, SPLIT:]).max() > 1e-3
 
@@ -170,7 +216,12 @@ def test_bf16_compute_keeps_fp32_state():
   y, cache = bf16(x, cache=bf16.init_cache(B, T, jnp.bfloat16))
   assert y.dtype == jnp.bfloat16 and cache.state.dtype == jnp.float32
   want = mixer(x)[0]
-  assert_close(y.astype(np.float32), want, rtol=0.0, atol=0.05 * max_abs(want))
+  # Every parameter, input and activation rounded once to bf16 (the sensitivity counts each
+  # factor of each term; a few intermediate activations more), plus the fp32 runs' own error.
+  magnitude = sensitivity_magnitude(_reference_fn("paragru"), _params(mixer), x)
+  atol = rounding_atol(magnitude, terms=1 + 5, dtype=jnp.bfloat16)
+  atol = atol + rounding_atol(magnitude, terms=_terms())
+  assert_close(y.astype(np.float32), want, rtol=0.0, atol=atol)
 
 
 def test_lm_greedy_generation_equals_argmax_of_full_forwards():

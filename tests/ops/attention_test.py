@@ -1,20 +1,29 @@
-"""Softmax attention op against a naive numpy reference: masks, GQA, cache-style positions."""
+"""Softmax attention op against a naive numpy reference: masks, GQA, cache-style positions.
+
+Tolerances (testing_utils' error model): an output is ``Σ_s p_s v_s`` over ``S`` visible keys,
+so ``S`` roundings and a few (the exponential, the normalizer, the division) against its magnitude
+``Σ p |v|``; and each weight carries the relative error of the logits it came from, twice the
+error of a length-``d`` dot product: ``2(d + 2)·max_s |q|·|k_s| / √d`` more.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from testing_utils import assert_close
+from testing_utils import assert_close, rounding_atol
 
 from jaxrec.ops import attention
 
 
-def _reference(q, k, v, *, q_pos, kv_pos, window=None, q_seg=None, kv_seg=None):
-  """Per batch row, query and head: an explicit loop over the visible keys."""
+def _reference(q, k, v, *, q_pos, kv_pos, window=None, q_seg=None, kv_seg=None, atol=False):
+  """Per batch row, query and head: an explicit loop over the visible keys. With ``atol`` also
+  returns the per-element tolerance of the module docstring and, per row, the largest
+  ``|q|·|k_s| / √d`` and the magnitude ``Σ p |v|``: ``(out, atol, (scale, magnitude))``."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   b, t, h, d = q.shape
   group = h // k.shape[2]
   out = np.zeros_like(q)
+  terms, scales, magnitude = np.zeros(q.shape[:3]), np.zeros(q.shape[:3]), np.zeros_like(q)
   for bi in range(b):
     for ti in range(t):
       for hi in range(h):
@@ -29,6 +38,13 @@ def _reference(q, k, v, *, q_pos, kv_pos, window=None, q_seg=None, kv_seg=None):
         p = np.exp(logits - logits.max())
         p /= p.sum()
         out[bi, ti, hi] = sum(pi * v[bi, s, hi // group] for pi, s in zip(p, visible))
+        magnitude[bi, ti, hi] = sum(pi * np.abs(v[bi, s, hi // group]) for pi, s in zip(p, visible))
+        scale = max(np.abs(q[bi, ti, hi]) @ np.abs(k[bi, s, hi // group]) for s in visible)
+        scales[bi, ti, hi] = scale / np.sqrt(d)
+        terms[bi, ti, hi] = len(visible) + 3 + 2 * (d + 2) * scales[bi, ti, hi]
+  if atol:
+    atols = rounding_atol(magnitude, terms=terms[..., None])
+    return out, atols, (scales[..., None], magnitude)
   return out
 
 
@@ -58,8 +74,10 @@ def test_self_attention_matches_reference(heads, kv_heads, window, packed):
     seg = np.array([[0, 0, 0, 0, 1, 1, 1, 1, 1], [3, 3, 5, 5, 5, 5, 5, 7, 7]])
   pos = np.broadcast_to(np.arange(t), (b, t))
   got = _attention(q, k, v, window=window, segment_ids=seg)
-  want = _reference(q, k, v, q_pos=pos, kv_pos=pos, window=window, q_seg=seg, kv_seg=seg)
-  assert_close(got, want, rtol=1e-5, atol=1e-5)
+  want, atol, _ = _reference(
+    q, k, v, q_pos=pos, kv_pos=pos, window=window, q_seg=seg, kv_seg=seg, atol=True
+  )
+  assert_close(got, want, rtol=0, atol=atol)
 
 
 def test_queries_against_a_longer_cache():
@@ -69,20 +87,46 @@ def test_queries_against_a_longer_cache():
   q_pos = np.array([[4, 5]])
   kv_pos = np.arange(s)[None]
   got = _attention(q, k, v, q_positions=q_pos, window=3)
-  want = _reference(q, k, v, q_pos=q_pos, kv_pos=kv_pos, window=3)
-  assert_close(got, want, rtol=1e-5, atol=1e-5)
+  want, atol, _ = _reference(q, k, v, q_pos=q_pos, kv_pos=kv_pos, window=3, atol=True)
+  assert_close(got, want, rtol=0, atol=atol)
+
+
+def _gradient_atols(q, k, v, w, visible):
+  """Per-element ``atol`` s of ``(dq, dk, dv)`` for the gradient of ``Σ w·y`` computed twice in
+  fp32: the backward pass's own terms taken absolute (``dv_s = Σ_t p_ts w_t``, ``dp_ts = w_t·v_s``,
+  ``dl_ts = p_ts (dp_ts - Σ_r p_tr dp_tr)``, ``dq_t = Σ_s dl_ts k_s / √d``, ``dk_s = Σ_t dl_ts
+  q_t / √d``), each computation a forward and a backward chain, and the weights' relative error
+  from the logits (``visible [T, S]``; GQA: the key/value heads' gradients sum their group's)."""
+  q, k, v, w = (np.asarray(x, np.float64) for x in (q, k, v, w))
+  d, group = q.shape[-1], q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+  logits = np.where(visible, np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(d), -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  dp = np.einsum("bthd,bshd->bhts", np.abs(w), np.abs(v))
+  dl = p * (dp + np.sum(p * dp, -1, keepdims=True))
+  dq = np.einsum("bhts,bshd->bthd", dl, np.abs(k)) / np.sqrt(d)
+  dk = np.einsum("bhts,bthd->bshd", dl, np.abs(q)) / np.sqrt(d)
+  dv = np.einsum("bhts,bthd->bshd", p, np.abs(w))
+  dk, dv = (x.reshape(*x.shape[:2], -1, group, d).sum(3) for x in (dk, dv))
+  scale = np.max(np.where(visible, np.einsum("bthd,bshd->bhts", *map(np.abs, (q, k))), 0.0))
+  count = visible.sum(-1).max()
+  forward = count + 3 + 2 * (d + 2) * scale / np.sqrt(d)
+  terms = 2 * (forward + 2 * d + 2 * count + 2)
+  return [rounding_atol(m, terms=terms) for m in (dq, dk, dv)]
 
 
 def test_gradients_match_a_jax_reference():
   q, k, v = _qkv(1, 6, 6, 4, 2, 4, seed=2)
   seg = np.array([[0, 0, 0, 1, 1, 1]])
 
+  pos = np.arange(6)
+  mask = (pos[:, None] >= pos[None, :]) & (pos[:, None] - pos[None, :] < 2)
+  mask &= seg[0][:, None] == seg[0][None, :]
+
   def reference(q, k, v):
     k, v = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
     logits = jnp.einsum("bthd,bshd->bhts", q, k) / 2.0
-    pos = jnp.arange(6)
-    mask = (pos[:, None] >= pos[None, :]) & (pos[:, None] - pos[None, :] < 2)
-    mask &= seg[0][:, None] == seg[0][None, :]
     p = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
     return jnp.einsum("bhts,bshd->bthd", p, v)
 
@@ -92,16 +136,20 @@ def test_gradients_match_a_jax_reference():
   w = np.random.default_rng(3).standard_normal(q.shape, np.float32)
   got = jax.jit(jax.grad(lambda *a: jnp.sum(op(*a) * w), argnums=(0, 1, 2)))(q, k, v)
   want = jax.jit(jax.grad(lambda *a: jnp.sum(reference(*a) * w), argnums=(0, 1, 2)))(q, k, v)
-  for g, r in zip(got, want):
-    assert_close(g, r, rtol=1e-5, atol=1e-6)
+  for name, g, r, atol in zip("qkv", got, want, _gradient_atols(q, k, v, w, mask), strict=True):
+    assert_close(g, r, rtol=0, atol=atol, err_msg=f"d{name}")
 
 
 def test_bf16_inputs_give_bf16_outputs_close_to_fp32():
   q, k, v = _qkv(1, 5, 5, 2, 2, 8, seed=4)
   got = _attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
-  want = _attention(q, k, v)
+  pos = np.broadcast_to(np.arange(5), (1, 5))
+  want, atol, (scale, magnitude) = _reference(q, k, v, q_pos=pos, kv_pos=pos, atol=True)
   assert got.dtype == jnp.bfloat16
-  assert_close(got.astype(jnp.float32), want, rtol=3e-2, atol=3e-2)
+  # bf16 roundings of q (and of it scaled), k and v on entry, of the weights and of the output;
+  # a logit's three move its weight by up to 2·3·u·|q|·|k| / √d.
+  bf16 = rounding_atol(magnitude * (2 + 6 * scale) + np.abs(want), terms=1, dtype=jnp.bfloat16)
+  assert_close(got.astype(jnp.float32), want, rtol=0, atol=atol + bf16)
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,9 @@
 """jaxrec.ops.gla against independent references: a float64 numpy loop over time for values, and
 jax.grad of a plain lax.scan (testing_utils.scan_gla) for gradients.
 
-Closeness is measured against the scale of the reference: every ``|x - ref| <= tol * max |ref|``
-(``atol=tol * max_abs(ref)``, ``rtol=0``).
+Tolerances follow testing_utils' error model: per element, the same numpy loop over ``|q|, |k|,
+|v|, |h0|`` gives the magnitude, ``_chain`` counts the roundings of the form under test, and
+``_exponent_terms`` what the chunkwise forms' in-chunk cumulative log-decays add.
 """
 
 import functools
@@ -13,32 +14,23 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from testing_utils import assert_close, max_abs, scan_gla
+from testing_utils import (
+  assert_close,
+  gla_atols,
+  gla_chain,
+  gla_exponent_terms,
+  gla_gradient_magnitudes,
+  gla_gradient_terms,
+  gla_magnitudes,
+  numpy_gla,
+  rounding_atol,
+  scan_gla,
+)
 
 from jaxrec.ops import gated_linear_attention, gated_linear_attention_step, gla_chunk
 from jaxrec.ops.segments import segment_starts
 
 FORMS = ["sequential", "chunk"]
-
-
-def _numpy_gla(q, k, v, g, h0=None, segment_ids=None, scale=None):
-  """S_t = diag(e^{g_t}) S_{t-1} + k_t v_tᵀ, o_t = scale q_tᵀ S_t, in float64, one step at a time."""
-  q, k, v, g = (np.asarray(x, np.float64) for x in (q, k, v, g))
-  batch, t, heads, key_dim = q.shape
-  scale = key_dim**-0.5 if scale is None else scale
-  if g.ndim == 3:
-    g = np.broadcast_to(g[..., None], q.shape)
-  state = np.zeros((batch, heads, key_dim, v.shape[-1]))
-  if h0 is not None:
-    state = np.array(h0, np.float64)
-  seg = None if segment_ids is None else np.asarray(segment_ids)
-  o = np.zeros((batch, t, heads, v.shape[-1]))
-  for i in range(t):
-    if seg is not None and i > 0:
-      state[seg[:, i] != seg[:, i - 1]] = 0.0
-    state = np.exp(g[:, i])[..., None] * state + k[:, i, :, :, None] * v[:, i, :, None, :]
-    o[:, i] = scale * np.einsum("bhk,bhkv->bhv", q[:, i], state)
-  return o, state
 
 
 def _inputs(b, t, h, key_dim, value_dim, scalar, seed=0, decay=(0.01, 1.0)):
@@ -90,10 +82,20 @@ def test_matches_numpy_reference(method, case):
   h0 = h0 if with_h0 else None
   seg = _segments(b, t) if with_seg else None
   o, state = _gla(method)(q, k, v, g, initial_state=h0, segment_ids=seg)
-  o_ref, state_ref = _numpy_gla(q, k, v, g, h0, seg)
+  o_ref, state_ref = numpy_gla(q, k, v, g, h0, seg)
   assert o.dtype == jnp.float32 and state.dtype == jnp.float32
-  assert_close(o, o_ref, rtol=0.0, atol=1e-5 * max_abs(o_ref))
-  assert_close(state, state_ref, rtol=0.0, atol=1e-5 * max_abs(state_ref))
+  o_atol, state_atol = gla_atols(
+    q,
+    k,
+    v,
+    g,
+    h0,
+    seg,
+    terms=gla_chain(method, t, key_dim),
+    exponent_terms=gla_exponent_terms(method, g),
+  )
+  assert_close(o, o_ref, rtol=0.0, atol=o_atol)
+  assert_close(state, state_ref, rtol=0.0, atol=state_atol)
 
 
 def test_resets_at_chunk_edges_and_scale():
@@ -104,22 +106,39 @@ def test_resets_at_chunk_edges_and_scale():
   seg[0, 31:] += 1
   seg[0, 33:] += 1
   seg[0, 36:] = 0  # an id seen before still starts a new segment
-  o_ref, state_ref = _numpy_gla(q, k, v, g, h0, seg, scale=0.3)
+  o_ref, state_ref = numpy_gla(q, k, v, g, h0, seg, scale=0.3)
   for method in FORMS:
     o, state = _gla(method, scale=0.3)(q, k, v, g, initial_state=h0, segment_ids=seg)
-    assert_close(o, o_ref, rtol=0.0, atol=1e-5 * max_abs(o_ref))
-    assert_close(state, state_ref, rtol=0.0, atol=1e-5 * max_abs(state_ref))
+    o_atol, state_atol = gla_atols(
+      q,
+      k,
+      v,
+      g,
+      h0,
+      seg,
+      0.3,
+      terms=gla_chain(method, 40, 8),
+      exponent_terms=gla_exponent_terms(method, g),
+    )
+    assert_close(o, o_ref, rtol=0.0, atol=o_atol)
+    assert_close(state, state_ref, rtol=0.0, atol=state_atol)
 
 
 @pytest.mark.parametrize("scalar", [False, True])
 def test_bf16_inputs(scalar):
   q, k, v, g, h0 = (jnp.asarray(x, jnp.bfloat16) for x in _inputs(2, 40, 2, 8, 8, scalar, seed=1))
-  o_ref, state_ref = _numpy_gla(*(np.asarray(x, np.float32) for x in (q, k, v, g, h0)))
+  exact = [np.asarray(x, np.float32) for x in (q, k, v, g, h0)]  # bf16 values, exactly
+  o_ref, state_ref = numpy_gla(*exact)
   for method in FORMS:
     o, state = _gla(method)(q, k, v, g, initial_state=h0)
     assert o.dtype == jnp.bfloat16 and state.dtype == jnp.float32
-    assert_close(o, o_ref, rtol=0.0, atol=1e-2 * max_abs(o_ref))
-    assert_close(state, state_ref, rtol=0.0, atol=1e-2 * max_abs(state_ref))
+    # fp32 arithmetic on the bf16 values; only the output is rounded to bf16.
+    o_atol, state_atol = gla_atols(
+      *exact, terms=gla_chain(method, 40, 8), exponent_terms=gla_exponent_terms(method, exact[3])
+    )
+    o_atol = o_atol + rounding_atol(np.abs(o_ref), terms=1, dtype=jnp.bfloat16)
+    assert_close(o, o_ref, rtol=0.0, atol=o_atol)
+    assert_close(state, state_ref, rtol=0.0, atol=state_atol)
 
 
 @pytest.mark.parametrize("scalar", [False, True])
@@ -140,12 +159,14 @@ def test_gradients_match_scan_reference(scalar):
   ref = jax.jit(jax.grad(lambda *a: loss(lambda *x: scan_gla(*x, seg), *a), argnums))(
     q, k, v, g, h0
   )
+  magnitudes = gla_gradient_magnitudes(q, k, v, g, h0, seg, w_o, w_s)
   for method in FORMS:
     fn = lambda *x, m=method: _gla(m)(*x[:4], initial_state=x[4], segment_ids=seg)
     got = jax.jit(jax.grad(lambda *a, f=fn: loss(f, *a), argnums))(q, k, v, g, h0)
-    for name, x, r in zip(("q", "k", "v", "log_decay", "initial_state"), got, ref):
+    terms = gla_gradient_terms(method, g, 8)
+    for name, x, r, m in zip(("q", "k", "v", "log_decay", "initial_state"), got, ref, magnitudes):
       assert np.all(np.isfinite(x)), (method, name)
-      assert_close(x, r, rtol=0.0, atol=1e-5 * max_abs(r))
+      assert_close(x, r, rtol=0.0, atol=rounding_atol(m, terms=terms), err_msg=f"{method} {name}")
 
 
 @pytest.mark.parametrize("method", FORMS)
@@ -163,8 +184,19 @@ def test_split_sequence_with_state_passing(method):
   second = (x[:, cut:] for x in (q, k, v, g))
   o_a, state_a = _gla(method)(*first, initial_state=h0, segment_ids=seg[:, :cut])
   o_b, state_b = _gla(method)(*second, initial_state=state_a, segment_ids=seg[:, cut:])
-  assert_close(np.concatenate([o_a, o_b], axis=1), o, rtol=0.0, atol=1e-5 * max_abs(o))
-  assert_close(state_b, state, rtol=0.0, atol=1e-5 * max_abs(state))
+  # Two computations, neither with a longer chain than one pass.
+  o_atol, state_atol = gla_atols(
+    q,
+    k,
+    v,
+    g,
+    h0,
+    seg,
+    terms=2 * gla_chain(method, 48, 8),
+    exponent_terms=2 * gla_exponent_terms(method, g),
+  )
+  assert_close(np.concatenate([o_a, o_b], axis=1), o, rtol=0.0, atol=o_atol)
+  assert_close(state_b, state, rtol=0.0, atol=state_atol)
 
 
 @pytest.mark.parametrize("scalar", [False, True])
@@ -179,8 +211,17 @@ def test_step_matches_full_sequence(scalar):
     o_t, state_t = step(q[:, i], k[:, i], v[:, i], g[:, i], state_t)
     outs.append(o_t)
   assert state_t.dtype == jnp.float32
-  assert_close(np.stack(outs, axis=1), o, rtol=0.0, atol=1e-5 * max_abs(o))
-  assert_close(state_t, state, rtol=0.0, atol=1e-5 * max_abs(state))
+  o_atol, state_atol = gla_atols(
+    q,
+    k,
+    v,
+    g,
+    h0,
+    terms=gla_chain("chunk", t, 8) + gla_chain("sequential", t, 8),
+    exponent_terms=gla_exponent_terms("chunk", g),
+  )
+  assert_close(np.stack(outs, axis=1), o, rtol=0.0, atol=o_atol)
+  assert_close(state_t, state, rtol=0.0, atol=state_atol)
 
 
 @pytest.mark.parametrize("decay", [(5.0, 30.0), (0.0, 1e-4)], ids=["near_zero", "near_one"])
@@ -191,8 +232,16 @@ def test_long_sequence_extreme_decays(decay):
   q, k, v, g, _ = _inputs(1, t, 1, 16, 16, False, seed=6, decay=decay)
   o, state = _gla("chunk", chunk_size=64, with_state=False)(q, k, v, g)
   assert state is None and np.all(np.isfinite(o))
-  o_ref, _ = _numpy_gla(q, k, v, g)
-  assert_close(o, o_ref, rtol=0.0, atol=1e-5 * max_abs(o_ref))
+  o_ref, _ = numpy_gla(q, k, v, g)
+  o_atol, _ = gla_atols(
+    q,
+    k,
+    v,
+    g,
+    terms=gla_chain("chunk", t, 16, 64),
+    exponent_terms=gla_exponent_terms("chunk", g, 64),
+  )
+  assert_close(o, o_ref, rtol=0.0, atol=o_atol)
   # The three-pass form, as the GPU benchmark runs it: chunks of 64, 16-step diagonal blocks.
   three_pass = functools.partial(
     gla_chunk.chunkwise_gla,
@@ -205,7 +254,7 @@ def test_long_sequence_extreme_decays(decay):
   )
   o, _ = jax.jit(three_pass)(q, k, v, g)
   assert np.all(np.isfinite(o))
-  assert_close(o, o_ref, rtol=0.0, atol=1e-5 * max_abs(o_ref))
+  assert_close(o, o_ref, rtol=0.0, atol=o_atol)
 
 
 @settings(max_examples=8, deadline=None)
@@ -219,9 +268,19 @@ def test_random_resets_and_decay_strengths(starts, strength, seed):
   q, k, v, g, h0 = _inputs(1, 24, 2, 8, 4, False, seed=seed, decay=(0.0, strength))
   seg = np.cumsum(np.asarray(starts, np.int32))[None]
   o, state = _gla("chunk", chunk_size=8)(q, k, v, g, initial_state=h0, segment_ids=seg)
-  o_ref, state_ref = _numpy_gla(q, k, v, g, h0, seg)
-  assert_close(o, o_ref, rtol=0.0, atol=1e-5 * max_abs(o_ref))
-  assert_close(state, state_ref, rtol=0.0, atol=1e-5 * max_abs(state_ref))
+  o_ref, state_ref = numpy_gla(q, k, v, g, h0, seg)
+  o_atol, state_atol = gla_atols(
+    q,
+    k,
+    v,
+    g,
+    h0,
+    seg,
+    terms=gla_chain("chunk", 24, 8, 8),
+    exponent_terms=gla_exponent_terms("chunk", g, 8),
+  )
+  assert_close(o, o_ref, rtol=0.0, atol=o_atol)
+  assert_close(state, state_ref, rtol=0.0, atol=state_atol)
 
 
 @functools.cache
@@ -267,13 +326,26 @@ def test_three_pass_form_matches_references(chunk_size, diag_size, state_pass):
     w_o, w_s = rng.standard_normal((b, t, h, 4), np.float32), rng.standard_normal(h0.shape)
     w_s = w_s.astype(np.float32)
     o, state, grads = fn(q, k, v, g, h0, seg, w_o, w_s)
-    o_ref, state_ref = _numpy_gla(q, k, v, g, h0, seg)
-    assert_close(o, o_ref, rtol=0.0, atol=1e-5 * max_abs(o_ref))
-    assert_close(state, state_ref, rtol=0.0, atol=1e-5 * max_abs(state_ref))
+    o_ref, state_ref = numpy_gla(q, k, v, g, h0, seg)
+    o_atol, state_atol = gla_atols(
+      q,
+      k,
+      v,
+      g,
+      h0,
+      seg,
+      terms=gla_chain("chunk", t, 8, chunk_size),
+      exponent_terms=gla_exponent_terms("chunk", g, chunk_size),
+    )
+    assert_close(o, o_ref, rtol=0.0, atol=o_atol)
+    assert_close(state, state_ref, rtol=0.0, atol=state_atol)
     ref = jax.vjp(lambda *a: scan_gla(*a, seg), q, k, v, g, h0)[1]((w_o, w_s))
-    for name, x, r in zip(("q", "k", "v", "log_decay", "initial_state"), grads, ref):
+    magnitudes = gla_gradient_magnitudes(q, k, v, g, h0, seg, w_o, w_s)
+    terms = gla_gradient_terms("chunk", g, 8, chunk_size)
+    for name, x, r, m in zip(("q", "k", "v", "log_decay", "initial_state"), grads, ref, magnitudes):
       assert np.all(np.isfinite(x)), (decay, name)
-      assert_close(x, r, rtol=0.0, atol=1e-5 * max_abs(r), err_msg=f"{decay} {name}")
+      atol = rounding_atol(m, terms=terms)
+      assert_close(x, r, rtol=0.0, atol=atol, err_msg=f"{decay} {name}")
 
 
 def test_three_pass_form_bf16():
@@ -287,10 +359,21 @@ def test_three_pass_form_bf16():
   o, state, _ = fn(
     q, k, v, g, h0.astype(jnp.float32), seg, np.ones((b, t, h, 8)), np.ones(h0.shape)
   )
-  o_ref, state_ref = _numpy_gla(*(np.asarray(a, np.float32) for a in (q, k, v, g, h0)))
+  exact = [np.asarray(a, np.float32) for a in (q, k, v, g, h0)]  # bf16 values, exactly
+  o_ref, state_ref = numpy_gla(*exact)
   assert o.dtype == jnp.float32  # the compute dtype; gated_linear_attention casts back
-  assert_close(o, o_ref, rtol=0.0, atol=1e-2 * max_abs(o_ref))
-  assert_close(state, state_ref, rtol=0.0, atol=1e-2 * max_abs(state_ref))
+  o_atol, state_atol = gla_atols(
+    *exact,
+    terms=gla_chain("chunk", t, 8, 64),
+    exponent_terms=gla_exponent_terms("chunk", exact[3], 64),
+  )
+  # bf16 matmul operands: an output term is a product of at most three roundings to bf16 (the
+  # decayed query or the score, the decayed key, the state); a state term of one (the key).
+  (o_mag, _), (state_mag, _) = gla_magnitudes(*exact)
+  o_atol = o_atol + rounding_atol(o_mag, terms=3, dtype=jnp.bfloat16)
+  state_atol = state_atol + rounding_atol(state_mag, terms=1, dtype=jnp.bfloat16)
+  assert_close(o, o_ref, rtol=0.0, atol=o_atol)
+  assert_close(state, state_ref, rtol=0.0, atol=state_atol)
 
 
 def _bad(**overrides):

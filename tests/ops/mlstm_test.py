@@ -3,7 +3,9 @@
 gradients, and the outputs of mlstm_kernels' PyTorch chunkwise and recurrent forms recorded by
 tests/fixtures/make_xlstm_fixtures.py.
 
-Closeness is measured against the scale of the reference: ``|x - ref| <= tol · max |ref|``.
+Tolerances follow testing_utils' error model for the mLSTM: per element, magnitudes from the
+numpy loop over absolute inputs (the output's as a quotient), ``mlstm_chain`` roundings and
+``mlstm_exponent_terms`` for the log-weights of each form.
 """
 
 import functools
@@ -13,7 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from testing_utils import assert_close, max_abs, numpy_mlstm, scan_mlstm
+from testing_utils import (
+  assert_close,
+  mlstm_atols,
+  mlstm_chain,
+  mlstm_exponent_terms,
+  mlstm_gradient_magnitudes,
+  numpy_mlstm,
+  rounding_atol,
+  scan_mlstm,
+)
 
 from jaxrec.ops import MLSTMState, mlstm, mlstm_step
 
@@ -49,10 +60,18 @@ def _mlstm(method, chunk_size=16):
   )
 
 
-def _assert_matches(h, state, h_ref, state_ref, tol):
-  assert_close(h, h_ref, rtol=0.0, atol=tol * max_abs(h_ref), err_msg="h")
-  for name, x, r in zip("cnm", state, state_ref, strict=True):
-    assert_close(x, r, rtol=0.0, atol=tol * max(max_abs(r), 1.0), err_msg=name)
+def _assert_matches(h, state, h_ref, state_ref, atols):
+  """``h`` and the state ``(C, n, m)`` within ``atols`` (four, as ``mlstm_atols`` gives)."""
+  for name, x, r, atol in zip("hcnm", (h, *state), (h_ref, *state_ref), atols, strict=True):
+    assert_close(x, r, rtol=0.0, atol=atol, err_msg=name)
+
+
+def _terms(method, args, state, t, key_dim, chunk_size=16):
+  """Roundings of one form: its chain and its exponent terms."""
+  m0 = None if state is None else state[2]
+  return mlstm_chain(method, t, key_dim, chunk_size) + mlstm_exponent_terms(
+    method, args[3], args[4], m0, chunk_size
+  )
 
 
 CASES = {
@@ -72,7 +91,8 @@ def test_matches_numpy_reference(method, case):
   seg = _segments(b, t) if with_seg else None
   out, final = _mlstm(method)(*args, initial_state=state, segment_ids=seg)
   assert out.dtype == jnp.float32 and all(x.dtype == jnp.float32 for x in final)
-  _assert_matches(out, final, *numpy_mlstm(*args, state, seg), 1e-5)
+  atols = mlstm_atols(*args, state, seg, terms=_terms(method, args, state, t, key_dim))
+  _assert_matches(out, final, *numpy_mlstm(*args, state, seg), atols)
 
 
 @pytest.mark.parametrize("method", FORMS)
@@ -84,18 +104,23 @@ def test_extreme_gates(method):
   seg = _segments(b, t, seed=3)
   out, final = _mlstm(method)(*args, initial_state=state, segment_ids=seg)
   assert np.all(np.isfinite(out)) and all(np.all(np.isfinite(x)) for x in final)
-  _assert_matches(out, final, *numpy_mlstm(*args, state, seg), 1e-5)
+  atols = mlstm_atols(*args, state, seg, terms=_terms(method, args, state, t, key_dim))
+  _assert_matches(out, final, *numpy_mlstm(*args, state, seg), atols)
 
 
 def test_bf16_inputs():
   """bf16 inputs (cast to fp32 on entry, the same for every form): fp32 states, bf16 output."""
   args, state = _inputs(2, 37, 2, 8, 4, seed=1)
   args = tuple(jnp.asarray(x, jnp.bfloat16) for x in args)
-  ref = numpy_mlstm(*(np.asarray(x, np.float32) for x in args), state)
+  exact = tuple(np.asarray(x, np.float32) for x in args)  # bf16 values, exactly
+  h_ref, final_ref = numpy_mlstm(*exact, state)
   for method in FORMS:
     out, final = _mlstm(method)(*args, initial_state=state)
     assert out.dtype == jnp.bfloat16 and final.c.dtype == jnp.float32
-    _assert_matches(out, final, *ref, 1e-2)
+    # fp32 arithmetic on the bf16 values; only the output is rounded to bf16.
+    h_atol, *state_atols = mlstm_atols(*exact, state, terms=_terms(method, exact, state, 37, 8))
+    h_atol = h_atol + rounding_atol(np.abs(h_ref), terms=1, dtype=jnp.bfloat16)
+    _assert_matches(out, final, h_ref, final_ref, (h_atol, *state_atols))
 
 
 def test_gradients_match_scan_reference():
@@ -115,6 +140,7 @@ def test_gradients_match_scan_reference():
   ref = jax.jit(jax.grad(lambda *a: loss(lambda *x: scan_mlstm(*x[:5], x[5:], seg), *a), argnums))(
     *args, *state
   )
+  magnitudes = mlstm_gradient_magnitudes(args, state, seg, (w_h, w_c, w_n))
   # The Pallas form's gradients: tests/pallas_kernels/mlstm_test.py, against the same reference.
   for method in ("sequential", "parallel", "chunk"):
 
@@ -122,10 +148,13 @@ def test_gradients_match_scan_reference():
       return _mlstm(m)(*x[:5], initial_state=MLSTMState(*x[5:]), segment_ids=seg)
 
     got = jax.jit(jax.grad(lambda *a, f=fn: loss(f, *a), argnums))(*args, *state)
+    # Two computations (the form, the scan), each a forward and a backward chain.
+    terms = 2 * (_terms(method, args, state, t, 8) + _terms("sequential", args, state, t, 8))
     names = ("q", "k", "v", "i_gate", "f_gate", "c0", "n0", "m0")
-    for name, x, r in zip(names, got, ref, strict=True):
+    for name, x, r, m in zip(names, got, ref, magnitudes, strict=True):
       assert np.all(np.isfinite(x)), (method, name)
-      assert_close(x, r, rtol=0.0, atol=1e-5 * max_abs(r), err_msg=f"{method} {name}")
+      atol = rounding_atol(m, terms=terms)
+      assert_close(x, r, rtol=0.0, atol=atol, err_msg=f"{method} {name}")
 
 
 @pytest.mark.parametrize("method", ["chunk", "pallas"])
@@ -143,20 +172,24 @@ def test_split_sequence_with_state_passing(method):
   second = tuple(x[:, cut:] for x in args)
   out_a, state_a = _mlstm(method)(*first, initial_state=state, segment_ids=seg[:, :cut])
   out_b, state_b = _mlstm(method)(*second, initial_state=state_a, segment_ids=seg[:, cut:])
-  _assert_matches(np.concatenate([out_a, out_b], axis=1), state_b, out, final, 1e-5)
+  # Two computations, neither with a longer chain or span than one pass.
+  atols = mlstm_atols(*args, state, seg, terms=2 * _terms(method, args, state, 50, 8))
+  _assert_matches(np.concatenate([out_a, out_b], axis=1), state_b, out, final, atols)
 
 
 def test_step_matches_full_sequence():
   t = 9
   args, state = _inputs(2, t, 3, 8, 4, seed=5)
   out, final = _mlstm("chunk")(*args, initial_state=state)
+  terms = _terms("chunk", args, state, t, 8) + _terms("sequential", args, state, t, 8)
+  atols = mlstm_atols(*args, state, terms=terms)
   step = jax.jit(mlstm_step)
   outs = []
   for s in range(t):
     o, state = step(*(x[:, s] for x in args), state)
     outs.append(o)
   assert all(x.dtype == jnp.float32 for x in state)
-  _assert_matches(np.stack(outs, axis=1), state, out, final, 1e-5)
+  _assert_matches(np.stack(outs, axis=1), state, out, final, atols)
 
 
 def test_long_sequence_chunk_form():
@@ -167,7 +200,26 @@ def test_long_sequence_chunk_form():
   args, state = _inputs(1, t, 1, 4, 4, seed=6)
   out, final = _mlstm("chunk", chunk_size=64)(*args, initial_state=state)
   assert np.all(np.isfinite(out))
-  _assert_matches(out, final, *_mlstm("sequential")(*args, initial_state=state), 1e-5)
+  # Roundings made every step (every chunk), against the accumulated magnitudes (each step's
+  # carried forward by the forget gates): the sequential form's five and two of its exponent
+  # (terms up to max|log f| + |ĩ| + 2|m|); a chunk state's two and the carried stabilizer's (a
+  # chunk's Σ|log f| + |ĩ| + 2|m|). Made once, against the magnitudes: the in-chunk sums and
+  # exponents of one chunk, the readouts.
+  i_gate, f_gate = args[3:]
+  log_f = np.logaddexp(0.0, -f_gate.astype(np.float64))
+  gates = np.max(np.abs(i_gate)) + 2 * max(np.max(np.abs(i_gate)), np.max(np.abs(state[2])))
+  window = np.max(np.convolve(log_f[0, :, 0], np.ones(64), mode="valid"))
+  per_step = 5 + 2 * (np.max(log_f) + gates) + 2 + 2 * (window + gates)
+  once = 2 * 64 * (1 + window) + 2 * (2 * 4 + 8)
+  atols = [
+    a + b
+    for a, b in zip(
+      mlstm_atols(*args, state, terms=per_step, accumulated=True),
+      mlstm_atols(*args, state, terms=once),
+      strict=True,
+    )
+  ]
+  _assert_matches(out, final, *_mlstm("sequential")(*args, initial_state=state), atols)
 
 
 @pytest.mark.parametrize("method", FORMS)
@@ -179,9 +231,13 @@ def test_matches_mlstm_kernels(method):
   args = tuple(heads_last(data[name]) for name in ("q", "k", "v", "i", "f"))
   state = MLSTMState(data["c0"], data["n0"], data["m0"])
   out, final = _mlstm(method)(*args, initial_state=state)
+  # Two fp32 computations; the peer's counted as the sequential form (the longest chain, span).
+  t, key_dim = args[0].shape[1], args[0].shape[-1]
+  terms = _terms(method, args, state, t, key_dim) + _terms("sequential", args, state, t, key_dim)
+  atols = mlstm_atols(*args, state, terms=terms)
   for peer in ("chunkwise", "recurrent"):
     ref = [data[f"{peer}_{name}"] for name in "hcnm"]
-    _assert_matches(out, final, heads_last(ref[0]), ref[1:], 1e-4)
+    _assert_matches(out, final, heads_last(ref[0]), ref[1:], atols)
 
 
 def _bad(**overrides):

@@ -1,7 +1,8 @@
 """pallas_kernels.gla.chunk_gla against an independent reference: a plain ``lax.scan`` of the
 recurrence ``S_t = diag(e^{g_t}) S_{t-1} + k_t v_tᵀ``, ``o_t = scale · q_tᵀ S_t`` (state zeroed
 at every segment start; ``testing_utils.scan_gla``), with ``jax.vjp`` of that scan for the
-gradients. Closeness: ``|x - ref| <= tol · (|ref| + max |ref|)`` elementwise.
+gradients. Tolerances: testing_utils' error model for GLA, with the kernel's sub-chunks of 16
+steps as its chunks (both its exponents and its chain), plus one rounding of each bf16 result.
 
 The kernels run in interpret mode on CPU; the ``compiled`` cases run only on GPU/TPU backends.
 """
@@ -11,13 +12,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
-from testing_utils import assert_close, max_abs, scan_gla
+from testing_utils import (
+  assert_close,
+  gla_atols,
+  gla_chain,
+  gla_exponent_terms,
+  gla_gradient_magnitudes,
+  gla_gradient_terms,
+  rounding_atol,
+  scan_gla,
+)
 
 from jaxrec.ops import gated_linear_attention, segment_starts
 from pallas_kernels.gla import chunk_gla, kernel
 
 B, T, H = 2, 64, 2
 GRADS = ("dq", "dk", "dv", "dlog_decay", "dinitial_state")
+SUB_CHUNK = 16  # the kernels' exact pairwise-decay blocks
 
 
 def _inputs(key_dim, value_dim, dtype=jnp.float32, decay=(0.01, 1.0), seed=0):
@@ -49,7 +60,32 @@ def _vjp(fn, args, cotangents):
   return run(args, cotangents)
 
 
-def _check(args, cotangents, segment_ids, *, chunk, interpret=True, fwd_tol=1e-5, grad_tol=1e-4):
+def _atols(args, cotangents, segment_ids, outputs, grads):
+  """``atol`` s of ``(o, state)`` and of the gradients for the kernel against ``scan_gla`` (two
+  fp32 computations): per element for the outputs, per tensor for the gradients; a result
+  rounded to bf16 adds one bf16 rounding of itself."""
+  q, k, v, g, h0 = (np.asarray(x, np.float32) for x in args)  # bf16 values, exactly
+  t, key_dim = q.shape[1], q.shape[-1]
+  terms = gla_chain("chunk", t, key_dim, SUB_CHUNK) + gla_chain("sequential", t, key_dim)
+  exponent_terms = gla_exponent_terms("chunk", g, SUB_CHUNK)
+  o_atol, state_atol = gla_atols(
+    q, k, v, g, h0, segment_ids, terms=terms, exponent_terms=exponent_terms
+  )
+  grad_terms = gla_gradient_terms("chunk", g, key_dim, SUB_CHUNK)
+  magnitudes = gla_gradient_magnitudes(q, k, v, g, h0, segment_ids, *cotangents)
+  grad_atols = [rounding_atol(m, terms=grad_terms) for m in magnitudes]
+
+  def rounded(atol, x, result):
+    if result.dtype == jnp.float32:
+      return atol
+    return atol + rounding_atol(np.abs(np.asarray(x, np.float64)), terms=1, dtype=result.dtype)
+
+  o_atol = rounded(o_atol, *outputs)
+  grad_atols = [rounded(a, r, x) for a, r, x in zip(grad_atols, *grads, strict=True)]
+  return o_atol, state_atol, grad_atols
+
+
+def _check(args, cotangents, segment_ids, *, chunk, interpret=True):
   scale = args[0].shape[-1] ** -0.5
   starts = None if segment_ids is None else segment_starts(segment_ids)
 
@@ -75,13 +111,16 @@ def _check(args, cotangents, segment_ids, *, chunk, interpret=True, fwd_tol=1e-5
   ref_cts = tuple(x.astype(jnp.float32) for x in cotangents)
   (o_ref, state_ref), grads_ref = _vjp(reference_fn, ref_args, ref_cts)
   assert o.dtype == args[0].dtype and state.dtype == jnp.float32
-  assert_close(o, o_ref, rtol=fwd_tol, atol=fwd_tol * max_abs(o_ref), err_msg="o")
-  assert_close(
-    state, state_ref, rtol=fwd_tol, atol=fwd_tol * max_abs(state_ref), err_msg="final_state"
+  o_atol, state_atol, grad_atols = _atols(
+    args, ref_cts, segment_ids, (o_ref, o), (grads_ref, grads)
   )
-  for name, grad, grad_ref, arg in zip(GRADS, grads, grads_ref, args, strict=True):
+  assert_close(o, o_ref, rtol=0, atol=o_atol, err_msg="o")
+  assert_close(state, state_ref, rtol=0, atol=state_atol, err_msg="final_state")
+  for name, grad, grad_ref, arg, atol in zip(
+    GRADS, grads, grads_ref, args, grad_atols, strict=True
+  ):
     assert grad.dtype == arg.dtype, name
-    assert_close(grad, grad_ref, rtol=grad_tol, atol=grad_tol * max_abs(grad_ref), err_msg=name)
+    assert_close(grad, grad_ref, rtol=0, atol=atol, err_msg=name)
 
 
 @pytest.mark.parametrize(
@@ -116,7 +155,7 @@ def test_tpu_tiling_matches_reference(monkeypatch):
 
 def test_bf16_inputs():
   args, cotangents = _inputs(16, 32, dtype=jnp.bfloat16)
-  _check(args, cotangents, None, chunk=16, fwd_tol=1e-2, grad_tol=1e-2)
+  _check(args, cotangents, None, chunk=16)
 
 
 def test_strong_decays_finite_and_accurate():
@@ -138,8 +177,7 @@ def test_strong_decays_finite_and_accurate():
 )
 def test_compiled_matches_reference(key_dim, value_dim, chunk, segmented, dtype):
   args, cotangents = _inputs(key_dim, value_dim, dtype=dtype)
-  tols = dict(fwd_tol=1e-2, grad_tol=1e-2) if dtype == jnp.bfloat16 else {}
-  _check(args, cotangents, _segments() if segmented else None, chunk=chunk, interpret=False, **tols)
+  _check(args, cotangents, _segments() if segmented else None, chunk=chunk, interpret=False)
 
 
 def test_jaxrec_op_pallas_matches_sequential():
@@ -163,10 +201,14 @@ def test_jaxrec_op_pallas_matches_sequential():
 
   (o, state), grads = run("pallas")
   (o_ref, state_ref), grads_ref = run("sequential")
-  assert_close(o, o_ref, rtol=1e-5, atol=1e-5 * max_abs(o_ref), err_msg="o")
-  assert_close(state, state_ref, rtol=1e-5, atol=1e-5 * max_abs(state_ref), err_msg="final_state")
-  for name, grad, grad_ref in zip(GRADS, grads, grads_ref, strict=True):
-    assert_close(grad, grad_ref, rtol=1e-4, atol=1e-4 * max_abs(grad_ref), err_msg=name)
+  args = (q, k, v, log_decay, h0)
+  o_atol, state_atol, grad_atols = _atols(
+    args, (do, dstate), segment_ids, (o_ref, o), (grads_ref, grads)
+  )
+  assert_close(o, o_ref, rtol=0, atol=o_atol, err_msg="o")
+  assert_close(state, state_ref, rtol=0, atol=state_atol, err_msg="final_state")
+  for name, grad, grad_ref, atol in zip(GRADS, grads, grads_ref, grad_atols, strict=True):
+    assert_close(grad, grad_ref, rtol=0, atol=atol, err_msg=name)
 
 
 def test_initial_state_none_is_zeros():
@@ -175,8 +217,13 @@ def test_initial_state_none_is_zeros():
   kwargs = dict(scale=0.25, chunk_size=16, interpret=True)
   o, state = chunk_gla(q, k, v, log_decay, **kwargs)
   o_ref, state_ref = scan_gla(q, k, v, log_decay, zeros, None, 0.25)
-  assert_close(o, o_ref, rtol=1e-5, atol=1e-5 * max_abs(o_ref), err_msg="o")
-  assert_close(state, state_ref, rtol=1e-5, atol=1e-5 * max_abs(state_ref), err_msg="final_state")
+  o_atol, state_atol = gla_atols(
+    *(np.asarray(x) for x in (q, k, v, log_decay)),
+    terms=gla_chain("chunk", T, 16, SUB_CHUNK) + gla_chain("sequential", T, 16),
+    exponent_terms=gla_exponent_terms("chunk", np.asarray(log_decay), SUB_CHUNK),
+  )
+  assert_close(o, o_ref, rtol=0, atol=o_atol, err_msg="o")
+  assert_close(state, state_ref, rtol=0, atol=state_atol, err_msg="final_state")
 
 
 @pytest.mark.parametrize(

@@ -208,11 +208,12 @@ print(repr(tokenizer.decode(new[0])))
 # ## RMoE: routing with a GRU across layers
 #
 # `tiny-moe` replaces every feed-forward with 8 SwiGLU experts, top-2, routed by the RMoE GRU
-# (`moe_router="gru"`); `"linear"` is the usual router. `return_aux=True` returns the routing
-# statistics pooled over the layers: the load-balancing loss (1 when balanced), the load of the
-# busiest expert relative to a balanced one, the router entropy (nats; uniform is ln 8), the
-# fraction of assignments dropped for capacity, and the mutual information (bits) between
-# consecutive layers' first choices. Untrained models here; the experiment trains them.
+# (`moe_router="gru"`); `"linear"` is the usual router. Every MoE layer reports its routing with
+# `nnx.sow`, and the model pools the reports over its layers; `nnx.capture` collects both. The
+# pooled statistics: the load-balancing loss (1 when balanced), the load of the busiest expert
+# relative to a balanced one, the router entropy (nats; uniform is ln 8), the fraction of
+# assignments dropped for capacity, and the mutual information (bits) between consecutive
+# layers' first choices. Untrained models here; the experiment trains them.
 
 # %%
 example = next(batches)
@@ -233,15 +234,13 @@ def moe_model(router):
 
 @nnx.jit
 def routing(lm, tokens):
-  """The pooled statistics of ``return_aux`` and every layer's expert loads ``[layers, E]``,
-  from the blocks run one by one (the router state handed from layer to layer, as LM does)."""
-  _, _, aux = lm(tokens, return_aux=True)
-  x = jnp.take(lm.embedding[...], tokens, axis=0)
-  router_state, loads = None, []
-  for block in lm.layers:
-    x, _, router_state, stats = block(x, router_state=router_state, cell=lm.router_cell)
-    loads.append(stats.load)
-  return aux, jnp.stack(loads)
+  """The pooled statistics (with the weighted balancing loss, ``aux_loss``) and every layer's
+  expert loads ``[layers, E]``, as the model and its MoE layers sow them on one forward pass."""
+  _, sown = nnx.capture(lambda lm: lm(tokens), nnx.Intermediate)(lm)
+  (aux_loss,) = sown["aux_loss"].get_value()
+  (pooled,) = sown["metrics"].get_value()
+  layer_stats = [sown["layers"][i]["mlp"]["routing"].get_value()[0] for i in range(len(lm.layers))]
+  return {"aux_loss": aux_loss, **pooled}, jnp.stack([stats.load for stats in layer_stats])
 
 
 moe_stats, moe_loads = {}, {}

@@ -28,7 +28,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
@@ -40,6 +39,7 @@ from experiments.configs import default as default_config
 from jaxrec import data as data_lib
 from jaxrec import layers, sharding
 from jaxrec import train as train_lib
+from jaxrec.layers import observe
 from jaxrec.models import LM, MIXERS, LMConfig, get_mixer, mixer_names, param_count
 
 SECTION = "ParaRNN LMs vs GLA and attention"
@@ -113,51 +113,32 @@ def _parse_overrides(mixers: list[str]) -> dict[str, dict[str, int]]:
 # Measurements on the final checkpoint.
 
 
-class _NewtonProbe(nnx.Module):
-  """A ParaRNN mixer that also reports its solve (``nnx.sow``): the mean of
-  ``NewtonInfo.iterations`` over the rows and the fraction of rows that fell back to the
-  sequential scan. The diagnostics come from the layer's own ``recurrence``, on the input the
-  block hands the mixer, so the stack runs as ``LM.__call__`` runs it (the solve is done twice:
-  once for the numbers, once for the output)."""
-
-  def __init__(self, mixer: nnx.Module):
-    self.mixer = mixer
-
-  def __call__(self, x, *, segment_ids=None, cache=None):
-    _, info = self.mixer.recurrence(x, segment_ids=segment_ids)
-    self.sow(nnx.Intermediate, "newton_iterations", jnp.mean(info.iterations))
-    self.sow(nnx.Intermediate, "fallback_fraction", jnp.mean(info.fallback))
-    return self.mixer(x, segment_ids=segment_ids, cache=cache)
-
-
-def _with_newton_probes(model: LM) -> int:
-  """Wraps every ParaRNN mixer of ``model`` (in place) in a ``_NewtonProbe``; returns how many."""
-  blocks = [
-    m for _, m in nnx.iter_modules(model) if isinstance(getattr(m, "mixer", None), _PARARNN)
-  ]
-  for block in blocks:
-    block.mixer = _NewtonProbe(block.mixer)
-  return len(blocks)
-
-
 @nnx.jit
 def _newton_diagnostics(model: LM, inputs, segment_ids) -> nnx.State:
-  """What the probes of ``model`` report on one forward pass."""
+  """What the layers of ``model`` sow on one forward pass."""
   forward = nnx.capture(lambda m: m(inputs, segment_ids=segment_ids), nnx.Intermediate)
   return forward(model)[1]
 
 
+# The metrics every ParaRNN layer sows for its solve, and their names here.
+_NEWTON_METRICS = {"newton/iterations": "newton_iterations", "newton/fallback": "fallback_fraction"}
+
+
 def _newton_stats(model: LM, inputs, segment_ids) -> dict[str, float]:
-  """Mean Newton iterations and fallback fraction over the ParaRNN layers of ``model``."""
-  layers_probed = _with_newton_probes(model)
+  """Mean Newton iterations and fallback fraction over the ParaRNN layers of ``model``, from the
+  ``newton/*`` metrics each layer sows (stacked over the groups with ``scan_layers``)."""
   sown = jax.device_get(_newton_diagnostics(model, inputs, segment_ids))
-  values = {"newton_iterations": [], "fallback_fraction": []}
+  values = {name: [] for name in _NEWTON_METRICS.values()}
   for path, variable in nnx.to_flat_state(sown):
-    values[path[-1]].extend(variable.get_value())
-  if len(values["newton_iterations"]) != layers_probed:
+    if path[-1] == observe.METRICS:
+      for metrics in variable.get_value():
+        for key in _NEWTON_METRICS.keys() & metrics.keys():
+          values[_NEWTON_METRICS[key]].extend(np.ravel(metrics[key]))
+  layers_run = sum(issubclass(get_mixer(m).module, _PARARNN) for m in model.cfg.layer_mixers)
+  if len(values["newton_iterations"]) != layers_run:
     raise ValueError(
-      f"model: expected Newton diagnostics from its {layers_probed} ParaRNN layers, got "
-      f"{len(values['newton_iterations'])} (the probes report without remat and scan_layers)"
+      f"model: expected Newton diagnostics from its {layers_run} ParaRNN layers, got "
+      f"{len(values['newton_iterations'])}"
     )
   return {name: float(np.mean(v)) for name, v in values.items()}
 

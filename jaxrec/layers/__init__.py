@@ -10,7 +10,9 @@ token mixer has::
 ``cache`` is a pytree (the mixer's decoding state); ``None`` in means no state is kept and
 ``None`` comes back. Decoding is the same call with ``T = 1``. Shapes are annotated with the
 aliases of ``jaxrec.typing``. ``logical_param`` is the parameter constructor every layer (and the
-model's embedding) uses: it names each axis for the sharding rules.
+model's embedding) uses: it names each axis for the sharding rules. What a layer observes (MoE
+routing, Newton iterations) it reports with ``observe.sow``, for whoever runs the model under
+``nnx.capture``.
 """
 
 from jaxrec.layers._params import logical_param
@@ -27,6 +29,7 @@ from jaxrec.layers.moe import (
   MoE,
   RoutingStats,
   load_balancing_loss,
+  pooled_routing_statistics,
   routing_mutual_information,
 )
 from jaxrec.layers.norms import LayerNorm, RMSNorm
@@ -63,6 +66,7 @@ __all__ = [
   "apply_rope",
   "load_balancing_loss",
   "logical_param",
+  "pooled_routing_statistics",
   "rope_frequencies",
   "routing_mutual_information",
   "soft_cap",

@@ -16,15 +16,16 @@ token keeps its residual stream) and counted. ``capacity_factor=None`` never dro
 
 **Load balancing** (Switch Transformer): ``aux = E · Σ_n f_n P_n`` with ``f_n`` the fraction of
 the ``k · N`` assignments that chose expert ``n`` and ``P_n`` its mean router probability; 1 when
-balanced. Each layer returns its ``f`` and ``P`` so the model can pool them over all layers (the
-RMoE code's loss over the concatenated logits).
+balanced. Each layer sows its ``RoutingStats`` (``f``, ``P``, ...) under ``ROUTING``
+(``jaxrec.layers.observe``), and the model pools them over all layers with
+``pooled_routing_statistics`` (the RMoE code's loss over the concatenated logits).
 
 **Routers** (``router``), for layer ``i`` with input ``x_i`` (the block's normed input):
 
 * ``"linear"``: ``logits = W_i x_i``, the baseline (SMoE).
 * ``"gru"`` (RMoE, arXiv 2408.06793): ``h_i = GRU(P_i x_i, h_{i-1})`` with one ``GRURouterCell``
-  shared by all layers (owned by the model and passed in), ``h_0 = 0``, ``logits = G_i h_i``;
-  the state goes layer to layer per token, never along the sequence.
+  shared by all layers (given to each at construction), ``h_0 = 0``, ``logits = G_i h_i``; the
+  state goes layer to layer per token, never along the sequence.
 * ``"gru_no_recurrence"`` (the paper's NP ablation): ``h_i = GRU(P_i x_i, 0)``.
 * ``"gru_detached"``: the previous state enters through ``stop_gradient`` (the paper: worse than
   no recurrence).
@@ -33,6 +34,7 @@ RMoE code's loss over the concatenated logits).
 """
 
 import math
+from collections.abc import Sequence
 from typing import Literal, NamedTuple, get_args
 
 import jax
@@ -41,7 +43,7 @@ from flax import nnx
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxrec.layers import _checks
+from jaxrec.layers import _checks, observe
 from jaxrec.layers._params import logical_param
 from jaxrec.sharding import EXPERT_AXIS, batch_axes
 from jaxrec.typing import Activations
@@ -49,7 +51,11 @@ from jaxrec.typing import Activations
 RouterKind = Literal["linear", "gru", "gru_no_recurrence", "gru_detached", "mlp"]
 ROUTERS = get_args(RouterKind)
 GRU_ROUTERS = ("gru", "gru_no_recurrence", "gru_detached")
+# The routers that take the previous layer's state (the ablations block it but keep the form):
+# a model of these hands the state on from each MoE layer to the next.
+RECURRENT_ROUTERS = (*GRU_ROUTERS, "mlp")
 RouterState = jax.Array  # [B, T, P] fp32, the router's state handed from layer to layer
+ROUTING = "routing"  # the sow name of every MoE layer's RoutingStats
 
 
 class RoutingStats(NamedTuple):
@@ -123,6 +129,8 @@ class MoE(nnx.Module):
     capacity_factor: expert capacity as a multiple of the balanced load; ``None``: no drops.
     router: one of ``ROUTERS``.
     router_dim: the router state width ``P`` (GRU and MLP routers).
+    router_cell: the ``GRURouterCell`` of width ``router_dim`` that the GRU routers run, one
+      object shared by the MoE layers of a model; ``None`` for the other routers.
     init_std: standard deviation of the expert and router input projections.
     num_layers: depth of the model; the experts' output projections start at
       ``init_std / sqrt(2 num_layers)``.
@@ -141,6 +149,7 @@ class MoE(nnx.Module):
     capacity_factor: float | None = 1.25,
     router: RouterKind = "linear",
     router_dim: int = 128,
+    router_cell: GRURouterCell | None = None,
     init_std: float = 0.02,
     num_layers: int = 1,
     dtype: jnp.dtype = jnp.float32,
@@ -157,11 +166,24 @@ class MoE(nnx.Module):
     if router not in ROUTERS:
       raise ValueError(f"router: expected one of {ROUTERS}, got {router!r}")
     _checks.check_positive_int("router_dim", router_dim)
+    if router in GRU_ROUTERS:
+      if not isinstance(router_cell, GRURouterCell):
+        raise ValueError(
+          f"router_cell: router={router!r} needs the shared GRURouterCell, got {router_cell!r}"
+        )
+      if router_cell.w_ih.shape[0] != router_dim:
+        raise ValueError(
+          f"router_cell: expected a cell of width router_dim={router_dim}, got width "
+          f"{router_cell.w_ih.shape[0]}"
+        )
+    elif router_cell is not None:
+      raise ValueError(f"router_cell: router={router!r} runs no GRU cell, expected None")
     _checks.check_positive("init_std", init_std, allow_zero=True)
     self.dtype = _checks.check_float_dtype("dtype", dtype)
     param_dtype = _checks.check_float_dtype("param_dtype", param_dtype)
     self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
     self.router = router
+    self.router_cell = router_cell
     e, d, f, p = num_experts, dim, hidden, router_dim
     normal = nnx.initializers.normal
     out_std = init_std / math.sqrt(2 * num_layers)
@@ -186,25 +208,19 @@ class MoE(nnx.Module):
       )
 
   def __call__(
-    self,
-    x: Activations,
-    router_state: RouterState | None = None,
-    *,
-    cell: GRURouterCell | None = None,
-  ) -> tuple[Activations, RouterState | None, RoutingStats]:
-    """Routes ``x [B, T, D]``.
+    self, x: Activations, router_state: RouterState | None = None
+  ) -> tuple[Activations, RouterState | None]:
+    """Routes ``x [B, T, D]`` and sows this layer's ``RoutingStats`` under ``ROUTING``.
 
     Args:
       x: the tokens.
       router_state: the previous MoE layer's router state ``[B, T, P]`` (``None``: zeros).
-      cell: the shared ``GRURouterCell``, required by the GRU routers.
 
     Returns:
-      ``(y [B, T, D], router_state for the next layer (None for the stateless routers), stats)``.
+      ``(y [B, T, D], router_state for the next layer)``; the state is ``None`` for the
+      stateless routers (``"linear"``, ``"gru_no_recurrence"``).
     """
-    if self.router in GRU_ROUTERS and cell is None:
-      raise ValueError(f"cell: router={self.router!r} needs the shared GRURouterCell, got None")
-    logits, state = self._route(x.astype(jnp.float32), router_state, cell)
+    logits, state = self._route(x.astype(jnp.float32), router_state)
     weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
     mesh = jax.sharding.get_abstract_mesh()
     rows = math.prod(mesh.shape[a] for a in batch_axes(mesh))
@@ -214,9 +230,10 @@ class MoE(nnx.Module):
       y, stats = self._expert_parallel(mesh, x, logits, weights)
     else:
       y, stats = self._dispatch(x, logits, weights)
-    return y, state, stats
+    observe.sow(self, ROUTING, stats)
+    return y, state
 
-  def _route(self, x, h, cell):
+  def _route(self, x, h):
     if self.router == "linear":
       return x @ self.router_out[...].astype(jnp.float32), None
     xp = x @ self.router_proj[...].astype(jnp.float32)
@@ -224,7 +241,7 @@ class MoE(nnx.Module):
     if self.router == "gru_detached":
       h = lax.stop_gradient(h)
     if self.router in GRU_ROUTERS:
-      h = cell(xp, jnp.zeros_like(xp) if self.router == "gru_no_recurrence" else h)
+      h = self.router_cell(xp, jnp.zeros_like(xp) if self.router == "gru_no_recurrence" else h)
     else:
       f32 = jnp.float32
       h = jnp.tanh(
@@ -304,6 +321,37 @@ class MoE(nnx.Module):
       top_ratio=jnp.mean(top_p[:, 0] / jnp.maximum(second, 1e-30)),
     )
     return y, stats
+
+
+def pooled_routing_statistics(
+  stats: Sequence[RoutingStats], aux_weight: float
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The load-balancing loss and routing metrics of a model, pooled over its MoE layers' sown
+  ``stats`` (in layer order).
+
+  Args:
+    stats: every MoE layer's ``RoutingStats``, first layer first.
+    aux_weight: the weight of the balancing loss in the objective.
+
+  Returns:
+    ``(aux_loss, metrics)``: ``aux_weight`` times the pooled Switch loss, and the
+    ``moe/balance_loss`` (unweighted), ``moe/load_max`` (busiest expert's mean load relative to
+    a balanced one), ``moe/entropy``, ``moe/dropped``, ``moe/layer_mi_bits`` (between
+    consecutive layers' first choices), ``moe/selected_weight`` and ``moe/top_ratio``.
+  """
+  s = RoutingStats(*(jnp.stack(x) for x in zip(*stats, strict=True)))
+  num_experts = s.load.shape[-1]
+  balance = load_balancing_loss(s.load, s.prob)
+  metrics = {
+    "moe/balance_loss": balance,
+    "moe/load_max": jnp.mean(jnp.max(s.load, -1)) * num_experts,
+    "moe/entropy": jnp.mean(s.entropy),
+    "moe/dropped": jnp.mean(s.dropped),
+    "moe/layer_mi_bits": routing_mutual_information(s.top1, num_experts),
+    "moe/selected_weight": jnp.mean(s.selected),
+    "moe/top_ratio": jnp.mean(s.top_ratio),
+  }
+  return aux_weight * balance, metrics
 
 
 def load_balancing_loss(loads: jax.Array, probs: jax.Array) -> jax.Array:

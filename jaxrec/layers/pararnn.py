@@ -15,6 +15,11 @@ and handed to the solver as its ``x_t``: each Newton iteration re-evaluates only
 cell (``jaxrec.ops.rnn_cells.paragru_step`` / ``paralstm_step``), as ParaRNN does. ``reset_t`` is 1
 where a packed document starts, which zeroes the previous state there; the cell's Jacobian keeps
 its structure (diagonal, or ``2×2`` blocks for the LSTM's ``[c; h]``).
+
+Every solve reports how it went as metrics (``jaxrec.layers.observe``): ``newton/iterations``,
+the mean over the rows of ``NewtonInfo.iterations``, and ``newton/fallback``, the fraction of rows
+recomputed by the sequential scan. The train step logs them (averaged over the layers), and
+``experiments/pararnn_lm.py`` reads them per layer.
 """
 
 import math
@@ -24,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrec.layers import _checks
+from jaxrec.layers import _checks, observe
 from jaxrec.layers._params import logical_param
 from jaxrec.layers.linear import Dense
 from jaxrec.layers.norms import RMSNorm
@@ -160,7 +165,8 @@ class _ParaRNN(nnx.Module):
     segment_ids: SegmentIds | None = None,
     cache: ParaRNNCache | None = None,
   ) -> tuple[Activations, ParaRNNCache | None]:
-    """Mixes ``x [B, T, D]``; a cache is the state before ``x`` and comes back advanced."""
+    """Mixes ``x [B, T, D]``; a cache is the state before ``x`` and comes back advanced. A
+    Newton solve (``T > 1``, or no cache) sows its ``newton/*`` metrics."""
     u, reset = self._inputs(x, segment_ids)
     if cache is not None and x.shape[1] == 1:
       # Decoding: one step of the cell, no Newton solve; a single token never starts a segment.
@@ -169,7 +175,12 @@ class _ParaRNN(nnx.Module):
       states, cache = state[:, None], ParaRNNCache(state)
     else:
       initial = None if cache is None else cache.state
-      states, _ = self._solve(u, reset, initial)
+      states, info = self._solve(u, reset, initial)
+      newton = {
+        "newton/iterations": jnp.mean(info.iterations),
+        "newton/fallback": jnp.mean(info.fallback),
+      }
+      observe.sow(self, observe.METRICS, newton)
       cache = None if cache is None else ParaRNNCache(states[:, -1])
     h = states[..., -self.width :]  # ParaLSTM: the h half of [c; h]
     o = self.out_norm(h).reshape(*h.shape[:2], self.num_heads, -1)

@@ -16,7 +16,7 @@ from flax import nnx
 from jax import lax
 
 from jaxrec import layers
-from jaxrec.layers import logical_param
+from jaxrec.layers import logical_param, observe
 from jaxrec.models.config import LMConfig
 from jaxrec.models.mixers import build_mixer
 
@@ -24,15 +24,30 @@ Cache = Any  # a pytree of the mixers' caches, laid out like the blocks (see LM.
 
 
 class Block(nnx.Module):
-  """``x += mixer(norm(x)); x += mlp(norm(x))``; the mixer is the one registered as ``mixer``
-  (``jaxrec.models.registry``), built from ``cfg``."""
+  """``x += mixer(norm(x)); x += ffn(norm(x))``; the mixer is the one registered as ``mixer``
+  (``jaxrec.models.registry``), built from ``cfg``, and the feed-forward a SwiGLU ``MLP`` or,
+  with ``cfg.ffn="moe"``, an ``MoE`` whose GRU router runs ``router_cell``, the one cell shared
+  by the model's MoE layers.
 
-  def __init__(self, cfg: LMConfig, mixer: str, *, rngs: nnx.Rngs):
+  What passes from block to block is the *carry*: the residual stream ``x``, or in a model whose
+  MoE router takes a state (``router_carry(cfg)``) the pair ``(x, router_state)``, the state
+  the MoE layer hands to the next one (``None`` before the first: zeros).
+  """
+
+  def __init__(
+    self,
+    cfg: LMConfig,
+    mixer: str,
+    *,
+    router_cell: layers.GRURouterCell | None = None,
+    rngs: nnx.Rngs,
+  ):
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     norm = dict(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.mixer_norm = layers.RMSNorm(cfg.d_model, **norm)
     self.mixer = build_mixer(mixer, cfg, rngs=rngs)
     self.mlp_norm = layers.RMSNorm(cfg.d_model, **norm)
+    self.carries_router_state = router_carry(cfg)
     shared = dict(
       init_std=cfg.init_std,
       num_layers=cfg.num_layers,
@@ -49,24 +64,25 @@ class Block(nnx.Module):
         capacity_factor=cfg.moe_capacity_factor,
         router=cfg.moe_router,
         router_dim=cfg.moe_router_dim,
+        router_cell=router_cell,
         **shared,
       )
     else:
       self.mlp = layers.MLP(cfg.d_model, cfg.mlp_dim, **shared)
 
-  def __call__(
-    self, x, *, segment_ids=None, cache=None, router_state=None, cell=None, policy=None, layer=0
-  ):
-    """Returns ``(x, cache, router_state, stats)``; the last two are an MoE feed-forward's
-    (``router_state`` passes through and ``stats`` is ``None`` with the SwiGLU MLP). ``policy``
-    is a long-context policy for an attention mixer at depth ``layer``."""
+  def __call__(self, carry, *, segment_ids=None, cache=None, policy=None, layer=0):
+    """Returns ``(carry, cache)``. ``policy`` is a long-context policy for an attention mixer
+    at depth ``layer``."""
+    x, router_state = carry if self.carries_router_state else (carry, None)
     kw = dict(policy=policy, layer=layer) if self._reads_policy(policy) else {}
     y, cache = self.mixer(self.mixer_norm(x), segment_ids=segment_ids, cache=cache, **kw)
     x = x + y
     if isinstance(self.mlp, layers.MoE):
-      y, router_state, stats = self.mlp(self.mlp_norm(x), router_state, cell=cell)
-      return x + y, cache, router_state, stats
-    return x + self.mlp(self.mlp_norm(x)), cache, router_state, None
+      y, router_state = self.mlp(self.mlp_norm(x), router_state)
+    else:
+      y = self.mlp(self.mlp_norm(x))
+    x = x + y
+    return ((x, router_state) if self.carries_router_state else x), cache
 
   def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype, policy=None):
     kw = dict(policy=policy) if self._reads_policy(policy) else {}
@@ -85,12 +101,7 @@ class BlockGroup(nnx.Module):
     self.blocks = nnx.List([Block(cfg, name, rngs=rngs) for name in cfg.mixer_pattern])
 
   def __call__(self, x, *, segment_ids=None, cache=None):
-    caches = (None,) * len(self.blocks) if cache is None else cache
-    new = []
-    for block, c in zip(self.blocks, caches, strict=True):
-      x, c, _, _ = block(x, segment_ids=segment_ids, cache=c)
-      new.append(c)
-    return x, None if cache is None else tuple(new)
+    return _run_blocks(self.blocks, x, segment_ids, cache)
 
   def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype):
     return tuple(block.init_cache(batch_size, max_length, dtype) for block in self.blocks)
@@ -122,18 +133,26 @@ class LM(nnx.Module):
     self.embedding = logical_param(
       init, rngs.params(), (cfg.vocab_size, cfg.d_model), param_dtype, ("vocab", "embed")
     )
+    # RMoE's one GRU, shared by the routers of all MoE layers: each holds it from its
+    # construction, and its state path is the first one's (layers/0/mlp/router_cell). Built
+    # with placeholder values, drawn below.
+    cell = None
+    if cfg.ffn == "moe" and cfg.moe_router in layers.moe.GRU_ROUTERS:
+      cell = layers.GRURouterCell(cfg.moe_router_dim, param_dtype=param_dtype, rngs=nnx.Rngs(0))
     if cfg.scan_layers:
       self.layers = _stacked_groups(cfg, rngs)
     else:
-      self.layers = nnx.List([Block(cfg, name, rngs=rngs) for name in cfg.layer_mixers])
+      self.layers = nnx.List(
+        [Block(cfg, name, router_cell=cell, rngs=rngs) for name in cfg.layer_mixers]
+      )
     self.final_norm = layers.RMSNorm(
       cfg.d_model, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
     )
-    gru = cfg.ffn == "moe" and cfg.moe_router in layers.moe.GRU_ROUTERS
-    # RMoE's one GRU shared by the routers of all layers.
-    self.router_cell = (
-      layers.GRURouterCell(cfg.moe_router_dim, param_dtype=param_dtype, rngs=rngs) if gru else None
-    )
+    if cell is not None:
+      # The cell's parameters are drawn here, after the blocks' and the final norm's, where the
+      # model drew them when it owned the cell itself: a seed gives the model it always gave.
+      drawn = layers.GRURouterCell(cfg.moe_router_dim, param_dtype=param_dtype, rngs=rngs)
+      nnx.update(cell, nnx.state(drawn))
     if cfg.tie_embeddings:
       self.head = None
     else:
@@ -154,9 +173,12 @@ class LM(nnx.Module):
     segment_ids: jax.Array | None = None,
     cache: Cache | None = None,
     policy: Any | None = None,
-    return_aux: bool = False,
-  ) -> tuple[jax.Array, Cache | None] | tuple[jax.Array, Cache | None, dict]:
+  ) -> tuple[jax.Array, Cache | None]:
     """Next-token logits.
+
+    Under ``nnx.capture(..., nnx.Intermediate)`` the layers report what they observe
+    (``jaxrec.layers.observe``); the model adds, for its MoE layers, the balancing loss pooled
+    over them (``aux_loss``) and their pooled routing statistics (``metrics``, ``moe/*``).
 
     Args:
       tokens: int ``[B, T]``.
@@ -165,50 +187,73 @@ class LM(nnx.Module):
       cache: from ``init_cache`` or a previous call; the tokens continue it.
       policy: a long-context policy (``jaxrec.inference.longctx``) for the attention layers, each
         told its depth; the cache must come from ``init_cache(..., policy=policy)``.
-      return_aux: also return the auxiliary outputs (``_moe_aux``): ``{}`` for a dense model.
 
     Returns:
       ``(logits, cache)``: fp32 ``[B, T, vocab_size]`` and the advanced cache (``None`` without
-      one); with ``return_aux``, ``(logits, cache, aux)``.
+      one).
     """
     self._validate(tokens, segment_ids)
     self._check_policy(policy)
     cfg = self.cfg
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(cfg.compute_dtype)
-    stats = []
     if cfg.scan_layers:
       x, cache = self._scan_blocks(x, segment_ids, cache)
     else:
       caches = (None,) * len(self.layers) if cache is None else cache
       new = []
-      router_state = None
+      carry = (x, None) if router_carry(cfg) else x
       for layer, (block, c) in enumerate(zip(self.layers, caches, strict=True)):
-        x, c, router_state, s = _call(block, cfg.remat, self.router_cell, policy, layer)(
-          x, segment_ids, c, router_state
-        )
+        carry, c = _call(block, cfg.remat, policy, layer)(carry, segment_ids, c)
         new.append(c)
-        stats += [] if s is None else [s]
+      x = carry[0] if router_carry(cfg) else carry
       cache = None if cache is None else tuple(new)
+      self._pool_routing()
     h = self.final_norm(x)
     if self.head is None:
       logits = jnp.einsum("btd,vd->btv", h, self.embedding[...].astype(h.dtype))
     else:
       logits = self.head(h)
     logits = layers.soft_cap(logits.astype(jnp.float32), cfg.logit_soft_cap)
-    if return_aux:
-      return logits, cache, _moe_aux(stats, cfg)
     return logits, cache
 
-  def _scan_blocks(self, x, segment_ids, cache):
-    graphdef, state = nnx.split(self.layers)
+  def _pool_routing(self):
+    """Sows the balancing loss and routing metrics pooled over what the MoE layers sowed in this
+    call (nothing outside a capture, or without MoE layers)."""
+    stats = [
+      s
+      for block in self.layers
+      if isinstance(block.mlp, layers.MoE)
+      for s in observe.sown(block.mlp, layers.moe.ROUTING)
+    ]
+    if stats:
+      aux_loss, metrics = layers.pooled_routing_statistics(stats, self.cfg.moe_aux_weight)
+      observe.sow(self, observe.AUX_LOSS, aux_loss)
+      observe.sow(self, observe.METRICS, metrics)
 
-    def body(x, group_and_cache):
-      group_state, c = group_and_cache
-      return nnx.merge(graphdef, group_state)(x, segment_ids=segment_ids, cache=c)
+  def _scan_blocks(self, x, segment_ids, cache):
+    """The groups run by ``lax.scan`` over their stacked parameters. Each block of the group is
+    split on its own (see ``_sown``: the group's ``nnx.List`` would hold a store under
+    ``nnx.capture``), and what it sows comes out stacked over the groups."""
+    blocks = tuple(self.layers.blocks)
+    graphdefs, states = zip(*(nnx.split(block) for block in blocks), strict=True)
+    paths = [[] for _ in blocks]
+
+    def body(x, states_and_cache):
+      states, c = states_and_cache
+      copies = [nnx.merge(g, s) for g, s in zip(graphdefs, states, strict=True)]
+      x, c = _run_blocks(copies, x, segment_ids, c)
+      values = []
+      for i, copy in enumerate(copies):
+        paths[i], sown = _sown(copy)
+        values.append(sown)
+      return x, (c, values)
 
     if self.cfg.remat:
       body = jax.checkpoint(body, prevent_cse=False)
-    return lax.scan(body, x, (state, cache))
+    x, (cache, values) = lax.scan(body, x, (states, cache))
+    for block, block_paths, block_values in zip(blocks, paths, values, strict=True):
+      _resow(block, block_paths, block_values)
+    return x, cache
 
   def init_cache(
     self,
@@ -284,44 +329,68 @@ def _stacked_groups(cfg: LMConfig, rngs: nnx.Rngs) -> BlockGroup:
   return make(rngs)
 
 
-def _call(
-  block: Block, remat: bool, cell: nnx.Module | None, policy: Any = None, layer: int = 0
-) -> Callable:
-  """``block`` as ``f(x, segment_ids, cache, router_state)`` with the shared router ``cell`` (at
-  depth ``layer`` under ``policy``); with ``remat`` its activations are recomputed in the
-  backward pass (``jax.checkpoint`` over the block's split state)."""
-  kw = dict(cell=cell, policy=policy, layer=layer)
+def router_carry(cfg: LMConfig) -> bool:
+  """Whether the carry between ``cfg``'s blocks holds a router state besides ``x``: with an MoE
+  feed-forward whose router takes one (``layers.moe.RECURRENT_ROUTERS``)."""
+  return cfg.ffn == "moe" and cfg.moe_router in layers.moe.RECURRENT_ROUTERS
+
+
+def _call(block: Block, remat: bool, policy: Any = None, layer: int = 0) -> Callable:
+  """``block`` as ``f(carry, segment_ids, cache)`` (at depth ``layer`` under ``policy``); with
+  ``remat`` its activations are recomputed in the backward pass (``jax.checkpoint`` over the
+  block's split state), and what it sows inside comes back to ``block``."""
+  kw = dict(policy=policy, layer=layer)
   if not remat:
-    return lambda x, segment_ids, cache, rs: block(
-      x, segment_ids=segment_ids, cache=cache, router_state=rs, **kw
+    return lambda carry, segment_ids, cache: block(
+      carry, segment_ids=segment_ids, cache=cache, **kw
     )
-  graphdef, state = nnx.split((block, cell))
+  graphdef, state = nnx.split(block)
+  paths = []
 
   @jax.checkpoint
-  def f(state, x, segment_ids, cache, rs):
-    block, cell = nnx.merge(graphdef, state)
-    return block(x, segment_ids=segment_ids, cache=cache, router_state=rs, **(kw | dict(cell=cell)))
+  def f(state, carry, segment_ids, cache):
+    inner = nnx.merge(graphdef, state)
+    out = inner(carry, segment_ids=segment_ids, cache=cache, **kw)
+    paths[:], values = _sown(inner)
+    return out, values
 
-  return lambda x, segment_ids, cache, rs: f(state, x, segment_ids, cache, rs)
+  def call(carry, segment_ids, cache):
+    out, values = f(state, carry, segment_ids, cache)
+    _resow(block, paths, values)
+    return out
+
+  return call
 
 
-def _moe_aux(stats: list, cfg: LMConfig) -> dict:
-  """The weighted load-balancing loss (``aux_loss``, for the objective) and the routing
-  statistics (``moe/*``, for the metrics), pooled over the MoE layers; ``{}`` without any."""
-  if not stats:
-    return {}
-  s = layers.RoutingStats(*(jnp.stack(x) for x in zip(*stats, strict=True)))
-  balance = layers.load_balancing_loss(s.load, s.prob)
-  return {
-    "aux_loss": cfg.moe_aux_weight * balance,
-    "moe/balance_loss": balance,
-    "moe/load_max": jnp.mean(jnp.max(s.load, -1)) * cfg.moe_num_experts,
-    "moe/entropy": jnp.mean(s.entropy),
-    "moe/dropped": jnp.mean(s.dropped),
-    "moe/layer_mi_bits": layers.routing_mutual_information(s.top1, cfg.moe_num_experts),
-    "moe/selected_weight": jnp.mean(s.selected),
-    "moe/top_ratio": jnp.mean(s.top_ratio),
-  }
+def _run_blocks(blocks, x, segment_ids, cache):
+  caches = (None,) * len(blocks) if cache is None else cache
+  new = []
+  for block, c in zip(blocks, caches, strict=True):
+    x, c = block(x, segment_ids=segment_ids, cache=c)
+    new.append(c)
+  return x, None if cache is None else tuple(new)
+
+
+def _sown(module: nnx.Module) -> tuple[list, list]:
+  """The paths and values of the stores of ``module`` and its submodules.
+
+  Under ``nnx.capture`` every module holds a store (an ``nnx.Intermediate``) for what it sows,
+  which a split carries like any variable. Inside a jax transform over a block's split state
+  (remat, the scan over layers) the merged copy sows into copies of the stores; their values
+  leave the transform as plain outputs, the paths recorded while tracing, and ``_resow`` puts
+  them back into the block's own stores. Blocks are split one by one: flax 0.12 cannot flatten
+  the state of an ``nnx.List`` under a capture (its store's key sorts against the list's integer
+  keys).
+  """
+  flat = nnx.to_flat_state(nnx.state(module, nnx.Intermediate))
+  return [path for path, _ in flat], [variable.get_value() for _, variable in flat]
+
+
+def _resow(module: nnx.Module, paths: list, values: list) -> None:
+  """Puts ``values`` (from ``_sown`` of a copy of ``module``) into the stores of ``module``."""
+  if paths:
+    flat = [(path, nnx.Intermediate(value)) for path, value in zip(paths, values, strict=True)]
+    nnx.update(module, nnx.from_flat_state(flat))
 
 
 def param_count_of(model: nnx.Module) -> int:

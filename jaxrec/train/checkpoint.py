@@ -16,17 +16,28 @@ A restore first compares the saved arrays' shapes (orbax's metadata) with the re
 different model is reported as such, before orbax starts reading: an array read that fails inside
 orbax's async machinery leaves other reads in flight, and those print hundreds of lines of
 ``Event loop is closed`` when the process ends.
+
+Checkpoints written before a parameter moved still restore: ``MOVED`` lists each move, and an
+array that the checkpoint lacks at its path but holds at the path it had before is read from there
+(in the parameters and in every optimizer state that mirrors them).
 """
 
 import os
 
 import grain
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from jaxrec.train.step import TrainState
 
 CHECKPOINT_DIR = "checkpoints"  # under the work directory
+
+# Parameters that moved, as (path now, path before) relative to the model's state. RMoE's GRU
+# router cell, shared by all MoE layers, belonged to the LM until the LM became a plain residual
+# stack (issue 23); the MoE layers hold it now, and its path is the first one's.
+MOVED = ((("layers", "0", "mlp", "router_cell"), ("router_cell",)),)
 
 
 class CheckpointError(RuntimeError):
@@ -100,9 +111,9 @@ class Checkpointer:
         other steps available. The files are left as they are.
     """
     step = self.latest_step() if step is None else step
-    _check_shapes(self._manager, step, abstract_state, self.directory)
+    layout = _SavedLayout(self._manager, step, abstract_state, self.directory)
     args = ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
+      state=ocp.args.StandardRestore(layout.target),
       data=grain.checkpoint.CheckpointRestore(data_iter),
     )
     try:
@@ -115,7 +126,7 @@ class Checkpointer:
         "(if this step's files are damaged, move its directory aside to resume from the latest "
         "of them)"
       ) from e
-    return restored.state
+    return layout.state(restored.state)
 
   def close(self) -> None:
     """Waits for pending (async) saves and releases the manager."""
@@ -150,10 +161,10 @@ def restore_params(directory: str, abstract_state: TrainState) -> TrainState:
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"checkpoint directory {directory}: holds no finished checkpoint")
-    _check_shapes(manager, step, abstract_state, directory)
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+    layout = _SavedLayout(manager, step, abstract_state, directory)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(layout.target))
     try:
-      return manager.restore(step, args=args).state
+      return layout.state(manager.restore(step, args=args).state)
     except Exception as e:  # orbax/tensorstore raise many types for unreadable files
       raise CheckpointError(
         f"checkpoint {os.path.join(directory, str(step))}: cannot be restored "
@@ -201,30 +212,80 @@ def _item_handlers() -> dict:
   return {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
 
 
-def _check_shapes(manager, step: int, abstract_state: TrainState, directory: str) -> None:
-  """Raises ``CheckpointError`` if the saved state's arrays differ from ``abstract_state``'s."""
-  try:
-    metadata = manager.item_metadata(step)["state"]
-  except Exception:  # missing or unreadable metadata: the restore reports the damage
-    metadata = None
-  if metadata is None:
-    return
-  saved = ocp.tree.to_flat_dict(metadata)
-  wanted = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True))
-  differences = [
-    f"{'/'.join(key)}: saved {_shape(saved.get(key))}, built {_shape(wanted.get(key))}"
-    # Parameters first: their names say most about the model.
-    for key in sorted(saved.keys() | wanted.keys(), key=lambda k: (k[0] != "params", k))
-    if _shape(saved.get(key)) != _shape(wanted.get(key))
-  ]
-  if differences:
-    more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
-    raise CheckpointError(
-      f"checkpoint {os.path.join(directory, str(step))}: holds a different model than the one "
-      f"built to restore it: {differences[0]}{more}. The run's model is recorded in its "
-      "workdir's run.json (a run without one needs the --config.model.* flags it was trained "
-      "with). Nothing was changed"
+class _SavedLayout:
+  """How the checkpoint at ``step`` stores ``abstract_state``: checks that it holds the same
+  arrays (raising ``CheckpointError`` otherwise), ``target`` is what to hand orbax's restore, and
+  ``state`` turns what it restored into the ``TrainState`` asked for.
+
+  ``target`` is ``abstract_state`` itself, unless the checkpoint stores a subtree at the path it
+  had before a move (``MOVED``): then it is ``abstract_state`` with that subtree at its old path,
+  in the parameters and in every state that mirrors them (the optimizer's moments), and ``state``
+  moves it back.
+  """
+
+  def __init__(self, manager, step: int, abstract_state: TrainState, directory: str):
+    try:
+      metadata = manager.item_metadata(step)["state"]
+    except Exception:  # missing or unreadable metadata: the restore reports the damage
+      metadata = None
+    self.target, self._moves = abstract_state, []
+    if metadata is None:
+      return
+    saved = ocp.tree.to_flat_dict(metadata)
+    for now, before in MOVED:
+      moved, found = _move(self.target, now, before)
+      if found is not None and len(_keys(moved) - saved.keys()) < len(
+        _keys(self.target) - saved.keys()
+      ):
+        self.target = moved
+        self._moves.append((before, found))
+    wanted = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(self.target, keep_empty_nodes=True))
+    differences = [
+      f"{'/'.join(key)}: saved {_shape(saved.get(key))}, built {_shape(wanted.get(key))}"
+      # Parameters first: their names say most about the model.
+      for key in sorted(saved.keys() | wanted.keys(), key=lambda k: (k[0] != "params", k))
+      if _shape(saved.get(key)) != _shape(wanted.get(key))
+    ]
+    if differences:
+      more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+      raise CheckpointError(
+        f"checkpoint {os.path.join(directory, str(step))}: holds a different model than the "
+        f"one built to restore it: {differences[0]}{more}. The run's model is recorded in its "
+        "workdir's run.json (a run without one needs the --config.model.* flags it was trained "
+        "with). Nothing was changed"
+      )
+
+  def state(self, restored: TrainState) -> TrainState:
+    for before, now in reversed(self._moves):
+      restored, _ = _move(restored, before, now)
+    return restored
+
+
+def _keys(tree) -> set:
+  return set(ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree, keep_empty_nodes=True)))
+
+
+def _move(tree, source: tuple, destination: tuple):
+  """``tree`` with the subtree at ``source`` (matched by the keys' string forms) of every
+  ``nnx.State`` in it moved to ``destination``; and ``source`` as that state spells it (``None``
+  if no state holds it)."""
+  found = []
+
+  def move(node):
+    if not isinstance(node, nnx.State):
+      return node
+    flat = nnx.to_flat_state(node)
+    at = lambda path: tuple(map(str, path[: len(source)])) == tuple(map(str, source))
+    hits = [path for path, _ in flat if at(path)]
+    if not hits:
+      return node
+    found.append(hits[0][: len(source)])
+    return nnx.from_flat_state(
+      [(destination + path[len(source) :] if at(path) else path, leaf) for path, leaf in flat]
     )
+
+  moved = jax.tree.map(move, tree, is_leaf=lambda node: isinstance(node, nnx.State))
+  return moved, (found[0] if found else None)
 
 
 def _shape(leaf) -> tuple | str:

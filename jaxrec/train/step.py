@@ -9,9 +9,16 @@ Loss: softmax cross-entropy weighted by ``weights``, averaged over the weighted 
 Bits per byte: ``sum(w * ce) / ln 2 / sum(w * bytes(target))``, with the UTF-8 bytes each target
 token stands for (``metrics.token_byte_lengths``); special tokens count zero bytes. Without a byte
 count the step reports bits per token.
+
+The model runs under ``nnx.capture``, and what its layers sow under the two reserved names of
+``jaxrec.layers.observe`` joins the step: every ``aux_loss`` term is added to the objective, and
+every ``metrics`` entry is reported under its own key (the mean over the modules that sow it).
+Both are per-token means, weighted by the tokens like the loss.
 """
 
+import functools
 import math
+import operator
 from collections.abc import Callable
 
 import flax
@@ -25,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxrec import sharding as sharding_lib
+from jaxrec.layers import observe
 
 Batch = dict[str, jax.Array]
 
@@ -141,8 +149,8 @@ def make_train_step(
   Returns:
     The step. ``metrics`` has ``loss`` (nats per weighted token), ``bits_per_byte`` (or
     ``bits_per_token``), ``grad_norm`` (global norm before clipping), ``learning_rate`` (the one
-    this update used) and ``tokens`` (weighted target tokens); an MoE model adds its routing
-    statistics (``moe/*``, ``LM.__call__``'s aux) and its load-balancing loss to the objective.
+    this update used), ``tokens`` (weighted target tokens) and the metrics the model sows; what
+    it sows as ``aux_loss`` is added to the objective.
   """
   if accum_steps < 1:
     raise ValueError(f"accum_steps: expected a positive integer, got {accum_steps}")
@@ -204,9 +212,13 @@ def summarize(sums: dict) -> dict:
   return {k: float(v) for k, v in _summarize(sums).items()}
 
 
+_SUMS = ("loss_sum", "tokens", "bytes")  # every other entry of the sums is a sown metric
+_OWN = (*_SUMS, "loss", "bits_per_byte", "bits_per_token", "grad_norm", "learning_rate")
+
+
 def _summarize(sums):
   out = {"loss": sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0), "tokens": sums["tokens"]}
-  out |= {k: v / jnp.maximum(sums["tokens"], 1.0) for k, v in sums.items() if k.startswith("moe/")}
+  out |= {k: v / jnp.maximum(sums["tokens"], 1.0) for k, v in sums.items() if k not in _SUMS}
   if "bytes" in sums:
     out["bits_per_byte"] = sums["loss_sum"] / math.log(2) / jnp.maximum(sums["bytes"], 1.0)
   else:
@@ -219,7 +231,11 @@ def _make_loss_sums(graphdef: nnx.GraphDef, byte_lengths: np.ndarray | None):
 
   def loss_sums(params, rest, batch):
     model = nnx.merge(graphdef, params, rest)
-    logits, _, aux = model(batch["inputs"], segment_ids=batch["segment_ids"], return_aux=True)
+    forward = nnx.capture(
+      lambda model: model(batch["inputs"], segment_ids=batch["segment_ids"]), nnx.Intermediate
+    )
+    (logits, _), sown = forward(model)
+    aux_loss, metrics = _observations(sown)
     ce = optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), batch["targets"]
     )
@@ -229,11 +245,38 @@ def _make_loss_sums(graphdef: nnx.GraphDef, byte_lengths: np.ndarray | None):
       sums["bytes"] = jnp.sum(weights * table[batch["targets"]])
     # Auxiliary terms (an MoE's load-balancing loss) are per-token means: weighted by the tokens
     # so that dividing by the token count (the gradients, the metrics) gives them back.
-    objective = sums["loss_sum"] + aux.get("aux_loss", 0.0) * sums["tokens"]
-    sums |= {k: v * sums["tokens"] for k, v in aux.items() if k.startswith("moe/")}
+    objective = sums["loss_sum"] + aux_loss * sums["tokens"]
+    sums |= {k: v * sums["tokens"] for k, v in metrics.items()}
     return objective, sums
 
   return loss_sums
+
+
+def _observations(sown: nnx.State) -> tuple[jax.Array | float, dict[str, jax.Array]]:
+  """The sum of the ``aux_loss`` terms and the ``metrics`` that ``sown`` holds (``0.0`` and
+  ``{}`` without any); a metric sown by several modules (stacked over scanned layers) is the
+  mean of all its values."""
+  terms, values = [], {}
+  for path, variable in nnx.to_flat_state(sown):
+    if path[-1] == observe.AUX_LOSS:
+      # A term sown inside scanned layers comes stacked over them.
+      terms.extend(t if jnp.ndim(t) == 0 else jnp.sum(t) for t in variable.get_value())
+    elif path[-1] == observe.METRICS:
+      for metrics in variable.get_value():
+        for key, value in metrics.items():
+          values.setdefault(key, []).append(jnp.asarray(value))
+  if any(key in _OWN for key in values):
+    raise ValueError(f"sown metrics: the names {_OWN} are the step's own, got {sorted(values)}")
+  aux_loss = functools.reduce(operator.add, terms) if terms else 0.0
+  metrics = {key: _mean(v) for key, v in values.items()}
+  return aux_loss, metrics
+
+
+def _mean(values: list[jax.Array]) -> jax.Array:
+  """The mean of every entry of ``values``; one scalar is returned as it is."""
+  if len(values) == 1 and values[0].ndim == 0:
+    return values[0]
+  return jnp.mean(jnp.concatenate([jnp.ravel(v) for v in values]))
 
 
 def _microbatches(x: jax.Array, accum_steps: int, sharding: NamedSharding) -> jax.Array:

@@ -27,7 +27,9 @@ def _x(seed=0):
 
 
 def _params(moe):
-  return {k: np.asarray(v, np.float64) for k, v in nnx.to_pure_dict(nnx.state(moe)).items()}
+  """The layer's own parameters (a GRU router's shared cell apart)."""
+  state = nnx.to_pure_dict(nnx.state(moe))
+  return {k: np.asarray(v, np.float64) for k, v in state.items() if k != "router_cell"}
 
 
 def _silu(a):
@@ -92,7 +94,12 @@ def _moe(**kw):
   return layers.MoE(D, F, kw.pop("num_experts", E), **kw)
 
 
-_call = nnx.jit(lambda moe, x: moe(x))
+@nnx.jit
+def _call(moe, x, h=None):
+  """``(y, router_state, the RoutingStats the layer sowed)``."""
+  (y, h), sown = nnx.capture(lambda moe: moe(x, h), nnx.Intermediate)(moe)
+  (stats,) = sown[layers.moe.ROUTING].get_value()
+  return y, h, stats
 
 
 @pytest.mark.parametrize("capacity_factor, capacity", [(None, B * T), (0.5, 3)])
@@ -151,18 +158,21 @@ def _gru_cell_numpy(c, x, h):
 
 def test_gru_router_chain_equals_the_numpy_gru_cell():
   cell = layers.GRURouterCell(5, rngs=nnx.Rngs(1))
-  moes = [_moe(router="gru", router_dim=5, capacity_factor=None, rngs=nnx.Rngs(i)) for i in (2, 3)]
+  moes = [
+    _moe(router="gru", router_dim=5, router_cell=cell, capacity_factor=None, rngs=nnx.Rngs(i))
+    for i in (2, 3)
+  ]
   xs = [_x(2), _x(3)]
 
   @nnx.jit
-  def chain(cell, moes, xs):
+  def chain(moes, xs):
     h, outs = None, []
     for moe, x in zip(moes, xs, strict=True):
-      y, h, _ = moe(x, h, cell=cell)
+      y, h = moe(x, h)
       outs.append((y, h))
     return outs
 
-  got = chain(cell, moes, xs)
+  got = chain(moes, xs)
   c = {k: np.asarray(v, np.float64) for k, v in nnx.to_pure_dict(nnx.state(cell)).items()}
   # The two layers' cells as a recurrence over layers (tokens as the batch): each cell's rounding
   # on an input that a D-long product rounded, carried through the next cell's Jacobian.
@@ -208,11 +218,10 @@ def test_gru_router_state_at_a_layer_depends_only_on_layers_up_to_it():
   @nnx.jit
   def states(model):
     """Router states after each block, by the LM's own blocks and shared cell."""
-    x = model.embedding[...][tokens]
-    h, out = None, []
+    carry, out = (model.embedding[...][tokens], None), []
     for block in model.layers:
-      x, _, h, _ = block(x, router_state=h, cell=model.router_cell)
-      out.append(h)
+      carry, _ = block(carry)
+      out.append(carry[1])
     return out
 
   before = states(model)
@@ -237,22 +246,31 @@ def test_ablation_routers_pass_or_block_the_state():
   h_prev = np.random.default_rng(5).standard_normal((B, T, 6)).astype(np.float32)
   grad_h = {}
   for router in ("gru", "gru_detached", "gru_no_recurrence", "mlp"):
-    moe = _moe(router=router, router_dim=6, capacity_factor=None)
-    loss = lambda moe, h: jnp.sum(moe(x, h, cell=cell)[0] ** 2)
+    given = cell if router in layers.moe.GRU_ROUTERS else None
+    moe = _moe(router=router, router_dim=6, router_cell=given, capacity_factor=None)
+    loss = lambda moe, h: jnp.sum(moe(x, h)[0] ** 2)
     grad_h[router] = float(jnp.max(jnp.abs(nnx.jit(jax.grad(loss, argnums=1))(moe, h_prev))))
   assert grad_h["gru"] > 0 and grad_h["mlp"] > 0
   assert grad_h["gru_detached"] == 0.0 and grad_h["gru_no_recurrence"] == 0.0
 
 
+def _sown(model, tokens):
+  return nnx.capture(lambda m: m(tokens), nnx.Intermediate)(model)[1]
+
+
 def test_lm_reports_routing_statistics_and_keeps_the_dense_lm():
   model = LM(CFG, rngs=nnx.Rngs(0))
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 16, (B, T)), jnp.int32)
-  _, _, aux = nnx.jit(lambda m, t: m(t, return_aux=True))(model, tokens)
-  assert set(aux) >= {"aux_loss", "moe/entropy", "moe/dropped", "moe/layer_mi_bits"}
-  assert 0 < float(aux["moe/entropy"]) <= np.log(E) + 1e-6
+  sown = nnx.jit(_sown)(model, tokens)
+  (aux_loss,) = sown["aux_loss"].get_value()
+  (metrics,) = sown["metrics"].get_value()
+  assert set(metrics) >= {"moe/entropy", "moe/dropped", "moe/layer_mi_bits"}
+  assert 0 < float(metrics["moe/entropy"]) <= np.log(E) + 1e-6
+  assert_close(aux_loss, CFG.moe_aux_weight * metrics["moe/balance_loss"], rtol=1e-7)
+  # One cell, held by every MoE layer.
+  assert all(block.mlp.router_cell is model.layers[0].mlp.router_cell for block in model.layers)
   dense = LM(LMConfig(vocab_size=16, d_model=D, num_layers=1, num_heads=2), rngs=nnx.Rngs(0))
-  assert dense.router_cell is None
-  assert nnx.eval_shape(lambda m: m(tokens, return_aux=True)[2], dense) == {}
+  assert len(nnx.eval_shape(_sown, dense, tokens)) == 0
 
 
 @pytest.mark.parametrize(
@@ -261,6 +279,11 @@ def test_lm_reports_routing_statistics_and_keeps_the_dense_lm():
     (dict(top_k=5), "top_k: expected at most num_experts=4, got 5"),
     (dict(router="xmoe"), "router: expected one of"),
     (dict(capacity_factor=0.0), "capacity_factor"),
+    (dict(router="gru"), "router_cell: router='gru' needs the shared GRURouterCell, got None"),
+    (
+      dict(router="gru", router_dim=6, router_cell=layers.GRURouterCell(5, rngs=nnx.Rngs(0))),
+      "router_cell: expected a cell of width router_dim=6, got width 5",
+    ),
   ],
 )
 def test_bad_layer_arguments_name_the_argument(kw, message):

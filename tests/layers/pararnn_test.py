@@ -209,6 +209,23 @@ def test_projections_stay_outside_the_newton_loop_and_it_converges(kind):
   assert np.all(info.iterations <= 6), info.iterations
 
 
+def test_a_solve_sows_its_newton_metrics_and_a_decoding_step_none():
+  mixer = _mixer("paralstm")
+  x = _x(5)
+  _, info = mixer.recurrence(x)
+  _, sown = nnx.capture(lambda m: m(x), nnx.Intermediate)(mixer)
+  (metrics,) = sown["metrics"].get_value()
+  assert float(metrics["newton/iterations"]) == np.mean(np.asarray(info.iterations, np.float32))
+  assert float(metrics["newton/fallback"]) == np.mean(np.asarray(info.fallback, np.float32))
+  cache = mixer.init_cache(B, T, jnp.float32)
+  _, sown = nnx.capture(lambda m: m(x[:, :1], cache=cache), nnx.Intermediate)(mixer)
+  assert not nnx.to_flat_state(sown)
+  # Outside a capture nothing is kept: the mixer is the same module after a call.
+  before = nnx.graphdef(mixer)
+  mixer(x)
+  assert nnx.graphdef(mixer) == before
+
+
 def test_bf16_compute_keeps_fp32_state():
   mixer = _mixer("paragru")
   bf16 = _mixer("paragru", dtype=jnp.bfloat16)

@@ -1,5 +1,6 @@
-"""The LM stack: shapes and dtypes, scanned vs looped layers, remat, packed rows of a RAT model
-against its documents run alone, presets, config errors, logical axis metadata."""
+"""The LM stack: shapes and dtypes, scanned vs looped layers, remat, what layers sow through both,
+packed rows of a RAT model against its documents run alone, presets, config errors, logical axis
+metadata."""
 
 import dataclasses
 
@@ -112,6 +113,42 @@ def test_scanned_layers_and_remat_match_the_plain_loop():
     else:
       grads_want = want_grads
     jax.tree.map(lambda g, w: assert_close(g, w, **close), grads, grads_want)
+
+
+def _newton_iterations(model, tokens):
+  """``{layer path: newton/iterations}`` as the model's ParaRNN layers sow them."""
+  _, sown = nnx.jit(lambda m: nnx.capture(lambda m: m(tokens), nnx.Intermediate)(m))(model)
+  return {
+    "/".join(map(str, path[:-1])): np.asarray(metrics["newton/iterations"])
+    for path, variable in nnx.to_flat_state(sown)
+    for metrics in variable.get_value()
+  }
+
+
+def test_what_the_layers_sow_comes_out_of_remat_and_scanned_layers():
+  """A ParaGRU layer sows inside ``jax.checkpoint`` (remat) or ``lax.scan`` (scanned layers);
+  the capture gets every layer's value as the plain loop does, stacked over the groups when
+  scanned."""
+  cfg = dataclasses.replace(CFG, mixer_pattern=("paragru", "attention"))
+  tokens = _tokens(seed=2)
+  loop = LM(cfg, rngs=nnx.Rngs(1))
+  remat = LM(dataclasses.replace(cfg, remat=True), rngs=nnx.Rngs(2))
+  nnx.update(remat, nnx.state(loop))
+  scanned = LM(dataclasses.replace(cfg, scan_layers=True, remat=True), rngs=nnx.Rngs(3))
+  state = nnx.state(scanned, nnx.Param)
+  nnx.replace_by_pure_dict(state, _to_scanned(nnx.to_pure_dict(nnx.state(loop, nnx.Param)), cfg))
+  nnx.update(scanned, state)
+
+  want = _newton_iterations(loop, tokens)
+  assert sorted(want) == ["layers/0/mixer", "layers/2/mixer"]
+  assert all(1 <= v <= cfg.pararnn_max_iters for v in want.values()), want
+  got = _newton_iterations(remat, tokens)
+  assert got.keys() == want.keys()
+  for key, value in want.items():
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
+  stacked = _newton_iterations(scanned, tokens)
+  assert list(stacked) == ["layers/blocks/0/mixer"]
+  np.testing.assert_array_equal(stacked["layers/blocks/0/mixer"], list(want.values()))
 
 
 def test_rat_lm_packed_row_equals_its_documents_alone():

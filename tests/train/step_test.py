@@ -1,14 +1,19 @@
-"""Train step: sharded equals single-device; loss, bits/byte, clipping and AdamW against numpy."""
+"""Train step: sharded equals single-device; loss, bits/byte, clipping and AdamW against numpy;
+what the model sows joins the objective and the metrics."""
 
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
+from testing_utils import assert_close, max_abs
 
 from jaxrec import sharding
 from jaxrec.data import ByteTokenizer
+from jaxrec.layers import observe
 from jaxrec.models import LM, get_preset
 from jaxrec.train import distributed, metrics, optim
 from jaxrec.train import step as step_lib
@@ -168,3 +173,58 @@ def test_accum_steps_must_divide_batch():
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch(0))
   with pytest.raises(ValueError, match="accum_steps: expected a divisor of the batch size 8"):
     jax.eval_shape(train_step, abstract, batch)
+
+
+class _Part(nnx.Module):
+  """Sows an auxiliary loss term and a metric, as a layer reports what it observes."""
+
+  def __init__(self, weight: float):
+    self.weight = weight
+
+  def __call__(self, logits):
+    observe.sow(self, observe.AUX_LOSS, self.weight * jnp.mean(logits**2))
+    observe.sow(self, observe.METRICS, {"toy/weight": jnp.float32(self.weight)})
+
+
+class _Sowing(nnx.Module):
+  """Logits straight from an embedding table; two parts sow under the reserved names."""
+
+  def __init__(self, vocab: int, *, rngs: nnx.Rngs):
+    self.embedding = nnx.Param(jax.random.normal(rngs.params(), (vocab, vocab)))
+    self.parts = nnx.List([_Part(0.5), _Part(2.0)])
+
+  def __call__(self, tokens, *, segment_ids=None):
+    logits = self.embedding[...][tokens]
+    for part in self.parts:
+      part(logits)
+    return logits, None
+
+
+def test_what_the_model_sows_joins_the_objective_and_the_metrics():
+  """The step knows only the reserved names: the aux_loss terms of both parts are added to the
+  objective (their sum), a metric sown twice is reported as the mean."""
+  vocab, lr = 8, 1.0
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  schedule = optax.constant_schedule(lr)
+  tx = optax.sgd(schedule)
+  make_model = lambda: _Sowing(vocab, rngs=nnx.Rngs(0))
+  graphdef, abstract = step_lib.abstract_train_state(make_model, tx, mesh)
+  train_step = step_lib.make_train_step(graphdef, tx, schedule, abstract, mesh)
+  batch = jax.tree.map(lambda x: x % vocab if x.dtype == np.int32 else x, _batch(2))
+  state = step_lib.init_train_state(make_model, tx, abstract)
+  table = np.asarray(state.params["embedding"].get_value(), np.float64)
+  state, got = train_step(state, distributed.global_batch(batch, mesh))
+
+  def objective(table):
+    """Mean weighted cross-entropy plus the two parts' terms, written out."""
+    logits = table[batch["inputs"]]
+    nll = -np.take_along_axis(jax.nn.log_softmax(logits), batch["targets"][..., None], -1)[..., 0]
+    w = batch["weights"]
+    return (nll * w).sum() / w.sum() + (0.5 + 2.0) * jnp.mean(logits**2)
+
+  with jax.enable_x64():
+    grad = np.asarray(jax.grad(objective)(table))
+  assert float(got["toy/weight"]) == 1.25
+  # SGD: the update is the gradient; fp32 against float64, relative to its largest entry.
+  update = (table - np.asarray(state.params["embedding"].get_value(), np.float64)) / lr
+  assert_close(update, grad, rtol=0.0, atol=1e-5 * max_abs(grad))

@@ -14,12 +14,13 @@
 # # Long-context inference with jaxrec
 #
 # Five ways to read a long or structured input with a trained attention model, without retraining,
-# as policies of `jaxrec.inference.longctx` given per call to `jaxrec.generate`,
-# `jaxrec.inference.loglikelihood` or the model: LM-Infinite (Λ-shaped mask with a distance cap),
+# as policies of `jaxrec.inference.longctx`: LM-Infinite (Λ-shaped mask with a distance cap),
 # Recycled Attention (a small recycled KV cache refreshed by full steps), LongHeads (each head
 # reads its own chunks), ThinK (pruned key channels) and Set-Based Prompting (order-free options).
-# A small random model keeps this fast on a CPU; `experiments/long_context.py` evaluates them on
-# a trained one.
+# `longctx.apply(model, policy)` returns the model with its attention layers wrapped to read their
+# keys through the policy (the same parameter arrays): a plain model, for `jaxrec.generate`,
+# `jaxrec.inference.loglikelihood` or a call of its own. A small random model keeps this fast on a
+# CPU; `experiments/long_context.py` evaluates the policies on a trained one.
 #
 # This notebook is generated: its source of truth is `colabs/long_context.py` (jupytext percent
 # format). Edit that file, then run `jupytext --to ipynb colabs/long_context.py`;
@@ -86,10 +87,10 @@ model = LM(cfg, rngs=nnx.Rngs(0))
 prompt = np.random.default_rng(0).integers(0, 256, (1, LENGTH)).astype(np.int32)
 
 # %% [markdown]
-# ## One policy per call
+# ## One model per policy
 #
 # Each policy is a small frozen config object with its paper's defaults, here scaled to a short
-# context. The same model generates under each; the caches report the bytes they hold.
+# context. The same model, with each applied, generates; the caches report the bytes they hold.
 
 # %%
 policies = {
@@ -101,13 +102,16 @@ policies = {
   "longheads": longctx.longheads(chunk_size=LENGTH // 32, chunks_per_head=4),
   "think": longctx.think(channel_ratio=0.4),
 }
+models = {
+  name: model if policy is None else longctx.apply(model, policy)
+  for name, policy in policies.items()
+}
 cache_bytes = {}
-for name, policy in policies.items():
-  out = jaxrec.generate(model, prompt, 8, policy=policy).tokens
-  kw = {} if policy is None else {"policy": policy}
+for name, m in models.items():
+  out = jaxrec.generate(m, prompt, 8).tokens
   # The cache after the prompt: the shapes the prefill returns (jax.eval_shape computes nothing).
-  empty = model.init_cache(1, LENGTH + 8, **kw)
-  cache = jax.eval_shape(lambda c, kw=kw: model(jnp.asarray(prompt), cache=c, **kw)[1], empty)
+  empty = m.init_cache(1, LENGTH + 8)
+  cache = jax.eval_shape(lambda c, m=m: m(jnp.asarray(prompt), cache=c)[1], empty)
   cache_bytes[name] = longctx.cache_bytes(cache)
   print(f"{name:12s} new tokens {out[0].tolist()}  cache {cache_bytes[name] / 2**10:.0f} KiB")
 
@@ -124,7 +128,7 @@ plt.show()
 
 # %%
 for name, prefill in (("vanilla", None), ("lm_infinite", None), ("think", LENGTH // 2)):
-  logp = loglikelihood(model, prompt, policy=policies[name], prefill=prefill)
+  logp = loglikelihood(models[name], prompt, prefill=prefill)
   print(f"{name:12s} mean log-likelihood {float(logp.mean()):.4f}")
 
 # %% [markdown]
@@ -143,7 +147,7 @@ options = [rng.integers(0, 256, n) for n in (4, 6, 9)]
 def suffix_logits(order, use_set):
   tokens = np.concatenate([prefix, *(options[i] for i in order), suffix])[None].astype(np.int32)
   policy = longctx.set_based(len(prefix), tuple(len(options[i]) for i in order), len(suffix))
-  logits, _ = model(jnp.asarray(tokens), **({"policy": policy} if use_set else {}))
+  logits, _ = (longctx.apply(model, policy) if use_set else model)(jnp.asarray(tokens))
   return np.asarray(logits[0, -len(suffix) :])
 
 

@@ -48,9 +48,8 @@ POLICIES = {
 }
 
 
-def _decoder(model: LM, policy):
+def _decoder(model: LM):
   graphdef, state = nnx.split(model)
-  kw = {} if policy is None else dict(policy=policy)
 
   @functools.partial(jax.jit, donate_argnums=(1,))
   def decode(state, cache, token):
@@ -58,7 +57,7 @@ def _decoder(model: LM, policy):
 
     def step(_, carry):
       token, cache = carry
-      logits, cache = model(token[:, None], cache=cache, **kw)
+      logits, cache = model(token[:, None], cache=cache)
       return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
 
     return lax.fori_loop(0, _STEPS.value, step, (token, cache))
@@ -94,12 +93,11 @@ def _filled_layer(cache, context: int, key):
   return type(cache)(**values)
 
 
-def _cache(model: LM, policy, context: int, length: int):
+def _cache(model: LM, context: int, length: int):
   """The caches after a ``context``-token prompt, in a cache of ``length`` tokens."""
-  kw = {} if policy is None else dict(policy=policy)
-  empty = model.init_cache(1, length, **kw)
+  empty = model.init_cache(1, length)
   prompt = jax.ShapeDtypeStruct((1, context), jnp.int32)
-  shapes = jax.eval_shape(lambda c, p: model(p, cache=c, **kw)[1], empty, prompt)
+  shapes = jax.eval_shape(lambda c, p: model(p, cache=c)[1], empty, prompt)
   keys = jax.random.split(jax.random.key(0), len(shapes))
   fill = jax.jit(_filled_layer, static_argnums=(1,))
   return tuple(
@@ -133,14 +131,18 @@ def main(argv):
   for name, policy in POLICIES.items():
     print(f"{name}: {policy}")
   print(f"B=1, {_STEPS.value} greedy steps per call, median of {_REPEATS.value} calls.")
-  decoders = {name: _decoder(model, policy) for name, policy in POLICIES.items()}
+  models = {
+    name: model if policy is None else longctx.apply(model, policy)
+    for name, policy in POLICIES.items()
+  }
+  decoders = {name: _decoder(m) for name, m in models.items()}
   token = jnp.zeros((1,), jnp.int32)
   rows = []
   for context in (int(c) for c in _CONTEXTS.value):
     base = {}
-    for name, policy in POLICIES.items():
+    for name, m in models.items():
       length = context + _STEPS.value * (_REPEATS.value + 1)
-      cache = _cache(model, policy, context, length)
+      cache = _cache(m, context, length)
       nbytes = longctx.cache_bytes(cache)
       keys = [c.key_bytes() for c in cache if isinstance(c, longctx.ThinKCache)]
       seconds = _time_per_token(decoders[name], cache, token)

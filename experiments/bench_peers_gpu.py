@@ -38,7 +38,6 @@ import numpy as np
 from absl import app, flags
 
 from jaxrec import ops
-from jaxrec.ops import gla_chunk
 
 _SHAPES = flags.DEFINE_list(
   "shapes", ["2x16384x4x64", "8x4096x16x128"], "BxTxHxK shapes (K = V), issue 13's two."
@@ -46,13 +45,10 @@ _SHAPES = flags.DEFINE_list(
 _METHODS = flags.DEFINE_list(
   "methods",
   ["chunk", "pallas", "three_pass"],
-  "jaxrec forms to time: gated_linear_attention's methods, and three_pass, the FLA-structured "
-  "candidate in jaxrec.ops.gla_chunk (not yet behind a method; see BENCHMARKS.md).",
+  "jaxrec forms to time: gated_linear_attention's methods (three_pass is the FLA-structured one).",
 )
-_THREE_PASS = flags.DEFINE_list(
-  "three_pass",
-  ["64", "16", "associative"],
-  "three_pass's chunk size, diagonal sub-chunk size and chunk-state pass.",
+_CHUNK_SIZE = flags.DEFINE_integer(
+  "chunk_size", 64, "gated_linear_attention's chunk_size, for every method (FLA's is 64)."
 )
 _DTYPE = flags.DEFINE_enum(
   "dtype", "bfloat16", ["bfloat16", "float32"], "Input dtype (FLA: bf16, as in the issue)."
@@ -91,29 +87,9 @@ def _inputs(b, t, h, d):
   return tuple(jnp.asarray(x, _DTYPE.value) for x in (q, k, v, g, do))
 
 
-def _three_pass(q, k, v, g):
-  chunk, diag, state_pass = _THREE_PASS.value
-  b, _, h, d = q.shape
-  o, _ = gla_chunk.chunkwise_gla(
-    q,
-    k,
-    v,
-    g.astype(jnp.float32),
-    jnp.zeros((b, h, d, v.shape[-1]), jnp.float32),
-    None,
-    scale=d**-0.5,
-    chunk_size=int(chunk),
-    diag_size=int(diag),
-    state_pass=state_pass,
-  )
-  return o.astype(q.dtype)
-
-
 def _jaxrec_fns(method):
   def forward(q, k, v, g):
-    if method == "three_pass":
-      return _three_pass(q, k, v, g)
-    return ops.gated_linear_attention(q, k, v, g, method=method)[0]
+    return ops.gated_linear_attention(q, k, v, g, method=method, chunk_size=_CHUNK_SIZE.value)[0]
 
   def forward_backward(q, k, v, g, do):
     o, vjp = jax.vjp(forward, q, k, v, g)

@@ -8,6 +8,8 @@ speed-up over the sequential form measured in the same run, plus a causal softma
   python -m experiments.bench_scan --seq_lens=4096 --ops=gla --repeats=5
 """
 
+import typing
+
 import jax
 import jax.numpy as jnp
 from absl import app, flags
@@ -25,7 +27,7 @@ _GLA_SHAPES = flags.DEFINE_list("gla_shapes", ["4x64"], "HxK (K = V) head shapes
 _METHODS = flags.DEFINE_list(
   "methods",
   ["sequential", "associative", "chunk", "pallas"],
-  "Methods (those an op lacks are skipped).",
+  "Methods (those an op lacks are skipped; gla also has three_pass).",
 )
 _MODES = flags.DEFINE_list("modes", ["fwd", "fwd+bwd"], "fwd and/or fwd+bwd.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per row (median reported).")
@@ -35,7 +37,8 @@ _MAX_T_PALLAS_INTERPRET = flags.DEFINE_integer(
   "On CPU the Pallas kernels run interpreted; skip them above this T.",
 )
 
-_GLA_METHODS = ("sequential", "chunk", "pallas")
+_SCAN_METHODS = typing.get_args(ops.ScanMethod)
+_GLA_METHODS = typing.get_args(ops.GLAMethod)
 
 
 def _with_grad(f, argnums):
@@ -49,7 +52,8 @@ def _scan_cases(t, width):
   a = jax.random.uniform(ka, shape, minval=0.9, maxval=1.0)
   b = jax.random.normal(kb, shape)
   for method in _METHODS.value:
-    yield method, (lambda a, b, m=method: ops.linear_scan(a, b, method=m)[0]), (a, b)
+    if method in _SCAN_METHODS:
+      yield method, (lambda a, b, m=method: ops.linear_scan(a, b, method=m)[0]), (a, b)
 
 
 def _gla_cases(t, heads, dim):

@@ -70,14 +70,15 @@ def long_context(config, workdir: str) -> dict:
     default_train_config.get_config(), run_dir, given=set()
   )
   policies = _policies(config)
+  models = {name: _under(model, policy) for name, policy in policies.items()}
   train_len = run_config.data.seq_len
   start = time.perf_counter()
   results = {
     "train_length": train_len,
     "policies": {k: repr(v) for k, v in policies.items()},
-    "perplexity": _perplexity(model, tokenizer, policies, config, train_len),
+    "perplexity": _perplexity(models, tokenizer, config, train_len),
   }
-  results["passkey"] = _passkey(model, tokenizer, policies, config)
+  results["passkey"] = _passkey(models, tokenizer, config)
   results["choice"] = _choice(model, tokenizer, config)
   results["eval_seconds"] = time.perf_counter() - start
   with open(os.path.join(workdir, "long_context.json"), "w", encoding="utf-8") as f:
@@ -98,11 +99,17 @@ def _policies(config) -> dict:
     raise train.ConfigError(f"--config.<policy>: {e}") from e
 
 
-def _score(model, tokens, name, policy, prefill):
-  """Per-token log-likelihoods under ``policy`` (decode-only policies after ``prefill``)."""
+def _under(model, policy):
+  """``model`` with ``policy`` applied to its attention layers (``None``: the model itself)."""
+  return model if policy is None else longctx.apply(model, policy)
+
+
+def _score(model, tokens, name, prefill):
+  """Per-token log-likelihoods of ``model`` (under the policy ``name``; decode-only policies
+  after ``prefill``)."""
   if name in DECODE_ONLY:
-    return loglikelihood(model, tokens, policy=policy, prefill=min(prefill, tokens.shape[1] - 2))
-  return loglikelihood(model, tokens, policy=policy)
+    return loglikelihood(model, tokens, prefill=min(prefill, tokens.shape[1] - 2))
+  return loglikelihood(model, tokens)
 
 
 def _validation_bytes(tokenizer) -> np.ndarray:
@@ -110,15 +117,15 @@ def _validation_bytes(tokenizer) -> np.ndarray:
   return np.asarray(tokenizer.encode(text), np.int32)
 
 
-def _perplexity(model, tokenizer, policies, config, train_len) -> dict:
+def _perplexity(models, tokenizer, config, train_len) -> dict:
   ids = _validation_bytes(tokenizer)
   rng = np.random.default_rng(config.seed)
   out = {}
   for length in train.parse_list(config.lengths, "--config.lengths", int):
     starts = rng.integers(0, len(ids) - length - 1, config.ppl_sequences)
     windows = np.stack([ids[s : s + length + 1] for s in starts])
-    for name, policy in policies.items():
-      logp = np.asarray(_score(model, windows, name, policy, train_len))
+    for name, model in models.items():
+      logp = np.asarray(_score(model, windows, name, train_len))
       out.setdefault(name, {})[str(length)] = float(-logp.mean() / np.log(2))
       logging.info("perplexity %s @%d: %.3f bits/byte", name, length, out[name][str(length)])
   return out
@@ -136,7 +143,7 @@ def passkey_prompt(length: int, key: str, depth: float) -> tuple[str, str]:
   return PREAMBLE + filler[:cut] + needle + filler[cut:] + QUESTION, key
 
 
-def _passkey(model, tokenizer, policies, config) -> dict:
+def _passkey(models, tokenizer, config) -> dict:
   rng = np.random.default_rng(config.seed + 1)
   digits = config.passkey.digits
   out = {}
@@ -144,8 +151,8 @@ def _passkey(model, tokenizer, policies, config) -> dict:
     keys = [str(k) for k in rng.integers(10 ** (digits - 1), 10**digits, config.passkey.samples)]
     prompts = [passkey_prompt(length, k, d)[0] for k, d in zip(keys, rng.random(len(keys)))]
     tokens = np.asarray([tokenizer.encode(p) for p in prompts], np.int32)
-    for name, policy in policies.items():
-      new = generate(model, tokens, digits, policy=policy).tokens
+    for name, model in models.items():
+      new = generate(model, tokens, digits).tokens
       answers = [tokenizer.decode(row.tolist()) for row in new]
       exact = np.mean([a == k for a, k in zip(answers, keys, strict=True)])
       per_digit = np.mean(
@@ -185,7 +192,7 @@ def _choice(model, tokenizer, config) -> dict:
         [np.concatenate([a, *(opts[i] for i in order), sep, opts[answer]]) for a, opts in questions]
       )
       for name, p in (("vanilla", None), ("set_based", policy)):
-        logp = np.asarray(loglikelihood(model, tokens, policy=p, prefill=policy.length))
+        logp = np.asarray(loglikelihood(_under(model, p), tokens, prefill=policy.length))
         scores[name][:, answer] = logp[:, -lengths[answer] :].mean(-1)
     for name in picks:
       picks[name].append(scores[name].argmax(-1))

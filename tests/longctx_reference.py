@@ -9,6 +9,7 @@ from flax import nnx
 from testing_utils import rounding_atol
 
 from jaxrec import layers
+from jaxrec.inference.longctx import PolicyAttention
 
 
 def attention_layer(heads=4, kv_heads=2, d_model=16, head_dim=8, seed=0) -> layers.Attention:
@@ -64,11 +65,17 @@ def output(attn, heads):
   return np.asarray(attn.o_proj(np.asarray(heads, np.float32)), np.float64)
 
 
+def under(attn, policy, layer=0):
+  """``attn`` under ``policy`` at depth ``layer`` (``attn`` itself for ``policy=None``)."""
+  return attn if policy is None else PolicyAttention(attn, policy, layer=layer)
+
+
 def run_chunks(attn, x, policy, chunks, layer=0):
   """``attn`` (under ``policy``, ``None`` for plain attention) fed ``x [B, T, D]`` through a cache
   in consecutive calls of the given lengths: ``(outputs [B, T, D], final cache)``."""
-  step = jax.jit(lambda x, c: attn(x, cache=c, policy=policy, layer=layer))
-  cache = attn.init_cache(x.shape[0], x.shape[1], jnp.float32, policy=policy)
+  mixer = under(attn, policy, layer)
+  step = jax.jit(lambda x, c: mixer(x, cache=c))
+  cache = mixer.init_cache(x.shape[0], x.shape[1], jnp.float32)
   outs, start = [], 0
   for n in chunks:
     y, cache = step(x[:, start : start + n], cache)

@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import io_callback, multihost_utils
 
 from jaxrec.inference import prefill as prefill_lib
-from jaxrec.inference.longctx.policy import check_policy
+from jaxrec.inference.longctx import substitution
 
 
 class Generation(NamedTuple):
@@ -59,7 +59,6 @@ def generate(
   top_k: int | None = None,
   top_p: float | None = None,
   seed: int = 0,
-  policy=None,
   pad_id: int = 0,
   buckets: prefill_lib.Buckets = "pow2",
   prefill_chunk: int | None = prefill_lib.DEFAULT_PREFILL_CHUNK,
@@ -70,7 +69,10 @@ def generate(
 
   Args:
     model: an ``LM`` (anything with ``model(tokens, segment_ids=..., cache=...) -> (logits,
-      cache)`` and ``model.init_cache(batch_size, max_length)``).
+      cache)`` and ``model.init_cache(batch_size, max_length)``), possibly with a long-context
+      policy applied (``jaxrec.inference.longctx.apply``). Policies do not read padding, so
+      such a model's prompts must have one length and are not bucketed; its chunked prefill
+      runs ``longctx.chunked(model, prompt_length)``.
     prompt: int ``[B, T0]`` array, a list of ids (one prompt) or a list of lists of ids of any
       lengths (ragged prompts are left-padded into one batch, see the module docstring).
     max_new_tokens: the most tokens to generate per row, ``>= 0``.
@@ -82,9 +84,6 @@ def generate(
     top_p: nucleus sampling: only among the most likely tokens whose probabilities sum to
       ``top_p`` (the most likely token is always kept; needs ``temperature > 0``).
     seed: PRNG seed; the same seed gives the same tokens.
-    policy: a long-context policy (``jaxrec.inference.longctx``) for the attention layers, at
-      prefill and at every decoding step; ``None`` is plain attention. Policies do not read
-      padding, so their prompts must have one length and are not bucketed.
     pad_id: the id of left padding and of the tokens after a row stops.
     buckets: ``"pow2"`` (default) rounds the prompt length and ``max_new_tokens`` up to powers
       of two (at least 16) for the compiled program, a list of lengths rounds them up to the first
@@ -109,7 +108,6 @@ def generate(
     top_k=top_k,
     top_p=top_p,
     seed=seed,
-    policy=policy,
     pad_id=pad_id,
     buckets=buckets,
     prefill_chunk=prefill_chunk,
@@ -129,7 +127,6 @@ def generate_with(
   top_k,
   top_p,
   seed,
-  policy,
   pad_id,
   buckets,
   prefill_chunk,
@@ -141,12 +138,12 @@ def generate_with(
   prompts = _as_prompts(prompt)
   _validate(max_new_tokens, temperature, top_k, top_p, seed, pad_id)
   stops = _as_stop_tokens(stop_tokens)
-  check_policy(policy)
   prefill_lib.check_buckets(buckets)
   prefill_lib.check_prefill_chunk(prefill_chunk)
   batch = len(prompts)
   longest = max(len(p) for p in prompts)
-  prefill_lib.check_context(model, longest + max_new_tokens, policy, stacklevel=4)
+  policy = substitution.policy_of(model)
+  prefill_lib.check_context(model, longest + max_new_tokens, stacklevel=4)
   if max_new_tokens == 0:
     return Generation(
       np.zeros((batch, 0), np.int32),
@@ -167,8 +164,8 @@ def generate_with(
   starts = [length - len(p) for p in prompts]
   schedule = prefill_lib.chunk_schedule(length, prefill_chunk, starts)
   prefill_lib.check_prefix_chunks(model, schedule, starts)
-  if policy is not None and schedule.calls > 1:
-    policy = policy.chunked(length)
+  if schedule.calls > 1:
+    model = substitution.chunked(model, length)
   greedy = temperature == 0
   handle = _register(on_token)
   try:
@@ -188,7 +185,6 @@ def generate_with(
       greedy=greedy,
       top_k=None if greedy else top_k,
       use_top_p=top_p is not None and not greedy,
-      policy=policy,
       stream=on_token is not None,
       return_logits=return_logits,
     )
@@ -217,19 +213,17 @@ def _program_fn(
   greedy,
   top_k,
   use_top_p,
-  policy,
   stream,
   return_logits,
 ):
   """Prefill then decode, for one bucket: ``(tokens [B, out_len], lengths [B], logits)``."""
   model = nnx.merge(graphdef, state)
   batch, length = tokens.shape
-  kw = {} if policy is None else dict(policy=policy)
-  cache = model.init_cache(batch, length + out_len, **kw)
+  cache = model.init_cache(batch, length + out_len)
 
   # Prefill, in chunks past prefill_chunk; only the last position's logits are kept.
   def prefill_step(cache, chunk):
-    logits, cache = model(chunk["tokens"], segment_ids=chunk.get("segments"), cache=cache, **kw)
+    logits, cache = model(chunk["tokens"], segment_ids=chunk.get("segments"), cache=cache)
     return cache, logits[:, -1:]
 
   xs = {"tokens": tokens} | ({} if segment_ids is None else {"segments": segment_ids})
@@ -263,7 +257,7 @@ def _program_fn(
 
   def step(carry, active):
     i, token, cache, out, lengths, done, kept, cancel = carry
-    logits, cache = model(token[:, None], cache=cache, **kw)
+    logits, cache = model(token[:, None], cache=cache)
     logits = logits[:, -1]
     new = jnp.where(done, pad_id, sample(logits, i))
     lengths = lengths + ~done
@@ -301,7 +295,6 @@ _STATIC = (
   "greedy",
   "top_k",
   "use_top_p",
-  "policy",
   "stream",
   "return_logits",
 )

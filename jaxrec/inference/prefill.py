@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxrec.inference.longctx.substitution import policy_of
+
 MIN_BUCKET = 16
 DEFAULT_PREFILL_CHUNK = 2048
 
@@ -181,18 +183,18 @@ def scan_chunks(step: Callable, carry, xs, schedule: ChunkSchedule):
   return carry, jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=1), *outs)
 
 
-def check_context(model, tokens: int, policy, *, stacklevel: int = 3) -> None:
+def check_context(model, tokens: int, *, stacklevel: int = 3) -> None:
   """Warns when ``tokens`` (prompt and new tokens) pass the context the model was trained for
-  (``cfg.max_seq_len``) and no long-context policy is given."""
+  (``cfg.max_seq_len``) and no long-context policy is applied to ``model``."""
   cfg = getattr(model, "cfg", None)
   limit = getattr(cfg, "max_seq_len", None)
-  if policy is not None or limit is None or tokens <= limit:
+  if limit is None or tokens <= limit or policy_of(model) is not None:
     return
   warnings.warn(
     f"prompt: {tokens} tokens pass the model's trained context (max_seq_len={limit}) without a "
-    "long-context policy; attention past it sees distances it never trained on. Pass "
-    "policy=jaxrec.inference.longctx.lm_infinite(...) (or another policy of "
-    "jaxrec.inference.longctx), or shorten the prompt.",
+    "long-context policy; attention past it sees distances it never trained on. Apply one, "
+    "jaxrec.inference.longctx.apply(model, jaxrec.inference.longctx.lm_infinite(...)) (or "
+    "another policy of jaxrec.inference.longctx), or shorten the prompt.",
     stacklevel=stacklevel,
   )
 

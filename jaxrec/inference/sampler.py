@@ -2,9 +2,8 @@
 
 A sampler knows what the functional ``jaxrec.generate`` is told each call: the tokenizer (text in
 and out, its ``bos`` prepended, its ``eos`` a stop token), further stop tokens (a chat model's
-``<|im_end|>``), the bucket and prefill-chunk settings and a long-context policy; it holds its own
-compiled programs (one per bucket and batch size), so a session of prompts of many lengths
-compiles a handful. ``stream`` yields the text of one prompt as it is decoded.
+``<|im_end|>``) and the bucket and prefill-chunk settings; it holds its own compiled programs
+(one per bucket and batch size), so a session of prompts of many lengths compiles a handful. ``stream`` yields the text of one prompt as it is decoded.
 """
 
 import queue
@@ -46,13 +45,14 @@ class Sampler:
       print(piece, end="", flush=True)
 
   Args:
-    model: an ``LM``.
+    model: an ``LM``; for a long-context policy, the model it is applied to
+      (``jaxrec.inference.longctx.apply(model, policy)``).
     tokenizer: a ``jaxrec.data`` tokenizer (``encode``, ``decode``, ``bos_id``, ``eos_id``,
       ``pad_id``), or ``None`` to work on ids only.
     stop_tokens: ids that end a continuation besides the tokenizer's ``eos_id``.
     add_bos: prepend the tokenizer's ``bos_id`` (when it has one) to text prompts.
     pad_id: the id of padding; default the tokenizer's ``pad_id``, else its ``eos_id``, else 0.
-    buckets, prefill_chunk, policy: as ``jaxrec.generate``'s.
+    buckets, prefill_chunk: as ``jaxrec.generate``'s.
   """
 
   def __init__(
@@ -65,7 +65,6 @@ class Sampler:
     pad_id: int | None = None,
     buckets: prefill_lib.Buckets = "pow2",
     prefill_chunk: int | None = prefill_lib.DEFAULT_PREFILL_CHUNK,
-    policy=None,
   ):
     for name in ("encode", "decode"):
       if tokenizer is not None and not callable(getattr(tokenizer, name, None)):
@@ -81,7 +80,7 @@ class Sampler:
     if pad_id is None:
       pad_id = next((i for i in (getattr(tokenizer, "pad_id", None), eos) if i is not None), 0)
     self.pad_id = pad_id
-    self.buckets, self.prefill_chunk, self.policy = buckets, prefill_chunk, policy
+    self.buckets, self.prefill_chunk = buckets, prefill_chunk
     self._program = jit_program()
 
   def encode(self, prompt: str) -> list[int]:
@@ -116,7 +115,6 @@ class Sampler:
       top_k=top_k,
       top_p=top_p,
       seed=seed,
-      policy=self.policy,
       pad_id=self.pad_id,
       buckets=self.buckets,
       prefill_chunk=self.prefill_chunk,

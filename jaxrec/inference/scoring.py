@@ -1,4 +1,5 @@
-"""Scoring: the log-likelihood a model gives each next token of a sequence, under a policy.
+"""Scoring: the log-likelihood a model gives each next token of a sequence (under a long-context
+policy when one is applied to the model, ``jaxrec.inference.longctx.apply``).
 
 Only the log-probabilities of the target tokens are kept: ``log p(y) = logit_y - logsumexp(logits)``
 per position, so a long sequence never holds its ``[T, V]`` log-softmax beside the logits. A
@@ -15,20 +16,19 @@ from flax import nnx
 from jax import lax
 
 from jaxrec.inference import prefill as prefill_lib
-from jaxrec.inference.longctx.policy import check_policy
+from jaxrec.inference.longctx import substitution
 
 
 def loglikelihood(
   model: nnx.Module,
   tokens: jax.Array,
-  policy=None,
   prefill: int | None = None,
   *,
   prefill_chunk: int | None = prefill_lib.DEFAULT_PREFILL_CHUNK,
 ) -> jax.Array:
   """``log p(tokens[:, t + 1] | tokens[:, :t + 1])`` for every ``t``: fp32 ``[B, T - 1]``.
 
-  With ``prefill=None``, one parallel pass over ``tokens`` without a cache: the policy's prefill
+  With ``prefill=None``, one parallel pass over ``tokens`` without a cache: a policy's prefill
   rule decides what each position attends to (LM-Infinite's Λ-mask, LongHeads' chunks, Set-Based
   Prompting's 2-D mask); policies that only change decoding (Recycled Attention, ThinK) score as
   plain attention there. With ``prefill=P`` the first ``P`` tokens fill a cache and the rest are
@@ -36,15 +36,15 @@ def loglikelihood(
   policies are scored.
 
   Args:
-    model: an ``LM`` (``model(tokens, cache=..., policy=...) -> (logits, cache)``).
+    model: an ``LM`` (``model(tokens, cache=...) -> (logits, cache)``), possibly with a
+      long-context policy applied (``jaxrec.inference.longctx.apply``); a chunked prefill runs
+      ``longctx.chunked(model, prefill_length)``.
     tokens: int ``[B, T]``, ``T >= 2``.
-    policy: a ``jaxrec.inference.longctx`` policy, or ``None`` for plain attention.
     prefill: ``None`` or the tokens of the prefill, ``1 <= prefill < T``.
     prefill_chunk: a pass (``prefill=None``) or a prefill longer than this runs in chunks of this
       many tokens through a cache; equal up to rounding, with memory bounded by the chunk.
       ``None``: one call.
   """
-  check_policy(policy)
   tokens = jnp.asarray(tokens)
   if tokens.ndim != 2 or tokens.shape[1] < 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(
@@ -56,31 +56,30 @@ def loglikelihood(
   ):
     raise ValueError(f"prefill: expected None or an int in [1, {tokens.shape[1]}), got {prefill!r}")
   prefill_lib.check_prefill_chunk(prefill_chunk)
-  prefill_lib.check_context(model, tokens.shape[1] - 1, policy)
+  prefill_lib.check_context(model, tokens.shape[1] - 1)
   inputs = tokens.shape[1] - 1
   chunked = prefill if prefill is not None else inputs
   schedule = prefill_lib.chunk_schedule(chunked, prefill_chunk)
   prefill_lib.check_prefix_chunks(model, schedule, [0], stacklevel=3)
   if schedule.calls == 1 and prefill is None:
     schedule = None  # one pass without a cache
-  elif policy is not None and schedule.calls > 1:
-    policy = policy.chunked(chunked)
+  elif schedule.calls > 1:
+    model = substitution.chunked(model, chunked)
   graphdef, state = nnx.split(model)
-  return _loglikelihood(graphdef, state, tokens, policy, prefill, schedule)
+  return _loglikelihood(graphdef, state, tokens, prefill, schedule)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
-def _loglikelihood(graphdef, state, tokens, policy, prefill, schedule):
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _loglikelihood(graphdef, state, tokens, prefill, schedule):
   model = nnx.merge(graphdef, state)
-  kw = {} if policy is None else dict(policy=policy)
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   if schedule is None:
-    logits, _ = model(inputs, **kw)
+    logits, _ = model(inputs)
     return _target_logp(logits, targets)
-  cache = model.init_cache(tokens.shape[0], inputs.shape[1], **kw)
+  cache = model.init_cache(tokens.shape[0], inputs.shape[1])
 
   def chunk_step(cache, chunk):
-    logits, cache = model(chunk["inputs"], cache=cache, **kw)
+    logits, cache = model(chunk["inputs"], cache=cache)
     return cache, _target_logp(logits, chunk["targets"])
 
   n = schedule.length
@@ -91,7 +90,7 @@ def _loglikelihood(graphdef, state, tokens, policy, prefill, schedule):
 
   def step(cache, token_target):
     token, target = token_target
-    logits, cache = model(token[:, None], cache=cache, **kw)
+    logits, cache = model(token[:, None], cache=cache)
     return cache, _target_logp(logits, target[:, None])[:, 0]
 
   rest = (inputs[:, n:].T, targets[:, n:].T)

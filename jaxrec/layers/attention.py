@@ -130,26 +130,15 @@ class Attention(nnx.Module):
     x: Activations,
     *,
     segment_ids: SegmentIds | None = None,
-    cache: KVCache | Any | None = None,
-    policy: Any | None = None,
-    layer: int = 0,
-  ) -> tuple[Activations, KVCache | Any | None]:
+    cache: KVCache | None = None,
+  ) -> tuple[Activations, KVCache | None]:
     """Attends causally over ``x [B, T, D]`` (and over the cache's keys when given).
 
     With a cache, the ``T`` tokens take positions ``cache.index ..`` and are appended to it; the
     caller sizes the cache (``init_cache``) for every token it will hold.
-
-    A long-context ``policy`` (``jaxrec.inference.longctx``) decides, after the projections, what
-    the cache holds and which keys each query sees at which positions; the cache then comes from
-    ``init_cache(..., policy=policy)`` and ``layer`` is this layer's depth in its model.
     """
     t = x.shape[1]
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-    if policy is not None:
-      if segment_ids is not None:
-        raise ValueError("segment_ids: packed sequences are not supported with a policy")
-      o, cache = policy.attend(self, q, k, v, cache=cache, layer=layer)
-      return self.o_proj(o), cache
     if cache is None:
       positions = jnp.arange(t)
       q, k = self.rope(q, positions), self.rope(k, positions)
@@ -226,17 +215,12 @@ class Attention(nnx.Module):
     RoPE settings."""
     return apply_rope(x, positions, self.rope_theta, scaling=self.rope_scaling)
 
-  def init_cache(
-    self, batch_size: int, max_length: int, dtype: jnp.dtype, policy: Any | None = None
-  ) -> KVCache | Any:
-    """An empty cache for ``max_length`` tokens; keys and values in ``dtype``; the ``policy``'s
-    cache when one is given.
+  def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype) -> KVCache:
+    """An empty cache for ``max_length`` tokens; keys and values in ``dtype``.
 
     With a sliding window shorter than ``max_length`` the cache is a ring of ``window`` slots, the
     same size at every context length; otherwise it has room for ``max_length`` tokens.
     """
-    if policy is not None:
-      return policy.init_cache(self, batch_size, max_length, dtype)
     if self.window is not None and self.window < max_length:
       return self.init_ring(batch_size, dtype)
     shape = (batch_size, max_length, self.num_kv_heads, self.head_dim)

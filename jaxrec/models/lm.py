@@ -51,12 +51,10 @@ class Block(nnx.Module):
     self.carries_router_state = router_carry(cfg)
     self.mlp = build_ffn(cfg, router_cell=router_cell, rngs=rngs)
 
-  def __call__(self, carry, *, segment_ids=None, cache=None, policy=None, layer=0):
-    """Returns ``(carry, cache)``. ``policy`` is a long-context policy for an attention mixer
-    at depth ``layer``."""
+  def __call__(self, carry, *, segment_ids=None, cache=None):
+    """Returns ``(carry, cache)``."""
     x, router_state = carry if self.carries_router_state else (carry, None)
-    kw = dict(policy=policy, layer=layer) if self._reads_policy(policy) else {}
-    y, cache = self.mixer(self.mixer_norm(x), segment_ids=segment_ids, cache=cache, **kw)
+    y, cache = self.mixer(self.mixer_norm(x), segment_ids=segment_ids, cache=cache)
     x = x + y
     if isinstance(self.mlp, layers.MoE):
       y, router_state = self.mlp(self.mlp_norm(x), router_state)
@@ -65,14 +63,8 @@ class Block(nnx.Module):
     x = x + y
     return ((x, router_state) if self.carries_router_state else x), cache
 
-  def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype, policy=None):
-    kw = dict(policy=policy) if self._reads_policy(policy) else {}
-    return self.mixer.init_cache(batch_size, max_length, dtype, **kw)
-
-  def _reads_policy(self, policy) -> bool:
-    """A long-context policy governs the mixers that attend with ``Attention``'s own call; other
-    mixers (recurrent ones, Liger's) run unchanged beside it."""
-    return policy is not None and type(self.mixer).__call__ is layers.Attention.__call__
+  def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype):
+    return self.mixer.init_cache(batch_size, max_length, dtype)
 
 
 class BlockGroup(nnx.Module):
@@ -153,7 +145,6 @@ class LM(nnx.Module):
     *,
     segment_ids: jax.Array | None = None,
     cache: Cache | None = None,
-    policy: Any | None = None,
   ) -> tuple[jax.Array, Cache | None]:
     """Next-token logits.
 
@@ -166,15 +157,12 @@ class LM(nnx.Module):
       segment_ids: int ``[B, T]`` document ids of packed sequences; mixers neither attend nor
         carry state across a change of id.
       cache: from ``init_cache`` or a previous call; the tokens continue it.
-      policy: a long-context policy (``jaxrec.inference.longctx``) for the attention layers, each
-        told its depth; the cache must come from ``init_cache(..., policy=policy)``.
 
     Returns:
       ``(logits, cache)``: fp32 ``[B, T, vocab_size]`` and the advanced cache (``None`` without
       one).
     """
     self._validate(tokens, segment_ids)
-    self._check_policy(policy)
     cfg = self.cfg
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(cfg.compute_dtype)
     if cfg.scan_layers:
@@ -183,8 +171,8 @@ class LM(nnx.Module):
       caches = (None,) * len(self.layers) if cache is None else cache
       new = []
       carry = (x, None) if router_carry(cfg) else x
-      for layer, (block, c) in enumerate(zip(self.layers, caches, strict=True)):
-        carry, c = _call(block, cfg.remat, policy, layer)(carry, segment_ids, c)
+      for block, c in zip(self.layers, caches, strict=True):
+        carry, c = _call(block, cfg.remat)(carry, segment_ids, c)
         new.append(c)
       x = carry[0] if router_carry(cfg) else carry
       cache = None if cache is None else tuple(new)
@@ -241,7 +229,6 @@ class LM(nnx.Module):
     batch_size: int,
     max_length: int | None = None,
     dtype: jnp.dtype | None = None,
-    policy: Any | None = None,
   ) -> Cache:
     """Empty decoding caches for every mixer.
 
@@ -250,38 +237,18 @@ class LM(nnx.Module):
       max_length: the most tokens the cache will hold (prompt and generated); default
         ``cfg.max_seq_len``.
       dtype: dtype of attention KV caches; default the compute dtype. Recurrent states are fp32.
-      policy: a long-context policy; its attention layers get the policy's caches.
 
     Returns:
       a tuple with one cache per layer, or with ``scan_layers`` one per ``mixer_pattern`` entry,
       stacked over the groups.
     """
-    self._check_policy(policy)
     max_length = self.cfg.max_seq_len if max_length is None else max_length
     dtype = self.cfg.compute_dtype if dtype is None else jnp.dtype(dtype)
-    if policy is not None:
-      return tuple(block.init_cache(batch_size, max_length, dtype, policy) for block in self.layers)
     if self.cfg.scan_layers:
       groups = self.cfg.num_layers // len(self.cfg.mixer_pattern)
       group = self.layers.init_cache(batch_size, max_length, dtype)
       return jax.tree.map(lambda a: jnp.broadcast_to(a, (groups, *a.shape)), group)
     return tuple(block.init_cache(batch_size, max_length, dtype) for block in self.layers)
-
-  def _check_policy(self, policy):
-    if policy is None:
-      return
-    # By the methods Attention calls rather than by type: a model imports nothing from
-    # jaxrec.inference, where the Policy class lives (generate and loglikelihood check the type).
-    if not all(callable(getattr(policy, name, None)) for name in ("attend", "init_cache")):
-      raise ValueError(
-        "policy: expected None or a jaxrec.inference.longctx policy (lm_infinite, recycled, "
-        f"longheads, think, set_based), got {policy!r}"
-      )
-    if self.cfg.scan_layers:
-      raise ValueError(
-        "policy: long-context policies need each layer's depth; build the model with "
-        "scan_layers=False (got scan_layers=True)"
-      )
 
   def _validate(self, tokens, segment_ids):
     if jnp.ndim(tokens) != 2 or not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
@@ -316,22 +283,19 @@ def router_carry(cfg: LMConfig) -> bool:
   return cfg.ffn == "moe" and cfg.moe.router in layers.moe.RECURRENT_ROUTERS
 
 
-def _call(block: Block, remat: bool, policy: Any = None, layer: int = 0) -> Callable:
-  """``block`` as ``f(carry, segment_ids, cache)`` (at depth ``layer`` under ``policy``); with
-  ``remat`` its activations are recomputed in the backward pass (``jax.checkpoint`` over the
-  block's split state), and what it sows inside comes back to ``block``."""
-  kw = dict(policy=policy, layer=layer)
+def _call(block: Block, remat: bool) -> Callable:
+  """``block`` as ``f(carry, segment_ids, cache)``; with ``remat`` its activations are recomputed
+  in the backward pass (``jax.checkpoint`` over the block's split state), and what it sows inside
+  comes back to ``block``."""
   if not remat:
-    return lambda carry, segment_ids, cache: block(
-      carry, segment_ids=segment_ids, cache=cache, **kw
-    )
+    return lambda carry, segment_ids, cache: block(carry, segment_ids=segment_ids, cache=cache)
   graphdef, state = nnx.split(block)
   paths = []
 
   @jax.checkpoint
   def f(state, carry, segment_ids, cache):
     inner = nnx.merge(graphdef, state)
-    out = inner(carry, segment_ids=segment_ids, cache=cache, **kw)
+    out = inner(carry, segment_ids=segment_ids, cache=cache)
     paths[:], values = _sown(inner)
     return out, values
 

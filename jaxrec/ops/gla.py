@@ -15,10 +15,17 @@ Forms, selected with ``method``:
 * ``"chunk"``: chunkwise parallel (GLA §3.3, SSD): exact attention-like scores inside chunks of
   ``C`` steps, and a scan over the ``T / C`` chunk states in between; all in log space, see
   ``_chunked``.
+* ``"three_pass"``: the chunkwise form restructured as FLA's ``chunk_gla`` (``gla_chunk``): chunk
+  states written once and passed on by an associative scan, in-chunk scores by bounded-exponent
+  levels, matmul operands in the input dtype, a recomputing custom VJP. The form to try on
+  GPU/TPU; on CPU ``"chunk"`` is as fast or faster (BENCHMARKS.md).
 * ``"pallas"``: the kernel in ``pallas_kernels.gla`` (interpret mode on CPU).
 
 All gates, states and accumulations are fp32 (fp64 for fp64 inputs); outputs come back in the
-dtype of ``q``. Gradients of the XLA forms are plain autodiff.
+dtype of ``q``. The exception is ``"three_pass"``'s matmul operands, which stay in the inputs'
+dtype (bf16 inputs: bf16 operands with fp32 accumulation, as on tensor cores). Gradients of
+``"sequential"`` and ``"chunk"`` are plain autodiff; ``"three_pass"`` and ``"pallas"`` have custom
+VJPs (reverse mode only).
 """
 
 from typing import Literal, get_args
@@ -26,7 +33,7 @@ from typing import Literal, get_args
 import jax.numpy as jnp
 from jax import lax
 
-from jaxrec.ops import _checks, _dispatch
+from jaxrec.ops import _checks, _dispatch, gla_chunk
 from jaxrec.ops.segments import segment_starts
 from jaxrec.typing import (
   HeadOutputs,
@@ -43,7 +50,7 @@ from jaxrec.typing import (
 )
 from pallas_kernels import gla as pallas_gla
 
-GLAMethod = Literal["auto", "sequential", "chunk", "pallas"]
+GLAMethod = Literal["auto", "sequential", "chunk", "three_pass", "pallas"]
 METHODS = get_args(GLAMethod)
 
 
@@ -73,9 +80,13 @@ def gated_linear_attention(
     segment_ids: integer ``[B, T]``; the state restarts from zero wherever the id changes
       (packed documents, see ``segment_starts``). ``initial_state`` only feeds the first segment.
     scale: query scale; ``K ** -0.5`` when ``None``.
-    chunk_size: steps per chunk for ``"chunk"`` and ``"pallas"``, a power of two (``"chunk"``
-      uses a shorter one when ``T`` is shorter). 64 is the fastest on CPU.
-    method: ``"auto" | "sequential" | "chunk" | "pallas"``.
+    chunk_size: steps per chunk for ``"chunk"``, ``"three_pass"`` and ``"pallas"``, a power of
+      two (the XLA forms use a shorter one when ``T`` is shorter). 64 is the fastest on CPU.
+    method: ``"auto" | "sequential" | "chunk" | "three_pass" | "pallas"`` (the module
+      docstring). ``"auto"`` is ``"pallas"`` on TPU and ``"chunk"`` elsewhere, the fastest
+      measured (BENCHMARKS.md). It does not pick ``"three_pass"`` on CPU, where that form is
+      1.3-2× slower forward and even to 1.5× slower forward+backward; ``"three_pass"`` is the
+      form to try on GPU/TPU, not yet timed there.
 
   Returns:
     ``(o, final_state)``: ``o`` ``[B, T, H, V]`` in the dtype of ``q``, and, when
@@ -111,6 +122,20 @@ def gated_linear_attention(
       log_decay=log_decay.astype(cdt),
       h0=h0,
       reset=reset,
+      scale=scale,
+      chunk_size=chunk_size,
+    )
+  elif method == "three_pass":
+    if log_decay.ndim == 3:
+      log_decay = jnp.broadcast_to(log_decay[..., None], q.shape)
+    # q, k, v keep their dtype: they are the matmul operands (bf16 ones run on tensor cores).
+    o, state = gla_chunk.chunkwise_gla(
+      q,
+      k,
+      v,
+      log_decay.astype(cdt),
+      h0,
+      reset,
       scale=scale,
       chunk_size=chunk_size,
     )
@@ -203,9 +228,10 @@ def _resolve_method(method: GLAMethod) -> GLAMethod:
   # Measured in BENCHMARKS.md: on an H200 the chunkwise XLA form is 3-5x faster than the Triton
   # kernel (whose chunk loop runs in one program per head), and on CPU it is 3-4x faster than the
   # sequential scan for training. The kernel is the TPU path (Mosaic, chunk axis "arbitrary").
-  # To confirm on GPU (issue 13): experiments/bench_peers_gpu.py times "chunk" against FLA's
-  # chunk_gla and against the three-pass candidate in gla_chunk.py; if the latter wins there, it
-  # becomes "chunk" on GPU (on CPU it measured no faster, BENCHMARKS.md).
+  # "three_pass" is 1.3-2x slower than "chunk" forward on CPU and at best even forward+backward
+  # (its time goes to layout copies there, not matmuls). To confirm on GPU (issue 13):
+  # experiments/bench_peers_gpu.py times "chunk" and "three_pass" against FLA's chunk_gla; if
+  # "three_pass" wins there, "auto" picks it on GPU.
   return "pallas" if _dispatch.default_backend() == "tpu" else "chunk"
 
 

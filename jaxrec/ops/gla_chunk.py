@@ -1,11 +1,11 @@
 """A three-pass chunkwise form of gated linear attention, forward and backward (GLA §3.3-3.4).
 
-**Status: a candidate, not behind ``gated_linear_attention``'s ``method`` yet.** It is built for
-a GPU (bf16 matmuls with fp32 accumulation, an associative pass over the chunk states, no stored
-per-level intermediates), where it still has to be timed against FLA's ``chunk_gla``
-(``experiments/bench_peers_gpu.py``, see BENCHMARKS.md). On the 2-core CPU it is exact but not
-faster than ``gla._chunked`` (forward ~1.3× slower, forward+backward even), so
-``method="chunk"`` stays that form; wire this one in where the GPU run shows it wins.
+``gated_linear_attention(..., method="three_pass")``. It is built for accelerators (bf16 matmuls
+with fp32 accumulation, an associative pass over the chunk states, no stored per-level
+intermediates), the structure of FLA's ``chunk_gla``; ``experiments/bench_peers_gpu.py`` times it
+against that kernel and ``method="chunk"``. On the 2-core CPU it is exact but not faster than
+``method="chunk"`` (BENCHMARKS.md: forward 1.3-2× slower, forward+backward even to 1.5×
+slower), so ``"auto"`` does not pick it there.
 
 Per batch row and head, ``S_t = diag(e^{g_t}) S_{t-1} + k_t v_tᵀ`` and ``o_t = scale · S_tᵀ q_t``,
 with the sequence cut into chunks of ``C`` steps. Inside a chunk, with ``G_i = g_0 + ... + g_i``
@@ -17,8 +17,8 @@ with the sequence cut into chunks of ``C`` steps. Inside a chunk, with ``G_i = g
 Three passes, as in FLA's ``chunk_gla``: (1) per chunk, all chunks at once, the decay factors and
 the chunk's contribution ``u = Σ_j (k_j ⊙ e^{G_L - G_j}) v_jᵀ`` (one matmul); (2) the only
 sequential part, ``S_{n+1} = e^{G_L} ⊙ S_n + u_n`` over the ``T / C`` chunk states, each state
-written once (a ``lax.scan``, or an associative scan where a long serial loop is what costs, as on
-GPU); (3) per chunk, all at once, the outputs.
+written once, by an associative scan (``log2(T / C)`` rounds, where a serial loop of ``T / C``
+steps is what costs on an accelerator); (3) per chunk, all at once, the outputs.
 
 **Decay factors, all exponents <= 0.** ``e^{-G_j}`` overflows under strong decays, so ``A`` never
 factors through one reference per chunk. The chunk is halved recursively: for the halves ``l, r``
@@ -33,9 +33,10 @@ block's last step) of blocks of ``2s`` steps follow from those of ``s`` by one m
 (``P_2s = P_s · P_s(last of l)`` on ``r``, ``Q_2s = Q_s · P_s(last of r)`` on ``l``), so the factors
 of every level cost one product each, not an ``exp``, and underflow to 0 rather than overflow.
 The chunk's own ``e^{G_i}`` and ``e^{G_L - G_j}`` are the top level's ``P`` and ``Q``. The
-recursion stops at diagonal blocks of ``b`` steps (``diag_size``), whose scores are exact:
+recursion stops at diagonal blocks of ``b`` steps, whose scores are exact:
 ``e^{G_i - G_j}`` from log-decays cumulated inside the block, masked to ``-inf`` for ``j > i``
-before the ``exp``. Small ``b`` costs fewer ``exp`` s, large ``b`` fewer, larger matmuls.
+before the ``exp``. Small ``b`` costs fewer ``exp`` s, large ``b`` fewer, larger matmuls; ``b``
+is a quarter chunk, at most 16 steps (FLA's sub-chunks of 16 in chunks of 64).
 
 Resets (``segment_ids``): a step that starts a segment has decay 0 (the state before it is
 dropped). Its factor 0 enters every product that spans it, so the levels need no masks; the
@@ -56,17 +57,16 @@ multiplies a dropped state: its gradient is 0.
 """
 
 import functools
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-StatePass = Literal["sequential", "associative"]
 
-
-def chunkwise_gla(q, k, v, log_decay, h0, reset, *, scale, chunk_size, diag_size, state_pass):
-  """Chunkwise gated linear attention (see the module docstring).
+def chunkwise_gla(q, k, v, log_decay, h0, reset, *, scale, chunk_size):
+  """Chunkwise gated linear attention (see the module docstring); ``gated_linear_attention``'s
+  ``method="three_pass"``, which validates the arguments and casts them as below.
 
   Args:
     q: queries, ``[B, T, H, K]``; ``q, k, v`` in their common dtype are the matmul operands.
@@ -76,9 +76,8 @@ def chunkwise_gla(q, k, v, log_decay, h0, reset, *, scale, chunk_size, diag_size
     h0: the state before the first step, ``[B, H, K, V]``, compute dtype.
     reset: bool ``[B, T]``, true where a segment starts, or ``None``.
     scale: query scale.
-    chunk_size: ``C``, a power of two (a shorter one is used for a shorter ``T``).
-    diag_size: ``b``, steps of the exact diagonal blocks, a power of two (capped at ``C``).
-    state_pass: how the chunk states are passed on: ``"sequential"`` or ``"associative"``.
+    chunk_size: ``C``, a power of two (a shorter one is used for a shorter ``T``); the exact
+      diagonal blocks are ``b = min(C / 4, 16)`` steps (at least 1).
 
   Returns:
     ``(o [B, T, H, V], final_state [B, H, K, V])``, both in the compute dtype.
@@ -92,7 +91,7 @@ def chunkwise_gla(q, k, v, log_decay, h0, reset, *, scale, chunk_size, diag_size
   g = _blocks(log_decay, c, pad)
   if reset is not None:
     reset = jnp.pad(reset, ((0, 0), (pad, 0))).reshape(batch, 1, n, c)
-  opts = _Options(float(scale), min(diag_size, c), state_pass)
+  opts = _Options(float(scale), max(1, min(c // 4, 16)))
   o, state = _chunk_gla(q, k, v, g, h0, reset, opts)
   o = jnp.moveaxis(o, 1, 3).reshape(batch, n * c, heads, -1)
   return o[:, pad:], state
@@ -110,7 +109,6 @@ def _blocks(x, c, pad):
 class _Options(NamedTuple):
   scale: float
   diag_size: int
-  state_pass: StatePass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,19 +205,12 @@ def _combine(x, y):
   return x[0] * y[0], y[0] * x[1] + y[1]
 
 
-def _scan_chunks(a, u, h0, reverse, method):
+def _scan_chunks(a, u, h0, reverse):
   """``h_n = a_n ⊙ h_{n-1} + u_n`` over axis 2 (chunks) of ``u [B, H, N, K, V]``, decays
-  ``a [B, H, N, K]``, from ``h0``; returns the state *entering* every chunk ``[B, H, N, K, V]``
-  and the one after the last. With ``reverse`` the chunks are taken from last to first."""
+  ``a [B, H, N, K]``, from ``h0``, by an associative scan; returns the state *entering* every
+  chunk ``[B, H, N, K, V]`` and the one after the last. With ``reverse`` the chunks are taken
+  from last to first."""
   a = a[..., None]
-  if method == "sequential":
-
-    def step(h, x):
-      return x[0] * h + x[1], h
-
-    xs = (jnp.moveaxis(a, 2, 0), jnp.moveaxis(u, 2, 0))
-    last, entering = lax.scan(step, h0, xs, reverse=reverse)
-    return jnp.moveaxis(entering, 0, 2), last
   first = -1 if reverse else 0
   u = u.at[:, :, first].add(a[:, :, first] * h0)  # fold h0 into the first step
   _, after = lax.associative_scan(_combine, (a, u), reverse=reverse, axis=2)
@@ -238,7 +229,7 @@ def _forward(q, k, v, g, h0, reset, opts: _Options):
   mm, b = q.dtype, opts.diag_size
   dec = _decays(g, reset, b)
   u = _mm("...ck,...cv->...kv", k * dec.suffix, v, mm)
-  s_in, s_last = _scan_chunks(dec.prefix[..., -1, :], u, h0, False, opts.state_pass)
+  s_in, s_last = _scan_chunks(dec.prefix[..., -1, :], u, h0, False)
   o = _mm("...ck,...kv->...cv", q * dec.prefix, s_in, mm)
   o_diag = _mm("...ij,...jv->...iv", _diag_scores(q, k, dec, b), _diag_view(v, b), mm)
   o = o + o_diag.reshape(o.shape)
@@ -271,7 +262,7 @@ def _chunk_gla_bwd(opts: _Options, res, cts):
   decay = dec.prefix[..., -1, :]
   # dS leaving every chunk, by the reverse pass over chunks: dS = e^{G_L} ⊙ dS' + Σ_i q_in_i do_iᵀ.
   w = _mm("...ck,...cv->...kv", q * dec.prefix, do, mm)
-  ds_out, dh0 = _scan_chunks(decay, w, dstate, True, opts.state_pass)
+  ds_out, dh0 = _scan_chunks(decay, w, dstate, True)
 
   # Everything below leaves out the terms of exponent 0 (see dG), added back at the end.
   dq = dec.prefix * _mm("...cv,...kv->...ck", do, s_in, mm)

@@ -191,7 +191,7 @@ def test_bench_scan(tmp_path):
     "--batch=1",
     "--scan_widths=8",
     "--gla_shapes=1x8",
-    "--methods=sequential,associative,chunk",
+    "--methods=sequential,associative,chunk,three_pass",
     "--repeats=1",
     cwd=tmp_path,
   )
@@ -200,9 +200,11 @@ def test_bench_scan(tmp_path):
   modes = ("fwd", "fwd+bwd")
   got = [(r["method"], r["mode"]) for r in scan]
   assert got == [(m, mode) for mode in modes for m in ("sequential", "associative", "chunk")]
-  # GLA has no associative form; softmax attention is there for scale.
+  # linear_scan has no three-pass form, GLA no associative one; softmax attention is there for
+  # scale.
   got = [(r["method"], r["mode"]) for r in gla]
-  assert got == [(m, mode) for mode in modes for m in ("sequential", "chunk", "softmax attention")]
+  gla_rows = ("sequential", "chunk", "three_pass", "softmax attention")
+  assert got == [(m, mode) for mode in modes for m in gla_rows]
   for table in (scan, gla):
     _positive(table, "ms", "tokens/s", "speed-up vs sequential")
     assert all(

@@ -52,11 +52,11 @@ def _model(pattern) -> LM:
 def test_a_chunked_prefill_equals_one_call(case):
   pattern, policy = CASES[case]
   model = _model(pattern)
+  if policy is not None:
+    model = longctx.apply(model, policy)
   prompt = np.random.default_rng(1).integers(0, 32, (2, T0)).astype(np.int32)
   tol = reorder_tolerance(D, T0 + NEW, layers=1)
-  run = lambda chunk: jaxrec.generate(
-    model, prompt, NEW, policy=policy, prefill_chunk=chunk, return_logits=True
-  )
+  run = lambda chunk: jaxrec.generate(model, prompt, NEW, prefill_chunk=chunk, return_logits=True)
   one_call = run(None)
   assert_same_generation(run(CHUNK), one_call, tol, err_msg=case)
   # Scores at every position: one pass over the prompt and the first generated token (the
@@ -65,8 +65,7 @@ def test_a_chunked_prefill_equals_one_call(case):
   tokens = np.concatenate([prompt, one_call.tokens], axis=1)
   for prefill, n in ((None, T0 + 1), (T0, T0 + NEW)):
     want, got = (
-      loglikelihood(model, tokens[:, :n], policy, prefill, prefill_chunk=chunk)
-      for chunk in (None, CHUNK)
+      loglikelihood(model, tokens[:, :n], prefill, prefill_chunk=chunk) for chunk in (None, CHUNK)
     )
     assert_close(got, want, rtol=0, atol=tol * max_abs(want), err_msg=f"{case} {prefill}")
 

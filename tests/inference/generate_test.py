@@ -155,21 +155,21 @@ def test_bad_arguments_are_refused(models):
   with pytest.raises(ValueError, match="on_token"):
     jaxrec.generate(loop, [1, 2, 3], 2, on_token=3)
   with pytest.raises(ValueError, match="must have one length"):
-    jaxrec.generate(loop, [[1, 2, 3], [4, 5]], 2, policy=longctx.recycled(k=2, stride=2))
+    jaxrec.generate(longctx.apply(loop, longctx.recycled(k=2, stride=2)), [[1, 2, 3], [4, 5]], 2)
 
 
 def test_prompts_past_the_trained_context_warn_without_a_policy(models):
   loop, _ = models
   # The prompts of the tests above (two rows, bucket 16): no new program.
   long = np.ones((2, CFG.max_seq_len - NEW + 1), np.int32)
-  with pytest.warns(UserWarning, match=r"max_seq_len=16.*policy=jaxrec.inference.longctx"):
+  with pytest.warns(UserWarning, match=r"max_seq_len=16.*jaxrec.inference.longctx.apply"):
     jaxrec.generate(loop, long, NEW)
   with pytest.warns(UserWarning, match="max_seq_len=16"):
     jaxrec.inference.loglikelihood(loop, np.ones((1, CFG.max_seq_len + 2), np.int32))
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     jaxrec.generate(loop, long[:, 1:], NEW)  # exactly the trained context
-    jaxrec.generate(loop, long, NEW, policy=longctx.recycled(k=4, stride=2))
+    jaxrec.generate(longctx.apply(loop, longctx.recycled(k=4, stride=2)), long, NEW)
 
 
 def test_a_session_of_many_prompt_lengths_compiles_once_per_bucket():

@@ -13,10 +13,11 @@ from longctx_reference import (
   projections,
   rope,
   run_chunks,
+  under,
 )
 from testing_utils import assert_close
 
-from jaxrec.inference import loglikelihood
+from jaxrec.inference import loglikelihood, longctx
 from jaxrec.inference.longctx import lm_infinite
 from jaxrec.models import LM, LMConfig
 
@@ -66,7 +67,7 @@ def test_prefill_blockwise_and_decoding_match_the_dense_lambda_mask(setup):
   attn, x = setup
   policy = lm_infinite(global_tokens=G, window=L, distance_cap=CAP)
   want = dense_lm_infinite(attn, x, policy)
-  no_cache = jax.jit(lambda x: attn(x, policy=policy)[0])(x)
+  no_cache = jax.jit(lambda x: under(attn, policy)(x)[0])(x)
   assert_close(no_cache, want, rtol=0, atol=layer_atol(attn, x), err_msg="blockwise, no cache")
   for chunks in ((T,), (13, 5, 11), (1,) * T):
     got = _run_chunks(attn, x, policy, chunks)
@@ -79,10 +80,10 @@ def test_top_k_middle_tokens_join_the_last_query_from_their_layer(setup):
   want = dense_lm_infinite(attn, x, policy, top_k_rows=range(T))
   got = _run_chunks(attn, x, policy, (1,) * T, layer=1)
   assert_close(got, want, rtol=0, atol=layer_atol(attn, x), err_msg="decoding with top-k")
-  prefill = jax.jit(lambda x: attn(x, policy=policy, layer=1)[0])(x)
+  prefill = jax.jit(lambda x: under(attn, policy, layer=1)(x)[0])(x)
   want_last = dense_lm_infinite(attn, x, policy, top_k_rows=(T - 1,))
   assert_close(prefill, want_last, rtol=0, atol=layer_atol(attn, x), err_msg="prefill with top-k")
-  below = jax.jit(lambda x: attn(x, policy=policy, layer=0)[0])(x)
+  below = jax.jit(lambda x: under(attn, policy, layer=0)(x)[0])(x)
   assert_close(below, dense_lm_infinite(attn, x, policy), rtol=0, atol=layer_atol(attn, x))
 
 
@@ -90,7 +91,7 @@ def test_short_sequences_equal_plain_attention(setup):
   attn, x = setup
   policy = lm_infinite(global_tokens=2, window=2 * T, distance_cap=2 * T)
   want = jax.jit(lambda x: attn(x)[0])(x)
-  got = jax.jit(lambda x: attn(x, policy=policy)[0])(x)
+  got = jax.jit(lambda x: under(attn, policy)(x)[0])(x)
   assert_close(got, want, rtol=0, atol=layer_atol(attn, x, computations=2))
   # A cache shorter than the window keeps a ring of its own length.
   got = _run_chunks(attn, x, policy, (13,) + (1,) * (T - 13))
@@ -111,7 +112,8 @@ def test_receptive_field_of_a_model_is_bit_exact(model):
   # Outside the Λ region of the last token after 2 layers: G <= j < T - 1 - 2 (L - 1).
   edited = tokens.copy()
   edited[0, G : 40 - 1 - 2 * (L - 1)] = (edited[0, G : 40 - 1 - 2 * (L - 1)] + 7) % 32
-  f = jax.jit(lambda t: model(t, policy=policy)[0][:, -1])
+  long_model = longctx.apply(model, policy)
+  f = jax.jit(lambda t: long_model(t)[0][:, -1])
   np.testing.assert_array_equal(f(tokens), f(edited))
   inside = tokens.copy()
   inside[0, 40 - 1 - 2 * (L - 1)] = (inside[0, 40 - 1 - 2 * (L - 1)] + 7) % 32
@@ -120,9 +122,9 @@ def test_receptive_field_of_a_model_is_bit_exact(model):
   changed[0, G - 1] = (changed[0, G - 1] + 7) % 32  # a global token is always seen
   assert np.abs(np.asarray(f(changed)) - np.asarray(f(tokens))).max() > 0
   # Teacher-forced decoding through the cache scores as the parallel pass.
-  parallel = loglikelihood(model, tokens, policy=policy)
+  parallel = loglikelihood(long_model, tokens)
   assert parallel.shape == (1, 39)
-  decoded = loglikelihood(model, tokens, policy=policy, prefill=11)
+  decoded = loglikelihood(long_model, tokens, prefill=11)
   assert_close(decoded, parallel, rtol=0, atol=1e-4)
 
 
@@ -131,5 +133,5 @@ def test_bad_settings_are_refused(model):
     lm_infinite(global_tokens=1, window=8, distance_cap=4)
   with pytest.raises(ValueError, match="global_tokens: expected an int >= 0"):
     lm_infinite(global_tokens=-1)
-  with pytest.raises(ValueError, match="policy: expected None or a jaxrec"):
-    loglikelihood(model, np.zeros((1, 4), np.int32), policy="lm_infinite")
+  with pytest.raises(ValueError, match="policy: expected a jaxrec"):
+    longctx.apply(model, "lm_infinite")

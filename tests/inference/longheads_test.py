@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from longctx_reference import attention_layer, layer_atol, output, projections, rope
+from longctx_reference import attention_layer, layer_atol, output, projections, rope, under
 from testing_utils import assert_close
 
 from jaxrec import layers
@@ -65,10 +65,10 @@ def test_prefill_and_decoding_match_the_dense_reference(setup):
   attn, x = setup
   policy = longheads(chunk_size=W, chunks_per_head=C)
   want = dense_longheads(attn, x, W, C)
-  got = jax.jit(lambda x: attn(x, policy=policy)[0])(x)
+  got = jax.jit(lambda x: under(attn, policy)(x)[0])(x)
   assert_close(got, want, rtol=0, atol=layer_atol(attn, x), err_msg="prefill, no cache")
-  step = jax.jit(lambda x, c: attn(x, cache=c, policy=policy))
-  cache = attn.init_cache(2, T, jnp.float32, policy=policy)
+  step = jax.jit(lambda x, c: under(attn, policy)(x, cache=c))
+  cache = under(attn, policy).init_cache(2, T, jnp.float32)
   outs = []
   for x_i in [x[:, :T0]] + [x[:, i : i + 1] for i in range(T0, T)]:
     y, cache = step(x_i, cache)
@@ -80,7 +80,7 @@ def test_within_the_budget_equals_attention(setup):
   attn, x = setup
   policy = longheads(chunk_size=W, chunks_per_head=C)
   short = x[:, : C * W]
-  got = jax.jit(lambda x: attn(x, policy=policy)[0])(short)
+  got = jax.jit(lambda x: under(attn, policy)(x)[0])(short)
   want = jax.jit(lambda x: attn(x)[0])(short)
   assert_close(got, want, rtol=0, atol=layer_atol(attn, x, computations=2))
 

@@ -10,11 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from longctx_reference import attend, attention_layer, layer_atol, output, projections, rope
+from longctx_reference import (
+  attend,
+  attention_layer,
+  layer_atol,
+  output,
+  projections,
+  rope,
+  under,
+)
 from testing_utils import assert_close, lm_logits_atol, max_abs, rounding_atol
 
 import jaxrec
-from jaxrec.inference import loglikelihood
+from jaxrec.inference import loglikelihood, longctx
 from jaxrec.inference.longctx import set_based
 from jaxrec.models import LM, LMConfig
 
@@ -50,12 +58,12 @@ def test_prefill_and_decoding_match_the_dense_reference():
     s = np.einsum("thk,shk->hts", rope(q[b], pos), rope(k[b], pos)) / np.sqrt(8)
     heads.append(attend(s, np.broadcast_to(mask, s.shape), v[b]))
   want = output(attn, np.stack(heads))
-  got = jax.jit(lambda x: attn(x, policy=policy)[0])(x[:, :t])
+  got = jax.jit(lambda x: under(attn, policy)(x)[0])(x[:, :t])
   assert_close(
     got, want[:, :t], rtol=0, atol=layer_atol(attn, x[:, :t]), err_msg="prefill, no cache"
   )
-  step = jax.jit(lambda x, c: attn(x, cache=c, policy=policy))
-  cache = attn.init_cache(2, t + NEW, jnp.float32, policy=policy)
+  step = jax.jit(lambda x, c: under(attn, policy)(x, cache=c))
+  cache = under(attn, policy).init_cache(2, t + NEW, jnp.float32)
   outs = []
   for x_i in [x[:, :t]] + [x[:, i : i + 1] for i in range(t, t + NEW)]:
     y, cache = step(x_i, cache)
@@ -99,11 +107,12 @@ def _logits_of_orders(model, kind, new_tokens, orders=6):
   for order in list(itertools.permutations(range(len(OPTIONS))))[:orders]:
     policy = kind(PREFIX, tuple(OPTIONS[a] for a in order), SUFFIX)
     tokens = np.concatenate([prefix, *(options[a] for a in order), suffix])[None]
-    cache = model.init_cache(1, policy.length + len(new_tokens), policy=policy)
-    logits, cache = model(jnp.asarray(tokens, jnp.int32), cache=cache, policy=policy)
+    long_model = longctx.apply(model, policy)
+    cache = long_model.init_cache(1, policy.length + len(new_tokens))
+    logits, cache = long_model(jnp.asarray(tokens, jnp.int32), cache=cache)
     rows = [logits[0, -SUFFIX:]]
     for token in new_tokens:
-      logits, cache = model(jnp.full((1, 1), token, jnp.int32), cache=cache, policy=policy)
+      logits, cache = long_model(jnp.full((1, 1), token, jnp.int32), cache=cache)
       rows.append(logits[0])
     out.append(np.concatenate(rows))
   return tokens, np.stack(out)
@@ -112,7 +121,7 @@ def _logits_of_orders(model, kind, new_tokens, orders=6):
 def test_suffix_and_generated_logits_are_invariant_to_the_order_of_options(model):
   tokens, _ = _logits_of_orders(model, set_based, [])
   last = dict(prefix=PREFIX, options=(OPTIONS[2], OPTIONS[1], OPTIONS[0]), suffix=SUFFIX)
-  generated = jaxrec.generate(model, tokens, NEW, policy=set_based(**last)).tokens[0]
+  generated = jaxrec.generate(longctx.apply(model, set_based(**last)), tokens, NEW).tokens[0]
   _, logits = _logits_of_orders(model, set_based, list(np.asarray(generated)))
   # Two runs of the model over the same tokens in another order: the logits' scale times both
   # chains (testing_utils' rule for whole models).
@@ -129,7 +138,7 @@ def test_suffix_and_generated_logits_are_invariant_to_the_order_of_options(model
 
 def test_one_option_is_the_plain_run(model):
   tokens = np.random.default_rng(3).integers(0, 32, (2, 9)).astype(np.int32)
-  got = loglikelihood(model, tokens, policy=set_based(3, (4,), 1))
+  got = loglikelihood(longctx.apply(model, set_based(3, (4,), 1)), tokens)
   # A sum over the tokens of log-softmaxes, each moved by at most twice its logits' error (the
   # token's own logit and the normalizer, slopes <= 1), and the sum's own rounding.
   logits = model(jnp.asarray(tokens))[0]
@@ -145,4 +154,4 @@ def test_bad_settings_are_refused(model):
   with pytest.raises(ValueError, match="options: expected an int >= 1"):
     set_based(2, (3, 0), 1)
   with pytest.raises(ValueError, match="tokens: expected the prompt of prefix"):
-    model(jnp.zeros((1, 5), jnp.int32), policy=set_based(2, (3, 1), 1))
+    longctx.apply(model, set_based(2, (3, 1), 1))(jnp.zeros((1, 5), jnp.int32))

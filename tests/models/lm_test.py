@@ -3,6 +3,7 @@ packed rows of a RAT model against its documents run alone, presets, config erro
 metadata."""
 
 import dataclasses
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import pytest
 from flax import nnx
 from testing_utils import assert_close, lm_logits_atol, max_abs, rounding_atol
 
-from jaxrec.models import LM, LMConfig, get_preset, param_count, param_count_of
+from jaxrec.models import LM, Block, LMConfig, get_preset, param_count, param_count_of
 
 CFG = LMConfig(
   vocab_size=32,
@@ -263,12 +264,15 @@ def test_bad_tokens_name_the_argument():
     model(_tokens(t=4), segment_ids=np.zeros((2, 5), np.int32))
 
 
-def test_a_bad_policy_names_the_argument():
-  """The model checks a policy by the methods its attention calls (it does not import
-  ``jaxrec.inference``, where the ``Policy`` class lives)."""
+def test_the_model_and_its_blocks_take_no_feature_arguments():
+  """A feature plugs in as a module (a long-context policy by ``jaxrec.inference.longctx.apply``),
+  not as one more call argument: the model's call takes tokens, segment ids and a cache and
+  returns a pair; a block's call takes its carry, segment ids and cache."""
+  parameters = lambda f: list(inspect.signature(f).parameters)
+  assert parameters(LM.__call__) == ["self", "tokens", "segment_ids", "cache"]
+  assert parameters(LM.init_cache) == ["self", "batch_size", "max_length", "dtype"]
+  assert parameters(Block.__call__) == ["self", "carry", "segment_ids", "cache"]
+  assert parameters(Block.init_cache) == ["self", "batch_size", "max_length", "dtype"]
   model = LM(dataclasses.replace(CFG, num_layers=2), rngs=nnx.Rngs(0))
-  match = "policy: expected None or a jaxrec.inference.longctx policy"
-  with pytest.raises(ValueError, match=match):
-    model(_tokens(t=4), policy="lm_infinite")
-  with pytest.raises(ValueError, match=match):
-    model.init_cache(2, 8, policy="lm_infinite")
+  out = model(_tokens(t=4))
+  assert isinstance(out, tuple) and len(out) == 2 and out[0].shape == (2, 4, 32) and out[1] is None

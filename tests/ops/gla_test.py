@@ -27,10 +27,9 @@ from testing_utils import (
   scan_gla,
 )
 
-from jaxrec.ops import gated_linear_attention, gated_linear_attention_step, gla_chunk
-from jaxrec.ops.segments import segment_starts
+from jaxrec.ops import gated_linear_attention, gated_linear_attention_step
 
-FORMS = ["sequential", "chunk"]
+FORMS = ["sequential", "chunk", "three_pass"]
 
 
 def _inputs(b, t, h, key_dim, value_dim, scalar, seed=0, decay=(0.01, 1.0)):
@@ -132,11 +131,18 @@ def test_bf16_inputs(scalar):
   for method in FORMS:
     o, state = _gla(method)(q, k, v, g, initial_state=h0)
     assert o.dtype == jnp.bfloat16 and state.dtype == jnp.float32
-    # fp32 arithmetic on the bf16 values; only the output is rounded to bf16.
+    # fp32 arithmetic on the bf16 values; the output is rounded to bf16.
     o_atol, state_atol = gla_atols(
       *exact, terms=gla_chain(method, 40, 8), exponent_terms=gla_exponent_terms(method, exact[3])
     )
     o_atol = o_atol + rounding_atol(np.abs(o_ref), terms=1, dtype=jnp.bfloat16)
+    if method == "three_pass":
+      # bf16 matmul operands: an output term is a product of at most three roundings to bf16
+      # (the decayed query or the score, the decayed key, the state); a state term of one (the
+      # decayed key).
+      (o_mag, _), (state_mag, _) = gla_magnitudes(*exact)
+      o_atol = o_atol + rounding_atol(o_mag, terms=3, dtype=jnp.bfloat16)
+      state_atol = state_atol + rounding_atol(state_mag, terms=1, dtype=jnp.bfloat16)
     assert_close(o, o_ref, rtol=0.0, atol=o_atol)
     assert_close(state, state_ref, rtol=0.0, atol=state_atol)
 
@@ -243,16 +249,7 @@ def test_long_sequence_extreme_decays(decay):
   )
   assert_close(o, o_ref, rtol=0.0, atol=o_atol)
   # The three-pass form, as the GPU benchmark runs it: chunks of 64, 16-step diagonal blocks.
-  three_pass = functools.partial(
-    gla_chunk.chunkwise_gla,
-    h0=jnp.zeros((1, 1, 16, 16)),
-    reset=None,
-    scale=0.25,
-    chunk_size=64,
-    diag_size=16,
-    state_pass="associative",
-  )
-  o, _ = jax.jit(three_pass)(q, k, v, g)
+  o, _ = _gla("three_pass", chunk_size=64, with_state=False)(q, k, v, g)
   assert np.all(np.isfinite(o))
   assert_close(o, o_ref, rtol=0.0, atol=o_atol)
 
@@ -284,42 +281,40 @@ def test_random_resets_and_decay_strengths(starts, strength, seed):
 
 
 @functools.cache
-def _three_pass(chunk_size, diag_size, state_pass):
-  """``jaxrec.ops.gla_chunk``'s three-pass form: ``(o, state, grads of Σ w_o o + Σ w_s state
-  w.r.t. q, k, v, log_decay, h0)`` in one compiled function."""
+def _values_and_grads(method, chunk_size):
+  """``(o, state, grads of Σ w_o o + Σ w_s state w.r.t. q, k, v, log_decay, initial_state)``
+  of ``gated_linear_attention`` in one compiled function."""
 
   def run(q, k, v, g, h0, seg, w_o, w_s):
     def fn(q, k, v, g, h0):
-      return gla_chunk.chunkwise_gla(
+      return gated_linear_attention(
         q,
         k,
         v,
-        g.astype(jnp.float32),
-        h0,
-        segment_starts(seg),
-        scale=q.shape[-1] ** -0.5,
+        g,
+        initial_state=h0,
+        output_final_state=True,
+        segment_ids=seg,
         chunk_size=chunk_size,
-        diag_size=diag_size,
-        state_pass=state_pass,
+        method=method,
       )
 
     (o, state), vjp = jax.vjp(fn, q, k, v, g, h0)
-    return o, state, vjp((w_o.astype(o.dtype), w_s))
+    return o, state, vjp((w_o, w_s))
 
   return jax.jit(run)
 
 
-@pytest.mark.parametrize(
-  "chunk_size,diag_size,state_pass",
-  [(16, 1, "sequential"), (32, 8, "associative")],
-)
-def test_three_pass_form_matches_references(chunk_size, diag_size, state_pass):
-  """Values against numpy and gradients against autodiff of the scan, for weak and strong decays:
-  ragged T (padding in front of the first chunk), segments, an initial state, and diagonal
-  sub-chunks of 1 (levels only) up to a quarter chunk."""
+@pytest.mark.parametrize("chunk_size", [4, 32])
+def test_three_pass_strong_decays_and_block_sizes(chunk_size):
+  """The three-pass form's own structure: diagonal blocks of 1 step (levels only, C = 4) and of
+  8 steps under two levels (C = 32), with weak and strong decays (its backward pass leaves out
+  the exponent-0 terms so that ``dg ~ e^g`` survives them): values against numpy, gradients
+  against autodiff of the scan; ragged T (padding in front of the first chunk), segments, an
+  initial state."""
   b, t, h = 2, 50, 2
   seg = _segments(b, t, seed=9)
-  fn = _three_pass(chunk_size, diag_size, state_pass)
+  fn = _values_and_grads("three_pass", chunk_size)
   for decay in ((0.01, 1.0), (5.0, 30.0)):
     q, k, v, g, h0 = _inputs(b, t, h, 8, 4, False, seed=9, decay=decay)
     rng = np.random.default_rng(10)
@@ -334,46 +329,18 @@ def test_three_pass_form_matches_references(chunk_size, diag_size, state_pass):
       g,
       h0,
       seg,
-      terms=gla_chain("chunk", t, 8, chunk_size),
-      exponent_terms=gla_exponent_terms("chunk", g, chunk_size),
+      terms=gla_chain("three_pass", t, 8, chunk_size),
+      exponent_terms=gla_exponent_terms("three_pass", g, chunk_size),
     )
     assert_close(o, o_ref, rtol=0.0, atol=o_atol)
     assert_close(state, state_ref, rtol=0.0, atol=state_atol)
     ref = jax.vjp(lambda *a: scan_gla(*a, seg), q, k, v, g, h0)[1]((w_o, w_s))
     magnitudes = gla_gradient_magnitudes(q, k, v, g, h0, seg, w_o, w_s)
-    terms = gla_gradient_terms("chunk", g, 8, chunk_size)
+    terms = gla_gradient_terms("three_pass", g, 8, chunk_size)
     for name, x, r, m in zip(("q", "k", "v", "log_decay", "initial_state"), grads, ref, magnitudes):
       assert np.all(np.isfinite(x)), (decay, name)
       atol = rounding_atol(m, terms=terms)
       assert_close(x, r, rtol=0.0, atol=atol, err_msg=f"{decay} {name}")
-
-
-def test_three_pass_form_bf16():
-  """bf16 operands (fp32 accumulation) within bf16 rounding of the fp32 numpy loop, in the
-  configuration the GPU benchmark times."""
-  fn = _three_pass(64, 16, "associative")
-  b, t, h = 2, 40, 2
-  x = _inputs(b, t, h, 8, 8, False, seed=1)
-  q, k, v, g, h0 = (jnp.asarray(a, jnp.bfloat16) for a in x)
-  seg = np.zeros((b, t), np.int32)
-  o, state, _ = fn(
-    q, k, v, g, h0.astype(jnp.float32), seg, np.ones((b, t, h, 8)), np.ones(h0.shape)
-  )
-  exact = [np.asarray(a, np.float32) for a in (q, k, v, g, h0)]  # bf16 values, exactly
-  o_ref, state_ref = numpy_gla(*exact)
-  assert o.dtype == jnp.float32  # the compute dtype; gated_linear_attention casts back
-  o_atol, state_atol = gla_atols(
-    *exact,
-    terms=gla_chain("chunk", t, 8, 64),
-    exponent_terms=gla_exponent_terms("chunk", exact[3], 64),
-  )
-  # bf16 matmul operands: an output term is a product of at most three roundings to bf16 (the
-  # decayed query or the score, the decayed key, the state); a state term of one (the key).
-  (o_mag, _), (state_mag, _) = gla_magnitudes(*exact)
-  o_atol = o_atol + rounding_atol(o_mag, terms=3, dtype=jnp.bfloat16)
-  state_atol = state_atol + rounding_atol(state_mag, terms=1, dtype=jnp.bfloat16)
-  assert_close(o, o_ref, rtol=0.0, atol=o_atol)
-  assert_close(state, state_ref, rtol=0.0, atol=state_atol)
 
 
 def _bad(**overrides):

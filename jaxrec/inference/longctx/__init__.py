@@ -1,7 +1,14 @@
 """Long-context inference policies for ``jaxrec.layers.Attention`` (see ``policy``'s docstring).
 
-Each method is a static config object with its paper's defaults, given per call to
-``jaxrec.generate(..., policy=...)``, ``loglikelihood(model, tokens, policy=...)`` or ``LM``:
+Each method is a static config object with its paper's defaults, applied to a model by module
+substitution (``substitution``'s docstring): ``apply(model, policy)`` returns a plain ``LM`` whose
+attention layers read their keys through the policy, for ``model(...)``, ``jaxrec.generate``,
+``Sampler`` and ``loglikelihood`` as they are::
+
+  long_model = longctx.apply(model, longctx.lm_infinite(10, 4096, 4096))
+  jaxrec.generate(long_model, prompt, 64)
+
+The methods:
 
 * ``lm_infinite(global_tokens, window, distance_cap)``: Λ-shaped mask with a distance cap;
 * ``longheads(chunk_size, chunks_per_head)``: each head attends to its own top chunks;
@@ -16,6 +23,7 @@ from jaxrec.inference.longctx.longheads import LongHeads, LongHeadsCache, LongHe
 from jaxrec.inference.longctx.policy import Policy, cache_bytes, check_policy
 from jaxrec.inference.longctx.recycled import Recycled, RecycledCache
 from jaxrec.inference.longctx.set_based import SetBased, SetBasedCache
+from jaxrec.inference.longctx.substitution import PolicyAttention, apply, chunked, policy_of
 from jaxrec.inference.longctx.think import SnapKV, ThinK, ThinKCache, ThinKEmpty, ThinKFilling
 
 lm_infinite = LMInfinite
@@ -31,6 +39,7 @@ __all__ = [
   "LongHeadsCache",
   "LongHeadsEmpty",
   "Policy",
+  "PolicyAttention",
   "Recycled",
   "RecycledCache",
   "SetBased",
@@ -40,10 +49,13 @@ __all__ = [
   "ThinKCache",
   "ThinKEmpty",
   "ThinKFilling",
+  "apply",
   "cache_bytes",
   "check_policy",
+  "chunked",
   "lm_infinite",
   "longheads",
+  "policy_of",
   "recycled",
   "set_based",
   "think",

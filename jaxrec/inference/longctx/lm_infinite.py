@@ -36,6 +36,7 @@ from jaxrec.inference.longctx.policy import (
   repeat_kv,
   scores,
 )
+from jaxrec.layers import Attention
 
 
 class LMInfiniteCache(NamedTuple):
@@ -103,7 +104,7 @@ class LMInfinite(Policy):
   def chunked(self, prompt_length: int) -> "LMInfinite":
     return dataclasses.replace(self, prompt_length=prompt_length) if self.top_k else self
 
-  def init_cache(self, attn, batch_size, max_length, dtype):
+  def init_cache(self, attn: Attention, batch_size: int, max_length: int, dtype):
     head = (attn.num_kv_heads, attn.head_dim)
     zeros = lambda n: jnp.zeros((batch_size, n, *head), dtype)
     full = max_length if self.top_k else 0
@@ -118,7 +119,7 @@ class LMInfinite(Policy):
       index=jnp.zeros((), jnp.int32),
     )
 
-  def attend(self, attn, q, k, v, *, cache, layer):
+  def attend(self, attn: Attention, q, k, v, *, cache, layer: int):
     b, t = q.shape[:2]
     fresh = cache is None
     if fresh:
@@ -166,7 +167,7 @@ class LMInfinite(Policy):
       index=index + t,
     )
 
-  def _decode(self, attn, q, k_ring, v_ring, k_glob, v_glob, index, middle):
+  def _decode(self, attn: Attention, q, k_ring, v_ring, k_glob, v_glob, index, middle):
     """One query at ``index`` against the ring (slot ``s`` holds position ``index - ((index - s)
     mod L)``), the global keys and the top-k middle; softmax terms merged by their maxima."""
     big_l, g = self.window, self.global_tokens
@@ -182,7 +183,7 @@ class LMInfinite(Policy):
       parts.append(self._middle(attn, q, index, middle))
     return merged_softmax_values(parts, q.dtype)
 
-  def _middle(self, attn, q, index, middle):
+  def _middle(self, attn: Attention, q, index, middle):
     """``(scores [B, H, 1, k], mask, values [B, k, ...])`` of the last query's top-k middle keys
     (``G <= j <= i - L``) scored at distance ``top_k_insert_at``; per head, so values are
     gathered per query head."""
@@ -200,7 +201,7 @@ class LMInfinite(Policy):
     vv = jnp.take_along_axis(repeat_kv(v_all, h), idx.transpose(0, 2, 1)[..., None], axis=1)
     return top[:, :, None], top[:, :, None] > -jnp.inf, vv
 
-  def _blockwise(self, attn, q, k_loc, v_loc, k_glob, v_glob, index, middle):
+  def _blockwise(self, attn: Attention, q, k_loc, v_loc, k_glob, v_glob, index, middle):
     """Queries in blocks of ``min(T, L)``, each against its ``L + block`` local keys (``k_loc``,
     rotated: positions ``index - L ..``), the global keys and, for the last query, the top-k
     middle."""
@@ -239,7 +240,7 @@ class LMInfinite(Policy):
     o = jnp.einsum("bnhqs,bnshk->bnqhk", p, v_all).reshape(b, nb * block, h, dim)
     return o[:, :t].astype(q.dtype)
 
-  def _with_middle(self, attn, q, s, m, vals, middle, index, block, nb):
+  def _with_middle(self, attn: Attention, q, s, m, vals, middle, index, block, nb):
     """Adds the top-k middle keys to the last query's row (in the last block)."""
     b, t = q.shape[:2]
     top, _, vv = self._middle(attn, q, index, middle)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrec.inference.longctx.policy import Policy, check_int, repeat_kv
+from jaxrec.layers import Attention
 
 
 class LongHeadsEmpty(NamedTuple):
@@ -67,10 +68,10 @@ class LongHeads(Policy):
     check_int("chunk_size", self.chunk_size, 1)
     check_int("chunks_per_head", self.chunks_per_head, 3)
 
-  def init_cache(self, attn, batch_size, max_length, dtype):
+  def init_cache(self, attn: Attention, batch_size: int, max_length: int, dtype):
     return LongHeadsEmpty(room=jnp.zeros((max_length, 0), dtype))
 
-  def attend(self, attn, q, k, v, *, cache, layer):
+  def attend(self, attn: Attention, q, k, v, *, cache, layer: int):
     if cache is None or isinstance(cache, LongHeadsEmpty):
       return self._prefill(attn, q, k, v, cache)
     if q.shape[1] != 1:
@@ -97,7 +98,7 @@ class LongHeads(Policy):
     cache = jax.lax.cond((i + 1) % w == 0, close_chunk, lambda c: c, cache)
     return o.astype(q.dtype), cache
 
-  def _prefill(self, attn, q, k, v, cache):
+  def _prefill(self, attn: Attention, q, k, v, cache):
     b, t, h, dim = q.shape
     w = self.chunk_size
     room = t if cache is None else cache.room.shape[0]
@@ -118,7 +119,7 @@ class LongHeads(Policy):
       k=pad(k), v=pad(v), reps=reps.astype(dtype), q_chunk=q_chunk, index=jnp.asarray(t, jnp.int32)
     )
 
-  def _extend(self, attn, q, k, v, cache):
+  def _extend(self, attn: Attention, q, k, v, cache):
     """A multi-token call at ``cache.index`` after earlier ones."""
     b, t, h, dim = q.shape
     w, i0 = self.chunk_size, cache.index
@@ -146,7 +147,7 @@ class LongHeads(Policy):
     cache = LongHeadsCache(k=k_all, v=v_all, reps=reps, q_chunk=q_chunk, index=end)
     return o.transpose(1, 0, 2, 3).astype(q.dtype), cache
 
-  def chunk_representations(self, attn, q, k, v):
+  def chunk_representations(self, attn: Attention, q, k, v):
     """``[B, N, H, K]`` key representations of ``N`` complete chunks from their un-rotated
     ``q [B, N, w, H, K]`` and ``k, v [B, N, w, G, K]``."""
     b, n, w, h, dim = q.shape
@@ -182,7 +183,7 @@ class LongHeads(Policy):
     used = jnp.concatenate([used, jnp.ones_like(current, bool)], axis=-1)
     return ids_out.astype(jnp.int32), used
 
-  def _query(self, attn, q, position, k, v, reps):
+  def _query(self, attn: Attention, q, position, k, v, reps):
     """Output ``[B, H, K]`` of un-rotated ``q [B, H, K]`` at ``position`` over the pre-RoPE
     ``k, v [B, S, G, K]`` of its selected chunks."""
     b, h, dim = q.shape

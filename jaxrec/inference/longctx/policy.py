@@ -1,8 +1,9 @@
-"""The long-context policy protocol: how ``jaxrec.layers.Attention`` reads its keys.
+"""The long-context policy protocol: how an attention layer (``jaxrec.layers.Attention``) reads
+its keys.
 
-A policy is a frozen (hashable, static) dataclass with the paper's defaults. Given to
-``Attention.__call__`` (through ``LM.__call__``, ``LM.init_cache``, ``jaxrec.generate`` and
-``loglikelihood``), it takes over the attention of the layer after the projections:
+A policy is a frozen (hashable, static) dataclass with the paper's defaults. Applied to a model
+(``jaxrec.inference.longctx.apply(model, policy)``, which wraps each attention layer in a
+``PolicyAttention``), it takes over the attention of the layer after the projections:
 
 * ``init_cache(attn, batch_size, max_length, dtype)`` builds the layer's cache: what it holds
   (pre-RoPE keys and their positions where the method rotates keys at attention time, pruned
@@ -14,10 +15,11 @@ A policy is a frozen (hashable, static) dataclass with the paper's defaults. Giv
   multi-token call continues after earlier ones (a chunked prefill, ``jaxrec.inference.
   prefill``), and a chunked prefill equals one call;
 * ``chunked(prompt_length)`` is the policy for such a chunked prefill and the decoding after it
-  (itself, unless the method decides something from the end of the prompt).
+  (itself, unless the method decides something from the end of the prompt); ``longctx.chunked(
+  model, prompt_length)`` puts it into a model's wrappers.
 
-``attn`` lends the layer's RoPE (``attn.rope``) and head counts. Without a policy ``Attention``
-runs its own path unchanged. Packed sequences (``segment_ids``) are not supported by policies.
+``attn`` lends the layer's RoPE (``attn.rope``) and head counts. Packed sequences
+(``segment_ids``) are not supported by policies.
 """
 
 import abc
@@ -26,17 +28,19 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxrec.layers import Attention
+
 
 @dataclasses.dataclass(frozen=True)
 class Policy(abc.ABC):
   """Base class of the long-context policies (see the module docstring)."""
 
   @abc.abstractmethod
-  def init_cache(self, attn, batch_size: int, max_length: int, dtype: jnp.dtype):
+  def init_cache(self, attn: Attention, batch_size: int, max_length: int, dtype: jnp.dtype):
     """The layer's empty cache, with room for ``max_length`` tokens where it keeps them all."""
 
   @abc.abstractmethod
-  def attend(self, attn, q, k, v, *, cache, layer: int):
+  def attend(self, attn: Attention, q, k, v, *, cache, layer: int):
     """``(heads [B, T, H, K], cache)`` for un-rotated ``q [B, T, H, K]`` and ``k, v [B, T, G,
     K]``."""
 
@@ -54,10 +58,10 @@ class Policy(abc.ABC):
 
 
 def check_policy(policy) -> None:
-  """Raises ``ValueError`` unless ``policy`` is ``None`` or a ``Policy``."""
-  if policy is not None and not isinstance(policy, Policy):
+  """Raises ``ValueError`` unless ``policy`` is a ``Policy``."""
+  if not isinstance(policy, Policy):
     raise ValueError(
-      "policy: expected None or a jaxrec.inference.longctx policy (lm_infinite, recycled, "
+      "policy: expected a jaxrec.inference.longctx policy (lm_infinite, recycled, "
       f"longheads, think, set_based), got {policy!r}"
     )
 

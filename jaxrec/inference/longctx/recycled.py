@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrec.inference.longctx.policy import Policy, check_int, scores, softmax_values
+from jaxrec.layers import Attention
 
 
 class RecycledCache(NamedTuple):
@@ -74,7 +75,7 @@ class Recycled(Policy):
     if isinstance(self.threshold, bool) or not isinstance(self.threshold, int | float):
       raise ValueError(f"threshold: expected a number, got {self.threshold!r}")
 
-  def init_cache(self, attn, batch_size, max_length, dtype):
+  def init_cache(self, attn: Attention, batch_size: int, max_length: int, dtype):
     shape = (batch_size, max_length, attn.num_kv_heads, attn.head_dim)
     zero = jnp.zeros((), jnp.int32)
     return RecycledCache(
@@ -87,7 +88,7 @@ class Recycled(Policy):
       q_full=jnp.zeros((batch_size, attn.num_heads, attn.head_dim), jnp.float32),
     )
 
-  def attend(self, attn, q, k, v, *, cache, layer):
+  def attend(self, attn: Attention, q, k, v, *, cache, layer: int):
     t = q.shape[1]
     positions = (0 if cache is None else cache.index) + jnp.arange(t)
     qr, kr = attn.rope(q, positions), attn.rope(k, positions)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrec.inference.longctx.policy import Policy, check_int, scores, softmax_values
+from jaxrec.layers import Attention
 
 
 class SetBasedCache(NamedTuple):
@@ -74,7 +75,7 @@ class SetBased(Policy):
     apart = (group[:, None] > 0) & (group[None, :] > 0) & (group[:, None] != group[None, :])
     return causal & ~apart, np.array(positions, np.int32)
 
-  def init_cache(self, attn, batch_size, max_length, dtype):
+  def init_cache(self, attn: Attention, batch_size: int, max_length: int, dtype):
     shape = (batch_size, max_length, attn.num_kv_heads, attn.head_dim)
     return SetBasedCache(
       k=jnp.zeros(shape, dtype),
@@ -83,7 +84,7 @@ class SetBased(Policy):
       index=jnp.zeros((), jnp.int32),
     )
 
-  def attend(self, attn, q, k, v, *, cache, layer):
+  def attend(self, attn: Attention, q, k, v, *, cache, layer: int):
     t = q.shape[1]
     if cache is None:
       # The prompt in one pass, with its 2-D mask and positions.

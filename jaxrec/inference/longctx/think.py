@@ -40,6 +40,7 @@ from jaxrec.inference.longctx.policy import (
   scores,
   softmax_values,
 )
+from jaxrec.layers import Attention
 
 
 class ThinKEmpty(NamedTuple):
@@ -141,10 +142,10 @@ class ThinK(Policy):
   def chunked(self, prompt_length: int) -> "ThinK":
     return dataclasses.replace(self, prompt_length=prompt_length)
 
-  def init_cache(self, attn, batch_size, max_length, dtype):
+  def init_cache(self, attn: Attention, batch_size: int, max_length: int, dtype):
     return ThinKEmpty(room=jnp.zeros((max_length, 0), dtype))
 
-  def attend(self, attn, q, k, v, *, cache, layer):
+  def attend(self, attn: Attention, q, k, v, *, cache, layer: int):
     if self.prompt_length is not None and isinstance(cache, ThinKEmpty):
       b, h, dim = q.shape[0], q.shape[2], q.shape[3]
       shape = (b, cache.room.shape[0], *k.shape[2:])
@@ -184,7 +185,7 @@ class ThinK(Policy):
     parts = [(s_old, True, cache.v_old), (s_new, visible_new, cache.v_new)]
     return merged_softmax_values(parts, q.dtype), cache
 
-  def _prefill(self, attn, q, k, v, cache):
+  def _prefill(self, attn: Attention, q, k, v, cache):
     t = q.shape[1]
     positions = jnp.arange(t)
     qr, kr = attn.rope(q, positions), attn.rope(k, positions)
@@ -198,7 +199,7 @@ class ThinK(Policy):
     room, dtype = cache.room.shape[0], cache.room.dtype
     return o, self._compress(qr[:, obs], kr, v, s[:, :, obs], causal[:, :, obs], room, dtype)
 
-  def _fill(self, attn, q, k, v, cache):
+  def _fill(self, attn: Attention, q, k, v, cache):
     """A chunk of a chunked prefill: full causal attention over every key so far."""
     t = q.shape[1]
     positions = cache.index + jnp.arange(t)

@@ -96,7 +96,8 @@ print(f"jax {jax.__version__} on {jax.devices()}; {STEPS} steps, width {WIDTH}")
 # ## A tiny RAT language model
 #
 # The `tiny-rat` preset has RAT in every layer (`tiny-rat-swa` alternates it with sliding-window
-# attention); `rat_chunk_size` is `L`. Byte-level tokens: 256 bytes plus pad, bos and eos.
+# attention); its option `rat.chunk_size` is `L`. Byte-level tokens: 256 bytes plus pad, bos and
+# eos.
 
 # %%
 tokenizer = data.ByteTokenizer()
@@ -110,13 +111,13 @@ def rat_config(**overrides):
     d_model=WIDTH,
     num_layers=2,
     max_seq_len=SEQ_LEN,
-    rat_chunk_size=CHUNK,
+    rat={"chunk_size": CHUNK},
     **overrides,
   )
 
 
 cfg = rat_config()
-print("layers:", cfg.layer_mixers, f"chunk length L = {cfg.rat_chunk_size}")
+print("layers:", cfg.layer_mixers, f"chunk length L = {cfg.options('rat').chunk_size}")
 print(f"parameters: {models.param_count(cfg):,}")
 
 # %% [markdown]
@@ -208,12 +209,12 @@ print(repr(tokenizer.decode(new[0])))
 # ## RMoE: routing with a GRU across layers
 #
 # `tiny-moe` replaces every feed-forward with 8 SwiGLU experts, top-2, routed by the RMoE GRU
-# (`moe_router="gru"`); `"linear"` is the usual router. Every MoE layer reports its routing with
-# `nnx.sow`, and the model pools the reports over its layers; `nnx.capture` collects both. The
-# pooled statistics: the load-balancing loss (1 when balanced), the load of the busiest expert
-# relative to a balanced one, the router entropy (nats; uniform is ln 8), the fraction of
-# assignments dropped for capacity, and the mutual information (bits) between consecutive
-# layers' first choices. Untrained models here; the experiment trains them.
+# (the option `moe.router="gru"`); `"linear"` is the usual router. Every MoE layer reports its
+# routing with `nnx.sow`, and the model pools the reports over its layers; `nnx.capture` collects
+# both. The pooled statistics: the load-balancing loss (1 when balanced), the load of the
+# busiest expert relative to a balanced one, the router entropy (nats; uniform is ln 8), the
+# fraction of assignments dropped for capacity, and the mutual information (bits) between
+# consecutive layers' first choices. Untrained models here; the experiment trains them.
 
 # %%
 example = next(batches)
@@ -227,7 +228,7 @@ def moe_model(router):
     d_model=WIDTH,
     num_layers=3,
     max_seq_len=SEQ_LEN,
-    moe_router=router,
+    moe={"router": router},
   )
   return models.LM(moe_cfg, rngs=nnx.Rngs(0))
 

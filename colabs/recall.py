@@ -118,7 +118,7 @@ def fit(mixer: str) -> nnx.Module:
     num_layers=2,
     mixer_pattern=("baseconv", mixer),
     num_heads=2,
-    based_feature_dim=8,
+    mixer_options={"based": {"feature_dim": 8}},
     max_seq_len=ROW,
   )
   # The recall sweep's settings (experiments/configs/recall.py): peak 3e-3 after 30 steps.

@@ -14,8 +14,9 @@ of ``RESULTS.md`` (replaced on rerun).
 
 The default sizes already give parameter counts within 2% of each other (the ParaRNN block's
 dense in/gate/out projections match attention's four ``D×D`` maps); ``--size_overrides`` sets any
-``LMConfig`` field for one mixer when another size needs rebalancing, and the run stops if the
-counts differ by more than ``--max_param_gap``.
+``LMConfig`` field, or an option of the mixer's own (``paragru.heads=8``), for one mixer when
+another size needs rebalancing, and the run stops if the counts differ by more than
+``--max_param_gap``.
 """
 
 import dataclasses
@@ -58,7 +59,9 @@ _EVAL_EVERY = flags.DEFINE_integer("eval_every", 100, "Steps between validation 
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 40, "Validation batches per evaluation.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of parameters and data order (the same for all).")
 _SIZE_OVERRIDES = flags.DEFINE_list(
-  "size_overrides", [], "Per-mixer LMConfig fields, as mixer.field=int (e.g. gla.mlp_hidden=448)."
+  "size_overrides",
+  [],
+  "Per-mixer LMConfig fields or the mixer's options, as mixer.field=int (gla.mlp_hidden=448).",
 )
 _MAX_PARAM_GAP = flags.DEFINE_float(
   "max_param_gap", 0.10, "Largest allowed (max - min) / min of the parameter counts."
@@ -84,7 +87,8 @@ def _config(mixer: str, overrides: dict[str, int]):
   config.model.d_model = _D_MODEL.value
   config.model.num_heads = _NUM_HEADS.value
   for field, value in overrides.items():
-    config.model[field] = value  # any LMConfig field; model_config() passes it on
+    # An LMConfig field, or an option of the mixer's own (its group); model_config() reads it.
+    (config.model[mixer] if field in _options(mixer) else config.model)[field] = value
   config.optim.learning_rate = _LEARNING_RATE.value
   config.optim.warmup_steps = _WARMUP.value
   config.eval_every = _EVAL_EVERY.value
@@ -97,16 +101,22 @@ def _config(mixer: str, overrides: dict[str, int]):
 
 def _parse_overrides(mixers: list[str]) -> dict[str, dict[str, int]]:
   out: dict[str, dict[str, int]] = {m: {} for m in mixers}
-  fields = {f.name for f in dataclasses.fields(LMConfig)}
+  fields = {f.name for f in dataclasses.fields(LMConfig)} - {"moe", "mixer_options"}
   for item in _SIZE_OVERRIDES.value:
     match = re.fullmatch(r"(\w+)\.(\w+)=(\d+)", item)
-    if not match or match.group(1) not in out or match.group(2) not in fields:
+    mixer, field = match.groups()[:2] if match else (None, None)
+    if mixer not in out or field not in fields | _options(mixer):
       raise app.UsageError(
         f"--size_overrides: expected mixer.field=int with a mixer of --mixers {mixers} and an "
-        f"LMConfig field, got {item!r}"
+        f"LMConfig field or one of the mixer's options, got {item!r}"
       )
-    out[match.group(1)][match.group(2)] = int(match.group(3))
+    out[mixer][field] = int(match.group(3))
   return out
+
+
+def _options(mixer: str) -> set[str]:
+  """The names of ``mixer``'s own options (``paragru``: ``heads``, ``max_iters``)."""
+  return {f.name for f in dataclasses.fields(get_mixer(mixer).options)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +277,7 @@ Data: `{json_path}` (curves and every number above). Command:
 ```
 
 "Newton iters" is the mean of `NewtonInfo.iterations` over the ParaRNN layers and the rows of
-the first validation batch (tolerance 1e-6·max(1, max|h|), at most `pararnn_max_iters`);
+the first validation batch (tolerance 1e-6·max(1, max|h|), at most the `max_iters` option);
 "fallback rows" the fraction of rows that needed the sequential scan after the trained model's
 solve. Tokens/s are timed train steps of the trained model on this machine (compiled, after a
 warm-up step), not wall time of the whole run; on a CPU shared with other processes they are

@@ -219,8 +219,9 @@ def _mqar_task(c) -> tasks_lib.MQAR:
     raise train_lib.ConfigError(f"--config.mqar.{e}") from e
 
 
-# The LMConfig field each setting of a part's section gives, by the setting's name: an error of
-# LMConfig (which starts with its field) names the flag to fix.
+# The LMConfig field or option (group.option) each setting of a part's section gives, by the
+# setting's name: an error of LMConfig (which starts with its field or option) names the flag to
+# fix.
 _RAT_SETTINGS = {
   "d_model": "d_model",
   "num_layers": "num_layers",
@@ -228,16 +229,16 @@ _RAT_SETTINGS = {
   "max_seq_len": "seq_len",
 }
 _MOE_SETTINGS = _RAT_SETTINGS | {
-  "moe_num_experts": "num_experts",
-  "moe_top_k": "top_k",
-  "moe_hidden": "expert_hidden",
-  "moe_router_dim": "router_dim",
+  "moe.num_experts": "num_experts",
+  "moe.top_k": "top_k",
+  "moe.hidden": "expert_hidden",
+  "moe.router_dim": "router_dim",
 }
 
 
 def _moe_config(c, router: str, vocab_size: int) -> LMConfig:
-  settings = _MOE_SETTINGS | {"moe_router": "routers"}
-  return _model_config("tiny-moe", c, "--config.moe", settings, vocab_size, moe_router=router)
+  settings = _MOE_SETTINGS | {"moe.router": "routers"}
+  return _model_config("tiny-moe", c, "--config.moe", settings, vocab_size, {"moe.router": router})
 
 
 def _rat_config(c, chunk_size: int, vocab_size: int, flag: str) -> LMConfig:
@@ -245,18 +246,25 @@ def _rat_config(c, chunk_size: int, vocab_size: int, flag: str) -> LMConfig:
     raise train_lib.ConfigError(
       f"{flag}.chunk_sizes: expected chunk lengths in [1, seq_len={c.seq_len}], got {chunk_size}"
     )
-  settings = _RAT_SETTINGS | {"rat_chunk_size": "chunk_sizes"}
-  return _model_config("tiny-rat", c, flag, settings, vocab_size, rat_chunk_size=chunk_size)
+  settings = _RAT_SETTINGS | {"rat.chunk_size": "chunk_sizes"}
+  return _model_config("tiny-rat", c, flag, settings, vocab_size, {"rat.chunk_size": chunk_size})
 
 
-def _model_config(preset: str, c, flag: str, settings, vocab_size: int, **swept) -> LMConfig:
-  """``preset`` with each field of ``settings`` from its setting in section ``c`` (a ``swept``
-  field from its value), ``LMConfig``'s ``ValueError`` turned into a ``ConfigError`` naming the
-  flag of the setting (the section's flag when no setting gives the field, e.g. ``head_dim``
-  from ``d_model / num_heads``)."""
-  fields = {field: c[name] for field, name in settings.items() if field not in swept}
+def _model_config(preset: str, c, flag: str, settings, vocab_size: int, swept) -> LMConfig:
+  """``preset`` with each field or option of ``settings`` from its setting in section ``c`` (a
+  ``swept`` one from its value), ``LMConfig``'s ``ValueError`` turned into a ``ConfigError``
+  naming the flag of the setting (the section's flag when no setting gives the field, e.g.
+  ``head_dim`` from ``d_model / num_heads``)."""
+  values = {key: c[name] for key, name in settings.items() if key not in swept} | swept
+  overrides = {}
+  for key, value in values.items():
+    group, _, option = key.rpartition(".")
+    if group:
+      overrides.setdefault(group, {})[option] = value
+    else:
+      overrides[key] = value
   try:
-    return get_preset(preset, vocab_size=vocab_size, **fields, **swept)
+    return get_preset(preset, vocab_size=vocab_size, **overrides)
   except ValueError as e:
     name = settings.get(str(e).split(":", 1)[0])
     raise train_lib.ConfigError(f"{flag}.{name}: {e}" if name else f"{flag}: {e}") from e
@@ -272,8 +280,8 @@ def _label(chunk_size: int, seq_len: int) -> str:
 
 def _describe(cfg: LMConfig) -> str:
   if cfg.ffn == "moe":
-    return f"MoE router {cfg.moe_router}"
-  return f"RAT L={cfg.rat_chunk_size}"
+    return f"MoE router {cfg.moe.router}"
+  return f"RAT L={cfg.options('rat').chunk_size}"
 
 
 def main(argv):

@@ -128,7 +128,7 @@ def run_sweep(config, given: set[str] | frozenset = frozenset()) -> dict:
       if "mqar" in tasks:
         mqar_cfg = cfg
         if variant.mixer == "pla":  # its prefix: the MQAR context (2 tokens a pair)
-          mqar_cfg = dataclasses.replace(cfg, pla_prefix_len=2 * config.mqar.num_pairs)
+          mqar_cfg = cfg.replace(pla={"prefix_len": 2 * config.mqar.num_pairs})
         runs.append(_run_mqar(trainer(mqar_cfg), config, variant, mqar, row, bar))
       if "sets" in tasks:
         runs.append(_run_sets(trainer(cfg), config, variant, sets, sizes, 1, row, bar))
@@ -317,10 +317,12 @@ def _model_config(config, variant, width, vocab, row, feature_dim) -> LMConfig:
     num_layers=config.num_layers,
     mixer_pattern=("baseconv", variant.mixer),
     num_heads=config.num_heads,
-    window=variant.window,
-    based_feature_dim=feature_dim,
-    pla_prefix_len=row,
     max_seq_len=row,
+    mixer_options={
+      "attention": {"window": variant.window},
+      "based": {"feature_dim": feature_dim},
+      "pla": {"prefix_len": row, "feature_dim": feature_dim},
+    },
   )
 
 

@@ -39,7 +39,7 @@ def jrt_objective(
     batch: ``inputs``, ``targets``, ``segment_ids`` (int ``[B, T]``) and ``weights``
       (``[B, T]``), as ``make_lm_dataset`` or ``task_dataset`` give; other keys pass through.
     rng: draws the masked positions.
-    prefix_len: ``M``, the prefix of every document (the model's ``pla_prefix_len``).
+    prefix_len: ``M``, the prefix of every document (the model's ``pla.prefix_len`` option).
     mask_id: the token that replaces masked inputs, one the data never contains.
     mask_rate: the fraction of prefix tokens masked.
     ntp_weight: ``w_ntp``.

@@ -202,19 +202,21 @@ def check_context(model, tokens: int, *, stacklevel: int = 3) -> None:
 def check_prefix_chunks(
   model, schedule: ChunkSchedule, starts: Sequence[int], *, stacklevel: int = 4
 ) -> None:
-  """Warns when a prefix-linear-attention layer's document prefix (``pla_prefix_len`` tokens from
+  """Warns when a prefix-linear-attention layer's document prefix (``pla.prefix_len`` tokens from
   a prompt's start, ``starts``) crosses a boundary of the prefill's chunks: that prefix is then
   read in part causally (see the module docstring)."""
   cfg = getattr(model, "cfg", None)
-  prefix = getattr(cfg, "pla_prefix_len", 0)
-  if schedule.calls == 1 or not prefix or "pla" not in getattr(cfg, "mixer_pattern", ()):
+  if schedule.calls == 1 or "pla" not in getattr(cfg, "mixer_pattern", ()):
+    return
+  prefix = cfg.options("pla").prefix_len
+  if not prefix:
     return
   first = schedule.head or schedule.size
   bounds = range(first, schedule.length, schedule.size)
   crossed = [s for s in starts if any(s < b < min(s + prefix, schedule.length) for b in bounds)]
   if crossed:
     warnings.warn(
-      f"prefill_chunk: the prefix of pla_prefix_len={prefix} tokens of a prompt starting at "
+      f"prefill_chunk: the prefix of pla.prefix_len={prefix} tokens of a prompt starting at "
       f"column {crossed[0]} crosses a boundary of the {schedule.size}-token prefill chunks, so "
       "prefix linear attention reads part of it causally; pass a larger prefill_chunk or None "
       "for the one-call prefill.",

@@ -10,8 +10,6 @@ Quality comes back by fine-tuning, in the paper with LoRA on the query, key and 
 projections (``jaxrec.linearize.lora``).
 """
 
-import dataclasses
-
 import jax
 from flax import nnx
 
@@ -66,13 +64,9 @@ def liger(
     return "liger" if mixer == "attention" and not keep else mixer
 
   pattern = tuple(converted(i, m) for i, m in enumerate(cfg.layer_mixers))
-  # LMConfig validates the options and names the bad one.
-  new_cfg = dataclasses.replace(
-    cfg,
-    mixer_pattern=pattern,
-    liger_variant=variant,
-    liger_window=window,
-    liger_gate_source=gate_source,
+  # LMConfig validates the options and names the bad one (liger.variant, ...).
+  new_cfg = cfg.replace(
+    mixer_pattern=pattern, liger=dict(variant=variant, window=window, gate_source=gate_source)
   )
   return _with_parameters(new_cfg, nnx.state(model), seed)
 

@@ -28,10 +28,9 @@ SiLU, MLP biases, an output-projection bias (Llama's ``attention_bias``), Qwen2'
 A converted model (``jaxrec.linearize.liger``) keeps the Llama weights, so it is written with the
 same tensor names; its ``config.json`` then says ``"model_type": "jaxrec"`` (transformers cannot
 run it, and refuses it rather than build the wrong model) and holds the whole ``LMConfig`` under
-``"jaxrec"``, from which ``config_from_hf`` rebuilds it.
+``"jaxrec"`` (``LMConfig.to_dict``), from which ``config_from_hf`` rebuilds it.
 """
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,8 +56,9 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: str | None = None) -> LMConf
   """
   dtype = _dtype(hf) if dtype is None else dtype
   if hf.get("model_type") == JAXREC_MODEL_TYPE:
-    fields = {**hf["jaxrec"], "dtype": dtype, "param_dtype": dtype}
-    return LMConfig(**fields | {"mixer_pattern": tuple(fields["mixer_pattern"])})
+    # Written by this version (options grouped) or an earlier one (flat names): from_dict reads
+    # both.
+    return LMConfig.from_dict({**hf["jaxrec"], "dtype": dtype, "param_dtype": dtype})
   model_type = hf.get("model_type")
   if model_type not in MODEL_TYPES:
     raise ValueError(
@@ -105,10 +105,11 @@ def hf_config_of(cfg: LMConfig, base: Mapping[str, Any] | None = None) -> dict[s
     ValueError: ``cfg`` has mixers (or a sliding window) with no Llama weights.
   """
   mixers = set(cfg.layer_mixers)
-  if not mixers <= {"attention", "liger"} or cfg.window is not None:
+  window = cfg.options("attention").window
+  if not mixers <= {"attention", "liger"} or ("attention" in mixers and window is not None):
     raise ValueError(
       f"cfg: expected 'attention' or 'liger' layers without an attention window to write a "
-      f"Hugging Face checkpoint, got mixers {sorted(mixers)} and window={cfg.window}"
+      f"Hugging Face checkpoint, got mixers {sorted(mixers)} and attention.window={window}"
     )
   model_type = "qwen2" if cfg.qkv_bias else "llama"
   out = {k: v for k, v in (base or {}).items() if k not in ("rope_parameters", "jaxrec", "dtype")}
@@ -137,9 +138,7 @@ def hf_config_of(cfg: LMConfig, base: Mapping[str, Any] | None = None) -> dict[s
     out["use_sliding_window"] = False
   if mixers != {"attention"}:
     out.update(architectures=["JaxrecLM"], model_type=JAXREC_MODEL_TYPE)
-    out["jaxrec"] = {
-      k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
-    }
+    out["jaxrec"] = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_dict().items()}
   return out
 
 

@@ -18,6 +18,7 @@ from jax import lax
 from jaxrec import layers
 from jaxrec.layers import logical_param, observe
 from jaxrec.models.config import LMConfig
+from jaxrec.models.ffn import build_ffn
 from jaxrec.models.mixers import build_mixer
 
 Cache = Any  # a pytree of the mixers' caches, laid out like the blocks (see LM.init_cache)
@@ -48,27 +49,7 @@ class Block(nnx.Module):
     self.mixer = build_mixer(mixer, cfg, rngs=rngs)
     self.mlp_norm = layers.RMSNorm(cfg.d_model, **norm)
     self.carries_router_state = router_carry(cfg)
-    shared = dict(
-      init_std=cfg.init_std,
-      num_layers=cfg.num_layers,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      rngs=rngs,
-    )
-    if cfg.ffn == "moe":
-      self.mlp = layers.MoE(
-        cfg.d_model,
-        cfg.mlp_dim if cfg.moe_hidden is None else cfg.moe_hidden,
-        cfg.moe_num_experts,
-        top_k=cfg.moe_top_k,
-        capacity_factor=cfg.moe_capacity_factor,
-        router=cfg.moe_router,
-        router_dim=cfg.moe_router_dim,
-        router_cell=router_cell,
-        **shared,
-      )
-    else:
-      self.mlp = layers.MLP(cfg.d_model, cfg.mlp_dim, **shared)
+    self.mlp = build_ffn(cfg, router_cell=router_cell, rngs=rngs)
 
   def __call__(self, carry, *, segment_ids=None, cache=None):
     """Returns ``(carry, cache)``."""
@@ -129,8 +110,8 @@ class LM(nnx.Module):
     # construction, and its state path is the first one's (layers/0/mlp/router_cell). Built
     # with placeholder values, drawn below.
     cell = None
-    if cfg.ffn == "moe" and cfg.moe_router in layers.moe.GRU_ROUTERS:
-      cell = layers.GRURouterCell(cfg.moe_router_dim, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    if cfg.ffn == "moe" and cfg.moe.router in layers.moe.GRU_ROUTERS:
+      cell = layers.GRURouterCell(cfg.moe.router_dim, param_dtype=param_dtype, rngs=nnx.Rngs(0))
     if cfg.scan_layers:
       self.layers = _stacked_groups(cfg, rngs)
     else:
@@ -143,7 +124,7 @@ class LM(nnx.Module):
     if cell is not None:
       # The cell's parameters are drawn here, after the blocks' and the final norm's, where the
       # model drew them when it owned the cell itself: a seed gives the model it always gave.
-      drawn = layers.GRURouterCell(cfg.moe_router_dim, param_dtype=param_dtype, rngs=rngs)
+      drawn = layers.GRURouterCell(cfg.moe.router_dim, param_dtype=param_dtype, rngs=rngs)
       nnx.update(cell, nnx.state(drawn))
     if cfg.tie_embeddings:
       self.head = None
@@ -214,7 +195,7 @@ class LM(nnx.Module):
       for s in observe.sown(block.mlp, layers.moe.ROUTING)
     ]
     if stats:
-      aux_loss, metrics = layers.pooled_routing_statistics(stats, self.cfg.moe_aux_weight)
+      aux_loss, metrics = layers.pooled_routing_statistics(stats, self.cfg.moe.aux_weight)
       observe.sow(self, observe.AUX_LOSS, aux_loss)
       observe.sow(self, observe.METRICS, metrics)
 
@@ -299,7 +280,7 @@ def _stacked_groups(cfg: LMConfig, rngs: nnx.Rngs) -> BlockGroup:
 def router_carry(cfg: LMConfig) -> bool:
   """Whether the carry between ``cfg``'s blocks holds a router state besides ``x``: with an MoE
   feed-forward whose router takes one (``layers.moe.RECURRENT_ROUTERS``)."""
-  return cfg.ffn == "moe" and cfg.moe_router in layers.moe.RECURRENT_ROUTERS
+  return cfg.ffn == "moe" and cfg.moe.router in layers.moe.RECURRENT_ROUTERS
 
 
 def _call(block: Block, remat: bool) -> Callable:

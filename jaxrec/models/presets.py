@@ -1,11 +1,11 @@
 """Named model sizes, and parameter counts evaluated without allocating parameters."""
 
-import dataclasses
-
 from flax import nnx
 
 from jaxrec.models.config import LMConfig
+from jaxrec.models.ffn import MoEOptions
 from jaxrec.models.lm import LM, param_count_of
+from jaxrec.models.mixers import AttentionOptions
 
 _HYBRID = ("gla", "gla", "gla", "attention")
 
@@ -41,8 +41,8 @@ PRESETS: dict[str, LMConfig] = {
     num_layers=4,
     mixer_pattern=("rat", "attention"),
     num_heads=4,
-    window=128,
     max_seq_len=512,
+    mixer_options={"attention": AttentionOptions(window=128)},
   ),
   # A mixture-of-experts LM with the RMoE GRU router (arXiv 2408.06793): 8 experts, top-2.
   "tiny-moe": LMConfig(
@@ -53,11 +53,7 @@ PRESETS: dict[str, LMConfig] = {
     num_heads=4,
     max_seq_len=512,
     ffn="moe",
-    moe_num_experts=8,
-    moe_top_k=2,
-    moe_router="gru",
-    moe_router_dim=64,
-    moe_hidden=128,
+    moe=MoEOptions(num_experts=8, top_k=2, router="gru", router_dim=64, hidden=128),
   ),
   # ~1.3B parameters: GLA with one grouped-query attention layer in four, bf16 compute.
   "1b": LMConfig(
@@ -117,10 +113,11 @@ PRESETS: dict[str, LMConfig] = {
 
 
 def get_preset(name: str, **overrides) -> LMConfig:
-  """The preset ``name``, with any field replaced by ``overrides``."""
+  """The preset ``name`` with ``overrides`` (``LMConfig.replace``: a field by its name, an option
+  group by a mapping of the options to change, ``gla={"chunk_size": 32}``)."""
   if name not in PRESETS:
     raise ValueError(f"name: unknown preset {name!r}; expected one of {tuple(PRESETS)}")
-  return dataclasses.replace(PRESETS[name], **overrides)
+  return PRESETS[name].replace(**overrides)
 
 
 def param_count(cfg: LMConfig) -> int:

@@ -56,7 +56,7 @@ def config_from_xlstm(config: Mapping, **overrides) -> LMConfig:
   Args:
     config: the parsed ``config.json``.
     **overrides: ``LMConfig`` fields to set besides (``dtype``, ``scan_layers``, ``remat``,
-      ``max_seq_len``, ...).
+      ``max_seq_len``, ...; ``LMConfig.replace``, so ``mlstm={"chunk_size": 32}`` too).
 
   Raises:
     ValueError: naming the ``config.json`` field that is missing or has a value jaxrec's xLSTM
@@ -92,13 +92,15 @@ def config_from_xlstm(config: Mapping, **overrides) -> LMConfig:
     norm_eps=get("norm_eps", default=1e-6),
     tie_embeddings=bool(get("tie_word_embeddings", default=False)),
     logit_soft_cap=config.get("output_logit_soft_cap", 30.0),
-    mlstm_qk_dim_factor=get("qk_dim_factor", default=0.5),
-    mlstm_v_dim_factor=get("v_dim_factor", default=1.0),
-    mlstm_gate_soft_cap=config.get("gate_soft_cap", 15.0),
-    mlstm_chunk_size=get("chunk_size", default=64),
-    mlstm_eps=get("eps", default=1e-6),
   )
-  return LMConfig(**(fields | overrides))
+  mlstm = dict(
+    qk_dim_factor=get("qk_dim_factor", default=0.5),
+    v_dim_factor=get("v_dim_factor", default=1.0),
+    gate_soft_cap=config.get("gate_soft_cap", 15.0),
+    chunk_size=get("chunk_size", default=64),
+    eps=get("eps", default=1e-6),
+  )
+  return LMConfig(**fields, mixer_options={"mlstm": mlstm}).replace(**overrides)
 
 
 def load_xlstm(path: str | os.PathLike, *, mesh: Mesh | None = None, **overrides) -> LM:

@@ -4,7 +4,9 @@ Every error is a ``ConfigError`` whose message starts with the flag to fix, as t
 it (``--config.mesh.fsdp: ...``), then what was expected and what was given.
 
 Lists in experiment configs are comma-separated strings (``--config.model.mixer_pattern=gla,
-attention``, ``--config.lengths=128,256``), read by one parser, ``parse_list``.
+attention``, ``--config.lengths=128,256``), read by one parser, ``parse_list``. The ``model``
+section holds the ``LMConfig`` fields and, nested, its option groups
+(``--config.model.gla.chunk_size``, ``--config.model.moe.top_k``).
 """
 
 import ast
@@ -18,7 +20,7 @@ from ml_collections import config_dict
 
 from jaxrec import data as data_lib
 from jaxrec import sharding
-from jaxrec.models import MIXERS, PRESETS, LMConfig, get_preset, mixer_names
+from jaxrec.models import MIXERS, PRESETS, LMConfig, MoEOptions, get_preset, mixer_names
 from jaxrec.train import optim
 
 SCHEDULES = ("cosine", "wsd")
@@ -29,29 +31,53 @@ class ConfigError(ValueError):
 
 
 def model_config_dict(preset: str) -> ml_collections.ConfigDict:
-  """The ``model`` section of an experiment config: ``preset`` and every ``LMConfig`` field.
+  """The ``model`` section of an experiment config: ``preset``, every ``LMConfig`` field and
+  every option group (``moe`` and each registered mixer's) as a nested section.
 
-  Every field but ``vocab_size`` (the tokenizer's) is an unset placeholder, so ``model_config``
-  gives exactly the preset, and a field set on the command line
-  (``--config.model.num_layers=12``) replaces the preset's value.
+  Every field but ``vocab_size`` (the tokenizer's) and every option is an unset placeholder, so
+  ``model_config`` gives exactly the preset, and a field or option set on the command line
+  (``--config.model.num_layers=12``, ``--config.model.gla.chunk_size=32``) replaces the preset's
+  value. A mixer registered before this is called has its group too.
   """
   section = ml_collections.ConfigDict({"preset": preset})
-  for field in dataclasses.fields(LMConfig):
-    if field.name != "vocab_size":
-      section[field.name] = config_dict.placeholder(_value_type(field.type))
+  for name, annotation in _shared_fields().items():
+    section[name] = config_dict.placeholder(_value_type(annotation))
+  for group, cls in _groups().items():
+    hints = typing.get_type_hints(cls)
+    options = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    if options:
+      section[group] = ml_collections.ConfigDict(
+        {
+          name: config_dict.placeholder(_value_type(annotation))
+          for name, annotation in options.items()
+        }
+      )
   return section
 
 
 def model_section(cfg: LMConfig) -> dict:
-  """``cfg``'s fields (but ``vocab_size``) as the ``model`` section holds them: a list of names
-  comma-separated (``parse_list``), every other value as it is; ``model_config`` reads them back
-  to ``cfg``."""
-  out = {}
-  for field in dataclasses.fields(LMConfig):
-    value = getattr(cfg, field.name)
-    if field.name != "vocab_size":
-      out[field.name] = ",".join(value) if _is_name_list(field.type) else value
+  """``cfg`` as the ``model`` section holds it (``LMConfig.to_dict`` but ``vocab_size``): a list
+  of names comma-separated (``parse_list``), each option group a nested dict, every other value
+  as it is; ``model_config`` reads it back to ``cfg``."""
+  out = cfg.to_dict()
+  del out["vocab_size"]
+  out["mixer_pattern"] = ",".join(cfg.mixer_pattern)
   return out
+
+
+def _shared_fields() -> dict[str, typing.Any]:
+  """``LMConfig``'s fields but ``vocab_size`` and the option groups, with their types."""
+  hints = typing.get_type_hints(LMConfig)
+  return {
+    f.name: hints[f.name]
+    for f in dataclasses.fields(LMConfig)
+    if f.name not in ("vocab_size", "moe", "mixer_options")
+  }
+
+
+def _groups() -> dict[str, type]:
+  """The option groups of the ``model`` section by name: ``moe`` and every registered mixer's."""
+  return {"moe": MoEOptions, **{name: MIXERS[name].options for name in mixer_names()}}
 
 
 def _is_name_list(annotation) -> bool:
@@ -61,7 +87,7 @@ def _is_name_list(annotation) -> bool:
 def _value_type(annotation) -> type:
   """``int`` for ``int | None``; ``str`` (a comma-separated list, ``parse_list``) for
   ``tuple[str, ...]``; ``tuple`` for other tuples; else the annotation."""
-  if isinstance(annotation, types.UnionType):
+  if typing.get_origin(annotation) in (typing.Union, types.UnionType):
     (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
   if _is_name_list(annotation):
     return str
@@ -112,18 +138,23 @@ def parse_list(value, flag: str, item: type = str) -> tuple:
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> LMConfig:
-  """The ``LMConfig`` of ``config.model``: the preset with every non-``None`` field replaced.
+  """The ``LMConfig`` of ``config.model``: the preset with every non-``None`` field and option
+  replaced (``LMConfig.replace``: an option given replaces that one option of the preset's).
 
   Raises:
-    ConfigError: unknown preset, unknown mixer, or a field ``LMConfig`` rejects.
+    ConfigError: unknown preset, unknown mixer, or a field or option ``LMConfig`` rejects.
   """
   cfg = config.model
   if cfg.preset not in PRESETS:
     raise ConfigError(
       f"--config.model.preset: expected one of {tuple(PRESETS)}, got {cfg.preset!r}"
     )
-  fields = {f.name for f in dataclasses.fields(LMConfig)} - {"vocab_size"}
-  overrides = {k: v for k, v in cfg.items() if k in fields and v is not None}
+  overrides = {k: cfg[k] for k in _shared_fields() if k in cfg and cfg[k] is not None}
+  for group in _groups():
+    if group in cfg:
+      given = {k: v for k, v in cfg[group].items() if v is not None}
+      if given:
+        overrides[group] = given
   if "mixer_pattern" in overrides:
     pattern = parse_list(overrides["mixer_pattern"], "--config.model.mixer_pattern")
     unknown = [m for m in pattern if m not in MIXERS]
@@ -137,11 +168,18 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> LMConfig
   try:
     return get_preset(cfg.preset, **overrides, vocab_size=vocab_size)
   except ValueError as e:
-    # LMConfig's messages start with the offending field; point at its flag when there is one.
-    match = re.match(r"(\w+):", str(e))
-    field = match.group(1) if match else None
-    flag = f"--config.model.{field}" if field in cfg else "--config.model"
+    # LMConfig's messages start with the offending field or group.option; point at its flag.
+    field = str(e).split(":", 1)[0]
+    flag = f"--config.model.{field}" if _has_path(cfg, field) else "--config.model"
     raise ConfigError(f"{flag}: {e}") from e
+
+
+def _has_path(section: ml_collections.ConfigDict, dotted: str) -> bool:
+  for name in dotted.split("."):
+    if not isinstance(section, ml_collections.ConfigDict) or name not in section:
+      return False
+    section = section[name]
+  return True
 
 
 def validate_config(
@@ -165,10 +203,10 @@ def validate_config(
     data, fsdp, _, expert = sharding.mesh_shape(dict(config.mesh), num_devices, "--config.mesh")
   except ValueError as e:
     raise ConfigError(str(e)) from e
-  if model.ffn == "moe" and model.moe_num_experts % expert:
+  if model.ffn == "moe" and model.moe.num_experts % expert:
     raise ConfigError(
-      f"--config.mesh.expert: expected a divisor of the {model.moe_num_experts} experts "
-      f"(--config.model.moe_num_experts), got {expert}"
+      f"--config.mesh.expert: expected a divisor of the {model.moe.num_experts} experts "
+      f"(--config.model.moe.num_experts), got {expert}"
     )
   shards = data * fsdp * expert
   if config.batch_size % shards:

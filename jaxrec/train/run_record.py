@@ -3,8 +3,9 @@ sampled without repeating its flags.
 
 A fresh run writes it before its first step, atomically (a temporary file renamed over)::
 
-  {"format": 1,
-   "model": {every LMConfig field, resolved}, "parameters": 10293824,
+  {"format": 2,
+   "model": {every LMConfig field and option group, resolved (LMConfig.to_dict)},
+   "parameters": 10293824,
    "tokenizer": {"spec": "byte"} or {"spec": <path given>, "file": "tokenizer.json", "sha256": ...},
    "data": {"train": ..., "validation": ..., "seq_len": ...},
    "config": {the experiment config as run, model fields as given},
@@ -22,11 +23,12 @@ original file. ``resolve`` turns a command's config into the config to run:
 
 Flags that disagree stop the command with one message that lists each as flag, recorded value and
 given value. A run without a record (made before records existed) is rebuilt from the flags as
-given, with a warning.
+given, with a warning. A record of format 1, written before the model's options were grouped,
+names them flat (``gla_chunk_size``, ``moe_top_k``, ``window``); ``read`` returns it in format 2
+(``gla.chunk_size``, ...: ``jaxrec.models.config.FLAT_NAMES``), and a resume writes it back so.
 """
 
 import copy
-import dataclasses
 import datetime
 import hashlib
 import json
@@ -39,12 +41,15 @@ import ml_collections
 from absl import logging
 
 from jaxrec.models import LMConfig
+from jaxrec.models.config import group_flat_names
 from jaxrec.train import checkpoint, metrics
 from jaxrec.train.config_checks import ConfigError, parse_list
 
 RECORD_FILE = "run.json"
 TOKENIZER_FILE = "tokenizer.json"
-_FORMAT = 1
+_FORMAT = 2
+# Format 1: the model's options under their flat names (``LMConfig`` before option groups).
+_FLAT_FORMAT = 1
 _BYTE = "byte"
 
 # Dotted config fields, or whole sections, that may differ from the record.
@@ -138,11 +143,22 @@ def read(workdir: str) -> dict[str, Any] | None:
       record = json.load(f)
     except json.JSONDecodeError as e:
       raise ConfigError(f"--workdir: {path} is not a readable run record ({e})") from e
+  if record.get("format") == _FLAT_FORMAT:
+    return _grouped(record)
   if record.get("format") != _FORMAT:
     raise ConfigError(
       f"--workdir: {path} has record format {record.get('format')!r}; this version of jaxrec "
-      f"reads format {_FORMAT}"
+      f"reads formats {_FLAT_FORMAT} and {_FORMAT}"
     )
+  return record
+
+
+def _grouped(record: dict[str, Any]) -> dict[str, Any]:
+  """A format-1 record in format 2: the flat option names of its model, and of its config's
+  model section, moved into their groups (``gla_chunk_size`` to ``gla.chunk_size``)."""
+  record = {**record, "format": _FORMAT, "model": group_flat_names(record["model"])}
+  if isinstance(record.get("config", {}).get("model"), Mapping):
+    record["config"] = {**record["config"], "model": group_flat_names(record["config"]["model"])}
   return record
 
 
@@ -158,7 +174,7 @@ def write(
     tokenizer.update(file=TOKENIZER_FILE, sha256=_sha256(spec))
   record = {
     "format": _FORMAT,
-    "model": _jsonable(dataclasses.asdict(model)),
+    "model": _jsonable(model.to_dict()),
     "parameters": num_params,
     "tokenizer": tokenizer,
     "data": {k: config.data[k] for k in ("train", "validation", "seq_len")},
@@ -240,7 +256,8 @@ def _follow(config, record, workdir, given, fixed, rest_from_record: bool):
   flat = _flatten(out.to_dict())
   recorded = _flatten(record["config"])
   # The resolved LMConfig stands for the model fields; the record's copy for the tokenizer file.
-  recorded.update({f"model.{k}": v for k, v in record["model"].items() if k != "vocab_size"})
+  model = {k: v for k, v in record["model"].items() if k != "vocab_size"}
+  recorded.update(_flatten(model, "model."))
   tokenizer = record["tokenizer"]
   recorded["data.tokenizer"] = (
     os.path.join(workdir, tokenizer["file"]) if "file" in tokenizer else _BYTE

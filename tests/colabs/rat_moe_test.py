@@ -30,7 +30,7 @@ print(json.dumps({
   "vocab": tokenizer.vocab_size,
   "stats": moe_stats,
   "loads": {r: np.asarray(v).tolist() for r, v in moe_loads.items()},
-  "experts": models.get_preset("tiny-moe").moe_num_experts,
+  "experts": models.get_preset("tiny-moe").moe.num_experts,
 }))
 """
 

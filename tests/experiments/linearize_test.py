@@ -46,7 +46,9 @@ def test_linearizes_a_hugging_face_teacher_and_exports_it(tmp_path):
   assert "| teacher |" in done.stdout and "| liger |" in done.stdout
 
   exported = load_pretrained(liger["export"], dtype="float32")
-  assert exported.cfg.layer_mixers == ("liger", "liger") and exported.cfg.liger_window == 4
+  assert (
+    exported.cfg.layer_mixers == ("liger", "liger") and exported.cfg.options("liger").window == 4
+  )
   assert (pathlib.Path(liger["export"]) / "tokenizer.json").is_file()
   teacher = load_pretrained(TEACHER, dtype="float32")
   # LoRA trained q, k, v and was merged into them; every other weight is the teacher's.

@@ -47,8 +47,8 @@ def test_a_tiny_comparison_writes_its_numbers_plot_and_section(tmp_path):
     assert 0 < r["val_bits_per_byte"] < 10 and r["train_tokens_per_s"] > 0, r
     assert r["curves"]["validation"]["steps"] == [2]
     assert r["curves"]["train"]["steps"] == [2]  # log_every (10) and the last step
-  # From a zero guess Newton needs at least one iteration, and it stops at LMConfig's
-  # pararnn_max_iters (10); the attention model has no Newton numbers at all.
+  # From a zero guess Newton needs at least one iteration, and it stops at the option
+  # paragru.max_iters (10); the attention model has no Newton numbers at all.
   gru = results["paragru"]
   for stage in ("init", "trained"):
     assert 1 <= gru[f"newton_iterations_{stage}"] <= 10, gru

@@ -154,8 +154,9 @@ def test_the_stated_orderings_follow_the_numbers():
     ("experiments", "lm,rnn", r"--config.experiments: expected names of .* got \['rnn'\]"),
     ("lm.chunk_sizes", "1,256", r"--config.lm.chunk_sizes: expected chunk lengths in \[1, "),
     ("mqar.warmup_steps", 10_000, r"--config.mqar.warmup_steps: expected at most"),
-    ("moe.top_k", 9, r"--config.moe.top_k: moe_top_k: expected at most moe_num_experts=8"),
-    ("lm.num_heads", 3, r"--config.lm: head_dim: expected an even attention head width"),
+    ("moe.top_k", 9, r"--config.moe.top_k: moe\.top_k: expected at most num_experts=8"),
+    ("lm.num_heads", 3, r"--config.lm.num_heads: num_heads: RAT needs a divisor of d_model"),
+    ("moe.num_heads", 3, r"--config.moe: head_dim: expected an even attention head width"),
   ],
 )
 def test_bad_settings_name_their_flag(tmp_path, field, value, message):

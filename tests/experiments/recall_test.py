@@ -87,7 +87,7 @@ def test_state_bytes_of_sliding_window_attention_stop_growing_at_the_window():
       num_layers=2,
       mixer_pattern=("baseconv", "attention"),
       num_heads=2,
-      window=window,
+      mixer_options={"attention": {"window": window}},
       max_seq_len=tokens,
     )
     return inference.state_bytes(nnx.eval_shape(lambda: models.LM(cfg, rngs=nnx.Rngs(0))), tokens)

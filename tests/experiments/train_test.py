@@ -28,7 +28,7 @@ TINY = [
   "--config.model.d_model=32",
   "--config.model.num_heads=2",
   "--config.model.num_layers=3",
-  "--config.model.gla_chunk_size=8",
+  "--config.model.gla.chunk_size=8",
   "--config.data.seq_len=32",
   "--config.batch_size=8",
   "--config.optim.learning_rate=0.01",
@@ -116,12 +116,11 @@ def test_readme_train_records_the_whole_preset_and_logs_its_size(readme):
     d_model=32,
     num_heads=2,
     num_layers=3,
-    gla_chunk_size=8,
+    gla={"chunk_size": 8},
     mixer_pattern=("gla", "gla", "attention"),
   )
-  assert (
-    models.LMConfig(**{**record["model"], "mixer_pattern": ("gla", "gla", "attention")}) == want
-  )
+  assert models.LMConfig.from_dict(record["model"]) == want
+  assert record["model"]["gla"]["chunk_size"] == 8  # the options resolved, in their group
   assert record["model"]["max_seq_len"] == 1024  # small-hybrid's, not the default preset's 512
   n = models.param_count(want)
   assert record["parameters"] == n

@@ -42,7 +42,7 @@ def _model(pattern) -> LM:
     mixer_pattern=pattern,
     num_heads=2,
     init_std=0.5,
-    gla_chunk_size=4,
+    mixer_options={"gla": {"chunk_size": 4}},
     max_seq_len=64,
   )
   return LM(cfg, rngs=nnx.Rngs(0))
@@ -78,8 +78,7 @@ def test_prefix_linear_attention_equals_one_call_while_its_prefix_fits_a_chunk()
     mixer_pattern=("pla",),
     num_heads=2,
     init_std=0.5,
-    based_feature_dim=4,
-    pla_prefix_len=4,
+    mixer_options={"pla": {"feature_dim": 4, "prefix_len": 4}},
   )
   model = LM(cfg, rngs=nnx.Rngs(0))
   tokens = np.random.default_rng(2).integers(0, 32, (2, T0)).astype(np.int32)
@@ -89,5 +88,5 @@ def test_prefix_linear_attention_equals_one_call_while_its_prefix_fits_a_chunk()
     got = loglikelihood(model, tokens, prefill_chunk=8)  # calls of 8 and 4: the prefix in the first
   tol = reorder_tolerance(D, T0, layers=1)
   assert_close(got, want, rtol=0, atol=tol * max_abs(want))
-  with pytest.warns(UserWarning, match="pla_prefix_len=4 .* crosses a boundary"):
+  with pytest.warns(UserWarning, match=r"pla\.prefix_len=4 .* crosses a boundary"):
     loglikelihood(model, tokens, prefill_chunk=3)

@@ -24,7 +24,7 @@ CFG = LMConfig(
   mixer_pattern=("gla", "attention"),
   num_heads=2,
   init_std=0.5,
-  gla_chunk_size=16,
+  mixer_options={"gla": {"chunk_size": 16}},
   max_seq_len=16,
 )
 PROMPT = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]], np.int32)

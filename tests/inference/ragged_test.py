@@ -30,14 +30,14 @@ def _model(mixer: str) -> LM:
     num_kv_heads=1 if mixer == "attention" else None,
     init_std=0.5,
     max_seq_len=64,
-    gla_chunk_size=4,
-    mlstm_chunk_size=4,
-    liger_chunk_size=4,
-    liger_window=3,
-    based_feature_dim=4,
-    pla_prefix_len=4,
-    rat_chunk_size=3,  # the padding (4) is not a multiple: RAT's chunks move
-    rat_qk_groups=1,
+    mixer_options={
+      "gla": {"chunk_size": 4},
+      "mlstm": {"chunk_size": 4},
+      "liger": {"chunk_size": 4, "window": 3},
+      "based": {"feature_dim": 4},
+      "pla": {"feature_dim": 4, "prefix_len": 4},
+      "rat": {"chunk_size": 3, "qk_groups": 1},  # the padding (4) is not a multiple: chunks move
+    },
   )
   return LM(cfg, rngs=nnx.Rngs(0))
 
@@ -69,7 +69,7 @@ def test_padding_ending_on_a_chunk_boundary_is_still_its_own_document():
     mixer_pattern=("gla", "attention"),
     num_heads=2,
     init_std=0.5,
-    gla_chunk_size=4,
+    mixer_options={"gla": {"chunk_size": 4}},
   )
   model = LM(cfg, rngs=nnx.Rngs(1))
   # Bucket 16: paddings 4 and 8, both on the boundaries of 4-token chunks.

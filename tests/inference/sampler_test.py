@@ -21,7 +21,7 @@ def model():
     mixer_pattern=("gla", "attention"),
     num_heads=2,
     init_std=0.5,
-    gla_chunk_size=8,
+    mixer_options={"gla": {"chunk_size": 8}},
   )
   return LM(cfg, rngs=nnx.Rngs(0))
 

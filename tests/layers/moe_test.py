@@ -7,8 +7,6 @@ each expert a SwiGLU MLP (its factors' errors carried into the product, then the
 projection), each weight carrying the relative error of the router logits, twice a logit's error
 (``_atol``)."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +15,7 @@ from flax import nnx
 from testing_utils import assert_close, rnn_error_bound, rounding_atol
 
 from jaxrec import layers
-from jaxrec.models import LM, LMConfig
+from jaxrec.models import LM, LMConfig, MoEOptions
 
 B, T, D, F, E = 2, 6, 8, 12, 4
 
@@ -203,10 +201,7 @@ CFG = LMConfig(
   num_heads=2,
   mixer_pattern=("attention",),
   ffn="moe",
-  moe_num_experts=E,
-  moe_router="gru",
-  moe_router_dim=6,
-  moe_hidden=F,
+  moe=MoEOptions(num_experts=E, router="gru", router_dim=6, hidden=F),
   init_std=0.5,
 )
 
@@ -266,7 +261,7 @@ def test_lm_reports_routing_statistics_and_keeps_the_dense_lm():
   (metrics,) = sown["metrics"].get_value()
   assert set(metrics) >= {"moe/entropy", "moe/dropped", "moe/layer_mi_bits"}
   assert 0 < float(metrics["moe/entropy"]) <= np.log(E) + 1e-6
-  assert_close(aux_loss, CFG.moe_aux_weight * metrics["moe/balance_loss"], rtol=1e-7)
+  assert_close(aux_loss, CFG.moe.aux_weight * metrics["moe/balance_loss"], rtol=1e-7)
   # One cell, held by every MoE layer.
   assert all(block.mlp.router_cell is model.layers[0].mlp.router_cell for block in model.layers)
   dense = LM(LMConfig(vocab_size=16, d_model=D, num_layers=1, num_heads=2), rngs=nnx.Rngs(0))
@@ -294,12 +289,14 @@ def test_bad_layer_arguments_name_the_argument(kw, message):
 @pytest.mark.parametrize(
   "kw, message",
   [
-    (dict(moe_top_k=5), "moe_top_k: expected at most moe_num_experts=4, got 5"),
-    (dict(moe_router="xmoe"), "moe_router: expected one of"),
+    (dict(moe={"top_k": 5}), r"moe\.top_k: expected at most num_experts=4, got 5"),
+    (dict(moe={"router": "xmoe"}), r"moe\.router: expected one of"),
+    (dict(moe={"capacity_factor": 0.0}), r"moe\.capacity_factor: expected a positive number"),
+    (dict(moe={"experts": 2}), r"moe\.experts: unknown option; moe has options \('num_experts'"),
     (dict(scan_layers=True), "scan_layers: not supported with ffn='moe'"),
-    (dict(ffn="glu"), "ffn: expected 'mlp' or 'moe'"),
+    (dict(ffn="glu"), r"ffn: expected one of \('mlp', 'moe'\)"),
   ],
 )
 def test_bad_config_names_the_field(kw, message):
   with pytest.raises(ValueError, match=message):
-    dataclasses.replace(CFG, **kw)
+    CFG.replace(**kw)

@@ -22,7 +22,7 @@ CFG = LMConfig(
   num_kv_heads=2,
   tie_embeddings=False,
   init_std=0.5,
-  liger_chunk_size=8,
+  mixer_options={"liger": {"chunk_size": 8}},
 )
 
 
@@ -38,7 +38,8 @@ def _flat(model):
 def test_conversion_reuses_the_weights_in_the_layer_pattern(teacher):
   student = liger(teacher, variant="hgrn2", window=5, hybrid_every=2)
   assert student.cfg.mixer_pattern == ("liger", "attention", "liger", "attention")
-  assert (student.cfg.liger_variant, student.cfg.liger_window) == ("hgrn2", 5)
+  options = student.cfg.options("liger")
+  assert (options.variant, options.window, options.chunk_size) == ("hgrn2", 5, 8)
   kinds = [type(block.mixer) for block in student.layers]
   assert kinds == [layers.LigerAttention, layers.Attention] * 2
   got, want = _flat(student), _flat(teacher)
@@ -78,7 +79,7 @@ def test_converted_model_decodes_like_its_full_forward_past_the_window(teacher):
 def test_what_cannot_be_converted_is_refused(teacher):
   with pytest.raises(ValueError, match="hybrid_every: expected an int >= 2"):
     liger(teacher, hybrid_every=1)
-  with pytest.raises(ValueError, match="liger_variant: expected one of"):
+  with pytest.raises(ValueError, match=r"liger\.variant: expected one of"):
     liger(teacher, variant="mamba2")
   gla = nnx.eval_shape(
     lambda: LM(dataclasses.replace(CFG, mixer_pattern=("gla",)), rngs=nnx.Rngs(0))

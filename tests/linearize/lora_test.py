@@ -22,8 +22,7 @@ CFG = LMConfig(
   num_kv_heads=2,
   qkv_bias=True,
   init_std=0.5,
-  liger_window=3,
-  liger_chunk_size=8,
+  mixer_options={"liger": {"window": 3, "chunk_size": 8}},
 )
 TOKENS = np.random.default_rng(0).integers(0, 32, (4, 9)).astype(np.int32)
 

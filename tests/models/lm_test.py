@@ -22,7 +22,7 @@ CFG = LMConfig(
   num_heads=2,
   init_std=0.3,
   max_seq_len=16,
-  gla_chunk_size=16,
+  mixer_options={"gla": {"chunk_size": 16}},
 )
 LOGICAL_AXES = {
   "vocab",
@@ -142,7 +142,7 @@ def test_what_the_layers_sow_comes_out_of_remat_and_scanned_layers():
 
   want = _newton_iterations(loop, tokens)
   assert sorted(want) == ["layers/0/mixer", "layers/2/mixer"]
-  assert all(1 <= v <= cfg.pararnn_max_iters for v in want.values()), want
+  assert all(1 <= v <= cfg.options("paragru").max_iters for v in want.values()), want
   got = _newton_iterations(remat, tokens)
   assert got.keys() == want.keys()
   for key, value in want.items():
@@ -156,7 +156,7 @@ def test_rat_lm_packed_row_equals_its_documents_alone():
   """Chunks follow each document: the logits of a packed row (cuts off the chunk grid) are those
   of each document run alone (issue 21: they differed by 0.02-0.05 when the grid ran over the
   row)."""
-  cfg = dataclasses.replace(CFG, mixer_pattern=("rat",), num_layers=2, rat_chunk_size=4)
+  cfg = CFG.replace(mixer_pattern=("rat",), num_layers=2, rat={"chunk_size": 4})
   model = LM(cfg, rngs=nnx.Rngs(0))
   lengths = (5, 1, 7, 3)
   starts = np.cumsum([0, *lengths[:-1]])
@@ -227,23 +227,33 @@ def test_every_parameter_has_logical_axis_names(scan_layers):
     (dict(num_layers=3, scan_layers=True), "num_layers: scan_layers=True needs a multiple"),
     (dict(dtype="float8"), "dtype: expected"),
     (dict(d_model=0), "d_model: expected a positive int"),
-    (dict(pararnn_heads=3), "pararnn_heads: expected a divisor of d_model=16, got 3"),
-    (dict(pararnn_max_iters=0), "pararnn_max_iters: expected a positive int"),
-    (dict(liger_variant="gsa"), r"liger_variant: expected one of \('gla', 'hgrn2'\)"),
-    (dict(liger_window=0), "liger_window: expected a positive int"),
-    (dict(liger_gate_source="value"), "liger_gate_source: expected one of"),
+    (
+      dict(mixer_pattern=("paragru",), paragru={"heads": 3}),
+      r"paragru\.heads: expected a divisor of d_model=16, got 3",
+    ),
+    (dict(paralstm={"max_iters": 0}), r"paralstm\.max_iters: expected a positive int"),
+    (dict(liger={"variant": "gsa"}), r"liger\.variant: expected one of \('gla', 'hgrn2'\)"),
+    (dict(liger={"window": 0}), r"liger\.window: expected a positive int"),
+    (dict(liger={"gate_source": "value"}), r"liger\.gate_source: expected one of"),
+    (dict(attention={"window": 0}), r"attention\.window: expected a positive int"),
+    (dict(gla={"chunk": 8}), r"gla\.chunk: unknown option; gla has options \('expand_k'"),
+    (dict(gla=3), r"gla: expected a GLAOptions or a mapping of its options, got 3"),
+    (dict(lstm={"chunk_size": 8}), r"lstm: expected an LMConfig field or a registered mixer"),
+    (dict(mixer_options={"lstm": {}}), r"mixer_options: unknown mixer 'lstm'"),
     (dict(qkv_bias=1), "qkv_bias: expected True or False"),
     (dict(rope_scaling={"rope_type": "llama3"}), "rope_scaling: expected a positive number"),
     (dict(rope_scaling=[1, 2]), "rope_scaling: expected a mapping"),
-    (dict(based_feature_dim=0), "based_feature_dim: expected a positive int"),
-    (dict(baseconv_kernel_size=0), "baseconv_kernel_size: expected a positive int"),
-    (dict(pla_prefix_len=-1), "pla_prefix_len: expected an int >= 0, got -1"),
-    (dict(mixer_pattern=("based",), num_heads=3, head_dim=6), "num_heads: Based and PLA need"),
+    (dict(based={"feature_dim": 0}), r"based\.feature_dim: expected a positive int"),
+    (dict(baseconv={"kernel_size": 0}), r"baseconv\.kernel_size: expected a positive int"),
+    (dict(pla={"prefix_len": -1}), r"pla\.prefix_len: expected an int >= 0, got -1"),
+    (dict(mixer_pattern=("based",), num_heads=3), "num_heads: Based needs a divisor of d_model"),
+    (dict(mixer_pattern=("rat",), rat={"qk_groups": 4}), r"rat\.qk_groups: expected a divisor"),
+    (dict(gla={"expand_k": 0.1}), r"gla\.expand_k: expected expand_k \* d_model"),
   ],
 )
 def test_config_errors_name_the_field(overrides, match):
   with pytest.raises(ValueError, match=match):
-    dataclasses.replace(CFG, **overrides)
+    CFG.replace(**overrides)
 
 
 def test_bad_tokens_name_the_argument():

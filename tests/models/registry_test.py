@@ -12,6 +12,7 @@ from jaxrec.models import (
   LM,
   MIXERS,
   LMConfig,
+  NoOptions,
   build_mixer,
   get_mixer,
   mixer_names,
@@ -53,25 +54,16 @@ def test_built_in_mixers_are_registered_with_their_layers():
 
 
 def test_builders_pass_the_config_fields_on():
-  cfg = dataclasses.replace(
-    CFG,
+  cfg = CFG.replace(
     num_heads=4,
     num_kv_heads=1,
     head_dim=6,
-    window=3,
+    attention={"window": 3},
     rope_theta=500.0,
-    gla_expand_k=1.0,
-    gla_expand_v=2.0,
-    gla_gate_rank=5,
-    gla_gate_normalizer=8.0,
-    gla_chunk_size=32,
-    pararnn_heads=8,
-    pararnn_max_iters=3,
-    mlstm_qk_dim_factor=1.0,
-    mlstm_v_dim_factor=2.0,
-    mlstm_gate_soft_cap=7.0,
-    mlstm_chunk_size=8,
-    mlstm_eps=1e-4,
+    gla=dict(expand_k=1.0, expand_v=2.0, gate_rank=5, gate_normalizer=8.0, chunk_size=32),
+    paragru={"heads": 8, "max_iters": 3},
+    paralstm={"heads": 8, "max_iters": 3},
+    mlstm=dict(qk_dim_factor=1.0, v_dim_factor=2.0, gate_soft_cap=7.0, chunk_size=8, eps=1e-4),
     norm_eps=1e-3,
     param_dtype="bfloat16",
     qkv_bias=True,
@@ -82,10 +74,7 @@ def test_builders_pass_the_config_fields_on():
       "high_freq_factor": 4.0,
       "original_max_position_embeddings": 64,
     },
-    liger_variant="hgrn2",
-    liger_window=5,
-    liger_gate_source="projection",
-    liger_chunk_size=8,
+    liger=dict(variant="hgrn2", window=5, gate_source="projection", chunk_size=8),
   )
   attention = _abstract("attention", cfg)
   assert (attention.num_heads, attention.num_kv_heads, attention.head_dim) == (4, 1, 6)
@@ -110,16 +99,19 @@ def test_builders_pass_the_config_fields_on():
     rnn = _abstract(name, cfg)
     assert (rnn.num_heads, rnn.max_iters, rnn.width) == (8, 3, 16), name
     assert rnn.recurrent.dtype == jnp.bfloat16, name
-  based_cfg = dataclasses.replace(
-    CFG, num_heads=4, based_feature_dim=3, baseconv_kernel_size=5, pla_prefix_len=7
+  based_cfg = CFG.replace(
+    num_heads=4,
+    based={"feature_dim": 3},
+    baseconv={"kernel_size": 5},
+    pla={"prefix_len": 7, "feature_dim": 3},
   )
   for name in ("based", "pla"):
     mixer = _abstract(name, based_cfg)
     assert (mixer.num_heads, mixer.feature_dim, mixer.head_dim) == (4, 3, 4), name
   assert _abstract("pla", based_cfg).prefix_len == 7
   assert _abstract("baseconv", based_cfg).conv_kernel.shape == (5, 16)
-  # pararnn_heads defaults to num_heads.
-  assert _abstract("paragru", dataclasses.replace(cfg, pararnn_heads=None)).num_heads == 4
+  # heads defaults to num_heads.
+  assert _abstract("paragru", cfg.replace(paragru={"heads": None})).num_heads == 4
 
 
 def test_unknown_and_taken_names_are_errors():
@@ -132,6 +124,34 @@ def test_unknown_and_taken_names_are_errors():
   with pytest.raises(ValueError, match=r"module: expected an nnx\.Module class"):
     register_mixer("identity", lambda x: x)
   assert get_mixer("gla").module is layers.GatedLinearAttention
+
+
+@dataclasses.dataclass
+class _Mutable:
+  scale: float = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoDefault:
+  scale: float
+
+
+@pytest.mark.parametrize(
+  "name, options, message",
+  [
+    ("d_model", NoOptions, r"name: 'd_model' is an LMConfig field or reserved"),
+    ("moe", NoOptions, r"name: 'moe' is an LMConfig field or reserved"),
+    ("preset", NoOptions, r"name: 'preset' is an LMConfig field or reserved"),
+    ("my-mixer", NoOptions, r"name: expected an identifier"),
+    ("scale", _Mutable, r"options: expected a frozen dataclass class"),
+    ("scale", _NoDefault(1.0), r"options: expected a frozen dataclass class"),
+    ("scale", _NoDefault, r"options: expected defaults for every field of _NoDefault"),
+  ],
+)
+def test_a_mixer_name_is_a_flag_group_and_its_options_a_frozen_dataclass(name, options, message):
+  with pytest.raises(ValueError, match=message):
+    register_mixer(name, _Scale, options=options)
+  assert name not in MIXERS
 
 
 class _Scale(nnx.Module):
@@ -149,11 +169,13 @@ class _Scale(nnx.Module):
 
 
 def test_a_mixer_registered_outside_the_package_builds_in_an_lm():
+  """A mixer without options of its own gets ``NoOptions``. (A mixer with options, trained
+  through the launcher: ``tests/train/new_mixer_test.py``.)"""
   built = []
 
   @register_mixer("scale", _Scale)
-  def _build(cfg: LMConfig, *, rngs: nnx.Rngs) -> _Scale:
-    built.append(cfg)
+  def _build(cfg: LMConfig, options: NoOptions, *, rngs: nnx.Rngs) -> _Scale:
+    built.append((cfg, options))
     return _Scale(cfg.d_model, rngs=rngs)
 
   try:
@@ -161,6 +183,7 @@ def test_a_mixer_registered_outside_the_package_builds_in_an_lm():
     model = nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(0)))
     assert isinstance(model.layers[0].mixer, _Scale)
     assert isinstance(model.layers[1].mixer, layers.GatedLinearAttention)
-    assert built == [cfg]
+    assert built == [(cfg, NoOptions())]
+    assert cfg.to_dict()["scale"] == {}
   finally:
     del MIXERS["scale"]

@@ -80,7 +80,7 @@ def _exponent_terms(model, tokens, methods):
   with mock.patch.object(jaxrec.layers.mlstm, "mlstm", recording):
     model(tokens)
     jax.effects_barrier()
-  chunk = model.cfg.mlstm_chunk_size
+  chunk = model.cfg.options("mlstm").chunk_size
   return max(sum(mlstm_exponent_terms(m, i, f, None, chunk) for m in methods) for i, f in gates)
 
 
@@ -202,10 +202,10 @@ def test_soft_capped_logits_and_mlstm_config_errors():
   assert_close(capped, want, rtol=0, atol=atol)
   with pytest.raises(ValueError, match=r"logit_soft_cap: expected a positive number or None"):
     get_preset("xlstm_tiny", logit_soft_cap=0.0)
-  with pytest.raises(ValueError, match=r"mlstm_chunk_size: expected a power of two, got 48"):
-    get_preset("xlstm_tiny", mlstm_chunk_size=48)
-  with pytest.raises(ValueError, match=r"mlstm_qk_dim_factor: expected mlstm_qk_dim_factor \* "):
-    get_preset("xlstm_tiny", mlstm_qk_dim_factor=0.01)
+  with pytest.raises(ValueError, match=r"mlstm\.chunk_size: expected a power of two, got 48"):
+    get_preset("xlstm_tiny", mlstm={"chunk_size": 48})
+  with pytest.raises(ValueError, match=r"mlstm\.qk_dim_factor: expected qk_dim_factor \* "):
+    get_preset("xlstm_tiny", mlstm={"qk_dim_factor": 0.01})
 
 
 def test_config_errors_name_the_field(tmp_path):

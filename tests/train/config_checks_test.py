@@ -48,16 +48,41 @@ def test_a_model_field_given_replaces_the_presets():
 
 
 def test_a_models_section_reads_back_to_its_config():
-  cfg = models.get_preset("small-hybrid", vocab_size=259, mixer_pattern=("gla", "attention"))
+  cfg = models.get_preset(
+    "small-hybrid",
+    vocab_size=259,
+    mixer_pattern=("gla", "attention"),
+    gla={"chunk_size": 32},
+    attention={"window": 16},
+    ffn="moe",
+    moe={"top_k": 1, "capacity_factor": 2.0},
+  )
   config = default.get_config()
   config.model.update(config_checks.model_section(cfg))
   assert config.model.mixer_pattern == "gla,attention" and config.model.dtype == "float32"
+  assert config.model.gla.chunk_size == 32 and config.model.moe.top_k == 1
   assert config_checks.model_config(config, vocab_size=259) == cfg
 
 
-def test_every_model_field_has_a_flag():
-  fields = {f.name for f in dataclasses.fields(models.LMConfig)} - {"vocab_size"}
-  assert set(default.get_config().model) == fields | {"preset"}
+def test_every_model_field_and_option_has_a_flag():
+  fields = {f.name for f in dataclasses.fields(models.LMConfig)} - {"vocab_size", "mixer_options"}
+  section = default.get_config().model
+  assert set(section) == fields | set(models.mixer_names()) | {"preset"}
+  assert set(section.moe) == {f.name for f in dataclasses.fields(models.MoEOptions)}
+  for name in models.mixer_names():
+    options = {f.name for f in dataclasses.fields(models.get_mixer(name).options)}
+    assert set(section[name]) == options, name
+
+
+def test_an_option_given_replaces_that_option_of_the_presets():
+  """``--config.model.rat.chunk_size=4`` on ``tiny-rat-swa``: RAT's other options and the
+  preset's attention window stay."""
+  config = _config(model__preset="tiny-rat-swa", model__rat__chunk_size=4)
+  cfg = config_checks.model_config(config, vocab_size=259)
+  preset = models.get_preset("tiny-rat-swa", vocab_size=259)
+  assert cfg.options("rat") == dataclasses.replace(preset.options("rat"), chunk_size=4)
+  assert cfg.options("attention").window == 128
+  assert cfg == preset.replace(rat={"chunk_size": 4})
 
 
 @pytest.mark.parametrize(
@@ -69,6 +94,9 @@ def test_every_model_field_has_a_flag():
     ),
     ({"model__preset": "huge"}, r"--config.model.preset: expected one of"),
     ({"model__num_kv_heads": 3}, r"--config.model.num_kv_heads: .*divisor of num_heads"),
+    ({"model__gla__chunk_size": 0}, r"^--config\.model\.gla\.chunk_size: gla\.chunk_size: exp"),
+    ({"model__gla__expand_v": 0.01}, r"^--config\.model\.gla\.expand_v: .* num_heads=4"),
+    ({"model__moe__top_k": 9}, r"^--config\.model\.moe\.top_k: .* at most num_experts=8"),
     ({"mesh__fsdp": 3}, r"--config.mesh.fsdp: expected a size dividing the 8 devices, got 3"),
     ({"mesh__tensor": -1}, r"--config.mesh.data, --config.mesh.tensor: at most one"),
     ({"mesh__data": 4, "mesh__fsdp": 4}, r"--config.mesh.data=4, --config.mesh.fsdp=4, .* got 16"),

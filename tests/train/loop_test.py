@@ -19,7 +19,7 @@ def tiny_config():
   config.model.num_layers = 2
   config.model.num_heads = 2
   config.model.mixer_pattern = "gla,attention"
-  config.model.gla_chunk_size = 8
+  config.model.gla.chunk_size = 8
   config.data.seq_len = 32
   config.batch_size = 4
   config.mesh.data = 1

@@ -23,12 +23,14 @@ CFG = LMConfig(
   num_heads=2,
   mixer_pattern=("attention",),
   ffn="moe",
-  moe_num_experts=8,
-  moe_top_k=2,
-  moe_router="gru",
-  moe_router_dim=8,
-  moe_capacity_factor=None,
-  moe_hidden=16,
+  moe={
+    "num_experts": 8,
+    "top_k": 2,
+    "router": "gru",
+    "router_dim": 8,
+    "capacity_factor": None,
+    "hidden": 16,
+  },
   init_std=0.2,
 )
 
@@ -71,7 +73,7 @@ def test_expert_parallel_step_equals_one_device():
 def test_an_expert_axis_not_dividing_the_experts_names_the_flag():
   config = default.get_config()
   config.model.preset = "tiny-moe"
-  config.model.moe_num_experts = 6
+  config.model.moe.num_experts = 6  # --config.model.moe.num_experts=6
   config.mesh.expert = 4
   with pytest.raises(config_checks.ConfigError, match=r"--config.mesh.expert: expected a divisor"):
     config_checks.validate_config(config, num_devices=8, num_processes=1)

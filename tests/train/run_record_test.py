@@ -4,16 +4,27 @@ One short run with its own ``tokenizer.json``, in a workdir holding the leftover
 before its first checkpoint, serves every test here.
 """
 
-import dataclasses
 import hashlib
 import json
 import os
+import pathlib
+import shutil
 
 import pytest
 
 from experiments.configs import default
 from jaxrec import data, models
-from jaxrec.train import ConfigError, loop, metrics, restore_model, run_record, sample_text
+from jaxrec.train import (
+  ConfigError,
+  config_checks,
+  loop,
+  metrics,
+  restore_model,
+  run_record,
+  sample_text,
+)
+
+FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "moe_checkpoint" / "run"
 
 LEFTOVERS = {
   "metrics.jsonl": b'{"step": 1, "split": "train", "loss": 99.0}\n{"step": 50, "split": "train"}\n',
@@ -88,7 +99,10 @@ def test_the_record_holds_the_resolved_model_and_a_copy_of_the_tokenizer(run):
   vocab_size = data.load_tokenizer(str(tokenizer)).vocab_size
   fields = {**MODEL, "mixer_pattern": ("attention",)}
   want = models.get_preset("micro-hybrid", vocab_size=vocab_size, **fields)
-  assert record["model"] == json.loads(json.dumps(dataclasses.asdict(want)))
+  assert record["format"] == 2 and models.LMConfig.from_dict(record["model"]) == want
+  # The options of the mixers it uses and of the MoE feed-forward, each in its group.
+  assert record["model"]["attention"] == {"window": None} and "gla" not in record["model"]
+  assert record["model"]["moe"]["top_k"] == 2
   assert record["parameters"] == models.param_count(want)
   assert (workdir / "tokenizer.json").read_bytes() == tokenizer.read_bytes()
   assert record["tokenizer"] == {
@@ -173,6 +187,64 @@ def test_a_list_flag_agrees_with_the_record_in_either_spelling(run, tmp_path, pa
       run_record.resolve(config, str(old), given)
   else:
     assert run_record.resolve(config, str(old), given).model.mixer_pattern == "attention"
+
+
+def _flat_record(workdir):
+  """The record of ``workdir`` as jaxrec wrote it before the model's options were grouped
+  (format 1): its model section and its config's in the flat names of a real record of that
+  time (``tests/fixtures/moe_checkpoint``), with this run's model and some options changed."""
+  record = _record(workdir)
+  old = json.loads((FIXTURE / "run.json").read_text())
+  shared = {k: v for k, v in record["model"].items() if not isinstance(v, dict)}
+  changed = {"window": 8, "gla_chunk_size": 16, "pararnn_heads": 1, "based_feature_dim": 4}
+  record["model"] = {**old["model"], **shared, **changed, "moe_top_k": 1}
+  given = {k: v for k, v in record["config"]["model"].items() if k in MODEL}
+  record["config"]["model"] = {**old["config"]["model"], **given, "preset": "micro-hybrid"}
+  record["format"] = 1
+  assert len(record["model"]) == 53 and "gla_chunk_size" in record["config"]["model"]
+  return record
+
+
+def test_a_record_written_before_the_options_were_grouped_resumes(run, tmp_path):
+  """Its flat names (``gla_chunk_size``, ``window``, ``moe_top_k``) are read as their groups'
+  options; a given flag is compared with them; the resumed run trains on and rewrites the
+  record in the grouped form."""
+  workdir, tokenizer = run
+  old = tmp_path / "old"
+  shutil.copytree(workdir, old)
+  (old / run_record.RECORD_FILE).write_text(json.dumps(_flat_record(workdir)))
+
+  config = default.get_config()
+  config.resume = True
+  config.steps = 3
+  out = run_record.resolve(config, str(old), {"resume", "steps"})
+  vocab_size = data.load_tokenizer(str(tokenizer)).vocab_size
+  want = models.get_preset(
+    "micro-hybrid",
+    vocab_size=vocab_size,
+    **{**MODEL, "mixer_pattern": ("attention",)},
+    attention={"window": 8},
+    gla={"chunk_size": 16},
+    paragru={"heads": 1},
+    paralstm={"heads": 1},
+    based={"feature_dim": 4},
+    pla={"feature_dim": 4},
+    moe={"num_experts": 4, "top_k": 1, "router": "gru", "router_dim": 8, "hidden": 8},
+  )
+  assert out.model.attention.window == 8 and out.model.gla.chunk_size == 16
+  assert config_checks.model_config(out, vocab_size) == want
+
+  config.model.gla.chunk_size = 32  # --config.model.gla.chunk_size=32
+  with pytest.raises(ConfigError, match=r"--config\.model\.gla\.chunk_size: recorded 16, given 32"):
+    run_record.resolve(config, str(old), {"resume", "steps", "model.gla.chunk_size"})
+
+  config.model.gla.chunk_size = None
+  result = loop.train_and_evaluate(config, str(old), given={"resume", "steps"})
+  assert result["step"] == 3
+  record = _record(old)
+  assert record["format"] == 2 and record["history"][-1]["event"] == "resume"
+  assert record["model"]["attention"] == {"window": 8} and "window" not in record["model"]
+  assert models.LMConfig.from_dict(record["model"]) == want
 
 
 def test_init_from_takes_model_and_tokenizer_and_nothing_else(run):

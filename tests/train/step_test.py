@@ -34,7 +34,7 @@ def _model_cfg():
     num_layers=2,
     num_heads=2,
     mixer_pattern=("gla", "attention"),
-    gla_chunk_size=8,
+    gla={"chunk_size": 8},
   )
 
 

@@ -8,9 +8,12 @@ Every side runs its own generation API on the same random prompt ids, greedy, on
 * prefill of ``P`` tokens: the wall time of generating one token from a ``P``-token prompt
   (``jaxrec.generate(..., 1)``, ``model.generate(max_new_tokens=1)``, ``Llama.generate`` to its
   first token), after a call that compiles and warms up;
-* decoding at context ``C``: ``--steps`` tokens generated after a prompt of ``C - steps`` tokens, so
-  that the cache ends at ``C``; the time per token is the interval between the first and the last
-  token as each side streams them (``on_token``, a transformers streamer, the generator).
+* decoding at context ``C``: ``--repeats`` x ``--steps`` tokens generated in one call after a
+  prompt of ``C - repeats·steps`` tokens, so that the cache ends at ``C``, after a warm-up call of
+  the same shapes; each run of ``steps`` tokens is one sample of the time per token, from the
+  times at which each side streams them (``on_token``, a transformers streamer, the generator).
+  One prefill per row keeps the 8192-token rows affordable; their samples span contexts
+  ``C - repeats·steps .. C``.
 
 jaxrec compiles each prompt length exactly (``buckets=None``) and prefills in its default chunks of
 2048 tokens; transformers runs its default (``DynamicCache``, SDPA attention); llama.cpp its
@@ -49,8 +52,8 @@ _MODEL = flags.DEFINE_string(
 _SIDES = flags.DEFINE_list("sides", list(SIDES), f"What to run, of {', '.join(SIDES)}.")
 _PREFILL = flags.DEFINE_list("prefill", ["512", "2048"], "Prompt lengths of the prefill rows.")
 _CONTEXTS = flags.DEFINE_list("contexts", ["512", "2048", "8192"], "Contexts of the decode rows.")
-_STEPS = flags.DEFINE_integer("steps", 32, "Tokens decoded per timed decode call.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per row (median and range).")
+_STEPS = flags.DEFINE_integer("steps", 32, "Decoded tokens per timed sample.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per row (median and range).")
 _THREADS = flags.DEFINE_integer("threads", os.cpu_count(), "torch's and llama.cpp's threads.")
 _BANDWIDTH_MIB = flags.DEFINE_integer("bandwidth_mib", 512, "Size of the copied array (MiB).")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows to this JSON file.")
@@ -240,15 +243,17 @@ def _time_prefill(side, ids, repeats) -> list[float]:
 
 
 def _time_decode(side, ids, steps, repeats) -> tuple[list[float], list[int]]:
-  """Seconds per token of each call (from the first streamed token to the last), and the tokens
-  of the last call."""
-  side.decode(ids, steps)
-  per_token, tokens = [], []
-  for _ in range(repeats):
-    stamps, tokens = side.decode(ids, steps)
-    if len(stamps) != steps:
-      raise RuntimeError(f"{side.name}: streamed {len(stamps)} tokens, expected {steps}")
-    per_token.append((stamps[-1] - stamps[0]) / (steps - 1))
+  """Seconds per token of each run of ``steps`` streamed tokens of one call (the last run has one
+  interval less), after a warm-up call; and the call's tokens."""
+  total = steps * repeats
+  side.decode(ids, total)
+  stamps, tokens = side.decode(ids, total)
+  if len(stamps) != total:
+    raise RuntimeError(f"{side.name}: streamed {len(stamps)} tokens, expected {total}")
+  per_token = []
+  for start in range(0, total, steps):
+    end = min(start + steps, total - 1)
+    per_token.append((stamps[end] - stamps[start]) / (end - start))
   return per_token, tokens
 
 
@@ -285,8 +290,11 @@ def main(argv):
   prefills = [int(p) for p in _PREFILL.value]
   contexts = [int(c) for c in _CONTEXTS.value]
   steps, repeats = _STEPS.value, _REPEATS.value
-  if steps < 2 or any(c <= steps for c in contexts):
-    raise app.UsageError(f"--steps: expected 2 <= steps < every context, got {steps}")
+  if steps < 2 or repeats < 1 or any(c <= steps * repeats for c in contexts):
+    raise app.UsageError(
+      f"--steps, --repeats: expected steps >= 2, repeats >= 1 and steps · repeats below every "
+      f"context, got {steps} and {repeats}"
+    )
   print(_bench.machine())
   load_before = os.getloadavg()
   bandwidth, bandwidth_threads = copy_bandwidth(_BANDWIDTH_MIB.value, _THREADS.value)
@@ -297,7 +305,7 @@ def main(argv):
   vocab = None
   rng = np.random.default_rng(0)
   n_ctx = max(contexts + prefills)
-  rows, first_tokens = [], {}
+  rows, first_tokens, notes = [], {}, {}
   order = sorted(_SIDES.value, key=SIDES.index)
   # transformers first, where it runs: the reference of the ratio column.
   order.sort(key=lambda s: s != "transformers-fp32")
@@ -308,6 +316,7 @@ def main(argv):
       print(f"{name} skipped: {side}")
       continue
     print(f"{name}: loaded in {time.perf_counter() - start:.1f} s; {side.note}")
+    notes[name] = side.note
     if vocab is None:
       vocab = _vocab_size(side)
       prompts = {n: rng.integers(3, vocab, n).tolist() for n in sorted({*prefills, *contexts})}
@@ -315,7 +324,8 @@ def main(argv):
       seconds = _time_prefill(side, prompts[p], repeats)
       rows.append(_row("prefill", side, f"P={p}", seconds, p))
     for c in contexts:
-      per_token, tokens = _time_decode(side, prompts[c][: c - steps], steps, repeats)
+      prompt = prompts[c][: c - steps * repeats]
+      per_token, tokens = _time_decode(side, prompt, steps, repeats)
       row = _row("decode", side, f"C={c}", per_token, 1)
       read = side.weight_bytes + side.kv_bytes_per_token * c
       row |= dict(bytes_per_token=read, bound_tokens_per_s=bandwidth / read)
@@ -330,8 +340,9 @@ def main(argv):
   for r in rows:
     r["ratio"] = r["tokens_per_s"] / reference[r["kind"], r["shape"]]
   print(
-    f"\nload average {load_before[0]:.2f} before, {load_after[0]:.2f} after; median of "
-    f"{repeats} calls after a warm-up call, range in brackets; ratio: tokens/s over {ref_name}'s"
+    f"\nload average {load_before[0]:.2f} before, {load_after[0]:.2f} after; ratio: tokens/s "
+    f"over {ref_name}'s at the same shape\n\nPrefill: median of {repeats} calls after a warm-up "
+    "call, range in brackets."
   )
   print("\n| method | shape | ms (range) | tokens/s | ratio |")
   print("|---|---|---:|---:|---:|")
@@ -339,9 +350,10 @@ def main(argv):
     if r["kind"] == "prefill":
       print(f"| {r['method']} | {r['shape']} | {_ms(r)} | {r['tokens_per_s']:,.0f} | {_ratio(r)} |")
   print(
-    f"\nDecode: {steps} greedy tokens after a prompt of C - {steps}; ms per token. Bound: "
-    "bandwidth / bytes per token (weights + KV cache of C tokens); same tokens: greedy tokens "
-    f"equal to {ref_name}'s, of {steps}."
+    f"\nDecode: ms per token, median (range) of {repeats} runs of {steps} greedy tokens in one "
+    f"call after a prompt of C - {steps * repeats} (and a warm-up call). Bound: bandwidth / bytes "
+    "per token (weights + KV cache of C tokens); same tokens: greedy tokens equal to "
+    f"{ref_name}'s, of {steps * repeats}."
   )
   print(
     "\n| method | shape | ms/token (range) | tokens/s | ratio | MB/token | bound tokens/s "
@@ -357,7 +369,8 @@ def main(argv):
       )
   if _JSON.value:
     with open(_JSON.value, "w") as f:
-      json.dump(dict(bandwidth=bandwidth, load=[load_before, load_after], rows=rows), f, indent=1)
+      record = dict(bandwidth=bandwidth, load=[load_before, load_after], notes=notes, rows=rows)
+      json.dump(record, f, indent=1)
 
 
 def _vocab_size(side) -> int:

@@ -53,7 +53,9 @@ _SIDES = flags.DEFINE_list("sides", list(SIDES), f"What to run, of {', '.join(SI
 _PREFILL = flags.DEFINE_list("prefill", ["512", "2048"], "Prompt lengths of the prefill rows.")
 _CONTEXTS = flags.DEFINE_list("contexts", ["512", "2048", "8192"], "Contexts of the decode rows.")
 _STEPS = flags.DEFINE_integer("steps", 32, "Decoded tokens per timed sample.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per row (median and range).")
+_REPEATS = flags.DEFINE_integer(
+  "repeats", 3, "Samples per row (median and range): prefill calls, decode runs of --steps tokens."
+)
 _THREADS = flags.DEFINE_integer("threads", os.cpu_count(), "torch's and llama.cpp's threads.")
 _BANDWIDTH_MIB = flags.DEFINE_integer("bandwidth_mib", 512, "Size of the copied array (MiB).")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows to this JSON file.")

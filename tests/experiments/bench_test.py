@@ -210,3 +210,49 @@ def test_bench_scan(tmp_path):
     assert all(
       _number(r["speed-up vs sequential"]) == 1 for r in table if r["method"] == "sequential"
     )
+
+
+def test_bench_real_on_a_tiny_checkpoint_without_its_peers(tmp_path):
+  """jaxrec's two sides on a tiny Hugging Face directory (no torch, no llama.cpp asked for)."""
+  from flax import nnx
+
+  from jaxrec.models import LM, LMConfig, save_pretrained
+
+  cfg = LMConfig(
+    vocab_size=64,
+    d_model=16,
+    num_layers=2,
+    mixer_pattern=("attention",),
+    num_heads=2,
+    num_kv_heads=1,
+    tie_embeddings=True,
+    max_seq_len=64,
+  )
+  save_pretrained(LM(cfg, rngs=nnx.Rngs(0)), tmp_path / "tiny")
+  done = _run(
+    "bench_real",
+    f"--model={tmp_path / 'tiny'}",
+    "--sides=jaxrec-fp32,jaxrec-bf16",
+    "--prefill=16",
+    "--contexts=16,32",
+    "--steps=4",
+    "--repeats=1",
+    "--bandwidth_mib=8",
+    f"--json={tmp_path / 'real.json'}",
+    cwd=tmp_path,
+  )
+  assert "memory bandwidth: " in done.stdout and "load average " in done.stdout
+  prefill, decode = _tables(done.stdout)
+  sides = ("jaxrec-fp32", "jaxrec-bf16")
+  assert [(r["method"], r["shape"]) for r in prefill] == [(s, "P=16") for s in sides]
+  assert [(r["method"], r["shape"]) for r in decode] == [
+    (s, f"C={c}") for s in sides for c in (16, 32)
+  ]
+  _positive(prefill, "tokens/s", "ratio")
+  _positive(decode, "tokens/s", "ratio", "bound tokens/s", "× bound")
+  rows = json.loads((tmp_path / "real.json").read_text())["rows"]
+  fp32 = [r for r in rows if r["method"] == "jaxrec-fp32"]
+  assert all(r["ratio"] == 1.0 for r in fp32)  # the reference without transformers
+  # Weights + KV cache: bf16 reads half of fp32's bytes per token; fp32 agrees with itself.
+  for r32, r16 in zip(fp32[1:], [r for r in rows if r["method"] == "jaxrec-bf16"][1:], strict=True):
+    assert r16["bytes_per_token"] * 2 == r32["bytes_per_token"] and r32["same_tokens"] == 4

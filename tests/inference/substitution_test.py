@@ -27,8 +27,7 @@ CFG = LMConfig(
   mixer_pattern=("attention", "gla", "liger"),
   num_heads=2,
   init_std=0.5,
-  gla_chunk_size=8,
-  liger_window=4,
+  mixer_options={"gla": {"chunk_size": 8}, "liger": {"window": 4}},
   max_seq_len=64,
 )
 T = 12

@@ -15,6 +15,8 @@ The methods:
 * ``recycled(k, stride)`` (``dynamic=True``: query-similarity schedule): a small recycled cache
   refreshed by periodic full steps;
 * ``set_based(prefix, options, suffix)``: order-invariant options (2-D mask and positions);
+  ``set_based_rows()`` the same with each row's layout written into the cache at run time
+  (``write_layout``), so prompts of different layouts share one batch and one program;
 * ``think(channel_ratio, eviction=SnapKV(...))``: pruned key channels, optional token eviction.
 """
 
@@ -22,7 +24,13 @@ from jaxrec.inference.longctx.lm_infinite import LMInfinite, LMInfiniteCache
 from jaxrec.inference.longctx.longheads import LongHeads, LongHeadsCache, LongHeadsEmpty
 from jaxrec.inference.longctx.policy import Policy, cache_bytes, check_policy
 from jaxrec.inference.longctx.recycled import Recycled, RecycledCache
-from jaxrec.inference.longctx.set_based import SetBased, SetBasedCache
+from jaxrec.inference.longctx.set_based import (
+  SetBased,
+  SetBasedCache,
+  SetBasedRows,
+  SetBasedRowsCache,
+  write_layout,
+)
 from jaxrec.inference.longctx.substitution import PolicyAttention, apply, chunked, policy_of
 from jaxrec.inference.longctx.think import SnapKV, ThinK, ThinKCache, ThinKEmpty, ThinKFilling
 
@@ -30,6 +38,7 @@ lm_infinite = LMInfinite
 longheads = LongHeads
 recycled = Recycled
 set_based = SetBased
+set_based_rows = SetBasedRows
 think = ThinK
 
 __all__ = [
@@ -44,6 +53,8 @@ __all__ = [
   "RecycledCache",
   "SetBased",
   "SetBasedCache",
+  "SetBasedRows",
+  "SetBasedRowsCache",
   "SnapKV",
   "ThinK",
   "ThinKCache",
@@ -58,5 +69,7 @@ __all__ = [
   "policy_of",
   "recycled",
   "set_based",
+  "set_based_rows",
   "think",
+  "write_layout",
 ]

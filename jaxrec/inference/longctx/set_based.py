@@ -60,9 +60,10 @@ class SetBased(Policy):
     """Tokens in the prompt."""
     return self.prefix + sum(self.options) + self.suffix
 
-  def layout(self) -> tuple[np.ndarray, np.ndarray]:
-    """``(mask [T, T] bool, positions [T] int32)`` of the prompt."""
-    group = [0] * self.prefix  # 0: shared, a: option a
+  def groups(self) -> tuple[np.ndarray, np.ndarray]:
+    """``(groups [T], positions [T])`` int32 of the prompt: each token's group (0 shared, ``a``
+    for option ``a``) and position; the per-row form of ``SetBasedRows``."""
+    group = [0] * self.prefix
     positions = list(range(self.prefix))
     for a, n in enumerate(self.options, start=1):
       group += [a] * n
@@ -70,10 +71,15 @@ class SetBased(Policy):
     start = self.prefix + max(self.options)
     group += [0] * self.suffix
     positions += range(start, start + self.suffix)
-    group, t = np.array(group), self.length
+    return np.array(group, np.int32), np.array(positions, np.int32)
+
+  def layout(self) -> tuple[np.ndarray, np.ndarray]:
+    """``(mask [T, T] bool, positions [T] int32)`` of the prompt."""
+    group, positions = self.groups()
+    t = self.length
     causal = np.tril(np.ones((t, t), bool))
     apart = (group[:, None] > 0) & (group[None, :] > 0) & (group[:, None] != group[None, :])
-    return causal & ~apart, np.array(positions, np.int32)
+    return causal & ~apart, positions
 
   def init_cache(self, attn: Attention, batch_size: int, max_length: int, dtype):
     shape = (batch_size, max_length, attn.num_kv_heads, attn.head_dim)
@@ -117,3 +123,100 @@ class SetBased(Policy):
     in_prompt = (slots[:, None] < n) & (k_slots[None, :] < n)
     visible = jnp.where(in_prompt, rows, k_slots[None, :] <= slots[:, None])
     return softmax_values(scores(qr, cache.k), visible[None, None], cache.v, q.dtype), cache
+
+
+class SetBasedRowsCache(NamedTuple):
+  """Rotated keys ``k``, values ``v`` ``[B, S, G, K]``; int32 ``groups [B, S]`` and ``positions
+  [B, S]``, the layout of every slot (written by ``write_layout``); int32 ``index``, the number of
+  tokens written."""
+
+  k: jax.Array
+  v: jax.Array
+  groups: jax.Array
+  positions: jax.Array
+  index: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SetBasedRows(Policy):
+  """Set-Based Prompting with each row's layout given at run time rather than in the policy.
+
+  ``SetBased`` fixes one prompt layout in the (static) policy, so every layout compiles its own
+  program. Here the layout is data in the cache: after ``model.init_cache``, ``write_layout(cache,
+  groups, positions)`` sets each row's group and position of every prompt slot, so prompts of
+  different layouts run as one batch in one compiled program. A group is ``0`` for shared tokens
+  (prefix, suffix), ``a >= 1`` for option ``a`` and ``-1`` for padding, which no token sees
+  (prompts padded to one length, on either side); ``SetBased.groups()`` gives one prompt's
+  groups and positions. Slots past the written layout are shared tokens at the positions after
+  the row's last. A row of shared tokens at positions ``0 ..`` is plain causal attention.
+
+  The rule is ``SetBased``'s: a token of option ``a`` does not see a token of option ``b != a``;
+  every other token sees every key before it (padding excepted). Runs through a cache only.
+  """
+
+  def init_cache(self, attn: Attention, batch_size: int, max_length: int, dtype):
+    shape = (batch_size, max_length, attn.num_kv_heads, attn.head_dim)
+    return SetBasedRowsCache(
+      k=jnp.zeros(shape, dtype),
+      v=jnp.zeros(shape, dtype),
+      groups=jnp.zeros((batch_size, max_length), jnp.int32),
+      positions=jnp.broadcast_to(jnp.arange(max_length, dtype=jnp.int32), (batch_size, max_length)),
+      index=jnp.zeros((), jnp.int32),
+    )
+
+  def attend(self, attn: Attention, q, k, v, *, cache, layer: int):
+    if cache is None:
+      raise ValueError(
+        "cache: set_based_rows reads each row's layout from the cache; expected a cache from "
+        "init_cache with write_layout, got None"
+      )
+    t, room = q.shape[1], cache.k.shape[1]
+    slots = cache.index + jnp.arange(t)
+    q_pos = jnp.take(cache.positions, slots, axis=1)  # [B, T]
+    q_grp = jnp.take(cache.groups, slots, axis=1)
+    qr, kr = attn.rope(q, q_pos), attn.rope(k, q_pos)
+    cache = cache._replace(
+      k=jax.lax.dynamic_update_slice_in_dim(cache.k, kr.astype(cache.k.dtype), cache.index, 1),
+      v=jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache.index, 1),
+      index=cache.index + t,
+    )
+    k_slots = jnp.arange(room)
+    k_grp = cache.groups[:, None, :]  # [B, 1, S]
+    qg = q_grp[:, :, None]
+    apart = (qg > 0) & (k_grp > 0) & (qg != k_grp)
+    visible = (k_slots <= slots[:, None]) & (k_grp >= 0) & ~apart  # [B, T, S]
+    # A padding query sees nothing else; its own slot keeps its softmax finite (no token reads it).
+    visible = visible | (k_slots == slots[:, None])
+    return softmax_values(scores(qr, cache.k), visible[:, None], cache.v, q.dtype), cache
+
+
+def write_layout(cache, groups, positions):
+  """``cache`` (a model's, from ``init_cache`` under ``SetBasedRows``) with every
+  ``SetBasedRowsCache`` given the prompt layout ``groups, positions`` (int ``[B, N]``, see
+  ``SetBasedRows``); slots from ``N`` on become shared tokens at the positions after each row's
+  last non-padding one. Other caches (other mixers) are returned as they are."""
+  groups, positions = jnp.asarray(groups, jnp.int32), jnp.asarray(positions, jnp.int32)
+  if groups.ndim != 2 or groups.shape != positions.shape:
+    raise ValueError(
+      f"groups, positions: expected int [B, N] arrays of one shape, got {groups.shape} and "
+      f"{positions.shape}"
+    )
+  n = groups.shape[1]
+
+  def write(c):
+    if not isinstance(c, SetBasedRowsCache):
+      return c
+    b, room = c.groups.shape
+    if groups.shape[0] != b or n > room:
+      raise ValueError(
+        f"groups: expected [{b}, <= {room}] for a cache of {b} rows and {room} slots, got "
+        f"{groups.shape}"
+      )
+    last = jnp.max(jnp.where(groups >= 0, positions, -1), axis=1, keepdims=True)
+    after = last + 1 + jnp.arange(room - n, dtype=jnp.int32)
+    return c._replace(
+      groups=jnp.concatenate([groups, jnp.zeros((b, room - n), jnp.int32)], axis=1),
+      positions=jnp.concatenate([positions, after], axis=1),
+    )
+
+  return jax.tree.map(write, cache, is_leaf=lambda c: isinstance(c, SetBasedRowsCache))

@@ -145,30 +145,10 @@ def main(argv):
 
 
 def _load_model(spec: str, dtype: str):
-  """``(model, tokenizer)`` of ``--model``: a name, a GGUF file or a Hugging Face directory; a
-  mistake exits with one line naming the flag."""
-  if spec in models.NAMED_MODELS:
-    load = lambda: models.load_named(spec, dtype=dtype)
-  elif os.path.isdir(spec):
-    for name in ("config.json", "tokenizer.json"):
-      if not os.path.isfile(os.path.join(spec, name)):
-        sys.exit(
-          f"error: --model: the directory {spec} has no {name}; expected a Hugging Face "
-          "checkpoint (config.json, *.safetensors, tokenizer.json)"
-        )
-    load = lambda: (
-      models.load_pretrained(spec, dtype=dtype),
-      models.load_pretrained_tokenizer(spec),
-    )
-  elif os.path.isfile(spec):
-    load = lambda: models.load_gguf(spec, dtype=dtype)
-  else:
-    sys.exit(
-      f"error: --model: expected a model name ({', '.join(sorted(models.NAMED_MODELS))}), a GGUF "
-      f"file or a Hugging Face checkpoint directory, got {spec!r}: no such name, file or directory"
-    )
+  """``(model, tokenizer)`` of ``--model`` (``models.load_model``); a mistake exits with one line
+  naming the flag."""
   try:
-    return load()
+    return models.load_model(spec, dtype=dtype)
   except (ValueError, FileNotFoundError, ImportError) as e:
     sys.exit(f"error: --model: {_ARGUMENT.sub('', str(e))}")
 

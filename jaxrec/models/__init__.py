@@ -28,7 +28,13 @@ from jaxrec.models.mixers import (
   RATOptions,
   build_mixer,
 )
-from jaxrec.models.named import NAMED_MODELS, load_named, named_model_path, smollm2_135m
+from jaxrec.models.named import (
+  NAMED_MODELS,
+  load_model,
+  load_named,
+  named_model_path,
+  smollm2_135m,
+)
 from jaxrec.models.presets import PRESETS, get_preset, param_count
 from jaxrec.models.registry import (
   MIXERS,
@@ -68,6 +74,7 @@ __all__ = [
   "get_preset",
   "hf_config_of",
   "load_gguf",
+  "load_model",
   "load_named",
   "load_pretrained",
   "load_pretrained_tokenizer",

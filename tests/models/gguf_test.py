@@ -21,6 +21,7 @@ from testing_utils import assert_close, max_abs, numpy_llama, train_chat_bpe
 
 from jaxrec import sharding
 from jaxrec.models import (
+  load_model,
   NAMED_MODELS,
   config_from_gguf,
   load_gguf,
@@ -341,6 +342,16 @@ def test_export_to_hugging_face_and_back_is_exact(tmp_path, tokenizer_metadata, 
   assert config["rms_norm_eps"] == EPS and config["max_position_embeddings"] == CONTEXT
   with pytest.raises(ValueError, match="tokenizer: expected an HFTokenizer"):
     save_pretrained(model, tmp_path / "bytes", tokenizer=object())
+  # load_model reads either form by what the path is.
+  for path in (tmp_path / "q5.gguf", tmp_path / "hf"):
+    loaded, loaded_tok = load_model(path)
+    np.testing.assert_array_equal(_logits(loaded, tokens), _logits(model, tokens))
+    assert loaded_tok.encode("  12 héllo") == tokenizer.encode("  12 héllo")
+  (tmp_path / "half").mkdir()
+  with pytest.raises(ValueError, match="spec: the directory .* has no config.json"):
+    load_model(tmp_path / "half")
+  with pytest.raises(ValueError, match="spec: expected a model name .*no such name"):
+    load_model("smollm2-1t")
 
 
 def test_files_that_do_not_match_their_metadata_name_the_key_or_tensor(

@@ -23,7 +23,6 @@ record (``DIR/run.json``), its sampling settings from the run's ``sample`` confi
 ``--temperature``, ... override.
 """
 
-import os
 import re
 import sys
 

@@ -21,10 +21,10 @@ from testing_utils import assert_close, max_abs, numpy_llama, train_chat_bpe
 
 from jaxrec import sharding
 from jaxrec.models import (
-  load_model,
   NAMED_MODELS,
   config_from_gguf,
   load_gguf,
+  load_model,
   load_pretrained,
   load_pretrained_tokenizer,
   named_model_path,
@@ -348,9 +348,9 @@ def test_export_to_hugging_face_and_back_is_exact(tmp_path, tokenizer_metadata, 
     np.testing.assert_array_equal(_logits(loaded, tokens), _logits(model, tokens))
     assert loaded_tok.encode("  12 héllo") == tokenizer.encode("  12 héllo")
   (tmp_path / "half").mkdir()
-  with pytest.raises(ValueError, match="spec: the directory .* has no config.json"):
+  with pytest.raises(ValueError, match=r"spec: the directory .* has no config\.json"):
     load_model(tmp_path / "half")
-  with pytest.raises(ValueError, match="spec: expected a model name .*no such name"):
+  with pytest.raises(ValueError, match=r"spec: expected a model name .*no such name"):
     load_model("smollm2-1t")
 
 

@@ -30,6 +30,7 @@ from absl import app, flags
 
 import jaxrec
 from experiments import _cli
+from jaxrec import data as data_lib
 from jaxrec import models
 from jaxrec.train import restore_model
 
@@ -78,7 +79,6 @@ _ADD_BOS = flags.DEFINE_bool(
 DEFAULT_MAX_NEW_TOKENS = 256
 # Tokens that end a turn in the chat formats of the Llama family (ChatML, Llama 3, Phi-3, Gemma);
 # those that are special tokens of the vocabulary stop an answer, besides the eos.
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 _ARGUMENT = re.compile(r"^(path|name|spec|messages): ")
 
 
@@ -110,7 +110,7 @@ def main(argv):
   chat = has_template if _CHAT.value is None else _CHAT.value
   _check_mode(chat, has_template)
 
-  stops = _end_of_turn_ids(tokenizer) if chat else ()
+  stops = data_lib.end_of_turn_ids(tokenizer) if chat else ()
   sampler = jaxrec.Sampler(model, tokenizer, stop_tokens=stops, add_bos=add_bos and not chat)
   max_new_tokens = options.pop("max_new_tokens")
   try:  # the options checked before anything compiles (max_new_tokens=0 compiles nothing)
@@ -150,17 +150,6 @@ def _load_model(spec: str, dtype: str):
     return models.load_model(spec, dtype=dtype)
   except (ValueError, FileNotFoundError, ImportError) as e:
     sys.exit(f"error: --model: {_ARGUMENT.sub('', str(e))}")
-
-
-def _end_of_turn_ids(tokenizer) -> tuple[int, ...]:
-  """The ids of ``END_OF_TURN`` that are special tokens of ``tokenizer`` (one id each, whose text
-  decoding drops)."""
-  ids = []
-  for token in END_OF_TURN:
-    encoded = tokenizer.encode(token)
-    if len(encoded) == 1 and tokenizer.decode(encoded) == "":
-      ids.append(encoded[0])
-  return tuple(ids)
 
 
 def _restore_run():

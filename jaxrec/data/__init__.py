@@ -3,7 +3,7 @@
 and objectives written into the batch."""
 
 from jaxrec.data import tasks
-from jaxrec.data.chat_template import render_chat_template
+from jaxrec.data.chat_template import END_OF_TURN, end_of_turn_ids, render_chat_template
 from jaxrec.data.corpora import DocumentCorpus, stdlib_corpus, text_file_corpus
 from jaxrec.data.gguf_tokenizer import tokenizer_from_gguf
 from jaxrec.data.objectives import JRTObjective, jrt_objective
@@ -11,11 +11,13 @@ from jaxrec.data.pipeline import make_lm_dataset
 from jaxrec.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
+  "END_OF_TURN",
   "ByteTokenizer",
   "DocumentCorpus",
   "HFTokenizer",
   "JRTObjective",
   "Tokenizer",
+  "end_of_turn_ids",
   "jrt_objective",
   "load_tokenizer",
   "make_lm_dataset",

@@ -78,3 +78,19 @@ def render_chat_template(
     )
   except jinja2.exceptions.TemplateError as e:
     raise ValueError(f"template: rendering the chat template failed: {e}") from e
+
+
+# The end-of-turn markers of the chat templates of common model families (ChatML, Llama 3, Phi,
+# Gemma) and the GPT-2 family's end of text.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+def end_of_turn_ids(tokenizer) -> tuple[int, ...]:
+  """The ids of the ``END_OF_TURN`` markers that are special tokens of ``tokenizer`` (encoded as
+  one id whose text decoding drops): where a chat answer stops."""
+  ids = []
+  for token in END_OF_TURN:
+    encoded = tokenizer.encode(token)
+    if len(encoded) == 1 and tokenizer.decode(encoded) == "":
+      ids.append(encoded[0])
+  return tuple(ids)

@@ -297,7 +297,7 @@ def main(argv):
       f"--steps, --repeats: expected steps >= 2, repeats >= 1 and steps · repeats below every "
       f"context, got {steps} and {repeats}"
     )
-  print(_bench.machine())
+  print(f"machine: {_bench.machine()}")
   load_before = os.getloadavg()
   bandwidth, bandwidth_threads = copy_bandwidth(_BANDWIDTH_MIB.value, _THREADS.value)
   print(

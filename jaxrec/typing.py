@@ -56,6 +56,7 @@ StabilizerState = Float[Array, "B H"]
 
 # Softmax attention against keys of their own length S and G heads.
 AttentionKeys = Float[Array, "B S G K"]
+CachedKeys = Float[Array, "B G S K"]  # head-major, as a KV cache stores them
 KeySegmentIds = Int[Array, "B S"]
 AttentionMask = Bool[Array, "B 1 T S"]
 Positions = Int[Array, "B T"] | Int[Array, "T"]
@@ -74,6 +75,7 @@ __all__ = [
   "Array",
   "AttentionKeys",
   "AttentionMask",
+  "CachedKeys",
   "HeadGates",
   "HeadOutputs",
   "KeyPositions",

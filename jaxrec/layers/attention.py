@@ -18,7 +18,7 @@ from jaxrec.layers.linear import Dense
 from jaxrec.layers.rope import apply_rope, check_rope_scaling
 from jaxrec.ops import attention as attention_ops
 from jaxrec.ops import segment_starts
-from jaxrec.typing import Activations, AttentionKeys, KeySegmentIds, SegmentIds
+from jaxrec.typing import Activations, CachedKeys, KeySegmentIds, SegmentIds
 
 # Positions of ring slots not written yet: so far in the past that every window hides them.
 EMPTY_POSITION = -(2**30)
@@ -31,9 +31,13 @@ class KVCache(NamedTuple):
   its last ``S = window`` tokens instead, token ``p`` in slot ``p mod S``, so that its decoding
   state does not grow with the context; ``positions`` then says which token each slot holds.
 
+  Keys and values are stored head-major, each key/value head's tokens contiguous: a decoding
+  step reads each head's keys once for its group of query heads
+  (``jaxrec.ops.attention.grouped_attention``).
+
   Attributes:
-    k: rotated keys ``[B, S, G, K]`` (``K = head_dim``).
-    v: values ``[B, S, G, K]``.
+    k: rotated keys ``[B, G, S, K]`` (``K = head_dim``).
+    v: values ``[B, G, S, K]``.
     segment_ids: int32 ``[B, S]``, the document of each written key, renumbered so that a new
       call continues the document of the last written token (as a recurrent state would).
     index: int32 scalar, the number of tokens written (the position of the next one).
@@ -41,8 +45,8 @@ class KVCache(NamedTuple):
       empty); ``None`` for a contiguous cache, whose slot ``s`` holds position ``s``.
   """
 
-  k: AttentionKeys
-  v: AttentionKeys
+  k: CachedKeys
+  v: CachedKeys
   segment_ids: KeySegmentIds
   index: jax.Array
   positions: jax.Array | None = None
@@ -165,50 +169,58 @@ class Attention(nnx.Module):
     and values ``k, v [B, T, G, K]`` (at ``positions [T]``, following the cache's), before the
     output projection; returns it and the cache with the new tokens written."""
     t = q.shape[1]
+    # Head-major, as the cache stores them.
+    k, v = (jnp.swapaxes(a, 1, 2).astype(cache.k.dtype) for a in (k, v))
     if not cache.is_ring:
       last = lax.dynamic_index_in_dim(cache.segment_ids, jnp.maximum(cache.index - 1, 0), 1)
       segments = continue_segments(last, segment_ids, q.shape[:2])
       cache = KVCache(
-        k=lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache.index, 1),
-        v=lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache.index, 1),
+        k=lax.dynamic_update_slice_in_dim(cache.k, k, cache.index, 2),
+        v=lax.dynamic_update_slice_in_dim(cache.v, v, cache.index, 2),
         segment_ids=lax.dynamic_update_slice_in_dim(cache.segment_ids, segments, cache.index, 1),
         index=cache.index + t,
       )
-      o = attention_ops.dot_product_attention(
-        q,
-        cache.k,
-        cache.v,
-        window=self.window,
-        segment_ids=segments,
-        kv_segment_ids=cache.segment_ids,
-        q_positions=positions,
+      o = self._attend(
+        q, cache.k, cache.v, positions, jnp.arange(cache.k.shape[2]), segments, cache.segment_ids
       )
       return o, cache
-    size = cache.k.shape[1]
+    size = cache.k.shape[2]
     last = jnp.take(cache.segment_ids, (cache.index - 1) % size, axis=1)[:, None]
     segments = continue_segments(last, segment_ids, q.shape[:2])
     # The queries see the ring (tokens before these) and the new tokens themselves.
-    o = attention_ops.dot_product_attention(
+    o = self._attend(
       q,
-      jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1),
-      jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1),
-      window=self.window,
-      segment_ids=segments,
-      kv_segment_ids=jnp.concatenate([cache.segment_ids, segments], axis=1),
-      q_positions=positions,
-      kv_positions=jnp.concatenate([cache.positions, positions]),
+      jnp.concatenate([cache.k, k], axis=2),
+      jnp.concatenate([cache.v, v], axis=2),
+      positions,
+      jnp.concatenate([cache.positions, positions]),
+      segments,
+      jnp.concatenate([cache.segment_ids, segments], axis=1),
     )
     # Only the last `size` new tokens can be seen again.
     n = min(t, size)
     slots = positions[-n:] % size
     cache = KVCache(
-      k=cache.k.at[:, slots].set(k[:, -n:].astype(cache.k.dtype)),
-      v=cache.v.at[:, slots].set(v[:, -n:].astype(cache.v.dtype)),
+      k=cache.k.at[:, :, slots].set(k[:, :, -n:]),
+      v=cache.v.at[:, :, slots].set(v[:, :, -n:]),
       segment_ids=cache.segment_ids.at[:, slots].set(segments[:, -n:]),
       index=cache.index + t,
       positions=cache.positions.at[slots].set(positions[-n:]),
     )
     return o, cache
+
+  def _attend(self, q, k, v, q_positions, kv_positions, segments, kv_segments):
+    """``q [B, T, H, K]`` over head-major ``k, v [B, G, S, K]`` under this layer's causal,
+    window and document mask."""
+    batch, t = q.shape[:2]
+    mask = attention_ops.attention_mask(
+      jnp.broadcast_to(q_positions, (batch, t)),
+      jnp.broadcast_to(kv_positions, (batch, k.shape[2])),
+      window=self.window,
+      q_segment_ids=segments,
+      kv_segment_ids=kv_segments,
+    )
+    return attention_ops.grouped_attention(q, k, v, mask)
 
   def rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """``x [B, T, H or G, K]`` rotated to ``positions`` (``[T]`` or ``[B, T]``) with this layer's
@@ -223,7 +235,7 @@ class Attention(nnx.Module):
     """
     if self.window is not None and self.window < max_length:
       return self.init_ring(batch_size, dtype)
-    shape = (batch_size, max_length, self.num_kv_heads, self.head_dim)
+    shape = (batch_size, self.num_kv_heads, max_length, self.head_dim)
     return KVCache(
       k=jnp.zeros(shape, dtype),
       v=jnp.zeros(shape, dtype),
@@ -235,7 +247,7 @@ class Attention(nnx.Module):
     """An empty ring cache of ``window`` slots (sliding-window attention at any length)."""
     if self.window is None:
       raise ValueError("window: a ring cache needs a sliding window, got None")
-    shape = (batch_size, self.window, self.num_kv_heads, self.head_dim)
+    shape = (batch_size, self.num_kv_heads, self.window, self.head_dim)
     return KVCache(
       k=jnp.zeros(shape, dtype),
       v=jnp.zeros(shape, dtype),

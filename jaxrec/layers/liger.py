@@ -143,7 +143,7 @@ class LigerAttention(Attention):
     index = jnp.zeros((), jnp.int32) if cache is None else cache.index
     if cache is not None and self.window is not None:
       ring = cache.window
-      last = jnp.take(ring.segment_ids, (index - 1) % ring.k.shape[1], axis=1)[:, None]
+      last = jnp.take(ring.segment_ids, (index - 1) % ring.segment_ids.shape[1], axis=1)[:, None]
       segment_ids = continue_segments(last, segment_ids, (batch, t))
     o, state = self._recurrent(q, k, v, gate, segment_ids, cache)
     if self.window is not None:

@@ -7,7 +7,10 @@ head, ``head_dim``.
 Masks are built from explicit positions, so one function serves training (``T == S``) and
 decoding against a KV cache (``T`` new queries at positions ``index .. index + T - 1``, keys at
 cache slots ``0 .. S - 1``; slots not yet written lie in the future and the causal mask hides
-them). The softmax itself is ``jax.nn.dot_product_attention``.
+them). The softmax itself is ``jax.nn.dot_product_attention``. A KV cache is read by
+``grouped_attention``, over keys and values stored head-major (``[B, G, S, K]``): each key/value
+head's keys contiguous and read once for its ``H / G`` query heads, which is what a decoding step
+costs (``jax.nn.dot_product_attention`` would first repeat them for every query head).
 """
 
 from typing import Literal, get_args
@@ -134,6 +137,47 @@ def dot_product_attention(
   return jax.nn.dot_product_attention(
     q, k, v, mask=mask, scale=scale, implementation=implementation
   )
+
+
+def grouped_attention(
+  q: Queries,
+  k: jax.Array,
+  v: jax.Array,
+  mask: AttentionMask,
+  *,
+  scale: float | None = None,
+) -> Queries:
+  """``softmax(scale · q kᵀ where mask) v`` over head-major keys and values, each key/value head
+  serving its ``H / G`` query heads in one contraction.
+
+  Scores and softmax in fp32 (a fully masked row averages its values, as
+  ``jax.nn.dot_product_attention`` does); the products with the values in their dtype,
+  accumulated in fp32.
+
+  Args:
+    q: queries ``[B, T, H, K]``.
+    k: keys ``[B, G, S, K]`` (head-major, a KV cache's layout).
+    v: values ``[B, G, S, K]``.
+    mask: bool ``[B, 1, T, S]`` (``attention_mask``).
+    scale: logit scale; ``K ** -0.5`` when ``None``.
+
+  Returns:
+    ``[B, T, H, K]`` in the dtype of ``q``.
+  """
+  b, t, h, dim = q.shape
+  g = k.shape[1]
+  if k.shape[0] != b or k.shape[3] != dim or v.shape != k.shape or h % g:
+    raise ValueError(
+      f"k, v: expected head-major [B={b}, G, S, K={dim}] with G dividing H={h}, got {k.shape} "
+      f"and {v.shape}"
+    )
+  scale = dim**-0.5 if scale is None else scale
+  qg = q.astype(k.dtype).reshape(b, t, g, h // g, dim)
+  scores = jnp.einsum("btgrk,bgsk->bgrts", qg, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bgrts,bgsk->btgrk", p, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, h, dim).astype(q.dtype)
 
 
 def _validate(*, q, k, v, causal, window, segment_ids, kv_segment_ids, method):

@@ -87,7 +87,7 @@ def test_scores_and_answers_equal_each_prompt_alone(run):
 
 
 def test_set_based_scores_do_not_move_with_the_order(run):
-  results, model, tokenizer, _ = run
+  results, model, _, _ = run
   scores = np.asarray(results["raw"]["set_based"]["scores"])  # [orders, questions, options]
   vanilla = np.asarray(results["raw"]["vanilla"]["scores"])
   assert len(scores) == 6

@@ -343,13 +343,13 @@ def test_gla_cache_is_constant_size_and_attention_cache_grows():
   _, mlstm = _mixer("mlstm")
   shapes = [tuple(x.shape for x in mlstm.init_cache(B, n, jnp.bfloat16)) for n in (10, 1000)]
   assert shapes[0] == shapes[1] == ((B, 2, 4, 8), (B, 2, 4), (B, 2))
-  assert attention.init_cache(B, 1000, jnp.bfloat16).k.shape == (B, 1000, 2, 8)
+  assert attention.init_cache(B, 1000, jnp.bfloat16).k.shape == (B, 2, 1000, 8)
   assert attention.init_cache(B, 1000, jnp.bfloat16).k.dtype == jnp.bfloat16
   # Sliding-window attention keeps a ring of its window: one size past the window.
   _, windowed = _mixer("attention-gqa-window")
   assert windowed.init_cache(B, 2, jnp.float32).k.shape == (B, 2, 2, 4)
   for n in (10, 1000):
-    assert windowed.init_cache(B, n, jnp.float32).k.shape == (B, 3, 2, 4)
+    assert windowed.init_cache(B, n, jnp.float32).k.shape == (B, 2, 3, 4)
 
 
 @pytest.mark.parametrize(

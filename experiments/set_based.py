@@ -341,6 +341,54 @@ def tables(results: dict) -> str:
   return head + "\n" + "\n".join(rows)
 
 
+CLAIM = (
+  "**Claim** (McIlroy-Young et al., 2024): reading the options as a set (no option attends to "
+  "another, all start at one position) makes the answer provably independent of their order, "
+  "without fine-tuning, at an accuracy that stays near the model's across orders (the paper "
+  "reports a small drop for some models, within the spread of the orderings)."
+)
+PROTOCOL = (
+  "**Protocol**: each question one user turn of the model's chat template, the options as "
+  "`- option` lines; vanilla reads the prompt as written, Set-Based reads the option lines as a "
+  "set (`longctx.set_based_rows`, batched). Greedy answers (to the end of turn, at most "
+  "`max_new_tokens`) count when they contain the correct option and no other (the paper's "
+  "metric); log-likelihood answers pick the option whose text and end of turn is most likely "
+  "(summed, and per token). The model must beat chance in the canonical order."
+)
+
+
+def verdict(results: dict) -> str:
+  """The verdict that follows from the numbers (see CLAIM)."""
+  v, sb = results["methods"]["vanilla"], results["methods"]["set_based"]
+  n, chance = results["questions"], results["chance"]
+  if v["greedy"]["canonical"] <= chance and v["loglik"]["canonical"] <= chance:
+    return (
+      f"**Verdict: not testable here**: the model is not above chance ({chance:.3f}) in the "
+      "canonical order."
+    )
+  flips = round(sb["greedy"]["order_sensitive"] * n)
+  invariant = sb["loglik"]["order_sensitive"] == 0 and flips <= max(1, n // 100)
+  within = all(
+    sb[k]["accuracy"] >= v[k]["worst_order"] for k in ("greedy", "loglik", "loglik_per_token")
+  )
+  parts = [
+    f"vanilla's answer changes with the order for {v['greedy']['order_sensitive']:.0%} of the "
+    f"questions (greedy) and its accuracy ranges {v['greedy']['worst_order']:.3f}-"
+    f"{v['greedy']['best_order']:.3f} over the orders;",
+    f"Set-Based's log-likelihood picks never change (largest score change "
+    f"{sb['loglik']['max_score_change']:.2g} nats, rounding) and its greedy answer changes for "
+    f"{flips} of {n} questions" + (" (an argmax near a tie, moved by rounding);" if flips else ";"),
+    f"its accuracy ({sb['greedy']['accuracy']:.3f} greedy, {sb['loglik']['accuracy']:.3f} "
+    f"log-likelihood) is {'within or above' if within else 'below'} vanilla's range over the "
+    f"orders (mean {v['greedy']['accuracy']:.3f} greedy, {v['loglik']['accuracy']:.3f} "
+    "log-likelihood).",
+  ]
+  word = (
+    "reproduced" if invariant and within else "partly reproduced" if invariant else "not reproduced"
+  )
+  return f"**Verdict: {word}**: " + " ".join(parts)
+
+
 def _write_results(results: dict, workdir: str, command: str) -> None:
   os.makedirs("results", exist_ok=True)
   path = os.path.join("results", "set_based.json")
@@ -348,13 +396,13 @@ def _write_results(results: dict, workdir: str, command: str) -> None:
     json.dump(results, f, indent=1)
   m = results["methods"]
   section = (
-    f"## {SECTION}\n\n"
+    f"## {SECTION}\n\n{CLAIM}\n\n{PROTOCOL}\n\n"
     f"{results['questions']} questions with {results['options']} options (chance "
     f"{results['chance']:.3f}), each asked in all {len(results['orders'])} orders; "
     f"{results['model']} in {results['dtype']}.\n\n{tables(results)}\n\n"
     "Largest change of an option's log-likelihood between orders: vanilla "
     f"{m['vanilla']['loglik']['max_score_change']:.3g}, Set-Based "
-    f"{m['set_based']['loglik']['max_score_change']:.3g} nats.\n\n"
+    f"{m['set_based']['loglik']['max_score_change']:.3g} nats.\n\n{verdict(results)}\n\n"
     f"Data: `{path}`. The evaluation took {results['seconds']:.0f} s (backend "
     f"{jax.default_backend()}, {os.cpu_count()} cores). Command:\n\n```\n{command}\n```\n\n"
   )

@@ -20,6 +20,9 @@ from jaxrec.ops import attention as attention_ops
 from jaxrec.ops import segment_starts
 from jaxrec.typing import Activations, CachedKeys, KeySegmentIds, SegmentIds
 
+# Calls over a cache with at most this many queries read it head-major (``Attention._attend``).
+GROUPED_MAX_QUERIES = 16
+
 # Positions of ring slots not written yet: so far in the past that every window hides them.
 EMPTY_POSITION = -(2**30)
 
@@ -211,8 +214,26 @@ class Attention(nnx.Module):
 
   def _attend(self, q, k, v, q_positions, kv_positions, segments, kv_segments):
     """``q [B, T, H, K]`` over head-major ``k, v [B, G, S, K]`` under this layer's causal,
-    window and document mask."""
+    window and document mask.
+
+    A few queries (decoding) read the cache as it is stored, each key/value head once
+    (``grouped_attention``); many (a chunked prefill), whose cost is the ``T x S`` products, go to
+    ``jax.nn.dot_product_attention`` over a ``[B, S, G, K]`` copy, the faster form there (one
+    SmolLM2 layer on CPU: 2.0 against 3.3 ms for one query over 8192 keys, 460 against 270 ms for
+    2048 queries over 2064).
+    """
     batch, t = q.shape[:2]
+    if t > GROUPED_MAX_QUERIES:
+      return attention_ops.dot_product_attention(
+        q,
+        jnp.swapaxes(k, 1, 2),
+        jnp.swapaxes(v, 1, 2),
+        window=self.window,
+        segment_ids=segments,
+        kv_segment_ids=kv_segments,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
+      )
     mask = attention_ops.attention_mask(
       jnp.broadcast_to(q_positions, (batch, t)),
       jnp.broadcast_to(kv_positions, (batch, k.shape[2])),

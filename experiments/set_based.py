@@ -55,8 +55,6 @@ from jaxrec.inference import longctx
 CONFIG_FILE = os.path.join(os.path.dirname(__file__), "configs", "set_based.py")
 QUESTIONS = os.path.join(os.path.dirname(__file__), "data", "general_knowledge_mcq.json")
 SECTION = "Set-Based Prompting on SmolLM2-135M-Instruct: order-independent multiple choice"
-_CONFIG = _cli.define_config_flag("Set-Based Prompting evaluation configuration file.", CONFIG_FILE)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the results.")
 
 INSTRUCTION = "Answer the question with the correct option, copied exactly.\n"
 OUTRO = "Reply with the option only."
@@ -413,11 +411,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with _cli.short_errors():
-    results = set_based_eval(_CONFIG.value, _WORKDIR.value)
+    results = set_based_eval(flags.FLAGS.config, flags.FLAGS.workdir)
   print(tables(results))
   command = " ".join(["python -m experiments.set_based", *sys.argv[1:]])
-  _write_results(results, _WORKDIR.value, command)
+  _write_results(results, flags.FLAGS.workdir, command)
 
 
 if __name__ == "__main__":
+  # Flags are defined when this runs as a program, not on import: the tests import the module
+  # beside other launchers, whose --config flags would clash with its own.
+  _cli.define_config_flag("Set-Based Prompting evaluation configuration file.", CONFIG_FILE)
+  flags.DEFINE_string("workdir", None, "Directory for the results.")
   _cli.run(main)

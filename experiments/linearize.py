@@ -3,8 +3,9 @@ with LoRA. ``python -m experiments.linearize --workdir DIR [--config.FIELD=VALUE
 
 The config is ``experiments/configs/linearize.py``. In order:
 
-1. The teacher: ``--config.teacher`` names a jaxrec run (its ``run.json``) or a Hugging Face
-   checkpoint directory; without it a small Llama-style teacher is trained on the embedded corpus
+1. The teacher: ``--config.teacher`` names a jaxrec run (its ``run.json``), a Hugging Face
+   checkpoint directory, or a real model by name or GGUF file (``models.load_model``:
+   ``--config.teacher=smollm2-135m``); without it a small Llama-style teacher is trained on the embedded corpus
    into ``DIR/teacher`` (``--config.teacher_run``), and reused by later runs in ``DIR``.
 2. Its validation bits per byte (bits per token with a subword tokenizer) and an MQAR probe: key
    and value tokens, ``--config.probe.gap`` filler tokens (more than the window), then the keys
@@ -57,6 +58,16 @@ STUDY = {
   "random-gate": {"gate_source": "projection"},
 }
 
+# --config.corpus: the text of fine-tuning and evaluation.
+CORPORA = {
+  "stdlib": lambda split: data_lib.stdlib_corpus(split=split),
+  "python_reference": lambda split: data_lib.python_reference_corpus(split),
+  "python_reference+stdlib": lambda split: [
+    *data_lib.python_reference_corpus(split),
+    *data_lib.stdlib_corpus(split=split),
+  ],
+}
+
 _CONFIG = _cli.define_config_flag("Linearization configuration file.", CONFIG_FILE)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the teacher, runs and exports.")
 flags.mark_flags_as_required(["workdir"])
@@ -103,6 +114,10 @@ def _settings(config, workdir: str) -> dict[str, dict]:
     "gate_source": lig.gate_source,
     "rank": lora.rank,
   }
+  if config.corpus not in CORPORA:
+    raise train.ConfigError(
+      f"--config.corpus: expected one of {', '.join(CORPORA)}, got {config.corpus!r}"
+    )
   checks = (
     ("liger.window", lig.window, 0),
     ("liger.hybrid_every", lig.hybrid_every, 0),
@@ -124,6 +139,12 @@ def _settings(config, workdir: str) -> dict[str, dict]:
 def _teacher(config, workdir: str):
   """``(model, tokenizer, source)``; ``source`` says where the teacher came from."""
   path = config.teacher
+  if path and (path in models.NAMED_MODELS or os.path.isfile(path)):
+    try:
+      model, tokenizer = models.load_model(path)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+      raise train.ConfigError(f"--config.teacher: {e}") from e
+    return model, tokenizer, {"kind": "gguf", "path": path, "tokenizer": tokenizer}
   if path and os.path.isfile(os.path.join(path, models.hf.CONFIG_FILE)):
     tokenizer = models.load_pretrained_tokenizer(path)
     return models.load_pretrained(path), tokenizer, {"kind": "hf", "path": path}
@@ -162,7 +183,7 @@ class _Data:
 
   def batches(self, split: str):
     dataset = data_lib.make_lm_dataset(
-      data_lib.stdlib_corpus(split=split),
+      CORPORA[self.config.corpus](split),
       tokenizer=self.tokenizer,
       seq_len=self.seq_len,
       batch_size=self.config.batch_size,
@@ -260,6 +281,8 @@ def _run_setting(name, options, config, teacher, data, probe, workdir, source) -
     export = os.path.join(run_dir, "export")
     if source["kind"] == "hf":
       models.save_pretrained(student, export, source=source["path"])
+    elif source["kind"] == "gguf":
+      models.save_pretrained(student, export, tokenizer=source["tokenizer"])
     else:
       _export_run(student, source["run_config"], export, max(steps, 1), data)
     out["export"] = export

@@ -21,7 +21,12 @@ from experiments.configs import default as default_train_config
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.teacher = config_dict.placeholder(str)  # a jaxrec run or a Hugging Face directory
+  # A jaxrec run, a Hugging Face directory, or a real model by name or GGUF file (smollm2-135m).
+  config.teacher = config_dict.placeholder(str)
+  # The text of fine-tuning and evaluation: "stdlib" (the embedded Python sources),
+  # "python_reference" (the Python reference's English prose, pydoc_data.topics) or both
+  # ("python_reference+stdlib", the real-text corpus of the SmolLM2 experiments).
+  config.corpus = "stdlib"
   config.teacher_run = _teacher_run()  # how the default teacher is trained
   config.study = ""  # "" (one conversion, config.liger) or "ablations" (RESULTS.md)
 

@@ -4,7 +4,12 @@ and objectives written into the batch."""
 
 from jaxrec.data import tasks
 from jaxrec.data.chat_template import END_OF_TURN, end_of_turn_ids, render_chat_template
-from jaxrec.data.corpora import DocumentCorpus, stdlib_corpus, text_file_corpus
+from jaxrec.data.corpora import (
+  DocumentCorpus,
+  python_reference_corpus,
+  stdlib_corpus,
+  text_file_corpus,
+)
 from jaxrec.data.gguf_tokenizer import tokenizer_from_gguf
 from jaxrec.data.objectives import JRTObjective, jrt_objective
 from jaxrec.data.pipeline import make_lm_dataset
@@ -21,6 +26,7 @@ __all__ = [
   "jrt_objective",
   "load_tokenizer",
   "make_lm_dataset",
+  "python_reference_corpus",
   "render_chat_template",
   "stdlib_corpus",
   "tasks",

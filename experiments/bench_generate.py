@@ -7,12 +7,16 @@ decoded step, compilation included) and the decoding speed after it; the session
 compilations, cold (a fresh program cache) and warm (the same session again).
 
 ``--part=score``: peak resident memory and time of ``loglikelihood`` over one sequence of each
-length on a small attention model, in one call and in chunks of ``--chunk`` tokens through the
-cache; each measurement runs in its own process (peak RSS only grows), next to the RSS of the
-same process before scoring.
+length, in one call and in chunks of ``--chunk`` tokens through the cache; each measurement runs
+in its own process (peak RSS only grows), next to the RSS of the same process before scoring.
+The model is a random attention model of SmolLM2's vocabulary scored on random ids, or with
+``--model`` a real one (``jaxrec.models.load_model``: a name, GGUF file or Hugging Face
+directory) scored on the Python language reference's text.
 
   python -m experiments.bench_generate --part=session
   python -m experiments.bench_generate --part=score --lengths=2048,4096,8192,16384
+  python -m experiments.bench_generate --part=score --model=smollm2-135m \\
+      --lengths=4096,8192,16384 --one_call_max=4096
 """
 
 import json
@@ -30,7 +34,8 @@ from flax import nnx
 import jaxrec
 from experiments import _bench
 from jaxrec.inference import loglikelihood
-from jaxrec.models import LM, LMConfig, get_preset, param_count_of
+from jaxrec import data as data_lib
+from jaxrec.models import LM, LMConfig, get_preset, load_model, param_count_of
 
 _PART = flags.DEFINE_enum("part", "session", ["session", "score", "score_one"], "What to run.")
 _PRESET = flags.DEFINE_string("preset", "tiny-hybrid", "Session: the model preset.")
@@ -47,6 +52,9 @@ _D_MODEL = flags.DEFINE_integer("d_model", 256, "Score: the model width.")
 _LAYERS = flags.DEFINE_integer("num_layers", 4, "Score: the number of attention layers.")
 _LENGTH = flags.DEFINE_integer("length", 0, "score_one: the sequence length.")
 _CHUNKED = flags.DEFINE_bool("chunked", False, "score_one: score in chunks.")
+_MODEL = flags.DEFINE_string(
+  "model", "", "Score: a real model (name, GGUF file or HF directory); empty: a random one."
+)
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -116,11 +124,24 @@ def _score_config() -> LMConfig:
   )
 
 
+def _score_model():
+  """The scored model and ``length + 1`` ids for it: a random model on random ids, or the real
+  ``--model`` on the Python reference's text."""
+  if not _MODEL.value:
+    model = LM(_score_config(), rngs=nnx.Rngs(0))
+    tokens = np.random.default_rng(0).integers(0, _VOCAB.value, (1, _LENGTH.value + 1))
+    return model, tokens.astype(np.int32)
+  model, tokenizer = load_model(_MODEL.value)
+  text = "\n".join(data_lib.python_reference_corpus("train"))
+  ids = tokenizer.encode(text[: 8 * (_LENGTH.value + 1)])
+  if len(ids) < _LENGTH.value + 1:
+    raise ValueError(f"--lengths: {_LENGTH.value} is longer than the text's {len(ids)} tokens")
+  return model, np.asarray([ids[: _LENGTH.value + 1]], np.int32)
+
+
 def _score_one():
   """One measurement, in this process: prints JSON."""
-  model = LM(_score_config(), rngs=nnx.Rngs(0))
-  tokens = np.random.default_rng(0).integers(0, _VOCAB.value, (1, _LENGTH.value + 1))
-  tokens = tokens.astype(np.int32)
+  model, tokens = _score_model()
   chunk = _CHUNK.value if _CHUNKED.value else None
   before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   start = time.perf_counter()
@@ -140,8 +161,11 @@ def _score_one():
 
 
 def _run_scores():
-  cfg = _score_config()
-  print(f"model: {param_count_of(LM(cfg, rngs=nnx.Rngs(0))):,} parameters, {cfg}")
+  if _MODEL.value:
+    print(f"model: {_MODEL.value}, fp32, on the Python reference's text")
+  else:
+    cfg = _score_config()
+    print(f"model: {param_count_of(LM(cfg, rngs=nnx.Rngs(0))):,} parameters, {cfg}")
   print(f"loglikelihood of one sequence, B=1; chunks of {_CHUNK.value}; one process per row")
   print("\n| T | method | s (with compile) | RSS before MB | peak RSS MB | mean log p |")
   print("|---:|---|---:|---:|---:|---:|")
@@ -151,6 +175,7 @@ def _run_scores():
       args += [f"--length={length}", f"--chunked={chunked}", f"--chunk={_CHUNK.value}"]
       args += [f"--lengths={','.join(_LENGTHS.value)}", f"--vocab_size={_VOCAB.value}"]
       args += [f"--d_model={_D_MODEL.value}", f"--num_layers={_LAYERS.value}"]
+      args += [f"--model={_MODEL.value}"]
       done = subprocess.run(args, capture_output=True, text=True, check=True)
       r = json.loads(done.stdout.strip().splitlines()[-1])
       method = f"chunks of {_CHUNK.value}" if chunked else "one call"

@@ -33,8 +33,8 @@ from flax import nnx
 
 import jaxrec
 from experiments import _bench
-from jaxrec.inference import loglikelihood
 from jaxrec import data as data_lib
+from jaxrec.inference import loglikelihood
 from jaxrec.models import LM, LMConfig, get_preset, load_model, param_count_of
 
 _PART = flags.DEFINE_enum("part", "session", ["session", "score", "score_one"], "What to run.")

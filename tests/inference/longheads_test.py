@@ -99,7 +99,9 @@ def test_each_head_selects_its_planted_chunk():
 
   @jax.jit
   def select(q, k, v, query):
-    return policy.select(query, jnp.asarray(8 * W - 1), policy.chunk_representations(attn, q, k, v))
+    k_local = attn.rope(k.reshape(1, 8 * W, 2, D), jnp.arange(8 * W) % W).reshape(k.shape)
+    reps = policy.chunk_representations(attn, q, k_local, v)
+    return policy.select(query, jnp.asarray(8 * W - 1), reps)
 
   ids, used = select(q, k, v, query)
   assert np.asarray(used).all()

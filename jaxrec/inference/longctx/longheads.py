@@ -16,11 +16,15 @@ w`` tokens the model saw in training. With ``i < chunks_per_head · w`` every ch
 its true positions: plain attention.
 
 Decoding costs ``O(chunks_per_head · w)`` attention plus one score per chunk. The cache holds
-pre-RoPE keys (positions change with the selection), the chunk representations and the queries of
-the current chunk. The prefill gives every query its own selection, as decoding would (one query
-at a time: ``lax.map``). A multi-token call after earlier ones (a chunked prefill) completes the
-chunks it closes from the cached queries of the open chunk and its own, then answers its queries
-the same way: a representation depends only on its chunk, so the result equals one call.
+each key turned by its offset in its chunk, ``R_{i mod w} k_i`` (what the chunk representations
+read; positions change with the selection, by whole chunks: a key of the ``m``-th selected chunk
+is ``R_{m w}`` away from its cached form, so the query is turned by ``q_pos - m w`` instead of
+turning the gathered keys), the chunk representations and the queries of the current chunk. The
+prefill gives every query past the budget its own selection, as decoding would (one query at a
+time: ``lax.map``); the queries within it attend plainly, in one block. A multi-token call after
+earlier ones (a chunked prefill) completes the chunks it closes from the cached queries of the
+open chunk and its own, then answers its queries the same way: a representation depends only on
+its chunk, so the result equals one call.
 """
 
 import dataclasses
@@ -29,7 +33,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxrec.inference.longctx.policy import Policy, check_int, repeat_kv
+from jaxrec.inference.longctx.policy import (
+  Policy,
+  check_int,
+  repeat_kv,
+  scores,
+  softmax_values,
+)
 from jaxrec.layers import Attention
 
 
@@ -40,9 +50,9 @@ class LongHeadsEmpty(NamedTuple):
 
 
 class LongHeadsCache(NamedTuple):
-  """Pre-RoPE ``k``, ``v`` ``[B, S, G, K]``; ``reps [B, ceil(S / w), H, K]`` of the complete
-  chunks; ``q_chunk [B, w, H, K]`` the un-rotated queries of the current chunk (slot ``i mod
-  w``); ``index``, the tokens written."""
+  """``k [B, S, G, K]`` turned by each key's offset in its chunk (``R_{i mod w} k_i``), pre-RoPE
+  ``v``; ``reps [B, ceil(S / w), H, K]`` of the complete chunks; ``q_chunk [B, w, H, K]`` the
+  un-rotated queries of the current chunk (slot ``i mod w``); ``index``, the tokens written."""
 
   k: jax.Array
   v: jax.Array
@@ -77,6 +87,7 @@ class LongHeads(Policy):
     if q.shape[1] != 1:
       return self._extend(attn, q, k, v, cache)
     w, i = self.chunk_size, cache.index
+    k = attn.rope(k, jnp.reshape(i % w, (1,)))
     cache = LongHeadsCache(
       k=jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), i, 1),
       v=jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), i, 1),
@@ -104,12 +115,18 @@ class LongHeads(Policy):
     room = t if cache is None else cache.room.shape[0]
     n_max = -(-room // w)
     full = t // w
+    k_local = attn.rope(k, jnp.arange(t) % w)
     split = lambda x: x[:, : full * w].reshape(b, full, w, *x.shape[2:])
-    reps = self.chunk_representations(attn, split(q), split(k), split(v))
+    reps = self.chunk_representations(attn, split(q), split(k_local), split(v))
     reps = jnp.pad(reps, ((0, 0), (0, n_max - full), (0, 0), (0, 0)))
-    one = lambda qi_i: self._query(attn, qi_i[0], qi_i[1], k, v, reps)
-    o = jax.lax.map(one, (q.transpose(1, 0, 2, 3), jnp.arange(t)))  # [T, B, H, K]
-    o = o.transpose(1, 0, 2, 3).astype(q.dtype)
+    # Within the budget every chunk is selected at its true position: plain attention.
+    plain = min(t, self.chunks_per_head * w)
+    o = self._plain(attn, q[:, :plain], 0, k_local[:, :plain], v[:, :plain])
+    if t > plain:
+      one = lambda qi_i: self._query(attn, qi_i[0], qi_i[1], k_local, v, reps)
+      rest = jax.lax.map(one, (q[:, plain:].transpose(1, 0, 2, 3), jnp.arange(plain, t)))
+      o = jnp.concatenate([o, rest.transpose(1, 0, 2, 3).astype(q.dtype)], axis=1)
+    k = k_local
     if cache is None:
       return o, None
     dtype = cache.room.dtype
@@ -123,6 +140,7 @@ class LongHeads(Policy):
     """A multi-token call at ``cache.index`` after earlier ones."""
     b, t, h, dim = q.shape
     w, i0 = self.chunk_size, cache.index
+    k = attn.rope(k, (i0 + jnp.arange(t)) % w)
     k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), i0, 1)
     v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), i0, 1)
     # Queries from the start of the open chunk (base): the cached ones, then the new ones.
@@ -140,23 +158,41 @@ class LongHeads(Policy):
     )
     ids = jnp.where(closes, base // w + jnp.arange(n), cache.reps.shape[1])  # the others dropped
     reps = cache.reps.at[:, ids].set(reps.astype(cache.reps.dtype), mode="drop")
-    one = lambda qi_i: self._query(attn, qi_i[0], qi_i[1], k_all, v_all, reps)
-    o = jax.lax.map(one, (q.transpose(1, 0, 2, 3), i0 + jnp.arange(t)))  # [T, B, H, K]
     end = i0 + t
+    plain = min(self.chunks_per_head * w, k_all.shape[1])
+
+    def each_query(_):
+      one = lambda qi_i: self._query(attn, qi_i[0], qi_i[1], k_all, v_all, reps)
+      o = jax.lax.map(one, (q.transpose(1, 0, 2, 3), i0 + jnp.arange(t)))  # [T, B, H, K]
+      return o.transpose(1, 0, 2, 3).astype(q.dtype)
+
+    within = lambda _: self._plain(attn, q, i0, k_all[:, :plain], v_all[:, :plain])
+    o = jax.lax.cond(end <= plain, within, each_query, None)
     q_chunk = jax.lax.dynamic_slice_in_dim(queries, end - end % w - base, w, 1)
     cache = LongHeadsCache(k=k_all, v=v_all, reps=reps, q_chunk=q_chunk, index=end)
-    return o.transpose(1, 0, 2, 3).astype(q.dtype), cache
+    return o, cache
 
-  def chunk_representations(self, attn: Attention, q, k, v):
+  def _plain(self, attn: Attention, q, start, k_local, v):
+    """Causal attention of un-rotated ``q [B, T, H, K]`` at positions ``start + t`` over the
+    first keys ``k_local, v [B, S, G, K]`` at their true positions (every query within the
+    budget)."""
+    pos = jnp.arange(k_local.shape[1])
+    k_rot = attn.rope(k_local, pos - pos % self.chunk_size)
+    q_pos = start + jnp.arange(q.shape[1])
+    mask = (pos[None, :] <= q_pos[:, None])[None, None]
+    return softmax_values(scores(attn.rope(q, q_pos), k_rot), mask, v, q.dtype)
+
+  def chunk_representations(self, attn: Attention, q, k_local, v):
     """``[B, N, H, K]`` key representations of ``N`` complete chunks from their un-rotated
-    ``q [B, N, w, H, K]`` and ``k, v [B, N, w, G, K]``."""
+    ``q [B, N, w, H, K]``, their keys turned by their offsets in the chunk ``k_local`` and
+    values ``v [B, N, w, G, K]``."""
     b, n, w, h, dim = q.shape
     if n == 0:
       return jnp.zeros((b, 0, h, dim), jnp.float32)
     flat = lambda x: x.reshape(b * n, w, *x.shape[3:])
     local = jnp.arange(w)
     qc = attn.rope(flat(q), local).astype(jnp.float32)
-    kc = repeat_kv(attn.rope(flat(k), local), h).astype(jnp.float32)
+    kc = repeat_kv(flat(k_local), h).astype(jnp.float32)
     vc = repeat_kv(flat(v), h).astype(jnp.float32)
     scale = 1 / jnp.sqrt(jnp.float32(dim))
     p = jax.nn.softmax(jnp.einsum("bqhk,bshk->bhqs", qc, kc) * scale, axis=-1)
@@ -183,31 +219,32 @@ class LongHeads(Policy):
     used = jnp.concatenate([used, jnp.ones_like(current, bool)], axis=-1)
     return ids_out.astype(jnp.int32), used
 
-  def _query(self, attn: Attention, q, position, k, v, reps):
-    """Output ``[B, H, K]`` of un-rotated ``q [B, H, K]`` at ``position`` over the pre-RoPE
-    ``k, v [B, S, G, K]`` of its selected chunks."""
+  def _query(self, attn: Attention, q, position, k_local, v, reps):
+    """Output ``[B, H, K]`` of un-rotated ``q [B, H, K]`` at ``position`` over the keys of its
+    selected chunks (``k_local``, turned by their offsets in the chunk, and ``v``, ``[B, S, G,
+    K]``), gathered per head without copying the cache per head."""
     b, h, dim = q.shape
-    w = self.chunk_size
+    w, g = self.chunk_size, k_local.shape[2]
     ids, used = self.select(q, position, reps)
     c = ids.shape[-1]
     slots = ids[..., None] * w + jnp.arange(w)  # [B, H, C, w]
     valid = used[..., None] & (slots <= position)
-    slots = jnp.clip(slots, 0, k.shape[1] - 1).reshape(b, h, c * w)
+    slots = jnp.clip(slots, 0, k_local.shape[1] - 1).reshape(b, h, c * w)
     # The used chunks come first, the current one last: its rank is the number used minus one.
+    # A key at offset o of the chunk of rank m sits at m w + o, the query at q_pos: the score
+    # (R_{q_pos} q)·(R_{m w + o} k) is (R_{q_pos - m w} q)·(R_o k), with R_o k as cached.
     n_used = jnp.sum(used, axis=-1, keepdims=True)  # [B, H, 1]
     rank = jnp.where(jnp.arange(c) == c - 1, n_used - 1, jnp.arange(c))  # [B, H, C]
-    k_pos = (rank[..., None] * w + jnp.arange(w)).reshape(b * h, c * w)
     q_pos = (n_used - 1) * w + position % w
-    gather = lambda x: jnp.take_along_axis(
-      repeat_kv(x, h).transpose(0, 2, 1, 3), slots[..., None], axis=2
-    )  # [B, H, C w, K]
-    kg, vg = gather(k), gather(v)
-    k_rot = attn.rope(kg.reshape(b * h, c * w, 1, dim), k_pos)
-    q_rot = attn.rope(q.reshape(b * h, 1, 1, dim), q_pos.reshape(b * h, 1))
+    turned = jnp.broadcast_to(q.reshape(b * h, 1, 1, dim), (b * h, c, 1, dim))
+    q_rot = attn.rope(turned, (q_pos - rank * w).reshape(b * h, c)).reshape(b, h, c, dim)
+    rows = jnp.arange(b)[:, None, None]
+    group = (jnp.arange(h) // (h // g))[None, :, None]
+    kg = k_local[rows, slots, group].reshape(b, h, c, w, dim)  # [B, H, C, w, K]
+    vg = v[rows, slots, group]  # [B, H, C w, K]
     s = jnp.einsum(
-      "nk,nsk->ns", q_rot[:, 0, 0].astype(jnp.float32), k_rot[:, :, 0].astype(jnp.float32)
+      "bhck,bhcok->bhco", q_rot.astype(jnp.float32), kg.astype(jnp.float32)
     ) / jnp.sqrt(jnp.float32(dim))
-    s = jnp.where(valid.reshape(b * h, c * w), s, -jnp.inf)
+    s = jnp.where(valid, s, -jnp.inf).reshape(b, h, c * w)
     p = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("ns,nsk->nk", p, vg.reshape(b * h, c * w, dim).astype(jnp.float32))
-    return o.reshape(b, h, dim)
+    return jnp.einsum("bhs,bhsk->bhk", p, vg.astype(jnp.float32))

@@ -21,7 +21,9 @@ keys (scale ``K^-1/2``), half and half (the paper finds ``α + β = 1`` critical
 
   y = o_proj(½ o^rec + ½ o^swa)
 
-and ``window=None`` keeps the recurrence alone, ``y = o_proj(o^rec)``. ``window`` counts the keys
+and ``window=None`` keeps the recurrence alone, ``y = o_proj(o^rec)``; ``recurrence=False`` keeps
+the window alone, ``y = o_proj(o^swa)`` (sliding-window attention: the ablation that measures what
+the recurrence adds). ``window`` counts the keys
 a query sees, its own included, as ``Attention``'s does; the reference code's flash-attention
 window of 64 sees keys ``t - 64 .. t``.
 
@@ -55,7 +57,7 @@ class LigerCache(NamedTuple):
   """The decoding state of ``LigerAttention``: constant in the context length.
 
   Attributes:
-    state: the recurrent state ``[B, H, K, V]``, fp32.
+    state: the recurrent state ``[B, H, K, V]``, fp32; ``None`` without the recurrence.
     window: the sliding-window branch's ring of the last ``window`` RoPE'd keys and values (an
       ``Attention`` ring ``KVCache``); ``None`` without a sliding window.
     index: int32 scalar, the number of tokens seen.
@@ -76,6 +78,7 @@ class LigerAttention(Attention):
     variant: ``"gla"`` or ``"hgrn2"``, the recurrence built from the key projection.
     window: keys seen by the sliding-window softmax branch (own included); ``None`` drops the
       branch.
+    recurrence: ``False`` drops the recurrent branch (needs a ``window``).
     gate_source: ``"key"`` (Liger) or ``"projection"`` (a new random projection ``g_proj``).
     chunk_size: chunk length of the recurrence's chunkwise-parallel form.
     num_kv_heads, head_dim, rope_theta, rope_scaling, qkv_bias, init_std, num_layers, dtype,
@@ -89,6 +92,7 @@ class LigerAttention(Attention):
     *,
     variant: LigerVariant = "gla",
     window: int | None = 64,
+    recurrence: bool = True,
     gate_source: LigerGateSource = "key",
     chunk_size: int = 64,
     num_kv_heads: int | None = None,
@@ -107,6 +111,11 @@ class LigerAttention(Attention):
     if gate_source not in GATE_SOURCES:
       raise ValueError(f"gate_source: expected one of {GATE_SOURCES}, got {gate_source!r}")
     _checks.check_positive_int("chunk_size", chunk_size)
+    if not isinstance(recurrence, bool) or (not recurrence and window is None):
+      raise ValueError(
+        f"recurrence: expected True, or False with a window (one branch at least), got "
+        f"recurrence={recurrence!r} with window={window!r}"
+      )
     super().__init__(
       d_model,
       num_heads,
@@ -123,6 +132,7 @@ class LigerAttention(Attention):
       rngs=rngs,
     )
     self.variant, self.gate_source, self.chunk_size = variant, gate_source, chunk_size
+    self.recurrence = recurrence
     if gate_source == "projection":
       shape, names = (self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim")
       self.g_proj = Dense(
@@ -145,7 +155,9 @@ class LigerAttention(Attention):
       ring = cache.window
       last = jnp.take(ring.segment_ids, (index - 1) % ring.segment_ids.shape[1], axis=1)[:, None]
       segment_ids = continue_segments(last, segment_ids, (batch, t))
-    o, state = self._recurrent(q, k, v, gate, segment_ids, cache)
+    o, state = None, None
+    if self.recurrence:
+      o, state = self._recurrent(q, k, v, gate, segment_ids, cache)
     if self.window is not None:
       positions = index + jnp.arange(t)
       q, k = self.rope(q, positions), self.rope(k, positions)
@@ -157,7 +169,7 @@ class LigerAttention(Attention):
         swa, ring = self.attend_cached(
           q, k, v, cache.window, positions=positions, segment_ids=segment_ids
         )
-      o = 0.5 * o + 0.5 * swa.astype(o.dtype)
+      o = swa if o is None else 0.5 * o + 0.5 * swa.astype(o.dtype)
     y = self.o_proj(o.astype(x.dtype))
     if cache is None:
       return y, None
@@ -202,7 +214,7 @@ class LigerAttention(Attention):
     the recurrent state in fp32."""
     del max_length
     h, d = self.num_heads, self.head_dim
-    state = jnp.zeros((batch_size, h, d, d), jnp.float32)
+    state = jnp.zeros((batch_size, h, d, d), jnp.float32) if self.recurrence else None
     index = jnp.zeros((), jnp.int32)
     if self.window is None:
       return LigerCache(state, None, index)

@@ -22,6 +22,7 @@ def liger(
   *,
   variant: LigerVariant = "gla",
   window: int | None = 64,
+  recurrence: bool = True,
   hybrid_every: int | None = None,
   gate_source: LigerGateSource = "key",
   seed: int = 0,
@@ -34,6 +35,8 @@ def liger(
     variant: the recurrence, ``"gla"`` (Liger-GLA) or ``"hgrn2"``.
     window: keys seen by the sliding-window softmax branch of Liger Attention; ``None`` keeps
       the recurrence alone (the paper's "w/o SWA" ablation).
+    recurrence: ``False`` keeps the sliding window alone (the "SWA only" ablation: what the
+      recurrence adds).
     hybrid_every: keep softmax attention in every ``hybrid_every``-th attention layer (layers
       ``i`` with ``i % hybrid_every == hybrid_every - 1``; the paper's "-H" models keep about
       one in seven); ``None`` converts them all.
@@ -66,7 +69,8 @@ def liger(
   pattern = tuple(converted(i, m) for i, m in enumerate(cfg.layer_mixers))
   # LMConfig validates the options and names the bad one (liger.variant, ...).
   new_cfg = cfg.replace(
-    mixer_pattern=pattern, liger=dict(variant=variant, window=window, gate_source=gate_source)
+    mixer_pattern=pattern,
+    liger=dict(variant=variant, window=window, recurrence=recurrence, gate_source=gate_source),
   )
   return _with_parameters(new_cfg, nnx.state(model), seed)
 

@@ -99,6 +99,7 @@ class LigerOptions:
     window: keys seen by its sliding-window softmax branch; ``None`` drops the branch
       (``jaxrec.linearize.liger`` sets the paper's 64 unless told otherwise; a default of
       ``None`` lets run records restore either choice, as their unset fields keep defaults).
+    recurrence: ``False`` drops the recurrent branch (sliding-window attention alone).
     gate_source: ``"key"`` (the gate is the key projection) or ``"projection"`` (a new random
       projection, the paper's ablation).
     chunk_size: chunk length of the recurrence's chunkwise-parallel form.
@@ -106,12 +107,18 @@ class LigerOptions:
 
   variant: str = "gla"
   window: int | None = None
+  recurrence: bool = True
   gate_source: str = "key"
   chunk_size: int = 64
 
   def __post_init__(self):
     _checks.check_choice("variant", self.variant, layers.liger.VARIANTS)
     _checks.check_positive_int_or_none("window", self.window)
+    if not isinstance(self.recurrence, bool) or (not self.recurrence and self.window is None):
+      raise ValueError(
+        f"recurrence: expected True, or False with a window, got {self.recurrence!r} with "
+        f"window={self.window!r}"
+      )
     _checks.check_choice("gate_source", self.gate_source, layers.liger.GATE_SOURCES)
     _checks.check_positive_int("chunk_size", self.chunk_size)
 
@@ -126,6 +133,7 @@ def _liger(cfg: LMConfig, options: LigerOptions, *, rngs: nnx.Rngs) -> layers.Li
     cfg.num_heads,
     variant=options.variant,
     window=options.window,
+    recurrence=options.recurrence,
     gate_source=options.gate_source,
     chunk_size=options.chunk_size,
     **_attention_args(cfg),

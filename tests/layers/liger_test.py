@@ -67,6 +67,34 @@ def test_decoding_state_has_one_size_at_every_context_length():
     assert int(cache.index) == 10 and sizes == {size}
 
 
+def test_without_the_recurrence_it_is_sliding_window_attention():
+  """``recurrence=False`` is ``Attention`` with the same window and weights (no half weight, no
+  recurrent state), in the parallel form and decoding token by token."""
+  window = 4
+  swa = layers.LigerAttention(D, window=window, recurrence=False, **ARGS, rngs=nnx.Rngs(0))
+  attention = layers.Attention(D, window=window, **ARGS, rngs=nnx.Rngs(2))
+  nnx.update(attention, nnx.state(swa))
+  x = np.random.default_rng(0).standard_normal((B, T, D), np.float32)
+  want = jax.jit(lambda m, x: m(x)[0])(attention, x)
+  # Two fp32 layers: projections (D), a softmax over the window, the output projection (D).
+  magnitude = module_sensitivity(swa, x) + module_sensitivity(attention, x)
+  atol = rounding_atol(magnitude, terms=2 * D + window + 10)
+  assert_close(jax.jit(lambda m, x: m(x)[0])(swa, x), want, rtol=0, atol=atol)
+
+  step = jax.jit(lambda m, x, c: m(x, cache=c))
+  cache = swa.init_cache(B, T, jnp.float32)
+  assert cache.state is None and _nbytes(cache.window.k) == B * window * 2 * 4 * 4
+  outs = []
+  for t in range(T):
+    y, cache = step(swa, x[:, t : t + 1], cache)
+    outs.append(y)
+  assert_close(jnp.concatenate(outs, axis=1), want, rtol=0, atol=atol)
+  # Liger with both branches is another function: the checks above can fail.
+  both = layers.LigerAttention(D, window=window, **ARGS, rngs=nnx.Rngs(3))
+  nnx.update(both, nnx.state(swa))
+  assert max_abs(jax.jit(lambda m, x: m(x)[0])(both, x) - want) > 1e-3
+
+
 @pytest.mark.parametrize(
   "kw,match",
   [
@@ -74,6 +102,7 @@ def test_decoding_state_has_one_size_at_every_context_length():
     (dict(gate_source="query"), "gate_source: expected one of"),
     (dict(window=0), "window: expected a positive int"),
     (dict(chunk_size=0), "chunk_size: expected a positive int"),
+    (dict(window=None, recurrence=False), "recurrence: expected True, or False with a window"),
     (
       dict(rope_scaling={"rope_type": "yarn"}),
       r"rope_scaling: expected rope_type in \('llama3',\)",

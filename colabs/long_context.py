@@ -20,7 +20,7 @@
 # `longctx.apply(model, policy)` returns the model with its attention layers wrapped to read their
 # keys through the policy (the same parameter arrays): a plain model, for `jaxrec.generate`,
 # `jaxrec.inference.loglikelihood` or a call of its own. A small random model keeps this fast on a
-# CPU; `experiments/long_context.py` evaluates the policies on a trained one.
+# CPU; `experiments/long_context.py` evaluates the policies on SmolLM2-135M.
 #
 # This notebook is generated: its source of truth is `colabs/long_context.py` (jupytext percent
 # format). Edit that file, then run `jupytext --to ipynb colabs/long_context.py`;

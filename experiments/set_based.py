@@ -180,8 +180,12 @@ def _answer(graphdef, state, batch, *, set_based: bool, steps: int):
   first = jnp.argmax(last, -1).astype(jnp.int32)
   _, greedy = jax.lax.scan(step, (first, cache), None, length=steps)
 
-  # Every option's answer continues the same prefilled cache: the cache repeated per option.
-  tiled = jax.tree.map(lambda x: jnp.repeat(x, options, axis=0) if x.ndim else x, cache)
+  # Every option's answer continues the same prefilled cache: the cache repeated per option
+  # (the arrays with a batch axis; a ring's slot positions, say, have none).
+  wide = jax.eval_shape(lambda: model.init_cache(b * options, room))
+  tiled = jax.tree.map(
+    lambda x, w: jnp.repeat(x, options, axis=0) if x.shape != w.shape else x, cache, wide
+  )
   answers = batch["answers"].reshape(b * options, longest)
   out, _ = model(answers, cache=tiled)
   prev = jnp.concatenate([jnp.repeat(last, options, axis=0)[:, None], out[:, :-1]], axis=1)

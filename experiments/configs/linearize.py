@@ -17,6 +17,15 @@ from ml_collections import config_dict
 
 from experiments.configs import default as default_train_config
 
+# The accelerator version (--config.full=True): field -> value; the paper's 20M fine-tuning tokens
+# (Llama-3-8B) at 8 x 1024.
+FULL = {
+  "finetune_tokens": 20_000_000,
+  "batch_size": 8,
+  "seq_len": 1024,
+  "eval_batches": 64,
+}
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -29,12 +38,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.corpus = "stdlib"
   config.teacher_run = _teacher_run()  # how the default teacher is trained
   config.study = ""  # "" (one conversion, config.liger) or "ablations" (RESULTS.md)
+  config.settings = ""  # with study=ablations: the settings to run (comma-separated); "": all
 
   config.liger = ml_collections.ConfigDict()
   config.liger.variant = "gla"  # or "hgrn2"
   # Sliding-window keys, an eighth of the 128-token context (the paper: 64 of 1024 and more);
   # 0: no softmax branch (the "w/o SWA" ablation).
   config.liger.window = 16
+  # False: the sliding window alone, no recurrence (the "SWA only" ablation).
+  config.liger.recurrence = True
   config.liger.hybrid_every = 0  # keep softmax attention every N layers; 0: convert every layer
   config.liger.gate_source = "key"  # or "projection" (a random gate projection, an ablation)
 
@@ -56,6 +68,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.probe.gap = 64  # filler tokens between the pairs and the queries (> liger.window)
   config.probe.sequences = 64
 
+  # Also measured for every model: the decoding state after state_context tokens (0: the
+  # teacher's context), the committed multiple-choice set's accuracy (models with a chat template;
+  # mcq = the number of questions, -1 all, 0 none) and a greedy answer to sample.prompt (after
+  # fine-tuning; sample.always: also the teacher and the converted model).
+  config.state_context = 0
+  config.mcq = 0
+  config.sample = ml_collections.ConfigDict()
+  config.sample.prompt = ""
+  config.sample.max_new_tokens = 48
+  config.sample.always = False
+
+  config.full = False  # the accelerator version (FULL above)
   config.export = True  # the merged model: a Hugging Face directory or a jaxrec run
   config.progress = config_dict.placeholder(bool)  # progress bars; default: on a terminal
   return config

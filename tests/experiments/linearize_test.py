@@ -9,9 +9,15 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from flax import nnx
+from testing_utils import train_chat_bpe
 
-from jaxrec.models import load_pretrained
+import jaxrec
+from experiments import set_based
+from jaxrec.data import end_of_turn_ids, tokenizer_from_gguf
+from jaxrec.inference import loglikelihood
+from jaxrec.models import LM, LMConfig, load_pretrained, save_pretrained
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TEACHER = REPO / "tests" / "fixtures" / "llama" / "llama"
@@ -63,3 +69,101 @@ def test_linearizes_a_hugging_face_teacher_and_exports_it(tmp_path):
   assert "--config.study: expected '' or 'ablations', got 'all'" in bad.stderr
   bad = _run(tmp_path / "bad", "--config.corpus=wiki")
   assert "--config.corpus: expected one of stdlib, python_reference" in bad.stderr
+
+
+def test_a_chat_teachers_ablations_measure_state_accuracy_and_answers(tmp_path):
+  """A random Llama with a chat tokenizer as the teacher (what SmolLM2 is at full size), the
+  ablation study cut to Liger-GLA and the sliding window alone: each model is measured by its
+  decoding state (the teacher's KV cache at its context, the students' constant), the
+  multiple-choice accuracy (equal to picking by ``loglikelihood`` question by question) and a
+  greedy chat answer (equal to ``jaxrec.generate`` on the rendered prompt); RESULTS.md gets the
+  real-model section with its verdict."""
+  pytest.importorskip("gguf")
+  pytest.importorskip("jinja2")
+  folder = tmp_path / "chat-llama"
+  tokenizer = tokenizer_from_gguf(train_chat_bpe()[1])
+  cfg = LMConfig(
+    vocab_size=tokenizer.vocab_size,
+    d_model=32,
+    num_layers=2,
+    mixer_pattern=("attention",),
+    num_heads=4,
+    num_kv_heads=2,
+    init_std=0.5,
+    max_seq_len=512,  # the multiple-choice prompts of this small tokenizer reach 260 tokens
+  )
+  save_pretrained(LM(cfg, rngs=nnx.Rngs(0)), folder, tokenizer=tokenizer)
+  flags = [
+    f"--config.teacher={folder}",
+    "--config.corpus=python_reference",
+    "--config.study=ablations",
+    "--config.settings=swa-only,liger-gla",
+    "--config.finetune_tokens=256",  # one step of 8 x 32
+    "--config.mcq=3",
+    "--config.sample.prompt=Hi",
+    "--config.sample.max_new_tokens=3",
+    "--config.sample.always=True",
+    "--config.export=False",
+  ]
+  argv = [sys.executable, "-m", "experiments.linearize", f"--workdir={tmp_path / 'w'}"]
+  argv += [*TINY[1:], *flags]
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", PYTHONPATH=str(REPO))
+  done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = json.loads((tmp_path / "results" / "linearize_chat_llama.json").read_text())
+  assert list(results) == ["teacher", "liger-gla", "swa-only"]
+
+  teacher = load_pretrained(folder, dtype="float32")
+  t = results["teacher"]
+  # The teacher's KV cache at its 512-token context: keys and values of 2 heads of width 8 in 2
+  # layers, fp32 (and the cache's bookkeeping); every student's state is smaller and constant.
+  kv = 2 * 2 * 512 * 2 * 8 * 4
+  assert kv <= t["state_bytes"] < kv * 1.2 and t["state_context"] == 512
+  for name in ("liger-gla", "swa-only"):
+    assert results[name]["finetuned"]["state_bytes"] < kv / 2, name
+  # The window alone keeps the ring of 4 keys and values per layer, no recurrent state.
+  ring = 2 * 2 * 4 * 2 * 8 * 4
+  assert ring <= results["swa-only"]["finetuned"]["state_bytes"] < 2 * ring
+
+  questions = set_based.load_questions(set_based.QUESTIONS)[:3]
+  end = end_of_turn_ids(tokenizer)[0]
+  correct = []
+  for q in questions:
+    prefix, lines, suffix = set_based.render(tokenizer, q, range(3))
+    prompt = prefix + [i for line in lines for i in line] + suffix
+    scores = []
+    for option in q["options"]:
+      answer = [*tokenizer.encode(option), end]
+      logp = loglikelihood(teacher, np.asarray([prompt + answer], np.int32))
+      scores.append(float(np.asarray(logp)[0, -len(answer) :].sum()))
+    correct.append(int(np.argmax(scores)) == q["answer"])
+  assert t["mcq"] == pytest.approx(np.mean(correct)) and t["mcq_chance"] == pytest.approx(1 / 3)
+
+  chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+  gen = jaxrec.generate(
+    teacher, [tokenizer.encode(chat)], 3, stop_tokens=end_of_turn_ids(tokenizer)
+  )
+  assert t["sample"] == tokenizer.decode(gen.rows()[0], skip_special_tokens=True)
+
+  text = (tmp_path / "RESULTS.md").read_text()
+  assert "## Liger on chat-llama" in text and "**Verdict: " in text and "**Claim**" in text
+  assert "| swa-only |" in text and "decode state MB at 512 tokens" in text
+  bad = _run(tmp_path / "bad", "--config.study=ablations", "--config.settings=liger,no-swa")
+  assert "--config.settings: expected names of liger-gla" in bad.stderr
+
+
+def test_the_smollm2_config_sets_only_fields_of_the_launchers_config():
+  """A mistyped field in ``configs/linearize_smollm2.py`` would add a new field silently."""
+  from experiments.configs import linearize as base
+  from experiments.configs import linearize_smollm2 as real
+
+  def fields(config, prefix=""):
+    out = set()
+    for key, value in config.items():
+      out |= fields(value, f"{prefix}{key}.") if hasattr(value, "items") else {prefix + key}
+    return out
+
+  config = real.get_config()
+  assert fields(config) == fields(base.get_config())
+  assert (config.teacher, config.liger.window, config.lora.rank) == ("smollm2-135m", 64, 8)
+  assert config.lora.targets == "q_proj,k_proj,v_proj" and config.study == "ablations"

@@ -953,6 +953,30 @@ CHATML_TEMPLATE = (
 )
 
 
+def save_chat_llama(folder, *, seed=0, **cfg):
+  """A random 2-layer Llama (width 32, 4 query and 2 key heads, weights of std 0.5 so that its
+  predictions differ from token to token; ``cfg`` overrides ``LMConfig`` fields) with a chat
+  tokenizer (``train_chat_bpe``), written to ``folder`` as a Hugging Face directory: what
+  SmolLM2-135M-Instruct is to the launchers, at a test's size. Returns ``(model, tokenizer)``."""
+  from jaxrec.data import tokenizer_from_gguf
+  from jaxrec.models import LM, LMConfig, save_pretrained
+
+  tokenizer = tokenizer_from_gguf(train_chat_bpe()[1])
+  config = dict(
+    vocab_size=tokenizer.vocab_size,
+    d_model=32,
+    num_layers=2,
+    mixer_pattern=("attention",),
+    num_heads=4,
+    num_kv_heads=2,
+    init_std=0.5,
+    max_seq_len=512,
+  )
+  model = LM(LMConfig(**config | cfg), rngs=nnx.Rngs(seed))
+  save_pretrained(model, folder, tokenizer=tokenizer)
+  return model, tokenizer
+
+
 def execute_notebook(source, probe: str, workdir, monkeypatch, **env) -> tuple[object, dict]:
   """Executes the jupytext notebook ``source`` on CPU (one device) in ``workdir`` with jaxrec
   imported from this checkout and ``env`` set, then the ``probe`` cell, which must print one JSON

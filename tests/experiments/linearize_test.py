@@ -11,13 +11,13 @@ import sys
 import numpy as np
 import pytest
 from flax import nnx
-from testing_utils import train_chat_bpe
+from testing_utils import save_chat_llama
 
 import jaxrec
 from experiments import set_based
-from jaxrec.data import end_of_turn_ids, tokenizer_from_gguf
+from jaxrec.data import end_of_turn_ids
 from jaxrec.inference import loglikelihood
-from jaxrec.models import LM, LMConfig, load_pretrained, save_pretrained
+from jaxrec.models import load_pretrained
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TEACHER = REPO / "tests" / "fixtures" / "llama" / "llama"
@@ -81,18 +81,8 @@ def test_a_chat_teachers_ablations_measure_state_accuracy_and_answers(tmp_path):
   pytest.importorskip("gguf")
   pytest.importorskip("jinja2")
   folder = tmp_path / "chat-llama"
-  tokenizer = tokenizer_from_gguf(train_chat_bpe()[1])
-  cfg = LMConfig(
-    vocab_size=tokenizer.vocab_size,
-    d_model=32,
-    num_layers=2,
-    mixer_pattern=("attention",),
-    num_heads=4,
-    num_kv_heads=2,
-    init_std=0.5,
-    max_seq_len=512,  # the multiple-choice prompts of this small tokenizer reach 260 tokens
-  )
-  save_pretrained(LM(cfg, rngs=nnx.Rngs(0)), folder, tokenizer=tokenizer)
+  # A 512-token context: the multiple-choice prompts of its small tokenizer reach 260 tokens.
+  _, tokenizer = save_chat_llama(folder, max_seq_len=512)
   flags = [
     f"--config.teacher={folder}",
     "--config.corpus=python_reference",

@@ -17,14 +17,12 @@ import warnings
 
 import numpy as np
 import pytest
-from flax import nnx
-from testing_utils import lm_logits_atol, train_chat_bpe
+from testing_utils import lm_logits_atol, save_chat_llama
 
 from experiments import long_context as lc
 from experiments.configs import long_context as lc_config
-from jaxrec.data import tokenizer_from_gguf
 from jaxrec.inference import loglikelihood, longctx
-from jaxrec.models import LM, LMConfig, load_pretrained, save_pretrained
+from jaxrec.models import load_pretrained
 
 pytest.importorskip("gguf")
 
@@ -68,18 +66,7 @@ COMMON = [
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   folder = tmp_path_factory.mktemp("tiny-llama")
-  tokenizer = tokenizer_from_gguf(train_chat_bpe()[1])
-  cfg = LMConfig(
-    vocab_size=tokenizer.vocab_size,
-    d_model=32,
-    num_layers=2,
-    mixer_pattern=("attention",),
-    num_heads=4,
-    num_kv_heads=2,
-    init_std=0.5,
-    max_seq_len=CONTEXT,
-  )
-  save_pretrained(LM(cfg, rngs=nnx.Rngs(0)), folder, tokenizer=tokenizer)
+  _, tokenizer = save_chat_llama(folder, max_seq_len=CONTEXT)
   return folder, tokenizer
 
 

@@ -9,16 +9,15 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-from testing_utils import assert_close, lm_logits_atol, max_abs, rounding_atol, train_chat_bpe
+from testing_utils import assert_close, lm_logits_atol, max_abs, rounding_atol, save_chat_llama
 
 import jaxrec
 from experiments import set_based as sb
 from experiments.configs import set_based as sb_config
 from jaxrec import train
-from jaxrec.data import end_of_turn_ids, tokenizer_from_gguf
+from jaxrec.data import end_of_turn_ids
 from jaxrec.inference import loglikelihood, longctx
-from jaxrec.models import LM, LMConfig, load_pretrained, save_pretrained
+from jaxrec.models import load_pretrained
 
 pytest.importorskip("gguf")
 pytest.importorskip("jinja2")
@@ -34,18 +33,7 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   folder = tmp_path_factory.mktemp("tiny-llama")
-  tokenizer = tokenizer_from_gguf(train_chat_bpe()[1])
-  cfg = LMConfig(
-    vocab_size=tokenizer.vocab_size,
-    d_model=32,
-    num_layers=2,
-    mixer_pattern=("attention",),
-    num_heads=4,
-    num_kv_heads=2,
-    init_std=0.5,
-    max_seq_len=512,
-  )
-  save_pretrained(LM(cfg, rngs=nnx.Rngs(0)), folder, tokenizer=tokenizer)
+  _, tokenizer = save_chat_llama(folder)
   questions = folder / "questions.json"
   questions.write_text(json.dumps(QUESTIONS))
   config = sb_config.get_config()

@@ -185,7 +185,9 @@ def text_file_corpus(
 
   Raises:
     FileNotFoundError: a path does not exist or a pattern matches nothing.
-    ValueError: a file is neither ``.txt`` nor ``.jsonl``, or there are no documents.
+    ValueError: a file is neither ``.txt`` nor ``.jsonl``, is unreadable, a ``.txt`` file holds
+      no text (only whitespace), or there are no documents. (A ``.jsonl`` line whose text is
+      empty raises when it is read, naming the file and the line.)
   """
   if isinstance(paths_or_globs, str | os.PathLike):
     paths_or_globs = [paths_or_globs]
@@ -203,7 +205,13 @@ def text_file_corpus(
 
   file_index, offsets, lines = [], [], []
   for i, path in enumerate(paths):
+    if not os.access(path, os.R_OK):
+      raise ValueError(f"paths_or_globs: {path!r} is not readable")
     if path.endswith(".txt"):
+      if _blank(path):
+        raise ValueError(
+          f"paths_or_globs: {path!r} holds no text (a document must have some); remove it"
+        )
       file_index.append(i)
       offsets.append(-1)
       lines.append(0)
@@ -245,6 +253,15 @@ def _nonblank_lines(path: str) -> Iterable[tuple[int, int]]:
       offset += len(line)
 
 
+def _blank(path: str) -> bool:
+  """Whether the file holds only whitespace (read in blocks, stopping at the first text)."""
+  with open(path, encoding="utf-8", errors="replace") as f:
+    while block := f.read(1 << 16):
+      if block.strip():
+        return False
+  return True
+
+
 def _jsonl_text(line: bytes, path: str, line_number: int, text_field: str) -> str:
   where = f"{path}:{line_number}"
   try:
@@ -256,6 +273,8 @@ def _jsonl_text(line: bytes, path: str, line_number: int, text_field: str) -> st
   text = record[text_field]
   if not isinstance(text, str):
     raise ValueError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
+  if not text.strip():
+    raise ValueError(f"{where}: field {text_field!r} holds no text (a document must have some)")
   return text
 
 

@@ -130,6 +130,29 @@ def test_wrong_extension_and_empty(tmp_path):
     text_file_corpus(_write(tmp_path / "empty.jsonl", "\n\n"))
 
 
+def test_empty_and_unreadable_documents_are_refused_naming_the_file(tmp_path):
+  good = _write(tmp_path / "good.txt", "some text")
+  for name, text in (("empty.txt", ""), ("blank.txt", " \n\t\n")):
+    with pytest.raises(ValueError, match=rf"{name}' holds no text"):
+      text_file_corpus([good, _write(tmp_path / name, text)])
+  corpus = text_file_corpus(_write(tmp_path / "lines.jsonl", '{"text": "a"}\n{"text": "  "}\n'))
+  assert corpus[0] == "a"
+  with pytest.raises(ValueError, match=r"lines.jsonl:2: field 'text' holds no text"):
+    corpus[1]
+
+
+def test_unreadable_files_are_refused_naming_the_file(tmp_path):
+  locked = _write(tmp_path / "locked.txt", "text")
+  os.chmod(locked, 0)
+  try:
+    if os.access(locked, os.R_OK):  # root reads anything: nothing to refuse
+      pytest.skip("this user can read a file without permissions")
+    with pytest.raises(ValueError, match=r"locked.txt' is not readable"):
+      text_file_corpus(locked)
+  finally:
+    os.chmod(locked, 0o600)
+
+
 def test_python_reference_topics_split_by_name_and_complete():
   from pydoc_data.topics import topics
 

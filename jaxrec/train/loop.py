@@ -31,6 +31,33 @@ from jaxrec.train import checkpoint, config_checks, distributed, metrics, optim,
 from jaxrec.train.trainer import Trainer
 
 
+def _warn_if_schedule_stretched(config, workdir: str, step: int) -> None:
+  """Warns when ``config.steps`` lengthens the schedule a resumed run followed so that its
+  learning rate at ``step`` rises (a finished cosine run trained further)."""
+  record = run_record.read(workdir)
+  planned = (record or {}).get("config", {}).get("steps")
+  if not isinstance(planned, int) or planned >= config.steps:
+    return
+  opt = optim.OptimConfig(**config.optim)
+  before = float(opt.make_schedule(planned)(step))
+  after = float(opt.make_schedule(config.steps)(step))
+  if after > before * (1 + 1e-6):
+    logging.warning(
+      "--config.steps=%d stretches the %s schedule this run followed over %d steps: the learning "
+      "rate at step %d rises from %.3g to %.3g and decays again to step %d. To continue a "
+      "finished run with a schedule of its own, start a new one from it "
+      "(--config.init_from=%s).",
+      config.steps,
+      opt.schedule,
+      planned,
+      step,
+      before,
+      after,
+      config.steps,
+      workdir,
+    )
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, given: Collection[str] | None = None
 ) -> dict[str, Any]:
@@ -110,6 +137,8 @@ def train_and_evaluate(
       f"--config.steps: the run in {workdir} is at step {saved[-1]} (its latest checkpoint); "
       f"expected more steps to train it further, got {config.steps}"
     )
+  if config.resume:
+    _warn_if_schedule_stretched(config, workdir, saved[-1])
   if not config.resume:
     state = trainer.init()
     if config.init_from:

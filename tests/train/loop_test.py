@@ -1,5 +1,6 @@
 """train_and_evaluate: an interrupted and resumed run equals an uninterrupted one."""
 
+import logging
 import os
 
 import numpy as np
@@ -49,7 +50,7 @@ def _train_losses(workdir):
   return {s: r["loss"] for s, r in metrics.read_metrics(workdir)["train"].items()}
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch, caplog):
   straight = tmp_path / "straight"
   result = loop.train_and_evaluate(tiny_config(), str(straight))
   assert result["step"] == STEPS
@@ -89,6 +90,16 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
   for key, value in flat_straight.items():
     np.testing.assert_allclose(flat_resumed[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
   assert int(flat_resumed["step"]) == STEPS
+
+  # Training the finished run further stretches its cosine schedule (the learning rate rises
+  # again): the run says so. A constant schedule would not change, and would not warn.
+  further = tiny_config()
+  further.resume, further.steps = True, STEPS + 2
+  with caplog.at_level(logging.WARNING):
+    loop.train_and_evaluate(further, str(straight))
+  (warning,) = [r.getMessage() for r in caplog.records if "stretches" in r.getMessage()]
+  assert f"--config.steps={STEPS + 2} stretches the cosine schedule" in warning
+  assert f"over {STEPS} steps: the learning rate at step {STEPS} rises" in warning
 
 
 def _flatten(tree, prefix=""):

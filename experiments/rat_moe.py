@@ -31,7 +31,6 @@ import time
 import jax
 import tqdm
 from absl import app, logging
-from ml_collections import config_flags
 
 from experiments import _bench, _cli, _rat_moe_report, _results
 from jaxrec import data as data_lib
@@ -42,11 +41,9 @@ from jaxrec.inference import evaluate_recall
 from jaxrec.models import LMConfig, get_preset, param_count
 
 PARTS = ("lm", "mqar", "moe")
-_CONFIG = config_flags.DEFINE_config_file(
-  "config",
-  os.path.join(os.path.dirname(__file__), "configs", "rat_moe.py"),
+_CONFIG = _cli.define_config_flag(
   "The experiment's configuration file.",
-  lock_config=True,
+  os.path.join(os.path.dirname(__file__), "configs", "rat_moe.py"),
 )
 
 

@@ -126,7 +126,16 @@ def train_and_evaluate(
   abstract = trainer.abstract
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
   logging.info(
-    "model (preset %s) %s: %.2fM parameters", config.model.preset, model_cfg, num_params / 1e6
+    "model (preset %s): %d layers %s, d_model %d, %d heads, vocabulary %d, context %d: %.2fM "
+    "parameters (the whole config is in run.json)",
+    config.model.preset,
+    model_cfg.num_layers,
+    ",".join(model_cfg.layer_mixers),
+    model_cfg.d_model,
+    model_cfg.num_heads,
+    model_cfg.vocab_size,
+    model_cfg.max_seq_len,
+    num_params / 1e6,
   )
 
   # ---- Initialize or restore --------------------------------------------------------------------

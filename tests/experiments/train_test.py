@@ -238,6 +238,33 @@ def test_user_errors_are_one_line_naming_the_flag(tmp_path, flag, message):
   lines = _messages(result.stderr)
   assert len(lines) == 1 and lines[0].startswith(message), result.stderr
   assert not (tmp_path / "run").exists()
+  assert "Unable to initialize backend" not in result.stderr  # no TPU probe noise on a CPU
+
+
+def test_help_lists_the_config_fields_and_print_config_resolves_them(tmp_path):
+  env = _env()
+  shown = _run([sys.executable, "-m", "experiments.train", "--help"], tmp_path, env)
+  assert shown.returncode == 0, shown.stderr[-2000:]
+  assert "--workdir: Directory for checkpoints" in shown.stdout
+  # Every field with its default, and the config file's comment on it.
+  for field, value in _fields(default.get_config()):
+    assert f"--config.{field}={value!r}" in shown.stdout, field
+  assert "--config.checkpoint_every=200\n      0: only the final checkpoint" in shown.stdout
+
+  argv = [sys.executable, "-m", "experiments.train", "--print_config", "--config.steps=7"]
+  printed = _run([*argv, "--config.model.preset=small-hybrid"], tmp_path, env)
+  assert printed.returncode == 0, printed.stderr[-2000:]
+  assert re.search(r"^steps: 7$", printed.stdout, re.M)
+  assert re.search(r"^  preset: small-hybrid$", printed.stdout, re.M)
+  assert os.listdir(tmp_path) == []  # nothing trained, nothing written
+
+
+def _fields(config, prefix=""):
+  for key, value in config.items():
+    if hasattr(value, "items"):
+      yield from _fields(value, f"{prefix}{key}.")
+    else:
+      yield prefix + key, value
 
 
 def _messages(stderr: str) -> list[str]:

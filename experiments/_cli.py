@@ -22,7 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxrec.train import CheckpointError, ConfigError
+from jaxrec.train import CheckpointError, ConfigError, TrainingInterrupted
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 
@@ -76,6 +76,9 @@ def short_errors():
     yield
   except _USER_ERRORS as e:
     sys.exit(f"error: {e}")
+  except TrainingInterrupted as e:
+    print(e, file=sys.stderr)
+    sys.exit(128 + e.signal_number)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -16,7 +16,13 @@ from jaxrec.sharding import (
 from jaxrec.train.checkpoint import Checkpointer, CheckpointError, restore_params
 from jaxrec.train.config_checks import ConfigError, model_config, parse_list, validate_config
 from jaxrec.train.distributed import global_batch
-from jaxrec.train.loop import restore_model, sample_pieces, sample_text, train_and_evaluate
+from jaxrec.train.loop import (
+  TrainingInterrupted,
+  restore_model,
+  sample_pieces,
+  sample_text,
+  train_and_evaluate,
+)
 from jaxrec.train.metrics import MetricsWriter, plot_losses, read_metrics, token_byte_lengths
 from jaxrec.train.optim import (
   OptimConfig,
@@ -46,6 +52,7 @@ __all__ = [
   "OptimConfig",
   "TrainState",
   "Trainer",
+  "TrainingInterrupted",
   "abstract_train_state",
   "batch_sharding",
   "evaluate",

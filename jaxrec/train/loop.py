@@ -11,9 +11,12 @@ when the run has its own), ``checkpoints/`` (orbax: train state + data iterator)
 can fail has passed (the config, the record, the checkpoint step).
 """
 
+import contextlib
 import math
 import os
 import re
+import signal
+import threading
 import time
 from collections.abc import Collection, Iterator
 from typing import Any
@@ -29,6 +32,50 @@ from jaxrec import sharding
 from jaxrec.models import LM
 from jaxrec.train import checkpoint, config_checks, distributed, metrics, optim, run_record
 from jaxrec.train.trainer import Trainer
+
+
+class TrainingInterrupted(Exception):
+  """A run stopped by SIGINT or SIGTERM after finishing a step and checkpointing it.
+
+  Attributes:
+    step: the step reached and saved.
+    signal_number: the signal that stopped it.
+  """
+
+  def __init__(self, step: int, signal_number: int, workdir: str):
+    self.step, self.signal_number = step, signal_number
+    name = signal.Signals(signal_number).name
+    super().__init__(
+      f"{name}: stopped after step {step}, saved in {workdir}; continue with "
+      f"--workdir={workdir} --config.resume=True"
+    )
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+  """Yields a dict whose ``"signal"`` a SIGINT or SIGTERM sets, so that the loop finishes its step
+  and checkpoints; a second SIGINT interrupts at once. Only in the main thread (Python delivers
+  signals there); elsewhere the signals keep their handlers."""
+  stop = {"signal": None}
+  if threading.current_thread() is not threading.main_thread():
+    yield stop
+    return
+
+  def request(signum, frame):
+    if stop["signal"] is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    stop["signal"] = signum
+    logging.warning(
+      "%s: finishing this step and checkpointing it (Ctrl-C again to stop at once)",
+      signal.Signals(signum).name,
+    )
+
+  previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield stop
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
 
 
 def _warn_if_schedule_stretched(config, workdir: str, step: int) -> None:
@@ -78,6 +125,7 @@ def train_and_evaluate(
   Raises:
     ConfigError: a config field is invalid, disagrees with the run record, or asks a resumed run
       for no more steps than its checkpoint has; the message names its flag.
+    TrainingInterrupted: SIGINT or SIGTERM arrived; the step under way was finished and saved.
     FileNotFoundError, FileExistsError, CheckpointError: see ``checkpoint.Checkpointer``.
   """
   # ---- The run's config -------------------------------------------------------------------------
@@ -171,6 +219,7 @@ def train_and_evaluate(
   # async machinery prints pages of errors at exit), and an interrupted run (preemption, Ctrl-C)
   # still finishes its pending saves.
   with (
+    _stop_on_signals() as stop,
     jax.set_mesh(mesh),
     checkpoint.Checkpointer(
       checkpoint_dir,
@@ -204,7 +253,11 @@ def train_and_evaluate(
         if config.eval_every and done % config.eval_every == 0 and done < config.steps:
           writer.write(done, "validation", evaluate(state))
         if done < config.steps:
-          ckpt.save(done, state, train_iter)
+          saved = ckpt.save(done, state, train_iter)
+          if stop["signal"] is not None:
+            if not saved:
+              ckpt.save(done, state, train_iter, force=True)
+            raise TrainingInterrupted(done, stop["signal"], workdir)
         writer.advance()
         if done % config.log_every == 0:
           clock, clock_step = time.perf_counter(), done

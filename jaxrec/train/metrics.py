@@ -47,7 +47,9 @@ class MetricsWriter:
   Args:
     workdir: where ``metrics.jsonl`` lives.
     total_steps: length of the run, for the bar.
-    initial_step: where the bar starts (the restored step when resuming).
+    initial_step: where the bar starts (the restored step when resuming); records of later steps,
+      which an interrupted run wrote after its last checkpoint and the resumed run repeats, are
+      dropped from the file.
     progress: show a tqdm bar; by default only when stderr is a terminal.
     write: write the file and show the bar; ``False`` on all but one process of a multi-process
       run, which then only logs.
@@ -66,6 +68,8 @@ class MetricsWriter:
     self._file = None
     if write:
       os.makedirs(workdir, exist_ok=True)
+      if initial_step and os.path.exists(self.path):
+        _drop_after(self.path, initial_step)
       self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 — closed in close()
     enabled = write and (sys.stderr.isatty() if progress is None else progress)
     self._bar = tqdm.tqdm(
@@ -96,6 +100,16 @@ class MetricsWriter:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _drop_after(path: str, step: int) -> None:
+  """Rewrites the records file ``path`` without the records of steps after ``step``."""
+  with open(path, encoding="utf-8") as f:
+    lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(lines)
+  os.replace(tmp, path)
 
 
 def read_metrics(workdir: str) -> dict[str, dict[int, dict[str, float]]]:

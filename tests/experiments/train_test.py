@@ -11,8 +11,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -270,3 +272,36 @@ def _fields(config, prefix=""):
 def _messages(stderr: str) -> list[str]:
   """stderr without absl's log lines (``I1130 00:00:00.000 ...``)."""
   return [line for line in stderr.splitlines() if not re.match(r"[IWE]\d{4} ", line)]
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_finishes_the_step_checkpoints_it_and_the_run_resumes_from_there(
+  tmp_path, signal_number
+):
+  workdir = tmp_path / "run"
+  argv = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *TINY]
+  argv += ["--config.steps=500", "--config.checkpoint_every=1000", "--config.eval_every=0"]
+  proc = subprocess.Popen(
+    argv, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
+  rows = workdir / "metrics.jsonl"
+  deadline = time.monotonic() + 300
+  while not (rows.exists() and len(rows.read_text().splitlines()) >= 2):
+    assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+    time.sleep(0.2)
+  proc.send_signal(signal_number)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 128 + signal_number, stderr[-2000:]
+  assert "Traceback" not in stderr
+  name = signal.Signals(signal_number).name
+  (line,) = [m for m in _messages(stderr) if m.startswith(f"{name}: stopped after step")]
+  step = int(re.match(rf"{name}: stopped after step (\d+), saved in ", line).group(1))
+  assert line.endswith(f"continue with --workdir={workdir} --config.resume=True")
+  assert 2 <= step < 500 and os.listdir(workdir / "checkpoints") == [str(step)]
+
+  resume = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}"]
+  _ok(_run([*resume, "--config.resume=True", f"--config.steps={step + 2}"], tmp_path, _env()))
+  records = [json.loads(x) for x in rows.read_text().splitlines()]
+  keys = [(r["step"], r["split"]) for r in records]
+  assert len(keys) == len(set(keys)), keys  # no step recorded twice
+  assert sorted(s for s, split in keys if split == "train") == list(range(1, step + 3))

@@ -24,17 +24,19 @@ def test_jsonl_records_and_plot(tmp_path):
       writer.write(step, "train", {"loss": 5.0 - step, "bits_per_byte": np.float32(7.0 - step)})
       writer.advance()
     writer.write(4, "validation", {"loss": 1.5, "bits_per_byte": 2.5})
-  # A resumed run appends: the later record of a step wins.
+  records = metrics.read_metrics(str(tmp_path))
+  assert records["validation"][4]["bits_per_byte"] == 2.5
+  # A run resumed from its checkpoint at step 2 repeats steps 3 and 4: the records the first run
+  # wrote after its checkpoint are dropped, so no step is recorded twice.
   with metrics.MetricsWriter(
     str(tmp_path), total_steps=4, initial_step=2, progress=False
   ) as writer:
     writer.write(3, "train", {"loss": 1.75, "bits_per_byte": 3.0})
-  lines = (tmp_path / metrics.METRICS_FILE).read_text().splitlines()
-  assert json.loads(lines[0]) == {"step": 1, "split": "train", "loss": 4.0, "bits_per_byte": 6.0}
+  lines = [json.loads(x) for x in (tmp_path / metrics.METRICS_FILE).read_text().splitlines()]
+  assert lines[0] == {"step": 1, "split": "train", "loss": 4.0, "bits_per_byte": 6.0}
+  assert [(r["step"], r["split"]) for r in lines] == [(1, "train"), (2, "train"), (3, "train")]
   records = metrics.read_metrics(str(tmp_path))
-  assert sorted(records["train"]) == [1, 2, 3, 4]
-  assert records["train"][3]["loss"] == 1.75
-  assert records["validation"][4]["bits_per_byte"] == 2.5
+  assert records["train"][3]["loss"] == 1.75 and "validation" not in records
   png = metrics.plot_losses(str(tmp_path))
   with open(png, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -71,6 +71,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.resume = False
   config.init_from = config_dict.placeholder(str)  # a run's workdir to take the parameters from
   config.progress = config_dict.placeholder(bool)  # progress bar; default: when on a terminal
+  # TensorBoard event files in <workdir>/tensorboard (the metrics, the config, the sample) beside
+  # metrics.jsonl: tensorboard --logdir <workdir>/tensorboard
+  config.tensorboard = True
+  # Trace this many steps with jax.profiler into <workdir>/profile, after the first two (which
+  # compile); 0: none.
+  config.profile_steps = 0
 
   config.sample = ml_collections.ConfigDict()
   config.sample.prompt = "def "

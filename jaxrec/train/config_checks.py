@@ -194,6 +194,10 @@ def validate_config(
     _check_positive(f"--config.{name}", config[name])
   for name in ("eval_every", "checkpoint_every"):
     _check_non_negative(f"--config.{name}", config[name])
+  if "profile_steps" in config:
+    _check_non_negative("--config.profile_steps", config.profile_steps)
+  if "tensorboard" in config and not isinstance(config.tensorboard, bool):
+    raise ConfigError(f"--config.tensorboard: expected True or False, got {config.tensorboard!r}")
   _check_positive("--config.eval_batches", config.eval_batches)
   _check_positive("--config.max_to_keep", config.max_to_keep)
   _check_positive("--config.data.seq_len", config.data.seq_len)

@@ -78,6 +78,38 @@ def _stop_on_signals():
       signal.signal(s, handler)
 
 
+PROFILE_DIR = "profile"
+
+
+@contextlib.contextmanager
+def _profiled(steps: int, start: int, workdir: str | None):
+  """Yields ``profile(done, state)``, to call after each step: a ``jax.profiler`` trace of
+  ``steps`` steps from the third after ``start`` (the first two compile) into
+  ``<workdir>/profile``; nothing when ``steps`` is 0 or ``workdir`` is ``None``."""
+  first, last = start + 2, start + 2 + steps
+  tracing = False
+
+  def profile(done, state):
+    nonlocal tracing
+    if not steps or workdir is None:
+      return
+    if done == first:
+      jax.block_until_ready(state)
+      jax.profiler.start_trace(os.path.join(workdir, PROFILE_DIR))
+      tracing = True
+    elif done == last and tracing:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      tracing = False
+      logging.info("profile of steps %d-%d in %s", first + 1, last, workdir)
+
+  try:
+    yield profile
+  finally:
+    if tracing:
+      jax.profiler.stop_trace()
+
+
 def _warn_if_schedule_stretched(config, workdir: str, step: int) -> None:
   """Warns when ``config.steps`` lengthens the schedule a resumed run followed so that its
   learning rate at ``step`` rises (a finished cosine run trained further)."""
@@ -239,12 +271,22 @@ def train_and_evaluate(
     # Throughput over each logging interval, timed from the end of the previous one (after its
     # evaluation and checkpoint) to the host sync of this one; the first includes compiling.
     clock, clock_step = time.perf_counter(), start
-    with metrics.MetricsWriter(
-      workdir, config.steps, start, progress=config.progress, write=primary
-    ) as writer:
+    with (
+      metrics.MetricsWriter(
+        workdir,
+        config.steps,
+        start,
+        progress=config.progress,
+        write=primary,
+        tensorboard=config.tensorboard,
+      ) as writer,
+      _profiled(config.profile_steps, start, workdir if primary else None) as profile,
+    ):
+      writer.text("config", f"```\n{config.to_json(indent=2)}\n```", start)
 
       def after_step(done, state, step_metrics):
         nonlocal train_metrics, clock, clock_step
+        profile(done, state)
         if done % config.log_every == 0 or done == config.steps:
           train_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
           elapsed = time.perf_counter() - clock
@@ -275,6 +317,8 @@ def train_and_evaluate(
     plot = metrics.plot_losses(workdir)
     with open(os.path.join(workdir, metrics.SAMPLE_FILE), "w", encoding="utf-8") as f:
       f.write(sample)
+    if config.tensorboard:
+      metrics.write_text(workdir, "sample", config.sample.prompt + sample, config.steps)
     bits = "bits_per_byte" if "bits_per_byte" in final else "bits_per_token"
     print(
       f"step {config.steps}: validation {bits.replace('_', ' ')} {final[bits]:.4f}, plot {plot}"

@@ -24,6 +24,7 @@ from jaxrec.data import ByteTokenizer
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 SAMPLE_FILE = "sample.txt"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray | None:
@@ -53,6 +54,8 @@ class MetricsWriter:
     progress: show a tqdm bar; by default only when stderr is a terminal.
     write: write the file and show the bar; ``False`` on all but one process of a multi-process
       run, which then only logs.
+    tensorboard: also write every record's values as TensorBoard scalars (``split/name``) into
+      ``<workdir>/tensorboard`` (tensorboardX's event files), and ``text`` there.
   """
 
   def __init__(
@@ -63,9 +66,11 @@ class MetricsWriter:
     progress: bool | None = None,
     *,
     write: bool = True,
+    tensorboard: bool = False,
   ):
     self.path = os.path.join(workdir, METRICS_FILE)
     self._file = None
+    self._board = _board(workdir) if write and tensorboard else None
     if write:
       os.makedirs(workdir, exist_ok=True)
       if initial_step and os.path.exists(self.path):
@@ -81,6 +86,10 @@ class MetricsWriter:
     if self._file is not None:
       self._file.write(json.dumps(record) + "\n")
       self._file.flush()
+    if self._board is not None:
+      for name, value in record.items():
+        if name not in ("step", "split"):
+          self._board.add_scalar(f"{split}/{name}", value, int(step))
     if self._bar.disable:  # no terminal (a batch job's log): one line per record instead
       values = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "split"))
       logging.info("step %d %s: %s", step, split, values)
@@ -90,16 +99,36 @@ class MetricsWriter:
   def advance(self, steps: int = 1) -> None:
     self._bar.update(steps)
 
+  def text(self, tag: str, text: str, step: int) -> None:
+    """``text`` under ``tag`` in TensorBoard's text tab (nothing without ``tensorboard``)."""
+    if self._board is not None:
+      self._board.add_text(tag, text, int(step))
+
   def close(self) -> None:
     self._bar.close()
     if self._file is not None:
       self._file.close()
+    if self._board is not None:
+      self._board.close()
 
   def __enter__(self) -> "MetricsWriter":
     return self
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _board(workdir: str):
+  from tensorboardX import SummaryWriter
+
+  return SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+
+
+def write_text(workdir: str, tag: str, text: str, step: int) -> None:
+  """``text`` under ``tag`` in the TensorBoard event files of ``workdir``."""
+  board = _board(workdir)
+  board.add_text(tag, text, int(step))
+  board.close()
 
 
 def _drop_after(path: str, step: int) -> None:

@@ -66,6 +66,8 @@ _RESUME_MAY_CHANGE = (
   "checkpoint_every",
   "max_to_keep",
   "progress",
+  "tensorboard",
+  "profile_steps",
   "sample",
 )
 _SAMPLE_MAY_CHANGE = ("mesh", "multihost", "distributed", "sample")

@@ -1,7 +1,10 @@
 """train_and_evaluate: an interrupted and resumed run equals an uninterrupted one."""
 
+import glob
 import logging
 import os
+import pathlib
+import struct
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -52,8 +55,11 @@ def _train_losses(workdir):
 
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch, caplog):
   straight = tmp_path / "straight"
-  result = loop.train_and_evaluate(tiny_config(), str(straight))
+  config = tiny_config()
+  config.profile_steps = 1
+  result = loop.train_and_evaluate(config, str(straight))
   assert result["step"] == STEPS
+  _check_tensorboard_and_profile(straight)
 
   # Interrupt the second run right after step 2, whose checkpoint is then on disk.
   interrupted = tmp_path / "interrupted"
@@ -100,6 +106,40 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
   (warning,) = [r.getMessage() for r in caplog.records if "stretches" in r.getMessage()]
   assert f"--config.steps={STEPS + 2} stretches the cosine schedule" in warning
   assert f"over {STEPS} steps: the learning rate at step {STEPS} rises" in warning
+
+
+def _check_tensorboard_and_profile(workdir):
+  """The TensorBoard event files hold every metrics.jsonl value as a scalar, the config and the
+  sample as text; the profiler traced a step."""
+  from tensorboardX.proto import event_pb2
+
+  scalars, texts = {}, {}
+  for path in glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")):
+    data = pathlib.Path(path).read_bytes()
+    at = 0
+    while at < len(data):  # TFRecord framing: length, its CRC, the record, its CRC
+      (n,) = struct.unpack("<Q", data[at : at + 8])
+      event = event_pb2.Event.FromString(data[at + 12 : at + 12 + n])
+      at += 12 + n + 4
+      for value in event.summary.value:
+        if value.HasField("tensor"):
+          texts[value.tag] = value.tensor.string_val[0].decode()
+        else:
+          scalars[(value.tag, event.step)] = value.simple_value
+  records = metrics.read_metrics(str(workdir))
+  want = {
+    (f"{split}/{name}", step): v
+    for split, by_step in records.items()
+    for step, record in by_step.items()
+    for name, v in record.items()
+    if name not in ("step", "split")
+  }
+  assert scalars.keys() == want.keys() and ("train/loss", STEPS) in want
+  for key, value in want.items():
+    np.testing.assert_allclose(scalars[key], value, rtol=1e-6, err_msg=str(key))
+  assert '"steps": 4' in texts["config/text_summary"]
+  assert texts["sample/text_summary"].startswith(tiny_config().sample.prompt)
+  assert glob.glob(os.path.join(workdir, "profile", "**", "*.xplane.pb"), recursive=True)
 
 
 def _flatten(tree, prefix=""):

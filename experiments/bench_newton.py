@@ -145,7 +145,7 @@ def main(argv):
               it = str(iters) if method == "newton" else "–"
               print(
                 f"| {name} | {method} | {mode} | {batch} | {t} | {width} | {seconds * 1e3:.2f} "
-                f"| {batch * t / seconds:,.0f} | {ratio:.2f}× | {it} |",
+                f"| {batch * t / seconds:,.0f} | {ratio:.3g}× | {it} |",
                 flush=True,
               )
 

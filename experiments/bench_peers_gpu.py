@@ -201,7 +201,7 @@ def _print_table(rows, ref_name):
   print("|---|---|---|---:|---:|---:|")
   for name, shape, mode, ms, tokens in rows:
     base = ref.get((shape, mode))
-    ratio = f"{ms / base:.2f}×" if base else "–"
+    ratio = f"{ms / base:.3g}×" if base else "–"
     print(f"| {name} | {shape} | {mode} | {ms:.2f} | {tokens / ms * 1e3:,.0f} | {ratio} |")
 
 

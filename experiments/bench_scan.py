@@ -91,7 +91,7 @@ def _run_table(title, shapes, make_cases):
         seconds = _bench.median_seconds(jitted, *args, repeats=_REPEATS.value)
         if method == "sequential":
           baseline = seconds
-        ratio = f"{baseline / seconds:.2f}×" if baseline else "–"
+        ratio = f"{baseline / seconds:.3g}×" if baseline else "–"
         tokens = _BATCH.value * t / seconds
         print(
           f"| {method} | {shape_name} | {mode} | {seconds * 1e3:.2f} | {tokens:,.0f} | {ratio} |",

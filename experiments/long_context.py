@@ -371,7 +371,8 @@ PROTOCOLS = {
     "**Protocol.** SmolLM2-135M-Instruct, fp32, prompts inside its 8192-token context. NLL of the "
     "last tokens of real-text windows, scored by teacher-forced decoding after a full-attention "
     "prefill of the rest (the papers' setting: these methods change decoding); passkey prompts as "
-    "in the section above. Every compressing method keeps the same budget of keys per head: the "
+    "LM-Infinite's (built token by token to the exact length, the needle at each depth, greedy "
+    "answer, exact match of its first number). Every compressing method keeps the same budget of keys per head: the "
     "sink + window baseline is LM-Infinite's Λ-mask with 4 sink tokens and a window of the rest "
     "(StreamingLLM-like: the prefill is windowed too); Recycled Attention's recycled cache (it "
     "still holds the full cache for its full steps); SnapKV's capacity."
@@ -555,7 +556,8 @@ def _write_results(results: dict, command: str) -> None:
     f"## {SECTIONS[part]}\n\n{CLAIMS[part]}\n\n{PROTOCOLS[part]}\n\n{tables(results)}\n\n"
     f"![NLL and passkey]({png})\n\n{verdict(results)}\n\n"
     f"Data: `{json_path}`. The evaluation took {results['seconds']:.0f} s with a peak RSS of "
-    f"{results['peak_rss_mb']:.0f} MB (backend {jax.default_backend()}, {os.cpu_count()} cores). "
+    f"{results['peak_rss_mb']:.0f} MB (backend {jax.default_backend()}, {os.cpu_count()} cores, "
+    "shared with other jobs). "
     f"Command:\n\n```\n{command}\n```\n\n"
   )
   _results.write_section("RESULTS.md", SECTIONS[part], section)

@@ -24,7 +24,7 @@
 #   goes from layer to layer, so each layer's routing can depend on the earlier layers' choices.
 #
 # The papers' smallest experiments (a sweep over `L`, MQAR, the router ablations) are
-# `python -m experiments.rat_moe` (see RESULTS.md).
+# `python -m experiments.rat_moe --config.out_dir=runs/rat_moe` (see RESULTS.md).
 #
 # This notebook is generated: its source of truth is `colabs/rat_moe.py` (jupytext percent
 # format). Edit that file, then run `jupytext --to ipynb colabs/rat_moe.py`;

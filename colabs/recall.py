@@ -19,7 +19,8 @@
 # attention)` and `(baseconv, based)`, on the same MQAR rows for 2000 steps of 16 examples, then
 # scores them with the plain prompt and with JRT-Prompt (the context shown twice before the
 # questions). A CPU takes a minute or two. The full study, every registered mixer across state
-# sizes, set disjointness and counting, is `python -m experiments.recall` (see RESULTS.md).
+# sizes, set disjointness and counting, is
+# `python -m experiments.recall --config.out_dir=runs/recall` (see RESULTS.md).
 #
 # This notebook is generated: its source of truth is `colabs/recall.py` (jupytext percent
 # format). Edit that file, then run `jupytext --to ipynb colabs/recall.py`;

@@ -128,6 +128,9 @@ def _help(argv: list[str]) -> str:
   own = flags.FLAGS.main_module_help().strip()
   if own:
     parts.append(own)
+  shared = flags.FLAGS.module_help("experiments._results").strip()  # --publish
+  if shared:
+    parts.append(shared)
   given = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
   path = given[-1] if given else (_CONFIG_FILE[0] if _CONFIG_FILE else None)
   if path and os.path.isfile(path):

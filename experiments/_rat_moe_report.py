@@ -9,6 +9,8 @@ import statistics
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from experiments import _results
+
 SECTION = "RAT and RMoE: the papers' smallest experiments"
 # The RMoE paper's names (Table 4): SMoE is the linear router, NP the GRU without the state
 # passed between layers.
@@ -29,23 +31,29 @@ _STATS = (
 )
 
 
-def write(results: dict, out_dir: str, results_md: str, write_section) -> None:
-  """Writes ``rat_moe.json``, ``rat_moe.png`` under ``out_dir`` and the section of ``results_md``
-  (``write_section(path, title, text)``). ``results`` holds the parts that ran (``lm``, ``mqar``,
-  ``moe``: each its command, machine, settings and runs); the other parts come from the JSON of an
-  earlier run, if any, so one part can be rerun alone."""
+def write(results: dict, out_dir: str, publish: str | None = None) -> list[str]:
+  """Writes ``rat_moe.json``, ``rat_moe.png`` and the report under ``out_dir`` (and, with
+  ``publish``, into that checkout's ``results/`` and ``RESULTS.md``; ``_results.write_report``).
+  ``results`` holds the parts that ran (``lm``, ``mqar``, ``moe``: each its command, machine,
+  settings and runs); the other parts come from the JSON of an earlier run, if any (the published
+  one, then ``out_dir``'s), so one part can be rerun alone. Returns the reports written."""
   os.makedirs(out_dir, exist_ok=True)
   json_path, png_path = (os.path.join(out_dir, f"rat_moe.{ext}") for ext in ("json", "png"))
-  if os.path.exists(json_path):
-    with open(json_path, encoding="utf-8") as f:
-      results = {**json.load(f), **results}
+  earlier = [json_path]
+  if publish:
+    earlier.insert(0, os.path.join(publish, "results", "rat_moe.json"))
+  merged = {}
+  for path in earlier:
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        merged |= json.load(f)
+  results = merged | results
   with open(json_path, "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1)
   plot(results, png_path)
-  md_dir = os.path.dirname(os.path.abspath(results_md))
-  rel = {p: os.path.relpath(os.path.abspath(p), md_dir) for p in (json_path, png_path)}
-  write_section(results_md, SECTION, section(results, rel[png_path], rel[json_path]))
-  print(section(results, rel[png_path], rel[json_path]))
+  text = lambda link: section(results, link(png_path), link(json_path))
+  print(text(os.path.basename))
+  return _results.write_report(out_dir, [json_path, png_path], text, publish=publish)
 
 
 def _order(results: dict) -> list[str]:
@@ -108,8 +116,9 @@ def section(results: dict, png: str, json_path: str) -> str:
   return f"""## {SECTION}
 
 RAT (arXiv 2507.04416) and RMoE (arXiv 2408.06793) at the sizes two CPU cores allow.
-`python -m experiments.rat_moe` runs all three parts below; each part gives the command that
-produced it (`--config.experiments=lm`, `mqar` or `moe` reruns one and keeps the others).
+`python -m experiments.rat_moe --config.out_dir=runs/rat_moe --publish=.` runs all three parts
+below; each part gives the command that produced it (`--config.experiments=lm`, `mqar` or `moe`
+reruns one and keeps the others).
 
 {body}
 

@@ -14,7 +14,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from experiments._results import write_section
+from experiments import _results
 from jaxrec import data as data_lib
 from jaxrec.data import tasks as tasks_lib
 
@@ -73,32 +73,51 @@ def tokens_per_letter(task: tasks_lib.Counting) -> float:
 # Outputs.
 
 
-def write(results: dict, out_dir: str, results_md: str) -> None:
-  """``recall.json``, the plots and the ``RESULTS.md`` section."""
+def write(results: dict, out_dir: str, publish: str | None = None) -> list[str]:
+  """``recall.json``, the plots of the tasks that ran and the report under ``out_dir`` (and, with
+  ``publish``, in that checkout's ``results/recall/`` and ``RESULTS.md``). Returns the reports."""
   os.makedirs(out_dir, exist_ok=True)
-  paths = {name: os.path.join(out_dir, f"{name}.png") for name in ("mqar", "sets", "counting")}
   runs = results["runs"]
+  paths = {name: os.path.join(out_dir, f"{name}.png") for name in ("mqar", "sets", "counting")}
+  for path in paths.values():  # a plot of an earlier sweep in out_dir is not this one's
+    if os.path.exists(path):
+      os.remove(path)
   _plot_state(_family(runs, "mqar"), None, paths["mqar"], "MQAR accuracy")
   _plot_state(_family(runs, "sets"), _family(runs, "sets_jrt"), paths["sets"], "set disjointness")
   _plot_counting([r for r in runs if r["family"].startswith("counting:")], paths["counting"])
-  json_path = os.path.join(out_dir, "recall.json")
-  with open(json_path, "w", encoding="utf-8") as f:
+  paths = {k: p for k, p in paths.items() if os.path.exists(p)}
+  paths["json"] = os.path.join(out_dir, "recall.json")
+  with open(paths["json"], "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1)
-  md_dir = os.path.dirname(os.path.abspath(results_md))
-  rel = {
-    k: os.path.relpath(os.path.abspath(p), md_dir) for k, p in {**paths, "json": json_path}.items()
-  }
-  write_section(results_md, SECTION, section(results, rel))
-  print(f"wrote {json_path}, the plots and the section {SECTION!r} of {results_md}")
+  files = list(paths.values())
+  tokenizer = os.path.join(out_dir, "tokenizer.json")
+  if "counting" in paths and os.path.exists(tokenizer):
+    files.append(tokenizer)
+  text = lambda link: section(results, {k: link(p) for k, p in paths.items()})
+  written = _results.write_report(out_dir, files, text, publish=publish, subdir="recall")
+  print(f"wrote {', '.join(files)} and the section {SECTION!r} of {', '.join(written)}")
+  return written
 
 
 def section(results: dict, paths: dict[str, str]) -> str:
+  """The section; ``paths`` links the JSON and the plots that were drawn (``mqar``, ``sets``,
+  ``counting``); a task that did not run gets no subsection."""
   runs = results["runs"]
   config = results["config"]
   notes = "".join(f"\n- {n}" for n in results["notes"])
+  parts = [
+    ("MQAR", mqar_table(runs), "mqar", "MQAR accuracy against state bytes"),
+    ("Set disjointness", sets_table(runs), "sets", "set disjointness accuracy against state bytes"),
+    ("Counting", counting_table(runs), "counting", "counting exact match by length"),
+  ]
+  tasks = "".join(
+    f"### {title}\n\n{table}\n\n" + (f"![{alt}]({paths[key]})\n\n" if key in paths else "")
+    for title, table, key, alt in parts
+    if table != "No runs."
+  )
   return f"""## {SECTION}
 
-Every registered mixer (and `swa`, attention with a window of {config["window"]}) in
+{_who(runs, config)} in
 {config["num_layers"]}-layer `(baseconv, mixer)` models of width {config["d_models"]} (Based/PLA
 feature dim = width / {config["feature_dim_ratio"]}), trained from scratch with AdamW (lr
 {config["learning_rate"]}, cosine, batch {config["batch_size"]}), at most {config["steps"]} steps,
@@ -106,7 +125,7 @@ stopped early at validation accuracy {config["target_accuracy"]}; every number i
 {config["test_examples"]} fresh test examples. MQAR: vocabulary {config["mqar"]["vocab_size"]},
 {config["mqar"]["num_pairs"]} pairs in {config["mqar"]["seq_len"]} tokens. Set disjointness:
 vocabulary {config["sets"]["vocab_size"]}, sizes |A|x|B| {config["sets"]["sizes"]} mixed in
-training. Counting: alphabet `{config["counting"]["alphabet"]}`, letter
+training. Counting{_counted(runs)}: alphabet `{config["counting"]["alphabet"]}`, letter
 `{config["counting"]["letter"]}`, lengths {config["counting"]["lengths"]}, a byte-level BPE of
 {config["counting"]["bpe_vocab_size"]} tokens trained on the task's texts. State bytes: the
 decoding state after the prompt (batch 1): KV caches for attention, a ring of the window's
@@ -117,25 +136,7 @@ the sweep took {results["seconds"] / 60:.1f} minutes.{_scale(config)}{notes}
 
 {verdict(runs, config["num_layers"])}
 
-### MQAR
-
-{mqar_table(runs)}
-
-![MQAR accuracy against state bytes]({paths["mqar"]})
-
-### Set disjointness
-
-{sets_table(runs)}
-
-![set disjointness accuracy against state bytes]({paths["sets"]})
-
-### Counting
-
-{counting_table(runs)}
-
-![counting exact match by length]({paths["counting"]})
-
-Data: `{paths["json"]}`. Command:
+{tasks}Data: `{paths["json"]}`. Command:
 
 ```
 {results["command"]}
@@ -143,12 +144,28 @@ Data: `{paths["json"]}`. Command:
 """
 
 
+def _who(runs, config) -> str:
+  """The mixers that ran on MQAR and set disjointness, said as they are: the whole registry or
+  the ones named."""
+  ran = list(dict.fromkeys(r["variant"] for r in runs if not r["family"].startswith("counting:")))
+  names = ", ".join(f"`{m}`" for m in ran)
+  swa = f"; `swa` is attention with a window of {config['window']}" if "swa" in ran else ""
+  if config["mixers"] == "all":
+    return f"Every registered mixer this sweep can configure ({names}{swa})"
+  return f"The mixers {names} ({swa[2:]})" if swa else f"The mixers {names}" if ran else "No mixer"
+
+
+def _counted(runs) -> str:
+  counted = dict.fromkeys(r["variant"] for r in runs if r["family"].startswith("counting:"))
+  return f" (mixers {', '.join(f'`{m}`' for m in counted)})" if counted else " (not run)"
+
+
 def _scale(config) -> str:
   if config["full"]:
     return " This is the paper-scale sweep (`--config.full=True`)."
   return (
     " This is the CPU-sized sweep; the paper-scale one, for an accelerator, is `python -m "
-    "experiments.recall --config.full=True` (widths 36-128, 4 layers, 20k steps, MQAR with "
+    "experiments.recall --config.out_dir=runs/recall_full --config.full=True` (widths 36-128, 4 layers, 20k steps, MQAR with "
     "vocabulary 8192 and 64 pairs in 256 tokens, JRT's set sizes)."
   )
 

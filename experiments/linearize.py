@@ -19,8 +19,9 @@ The config is ``experiments/configs/linearize.py``. In order:
    factors, and a random gate projection, are the only trainable parameters), evaluation, the
    probe, and the merged model exported to ``DIR/<setting>/export``: a Hugging Face directory
    for a Hugging Face teacher, a jaxrec run (``experiments.sample --workdir`` reads it) otherwise.
-4. ``DIR/linearize.json`` and a table; with ``--config.study=ablations`` also
-   ``results/linearize.{json,png}`` and the section of ``RESULTS.md``.
+4. ``DIR/linearize.json`` and a table; with ``--config.study=ablations`` also the report:
+   ``DIR/linearize[_TEACHER].{json,png}`` and ``DIR/RESULTS.md``, and with ``--publish=.`` the
+   same files in ``results/`` and the section of the checkout's ``RESULTS.md``.
 """
 
 import copy
@@ -77,6 +78,7 @@ CORPORA = {
 _CONFIG = _cli.define_config_flag("Linearization configuration file.", CONFIG_FILE)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the teacher, runs and exports.")
 flags.mark_flags_as_required(["workdir"])
+_PUBLISH = _results.define_publish_flag()
 
 
 def linearize(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -558,7 +560,10 @@ def _samples(results: dict) -> str:
   return "\n".join(rows)
 
 
-def _write_results(results: dict, unit: str, config, out_dir: str, results_md: str) -> None:
+def _write_results(
+  results: dict, unit: str, config, out_dir: str, publish: str | None = None
+) -> list[str]:
+  """The JSON, the plot and the report under ``out_dir`` (and ``publish``)."""
   os.makedirs(out_dir, exist_ok=True)
   title, stem = _outputs(config)
   json_path = os.path.join(out_dir, f"{stem}.json")
@@ -581,19 +586,19 @@ def _write_results(results: dict, unit: str, config, out_dir: str, results_md: s
   )
   real = "mcq" in results["teacher"]
   seconds = sum(r.get("seconds", 0.0) for r in results.values())
-  section = (
+  section = lambda link: (
     f"## {title}\n\n"
     + (f"{CLAIM}\n\n{PROTOCOL}\n\n" if real else "")
     + f"{setup}\n\n{_table(results, unit)}\n\n"
     + (f"Greedy answers to {config.sample.prompt!r}:\n\n{_samples(results)}\n\n" if real else "")
-    + f"![LoRA fine-tuning curves]({png})\n\n"
+    + f"![LoRA fine-tuning curves]({link(png)})\n\n"
     + (f"{verdict(results, unit)}\n\n" if real else "")
-    + f"Data: `{json_path}`. "
+    + f"Data: `{link(json_path)}`. "
     + (f"The run took {seconds:.0f} s. " if seconds else "")
     + f"Command (backend {jax.default_backend()}, {os.cpu_count()} cores, shared with other "
     f"jobs):\n\n```\n{command}\n```\n\n"
   )
-  _results.write_section(results_md, title, section)
+  return _results.write_report(out_dir, [json_path, png], section, publish=publish)
 
 
 def main(argv):
@@ -604,7 +609,8 @@ def main(argv):
     results = linearize(config, _WORKDIR.value)
   if config.study == "ablations":
     unit = next(k for k in results["teacher"] if k != "mqar")
-    _write_results(results, unit, config, "results", "RESULTS.md")
+    for path in _write_results(results, unit, config, _WORKDIR.value, _PUBLISH.value):
+      print(f"wrote the section {_outputs(config)[0]!r} of {path}")
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ and the median time of a decoding step after the longest prompt (from the stream
 passkey answers); the process's peak RSS. Prompts are prefilled in chunks of
 ``--config.prefill_chunk`` tokens, so memory grows with the chunk and the cache.
 
-Writes ``DIR/long_context_PART.json``, ``results/long_context_PART.{json,png}`` and the section
-of ``RESULTS.md``.
+Writes ``DIR/long_context_PART.{json,png}`` and ``DIR/RESULTS.md`` (the report); with
+``--publish=.`` also ``results/long_context_PART.{json,png}`` and the section of ``RESULTS.md``.
 """
 
 import json
@@ -544,23 +544,26 @@ def _plot(results: dict, path: str) -> None:
   fig.savefig(path, dpi=100)
 
 
-def _write_results(results: dict, command: str) -> None:
+def _write_results(
+  results: dict, command: str, out_dir: str, publish: str | None = None
+) -> list[str]:
+  """``long_context_PART.{json,png}`` and the report under ``out_dir`` (and ``publish``)."""
   part = results["part"]
-  os.makedirs("results", exist_ok=True)
-  json_path = os.path.join("results", f"long_context_{part}.json")
-  png = os.path.join("results", f"long_context_{part}.png")
+  os.makedirs(out_dir, exist_ok=True)
+  json_path = os.path.join(out_dir, f"long_context_{part}.json")
+  png = os.path.join(out_dir, f"long_context_{part}.png")
   with open(json_path, "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1)
   _plot(results, png)
-  section = (
+  section = lambda link: (
     f"## {SECTIONS[part]}\n\n{CLAIMS[part]}\n\n{PROTOCOLS[part]}\n\n{tables(results)}\n\n"
-    f"![NLL and passkey]({png})\n\n{verdict(results)}\n\n"
-    f"Data: `{json_path}`. The evaluation took {results['seconds']:.0f} s with a peak RSS of "
+    f"![NLL and passkey]({link(png)})\n\n{verdict(results)}\n\n"
+    f"Data: `{link(json_path)}`. The evaluation took {results['seconds']:.0f} s with a peak RSS of "
     f"{results['peak_rss_mb']:.0f} MB (backend {jax.default_backend()}, {os.cpu_count()} cores, "
     "shared with other jobs). "
     f"Command:\n\n```\n{command}\n```\n\n"
   )
-  _results.write_section("RESULTS.md", SECTIONS[part], section)
+  return _results.write_report(out_dir, [json_path, png], section, publish=publish)
 
 
 def main(argv):
@@ -571,11 +574,14 @@ def main(argv):
   print(tables(results))
   print(verdict(results))
   command = " ".join(["python -m experiments.long_context", *sys.argv[1:]])
-  _write_results(results, command)
+  for path in _write_results(results, command, flags.FLAGS.workdir, flags.FLAGS.publish):
+    print(f"wrote the section {SECTIONS[results['part']]!r} of {path}")
 
 
 if __name__ == "__main__":
   # Flags are defined when this runs as a program, not on import (see experiments/set_based.py).
   _cli.define_config_flag("Long-context evaluation configuration file.", CONFIG_FILE)
   flags.DEFINE_string("workdir", None, "Directory for the results.")
+  flags.mark_flag_as_required("workdir")
+  _results.define_publish_flag()
   _cli.run(main)

@@ -5,12 +5,14 @@ data, steps, seed and schedule (``experiments/configs/default.py`` with the over
 after another. Then, from the final checkpoint, it measures the Newton iterations of the ParaRNN
 layers on a validation batch (mean of ``NewtonInfo.iterations`` over layers and rows, at
 initialization and trained) and the training throughput (timed train steps after a warm-up).
-It writes ``<out_dir>/pararnn_lm.{json,png}`` and the section "ParaRNN LMs vs GLA and attention"
-of ``RESULTS.md`` (replaced on rerun).
+It writes ``DIR/pararnn_lm.{json,png}`` and ``DIR/RESULTS.md`` (the report; with ``--publish=.``
+also ``results/pararnn_lm.{json,png}`` and the section "ParaRNN LMs vs GLA and attention" of the
+checkout's ``RESULTS.md``, replaced on rerun).
 
-  python -m experiments.pararnn_lm                           # tiny: about 15 minutes on 2 CPU cores
-  python -m experiments.pararnn_lm --steps=2000 --d_model=256 --num_layers=6 --seq_len=512
-  python -m experiments.pararnn_lm --size_overrides=paragru.mlp_hidden=448
+  python -m experiments.pararnn_lm --workdir=DIR       # tiny: about 15 minutes on 2 CPU cores
+  python -m experiments.pararnn_lm --workdir=DIR --steps=2000 --d_model=256 --num_layers=6 \
+    --seq_len=512
+  python -m experiments.pararnn_lm --workdir=DIR --size_overrides=paragru.mlp_hidden=448
 
 The default sizes already give parameter counts within 2% of each other (the ParaRNN block's
 dense in/gate/out projections match attention's four ``D×D`` maps); ``--size_overrides`` sets any
@@ -25,7 +27,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 
 import jax
@@ -35,7 +36,7 @@ from flax import nnx
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from experiments._results import write_section
+from experiments import _cli, _results
 from experiments.configs import default as default_config
 from jaxrec import data as data_lib
 from jaxrec import layers, sharding
@@ -70,10 +71,10 @@ _THROUGHPUT_STEPS = flags.DEFINE_integer(
   "throughput_steps", 10, "Train steps timed for tokens/s, after one warm-up step."
 )
 _WORKDIR = flags.DEFINE_string(
-  "workdir", None, "Parent of the runs' work directories; default a fresh temporary directory."
+  "workdir", None, "Directory of the runs (one folder per mixer) and of the report."
 )
-_OUT_DIR = flags.DEFINE_string("out_dir", "results", "Where pararnn_lm.json and .png go.")
-_RESULTS_MD = flags.DEFINE_string("results_md", "RESULTS.md", "The results file to update.")
+flags.mark_flag_as_required("workdir")
+_PUBLISH = _results.define_publish_flag()
 
 
 def _config(mixer: str, overrides: dict[str, int]):
@@ -311,7 +312,7 @@ def main(argv):
       f"{_MAX_PARAM_GAP.value:.0%}: {counts}"
     )
 
-  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="pararnn_lm_")
+  workdir = _WORKDIR.value
   results = {}
   for mixer, config in configs.items():
     run_dir = os.path.join(workdir, mixer)
@@ -335,9 +336,8 @@ def main(argv):
       f"{r.get('train_tokens_per_s', math.nan):.0f} tokens/s, run {wall:.0f} s"
     )
 
-  os.makedirs(_OUT_DIR.value, exist_ok=True)
-  json_path = os.path.join(_OUT_DIR.value, "pararnn_lm.json")
-  png_path = os.path.join(_OUT_DIR.value, "pararnn_lm.png")
+  json_path = os.path.join(workdir, "pararnn_lm.json")
+  png_path = os.path.join(workdir, "pararnn_lm.png")
   settings = (
     f"Byte-level LMs on the embedded stdlib corpus: {_NUM_LAYERS.value} layers, d_model "
     f"{_D_MODEL.value}, {_NUM_HEADS.value} heads, {_STEPS.value} steps of {_BATCH_SIZE.value}×"
@@ -350,13 +350,11 @@ def main(argv):
   with open(json_path, "w", encoding="utf-8") as f:
     json.dump({"command": command, "settings": settings, "results": results}, f, indent=1)
   _plot(results, png_path)
-  md_dir = os.path.dirname(os.path.abspath(_RESULTS_MD.value))
-  png_rel, json_rel = (os.path.relpath(os.path.abspath(p), md_dir) for p in (png_path, json_path))
-  section = _section(results, command, png_rel, json_rel, settings)
-  write_section(_RESULTS_MD.value, SECTION, section)
+  section = lambda link: _section(results, command, link(png_path), link(json_path), settings)
+  written = _results.write_report(workdir, [json_path, png_path], section, publish=_PUBLISH.value)
   print(_table(results))
-  print(f"wrote {json_path}, {png_path} and the section {SECTION!r} of {_RESULTS_MD.value}")
+  print(f"wrote {json_path}, {png_path} and the section {SECTION!r} of {', '.join(written)}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main)

@@ -13,12 +13,15 @@ r"""The RAT and RMoE papers' smallest experiments, on CPU (``seed_models.md`` §
   statistics of ``LM``'s ``moe/*`` metrics. RMoE's claim: RMoE < no-recurrence ≈ SMoE < detach.
 
 Every run trains through ``jaxrec.train.Trainer`` (no checkpoints or samples: the runs are thrown
-away). It writes ``<out_dir>/rat_moe.{json,png}``
-and the section "RAT and RMoE: the papers' smallest experiments" of ``RESULTS.md``.
+away). It writes ``DIR/rat_moe.{json,png}`` and ``DIR/RESULTS.md`` (the report), ``DIR`` being
+``--config.out_dir``; with ``--publish=.`` also ``results/rat_moe.{json,png}`` and the section
+"RAT and RMoE: the papers' smallest experiments" of the checkout's ``RESULTS.md``.
 
-  python -m experiments.rat_moe                          # 20-30 min on 2 shared CPU cores
-  python -m experiments.rat_moe --config.experiments=moe --config.moe.seeds=0,1,2
-  python -m experiments.rat_moe --config.lm.steps=2000 --config.lm.d_model=256  # scale up
+  python -m experiments.rat_moe --config.out_dir=DIR     # 20-30 min on 2 shared CPU cores
+  python -m experiments.rat_moe --config.out_dir=DIR --config.experiments=moe \
+    --config.moe.seeds=0,1,2
+  python -m experiments.rat_moe --config.out_dir=DIR --config.lm.steps=2000 \
+    --config.lm.d_model=256  # scale up
 """
 
 import dataclasses
@@ -45,16 +48,22 @@ _CONFIG = _cli.define_config_flag(
   "The experiment's configuration file.",
   os.path.join(os.path.dirname(__file__), "configs", "rat_moe.py"),
 )
+_PUBLISH = _results.define_publish_flag()
 
 
-def run_experiments(config, command: str) -> dict:
+def run_experiments(config, command: str, publish: str | None = None) -> dict:
   """Runs the parts of ``config.experiments`` and returns their results; writes them into the
-  JSON (keeping the parts that did not run from an earlier run), the plot and the RESULTS.md
-  section, each part with ``command`` (the command line that ran it).
+  JSON (keeping the parts that did not run from an earlier run), the plot and the report under
+  ``config.out_dir`` (and the checkout ``publish``), each part with ``command`` (the command line
+  that ran it).
 
   Raises:
     ConfigError: a field is invalid; the message names its ``--config.*`` flag.
   """
+  if not config.out_dir:
+    raise train_lib.ConfigError(
+      "--config.out_dir: expected the folder for rat_moe.json, rat_moe.png and the report, got ''"
+    )
   parts = train_lib.parse_list(config.experiments, "--config.experiments")
   unknown = [p for p in parts if p not in PARTS]
   if unknown:
@@ -81,7 +90,7 @@ def run_experiments(config, command: str) -> dict:
         "settings": {"seed": config.seed, **config[part].to_dict()},
         "runs": runs,
       }
-  _rat_moe_report.write(results, config.out_dir, config.results_md, _results.write_section)
+  _rat_moe_report.write(results, config.out_dir, publish)
   return results
 
 
@@ -285,7 +294,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with _cli.short_errors():
-    run_experiments(_CONFIG.value, " ".join(["python -m experiments.rat_moe", *sys.argv[1:]]))
+    command = " ".join(["python -m experiments.rat_moe", *sys.argv[1:]])
+    run_experiments(_CONFIG.value, command, _PUBLISH.value)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 r"""The recall suite: every registered mixer on MQAR, set disjointness and counting.
 
-  python -m experiments.recall [--config=experiments/configs/recall.py] [--config.FIELD=VALUE]
+  python -m experiments.recall --config.out_dir=DIR [--config=experiments/configs/recall.py]
+    [--config.FIELD=VALUE] [--publish=.]
 
 For every mixer of the registry (``--config.mixers``; ``swa`` is attention with
 ``--config.window``) and every width of ``--config.d_models`` (the state sizes), a 2-layer
@@ -20,10 +21,12 @@ is the MQAR context, and the whole prompt for set disjointness). Then the counti
 (``--config.counting.mixers``) are trained on counting in each format with a small BPE tokenizer
 trained on the task's texts (where the formats tokenize differently), scored per length range.
 
-Outputs: ``<out_dir>/recall.json`` (every number, the config and the machine), ``mqar.png``,
-``sets.png`` (accuracy against recurrent-state bytes), ``counting.png``, the BPE
-``tokenizer.json``, and the section "Recall: MQAR, set disjointness, counting" of ``RESULTS.md``
-with the verdict on the papers' claims. This file parses flags and calls ``run_sweep``.
+Outputs, under ``--config.out_dir``: ``recall.json`` (every number, the config and the machine),
+``mqar.png``, ``sets.png`` (accuracy against recurrent-state bytes), ``counting.png`` (each when
+its task ran), the BPE ``tokenizer.json``, and the report ``RESULTS.md`` with the verdict on the
+papers' claims; with ``--publish=.`` the same files in ``results/recall/`` and the section "Recall:
+MQAR, set disjointness, counting" of the checkout's ``RESULTS.md``. This file parses flags and
+calls ``run_sweep``.
 """
 
 import dataclasses
@@ -38,7 +41,7 @@ import tqdm
 from absl import app, logging
 from flax import nnx
 
-from experiments import _bench, _cli, _recall_report
+from experiments import _bench, _cli, _recall_report, _results
 from experiments.configs import recall as recall_config
 from jaxrec import sharding
 from jaxrec import train as train_lib
@@ -50,6 +53,7 @@ from jaxrec.models import LM, LMConfig, mixer_names, param_count
 _CONFIG = _cli.define_config_flag(
   "Recall sweep configuration file.", default=os.path.abspath(recall_config.__file__)
 )
+_PUBLISH = _results.define_publish_flag()
 
 EVAL_BATCH = 64
 TASKS = ("mqar", "sets", "sets_jrt", "counting")
@@ -97,6 +101,10 @@ def sweep_variants(config) -> tuple[list[Variant], list[str]]:
 def run_sweep(config, given: set[str] | frozenset = frozenset()) -> dict:
   """Runs the sweep of ``config`` (module docstring); returns what ``recall.json`` holds."""
   config = _resolve(config, given)
+  if not config.out_dir:
+    raise train_lib.ConfigError(
+      "--config.out_dir: expected the folder for recall.json, the plots and the report, got ''"
+    )
   variants, notes = sweep_variants(config)
   widths = train_lib.parse_list(config.d_models, "--config.d_models", int)
   mqar = tasks_lib.MQAR(
@@ -419,7 +427,7 @@ def main(argv):
     )
   with _cli.short_errors():
     results = run_sweep(config, given=_cli.given_fields(_CONFIG))
-    _recall_report.write(results, config.out_dir, config.results_md)
+    _recall_report.write(results, config.out_dir, _PUBLISH.value)
 
 
 if __name__ == "__main__":

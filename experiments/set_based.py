@@ -31,7 +31,8 @@ the file), the worst and the best single order, and the fraction of questions wh
 every order (padding is a separate segment for vanilla, a group no token sees for Set-Based), so
 each method compiles one program.
 
-Writes ``DIR/set_based.json``, ``results/set_based.json`` and the section of ``RESULTS.md``.
+Writes ``DIR/set_based.json`` and ``DIR/RESULTS.md`` (the report); with ``--publish=.`` also
+``results/set_based.json`` and the section of ``RESULTS.md``.
 """
 
 import itertools
@@ -391,13 +392,16 @@ def verdict(results: dict) -> str:
   return f"**Verdict: {word}**: " + " ".join(parts)
 
 
-def _write_results(results: dict, workdir: str, command: str) -> None:
-  os.makedirs("results", exist_ok=True)
-  path = os.path.join("results", "set_based.json")
+def _write_results(
+  results: dict, out_dir: str, command: str, publish: str | None = None
+) -> list[str]:
+  """``set_based.json`` and the report under ``out_dir`` (and ``publish``)."""
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, "set_based.json")
   with open(path, "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1)
   m = results["methods"]
-  section = (
+  section = lambda link: (
     f"## {SECTION}\n\n{CLAIM}\n\n{PROTOCOL}\n\n"
     f"{results['questions']} questions with {results['options']} options (chance "
     f"{results['chance']:.3f}), each asked in all {len(results['orders'])} orders; "
@@ -405,10 +409,10 @@ def _write_results(results: dict, workdir: str, command: str) -> None:
     "Largest change of an option's log-likelihood between orders: vanilla "
     f"{m['vanilla']['loglik']['max_score_change']:.3g}, Set-Based "
     f"{m['set_based']['loglik']['max_score_change']:.3g} nats.\n\n{verdict(results)}\n\n"
-    f"Data: `{path}`. The evaluation took {results['seconds']:.0f} s (backend "
+    f"Data: `{link(path)}`. The evaluation took {results['seconds']:.0f} s (backend "
     f"{jax.default_backend()}, {os.cpu_count()} cores). Command:\n\n```\n{command}\n```\n\n"
   )
-  _results.write_section("RESULTS.md", SECTION, section)
+  return _results.write_report(out_dir, [path], section, publish=publish)
 
 
 def main(argv):
@@ -418,7 +422,8 @@ def main(argv):
     results = set_based_eval(flags.FLAGS.config, flags.FLAGS.workdir)
   print(tables(results))
   command = " ".join(["python -m experiments.set_based", *sys.argv[1:]])
-  _write_results(results, flags.FLAGS.workdir, command)
+  for path in _write_results(results, flags.FLAGS.workdir, command, flags.FLAGS.publish):
+    print(f"wrote the section {SECTION!r} of {path}")
 
 
 if __name__ == "__main__":
@@ -426,4 +431,6 @@ if __name__ == "__main__":
   # beside other launchers, whose --config flags would clash with its own.
   _cli.define_config_flag("Set-Based Prompting evaluation configuration file.", CONFIG_FILE)
   flags.DEFINE_string("workdir", None, "Directory for the results.")
+  flags.mark_flag_as_required("workdir")
+  _results.define_publish_flag()
   _cli.run(main)

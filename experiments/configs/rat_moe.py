@@ -19,8 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.experiments = "lm,mqar,moe"  # which parts run, comma-separated
   config.seed = 0  # parameters and data order of the lm and mqar runs
-  config.out_dir = "results"  # rat_moe.json and rat_moe.png
-  config.results_md = "RESULTS.md"
+  config.out_dir = ""  # required: rat_moe.json, rat_moe.png and the report (RESULTS.md) go here
   config.progress = True  # a progress bar over all runs' steps
 
   config.lm = ml_collections.ConfigDict()

@@ -11,9 +11,9 @@ ones (41.9 minutes).
 set sizes, widths up to 128); any field given on the command line keeps its value over the
 full-scale one.
 
-  python -m experiments.recall                                   # the CPU sweep
-  python -m experiments.recall --config.mixers=attention,based   # some mixers only
-  python -m experiments.recall --config.full=True                # paper scale (accelerator)
+  python -m experiments.recall --config.out_dir=DIR                   # the CPU sweep
+  python -m experiments.recall --config.out_dir=DIR --config.mixers=attention,based  # some only
+  python -m experiments.recall --config.out_dir=DIR --config.full=True  # paper scale (accelerator)
 """
 
 import ml_collections
@@ -71,8 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.counting.steps = 1000
   config.counting.d_model = 64
 
-  config.out_dir = "results/recall"
-  config.results_md = "RESULTS.md"
+  config.out_dir = ""  # required: recall.json, the plots, tokenizer.json and the report go here
   config.progress = True
   return config
 

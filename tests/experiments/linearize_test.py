@@ -76,8 +76,8 @@ def test_a_chat_teachers_ablations_measure_state_accuracy_and_answers(tmp_path):
   ablation study cut to Liger-GLA and the sliding window alone: each model is measured by its
   decoding state (the teacher's KV cache at its context, the students' constant), the
   multiple-choice accuracy (equal to picking by ``loglikelihood`` question by question) and a
-  greedy chat answer (equal to ``jaxrec.generate`` on the rendered prompt); RESULTS.md gets the
-  real-model section with its verdict."""
+  greedy chat answer (equal to ``jaxrec.generate`` on the rendered prompt); the workdir's report and,
+  with ``--publish``, the checkout's RESULTS.md get the real-model section with its verdict."""
   pytest.importorskip("gguf")
   pytest.importorskip("jinja2")
   folder = tmp_path / "chat-llama"
@@ -96,11 +96,14 @@ def test_a_chat_teachers_ablations_measure_state_accuracy_and_answers(tmp_path):
     "--config.export=False",
   ]
   argv = [sys.executable, "-m", "experiments.linearize", f"--workdir={tmp_path / 'w'}"]
-  argv += [*TINY[1:], *flags]
+  argv += [*TINY[1:], *flags, f"--publish={tmp_path / 'checkout'}"]
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", PYTHONPATH=str(REPO))
   done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]
-  results = json.loads((tmp_path / "results" / "linearize_chat_llama.json").read_text())
+  results = json.loads((tmp_path / "w" / "linearize_chat_llama.json").read_text())
+  for ext in ("json", "png"):
+    published = tmp_path / "checkout" / "results" / f"linearize_chat_llama.{ext}"
+    assert published.read_bytes() == (tmp_path / "w" / f"linearize_chat_llama.{ext}").read_bytes()
   assert list(results) == ["teacher", "liger-gla", "swa-only"]
 
   teacher = load_pretrained(folder, dtype="float32")
@@ -135,9 +138,12 @@ def test_a_chat_teachers_ablations_measure_state_accuracy_and_answers(tmp_path):
   )
   assert t["sample"] == tokenizer.decode(gen.rows()[0], skip_special_tokens=True)
 
-  text = (tmp_path / "RESULTS.md").read_text()
-  assert "## Liger on chat-llama" in text and "**Verdict: " in text and "**Claim**" in text
-  assert "| swa-only |" in text and "decode state MB at 512 tokens" in text
+  for report, prefix in ((tmp_path / "w", ""), (tmp_path / "checkout", "results/")):
+    text = (report / "RESULTS.md").read_text()
+    assert "## Liger on chat-llama" in text and "**Verdict: " in text and "**Claim**" in text
+    assert "| swa-only |" in text and "decode state MB at 512 tokens" in text
+    assert f"]({prefix}linearize_chat_llama.png)" in text
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["chat-llama", "checkout", "w"]
   bad = _run(tmp_path / "bad", "--config.study=ablations", "--config.settings=liger,no-swa")
   assert "--config.settings: expected names of liger-gla" in bad.stderr
 

@@ -4,8 +4,8 @@ tokenizer written as a Hugging Face directory, both parts from their flags to th
 The passkey prompts have exactly the asked length with the needle where asked; the NLL a part
 reports equals ``loglikelihood`` of the same window computed here, outside the launcher (vanilla,
 one call; a policy, through its own scoring); the cache sizes follow the policies' budgets; the
-tables, JSON, plot and RESULTS.md section are written in a fresh working directory (the
-repository's copies stay as they are).
+tables, JSON, plot and report are written under the workdir, and into a checkout's ``results/``
+and ``RESULTS.md`` only with ``--publish`` (the repository's copies stay as they are).
 """
 
 import json
@@ -70,24 +70,34 @@ def checkpoint(tmp_path_factory):
   return folder, tokenizer
 
 
-def _run(part, checkpoint, tmp_path):
+def _run(part, checkpoint, tmp_path, publish):
   folder, _ = checkpoint
   paths = ["RESULTS.md", f"results/long_context_{part}.json", f"results/long_context_{part}.png"]
   stamp = lambda: {p: (REPO / p).stat().st_mtime_ns if (REPO / p).exists() else None for p in paths}
   before = stamp()
-  argv = [sys.executable, "-m", "experiments.long_context", f"--workdir={tmp_path / 'work'}"]
+  work, checkout = tmp_path / "work", tmp_path / "checkout"
+  argv = [sys.executable, "-m", "experiments.long_context", f"--workdir={work}"]
   argv += [f"--config.part={part}", f"--config.model={folder}", *COMMON, *TINY[part]]
+  argv += [f"--publish={checkout}"] if publish else []
   env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"}
   done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   assert stamp() == before
-  results = json.loads((tmp_path / "results" / f"long_context_{part}.json").read_text())
-  assert results == json.loads((tmp_path / "work" / f"long_context_{part}.json").read_text())
-  assert (tmp_path / "results" / f"long_context_{part}.png").stat().st_size > 0
-  text = (tmp_path / "RESULTS.md").read_text()
-  assert f"## {lc.SECTIONS[part]}" in text and "**Verdict: " in text
-  assert "python -m experiments.long_context --workdir=" in text
-  assert lc.tables(results) in text and lc.tables(results) in done.stdout
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["checkout", "work"][not publish :]
+  stem = f"long_context_{part}"
+  results = json.loads((work / f"{stem}.json").read_text())
+  assert (work / f"{stem}.png").stat().st_size > 0
+  reports = [(work, "")] + [(checkout, "results/")] * publish
+  for report, prefix in reports:
+    text = (report / "RESULTS.md").read_text()
+    assert f"## {lc.SECTIONS[part]}" in text and "**Verdict: " in text
+    assert "python -m experiments.long_context --workdir=" in text
+    assert f"]({prefix}{stem}.png)" in text and f"`{prefix}{stem}.json`" in text
+    assert lc.tables(results) in text and lc.tables(results) in done.stdout
+  if publish:
+    for ext in ("json", "png"):
+      published = (checkout / "results" / f"{stem}.{ext}").read_bytes()
+      assert published == (work / f"{stem}.{ext}").read_bytes()
   return results
 
 
@@ -109,7 +119,7 @@ def test_passkey_prompts_have_the_asked_length_and_the_needle_at_its_depth(check
 
 
 def test_beyond_runs_and_its_numbers_are_the_models(checkpoint, tmp_path):
-  results = _run("beyond", checkpoint, tmp_path)
+  results = _run("beyond", checkpoint, tmp_path, publish=True)
   assert list(results["methods"]) == ["vanilla", "lm_infinite", "longheads"]
   assert results["context"] == CONTEXT
   folder, tokenizer = checkpoint
@@ -139,7 +149,7 @@ def test_beyond_runs_and_its_numbers_are_the_models(checkpoint, tmp_path):
 
 
 def test_within_runs_and_its_numbers_are_the_models(checkpoint, tmp_path):
-  results = _run("within", checkpoint, tmp_path)
+  results = _run("within", checkpoint, tmp_path, publish=False)
   assert list(results["methods"]) == [
     "vanilla",
     "sink_window",
@@ -172,3 +182,14 @@ def test_within_runs_and_its_numbers_are_the_models(checkpoint, tmp_path):
   for n in ("320", "384"):
     assert 0.75 * kv[n] < sizes["think"][n] < 0.85 * kv[n]
     assert 0.95 * kv[n] < sizes["recycled"][n] < 1.05 * kv[n]
+
+
+def test_help_lists_the_workdir_the_publish_flag_and_the_config(tmp_path):
+  argv = [sys.executable, "-m", "experiments.long_context", "--help"]
+  env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+  shown = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  assert shown.returncode == 0, shown.stderr[-2000:]
+  assert "--workdir: Directory for the results." in shown.stdout
+  assert "--publish: A jaxrec checkout whose results/ files and RESULTS.md" in shown.stdout
+  assert "--config.part=" in shown.stdout
+  assert not list(tmp_path.iterdir())

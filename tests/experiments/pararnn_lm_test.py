@@ -1,7 +1,7 @@
 """``experiments/pararnn_lm.py`` from its flags to its outputs at a tiny size: a ParaRNN LM and an
 attention LM are trained, the ParaRNN layers' Newton iterations and both models' throughput are
-measured, and the JSON, the plot and the RESULTS.md section land in the given places (the
-default run takes ~15 minutes). One subprocess: the launcher defines its absl flags at import."""
+measured, and the JSON, the plot and the report land in the workdir, and with ``--publish`` in
+the checkout's ``results/`` and ``RESULTS.md`` too (the default run takes ~15 minutes). One subprocess: the launcher defines its absl flags at import."""
 
 import json
 import os
@@ -26,15 +26,14 @@ TINY = [
 
 
 def test_a_tiny_comparison_writes_its_numbers_plot_and_section(tmp_path):
-  out, results_md = tmp_path / "out", tmp_path / "RESULTS.md"
+  out, checkout = tmp_path / "runs", tmp_path / "checkout"
   argv = [
     sys.executable,
     "-m",
     "experiments.pararnn_lm",
     *TINY,
-    f"--workdir={tmp_path / 'runs'}",
-    f"--out_dir={out}",
-    f"--results_md={results_md}",
+    f"--workdir={out}",
+    f"--publish={checkout}",
   ]
   env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"}
   done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -56,11 +55,15 @@ def test_a_tiny_comparison_writes_its_numbers_plot_and_section(tmp_path):
   assert not any(k.startswith("newton") for k in results["attention"])
 
   assert (out / "pararnn_lm.png").stat().st_size > 0
-  text = results_md.read_text()
-  assert text.startswith("# Results\n\n## ParaRNN LMs vs GLA and attention\n")
-  newton = f"{gru['newton_iterations_init']:.2f} → {gru['newton_iterations_trained']:.2f}"
-  assert f"| paragru | {gru['params']:,} | " in text and f" | {newton} | " in text
-  assert "](out/pararnn_lm.png)" in text and "`out/pararnn_lm.json`" in text
-  assert "python -m experiments.pararnn_lm --mixers=paragru,attention" in text
+  # The report in the workdir links its neighbours; the published one, the copies in results/.
+  for folder, prefix in ((out, ""), (checkout, "results/")):
+    text = (folder / "RESULTS.md").read_text()
+    assert text.startswith("# Results\n\n## ParaRNN LMs vs GLA and attention\n")
+    newton = f"{gru['newton_iterations_init']:.2f} → {gru['newton_iterations_trained']:.2f}"
+    assert f"| paragru | {gru['params']:,} | " in text and f" | {newton} | " in text
+    assert f"]({prefix}pararnn_lm.png)" in text and f"`{prefix}pararnn_lm.json`" in text
+    assert "python -m experiments.pararnn_lm --mixers=paragru,attention" in text
+  for name in ("pararnn_lm.json", "pararnn_lm.png"):
+    assert (checkout / "results" / name).read_bytes() == (out / name).read_bytes()
   assert "| attention |" in done.stdout  # the table is printed too
-  assert not (tmp_path / "results").exists()  # nothing at the default out_dir
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["checkout", "runs"]  # nothing in the cwd

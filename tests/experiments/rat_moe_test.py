@@ -1,12 +1,13 @@
 """``experiments/rat_moe.py`` at tiny sizes: every part trains, is scored and lands in the JSON, the
-plot and the RESULTS.md section; a part rerun alone keeps the others; the orderings the section
+plot and the report in ``out_dir`` and, published, in a checkout's ``results/`` and ``RESULTS.md``;
+a part rerun alone keeps the others; the orderings the section
 states are read off the numbers; settings a user can get wrong name their flag."""
 
 import json
 
 import pytest
 
-from experiments import _rat_moe_report, _results, rat_moe
+from experiments import _rat_moe_report, rat_moe
 from experiments.configs import rat_moe as rat_moe_config
 from jaxrec.train import ConfigError
 
@@ -15,8 +16,7 @@ COMMAND = "python -m experiments.rat_moe --tiny"
 
 def _tiny(tmp_path):
   config = rat_moe_config.get_config()
-  config.out_dir = str(tmp_path / "results")
-  config.results_md = str(tmp_path / "RESULTS.md")
+  config.out_dir = str(tmp_path / "out")
   config.progress = False
   for part in ("lm", "mqar", "moe"):
     c = config[part]
@@ -37,7 +37,7 @@ def _tiny(tmp_path):
 def tiny(tmp_path_factory):
   tmp_path = tmp_path_factory.mktemp("rat_moe")
   config = _tiny(tmp_path)
-  return tmp_path, config, rat_moe.run_experiments(config, COMMAND)
+  return tmp_path, config, rat_moe.run_experiments(config, COMMAND, str(tmp_path / "checkout"))
 
 
 def test_every_part_is_trained_scored_and_reported(tiny):
@@ -54,26 +54,31 @@ def test_every_part_is_trained_scored_and_reported(tiny):
   (mqar,) = results["mqar"]["runs"]
   assert 0 <= mqar["accuracy"] <= 1 and mqar["label"] == "RNN (L=T=16)"
 
-  saved = json.loads((tmp_path / "results" / "rat_moe.json").read_text())
+  saved = json.loads((tmp_path / "out" / "rat_moe.json").read_text())
   assert saved["lm"]["runs"] == json.loads(json.dumps(results["lm"]["runs"]))
-  assert (tmp_path / "results" / "rat_moe.png").stat().st_size > 0
-  text = (tmp_path / "RESULTS.md").read_text()
-  assert text.count(COMMAND) == 3
-  for title in ("### Byte-level LM", "### MQAR recall", "### MoE LM"):
-    assert title in text
-  assert "| RAT (L=4) | " in text and "| RNN (L=T=16) | " in text and "| RMoE (GRU) | " in text
-  assert "](results/rat_moe.png)" in text
+  assert (tmp_path / "out" / "rat_moe.png").stat().st_size > 0
+  for name in ("rat_moe.json", "rat_moe.png"):
+    published = tmp_path / "checkout" / "results" / name
+    assert published.read_bytes() == (tmp_path / "out" / name).read_bytes()
+  for report, prefix in (("out", ""), ("checkout", "results/")):
+    text = (tmp_path / report / "RESULTS.md").read_text()
+    assert text.count(COMMAND) == 3
+    for title in ("### Byte-level LM", "### MQAR recall", "### MoE LM"):
+      assert title in text
+    assert "| RAT (L=4) | " in text and "| RNN (L=T=16) | " in text and "| RMoE (GRU) | " in text
+    assert f"]({prefix}rat_moe.png)" in text and f"`{prefix}rat_moe.json`" in text
 
 
 def test_a_part_rerun_alone_keeps_the_others(tiny):
-  tmp_path, config, results = tiny
+  tmp_path, _, results = tiny
   lm = {**results["lm"], "command": "python -m experiments.rat_moe --config.experiments=lm"}
   lm["runs"] = [{**r, "val_bits_per_byte": r["val_bits_per_byte"] + 1} for r in lm["runs"]]
-  _rat_moe_report.write({"lm": lm}, config.out_dir, config.results_md, _results.write_section)
-  saved = json.loads((tmp_path / "results" / "rat_moe.json").read_text())
+  # Rerun into a fresh out_dir: the other parts come from the published JSON.
+  _rat_moe_report.write({"lm": lm}, str(tmp_path / "out_lm"), str(tmp_path / "checkout"))
+  saved = json.loads((tmp_path / "checkout" / "results" / "rat_moe.json").read_text())
   assert saved["lm"]["command"] == lm["command"]
   assert saved["moe"] == json.loads(json.dumps(results["moe"]))
-  text = (tmp_path / "RESULTS.md").read_text()
+  text = (tmp_path / "checkout" / "RESULTS.md").read_text()
   assert text.count(_rat_moe_report.SECTION) == 1
   assert text.count(COMMAND) == 2 and lm["command"] in text
 
@@ -151,6 +156,7 @@ def test_the_stated_orderings_follow_the_numbers():
 @pytest.mark.parametrize(
   "field, value, message",
   [
+    ("out_dir", "", r"--config.out_dir: expected the folder for rat_moe.json"),
     ("experiments", "lm,rnn", r"--config.experiments: expected names of .* got \['rnn'\]"),
     ("lm.chunk_sizes", "1,256", r"--config.lm.chunk_sizes: expected chunk lengths in \[1, "),
     ("mqar.warmup_steps", 10_000, r"--config.mqar.warmup_steps: expected at most"),

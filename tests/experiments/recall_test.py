@@ -3,12 +3,14 @@ follows its stated criteria on runs made up here (the sweep itself is too long f
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
 from flax import nnx
 
 from experiments import _recall_report
+from experiments.configs import recall as recall_config
 from jaxrec import inference, models
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -17,11 +19,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_unknown_mixer_names_the_flag(tmp_path):
   env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
   argv = [sys.executable, "-m", "experiments.recall", "--config.mixers=attention,lstm"]
+  argv.append(f"--config.out_dir={tmp_path / 'out'}")
   result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
   assert "--config.mixers: unknown ['lstm']" in result.stderr
   assert "'swa'" in result.stderr and "'pla'" in result.stderr  # the registry plus swa
-  assert not (tmp_path / "RESULTS.md").exists()
+  assert not list(tmp_path.iterdir())
 
 
 def _sets(family, variant, width, short_first, long_first):
@@ -121,7 +124,7 @@ def test_a_tiny_sweep_writes_its_numbers_plots_and_section(tmp_path):
     "--config.counting.lengths=4-6,7-8",
     "--config.progress=False",
     f"--config.out_dir={out}",
-    f"--config.results_md={tmp_path / 'RESULTS.md'}",
+    f"--publish={tmp_path / 'checkout'}",
   ]
   env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
   result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -134,7 +137,38 @@ def test_a_tiny_sweep_writes_its_numbers_plots_and_section(tmp_path):
   )
   assert all(r["steps"] <= 8 for r in runs)
   assert {p.name for p in out.glob("*.png")} == {"mqar.png", "sets.png", "counting.png"}
-  text = (tmp_path / "RESULTS.md").read_text()
-  for title in ("### Verdict on the papers' claims", "### MQAR", "### Set disjointness"):
-    assert title in text
-  assert "(d) letters merged into one token count worse" in text
+  published = tmp_path / "checkout" / "results" / "recall"
+  names = ["recall.json", "mqar.png", "sets.png", "counting.png", "tokenizer.json"]
+  assert sorted(p.name for p in published.iterdir()) == sorted(names)
+  for report, prefix in ((out, ""), (tmp_path / "checkout", "results/recall/")):
+    text = (report / "RESULTS.md").read_text()
+    for title in ("### Verdict on the papers' claims", "### MQAR", "### Set disjointness"):
+      assert title in text
+    assert "(d) letters merged into one token count worse" in text
+    assert "The mixers `based`, `swa` (`swa` is attention with a window of" in text
+    assert "Counting (mixers `based`): " in text and "Every registered" not in text
+    for name in names[:4]:
+      assert f"({prefix}{name})" in text or f"`{prefix}{name}`" in text
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["checkout", "out"]  # nothing in the cwd
+
+
+def test_the_report_shows_only_the_tasks_that_ran(tmp_path):
+  """An MQAR-only sweep: no set or counting subsection, no link to a plot that was not drawn."""
+  config = recall_config.get_config().to_dict()
+  scores = {"repeats=1": {"accuracy": 0.5}, "repeats=2": {"accuracy": 0.75}}
+  run = {"family": "mqar", "variant": "based", "d_model": 16, "state_bytes": 4096, "steps": 8}
+  results = {
+    "command": "python -m experiments.recall --config.tasks=mqar",
+    "config": {**config, "mixers": "based", "tasks": "mqar"},
+    "machine": "test",
+    "seconds": 1.0,
+    "notes": [],
+    "runs": [{**run, "scores": scores}],
+  }
+  (tmp_path / "sets.png").write_bytes(b"an earlier sweep's plot")
+  (report,) = _recall_report.write(results, str(tmp_path))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["RESULTS.md", "mqar.png", "recall.json"]
+  text = pathlib.Path(report).read_text()
+  assert "### MQAR" in text and "](mqar.png)" in text and "| based | 16 | 4,096 | 8 |" in text
+  assert "Set disjointness\n" not in text and "### Counting" not in text
+  assert "The mixers `based` in" in text and "Counting (not run): " in text

@@ -5,6 +5,7 @@ model; Set-Based: the static ``set_based`` policy of that prompt's layout), Set-
 not move with the order, and the section of RESULTS.md is written from the JSON."""
 
 import json
+import pathlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -89,16 +90,19 @@ def test_set_based_scores_do_not_move_with_the_order(run):
   assert results["methods"]["set_based"]["greedy"]["order_sensitive"] == 0.0
 
 
-def test_results_section_and_bad_questions(run, tmp_path, monkeypatch):
+def test_results_section_and_bad_questions(run, tmp_path):
   results, _, _, folder = run
   on_disk = json.loads((folder / "work" / "set_based.json").read_text())
   assert on_disk["methods"] == results["methods"]
-  monkeypatch.chdir(tmp_path)
-  sb._write_results(results, str(folder), "python -m experiments.set_based --workdir w")
-  text = (tmp_path / "RESULTS.md").read_text()
+  out, checkout = tmp_path / "out", tmp_path / "checkout"
+  command = "python -m experiments.set_based --workdir w --publish=."
+  reports = sb._write_results(results, str(out), command, publish=str(checkout))
+  assert reports == [str(out / "RESULTS.md"), str(checkout / "RESULTS.md")]
   acc = results["methods"]["set_based"]["greedy"]["accuracy"]
-  assert f"| set_based | greedy text | {acc:.3f} |" in text
-  assert json.loads((tmp_path / "results" / "set_based.json").read_text())["seconds"] > 0
+  for report, link in zip(reports, ("`set_based.json`", "`results/set_based.json`"), strict=True):
+    text = pathlib.Path(report).read_text()
+    assert f"| set_based | greedy text | {acc:.3f} |" in text and link in text and command in text
+  assert json.loads((checkout / "results" / "set_based.json").read_text())["seconds"] > 0
   bad = tmp_path / "bad.json"
   bad.write_text(json.dumps([{"question": "Q?", "options": ["twenty", "twenty-six", "x"]}]))
   with pytest.raises(train.ConfigError, match=r"--config.questions: entry 0"):

@@ -23,6 +23,7 @@ array that the checkpoint lacks at its path but holds at the path it had before 
 """
 
 import os
+import re
 
 import grain
 import jax
@@ -106,11 +107,13 @@ class Checkpointer:
     ``data_iter`` is moved, in place, to where the saved iterator was.
 
     Raises:
-      CheckpointError: the checkpoint holds other shapes than ``abstract_state`` (a different
+      CheckpointError: the checkpoint was written by another number of processes (each saved
+        its own rows' data position), holds other shapes than ``abstract_state`` (a different
         model), or cannot be read; the message names its directory, the underlying error and the
         other steps available. The files are left as they are.
     """
     step = self.latest_step() if step is None else step
+    _check_process_count(os.path.join(self.directory, str(step)))
     layout = _SavedLayout(self._manager, step, abstract_state, self.directory)
     args = ocp.args.Composite(
       state=ocp.args.StandardRestore(layout.target),
@@ -294,3 +297,23 @@ def _shape(leaf) -> tuple | str:
     return "nothing"
   shape = getattr(leaf, "shape", None)
   return np.shape(leaf) if shape is None else tuple(shape)
+
+
+def _check_process_count(step_dir: str) -> None:
+  """The data item holds one ``process_I-of-N.json`` per process (grain): the position of that
+  process's rows of the global batch. A run resumes with the ``N`` that wrote them."""
+  data_dir = os.path.join(step_dir, "data")
+  if not os.path.isdir(data_dir):
+    return  # reported by the restore itself
+  counts = {
+    int(m.group(1))
+    for name in os.listdir(data_dir)
+    if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", name))
+  }
+  if counts and jax.process_count() not in counts:
+    raise CheckpointError(
+      f"checkpoint {step_dir}: written by {max(counts)} processes, resumed by "
+      f"{jax.process_count()}; each process saved the data position of its own rows of the "
+      f"global batch, so resume with --config.multihost=True and "
+      f"--config.distributed.num_processes={max(counts)}"
+    )

@@ -91,7 +91,8 @@ class MetricsWriter:
         if name not in ("step", "split"):
           self._board.add_scalar(f"{split}/{name}", value, int(step))
     if self._bar.disable:  # no terminal (a batch job's log): one line per record instead
-      values = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "split"))
+      shown = {k: v for k, v in record.items() if k not in ("step", "split", "batch_checksum")}
+      values = ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
       logging.info("step %d %s: %s", step, split, values)
     elif split == "train" and "loss" in metrics:
       self._bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", refresh=False)

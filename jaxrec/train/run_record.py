@@ -71,6 +71,9 @@ _RESUME_MAY_CHANGE = (
   "sample",
 )
 _SAMPLE_MAY_CHANGE = ("mesh", "multihost", "distributed", "sample")
+# How this process is launched, not what the run is: always the command's (a run started on two
+# hosts resumes on one without rejoining a coordinator that no longer exists).
+_LAUNCH = ("multihost", "distributed")
 # What --config.init_from takes from the source run; the rest is the new run's own.
 _SOURCE_FIELDS = ("model", "data.tokenizer")
 
@@ -252,7 +255,7 @@ def _follow(config, record, workdir, given, fixed, rest_from_record: bool):
 
   A field that ``fixed(path)`` selects comes from the record, and a given value must agree with
   it. Any other field keeps a given value; when not given it comes from the record if
-  ``rest_from_record``, else it keeps ``config``'s.
+  ``rest_from_record`` (but never the launch fields, ``_LAUNCH``), else it keeps ``config``'s.
   """
   out = copy.deepcopy(config)
   flat = _flatten(out.to_dict())
@@ -272,7 +275,7 @@ def _follow(config, record, workdir, given, fixed, rest_from_record: bool):
       if path in given and not _agrees(path, flat[path], value, tokenizer):
         shown = tokenizer["spec"] if path == "data.tokenizer" else value
         disagreements.append((path, shown, flat[path]))
-    elif path in given or not rest_from_record:
+    elif path in given or not rest_from_record or _under(path, _LAUNCH):
       continue
     _set(out, path, _from_json(out, path, value))
   return out, disagreements

@@ -106,7 +106,8 @@ def test_the_resumed_run_trains_as_the_uninterrupted_one_did(tmp_path):
   assert sorted(got) == [1, 2, 3, 4]
   for step in (3, 4):  # the steps after the resume: parameters and Adam moments as saved
     want = expected[str(step)]
-    assert set(got[step]) == set(want) | {"tokens_per_s"}
+    # batch_checksum is younger than the fixture.
+    assert set(got[step]) == set(want) | {"tokens_per_s", "batch_checksum"}
     for key, value in want.items():
       if key != "split":
         # The old code's numbers, but for the order in which the global gradient norm (clipping,

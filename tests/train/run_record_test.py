@@ -167,6 +167,28 @@ def test_resume_takes_the_recorded_config_and_the_changes_it_allows(run):
   assert out.model.mixer_pattern == "attention" and out.model.d_model == 16
 
 
+def test_the_launch_fields_are_the_commands_never_the_records(run, tmp_path):
+  """A run started on two hosts resumes (or samples) on one: ``multihost`` and ``distributed``
+  describe how this process starts, so they are never taken from the record."""
+  workdir, _ = run
+  moved = tmp_path / "two_hosts"
+  shutil.copytree(workdir, moved)
+  record = _record(moved)
+  record["config"]["multihost"] = True
+  record["config"]["distributed"] |= {"num_processes": 2, "process_id": 1}
+  (moved / run_record.RECORD_FILE).write_text(json.dumps(record))
+  for purpose, given in (("train", {"resume"}), ("sample", set())):
+    config = default.get_config()
+    config.resume = purpose == "train"
+    out = run_record.resolve(config, str(moved), given, purpose=purpose)
+    assert out.multihost is False and out.distributed.num_processes is None, purpose
+    assert out.batch_size == 8  # the rest is the record's
+  config = default.get_config()
+  config.resume, config.multihost, config.distributed.num_processes = True, True, 4
+  out = run_record.resolve(config, str(moved), {"resume", "multihost", "distributed.num_processes"})
+  assert out.multihost is True and out.distributed.num_processes == 4
+
+
 @pytest.mark.parametrize("pattern", ["attention", "('attention',)", "attention,attention"])
 def test_a_list_flag_agrees_with_the_record_in_either_spelling(run, tmp_path, pattern):
   """The pattern as a comma-separated list or a quoted tuple (the spelling before lists were

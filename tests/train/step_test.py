@@ -228,3 +228,33 @@ def test_what_the_model_sows_joins_the_objective_and_the_metrics():
   # SGD: the update is the gradient; fp32 against float64, relative to its largest entry.
   update = (table - np.asarray(state.params["embedding"].get_value(), np.float64)) / lr
   assert_close(update, grad, rtol=0.0, atol=1e-5 * max_abs(grad))
+
+
+def _checksum_numpy(batch) -> int:
+  """``step.batch_checksum`` written out in numpy: uint64 arithmetic taken mod 2**32."""
+  total = 0
+  for i, key in enumerate(("inputs", "targets")):
+    ids = batch[key].astype(np.uint64) + 1
+    position = np.arange(ids.size, dtype=np.uint64).reshape(ids.shape)
+    weight = ((position * 2 + 2 * i + 1) * 2654435761) % 2**32
+    total += int(((ids * weight) % 2**32).sum())
+  return total % 2**32 % 2**24
+
+
+def test_batch_checksum_names_the_data_on_any_mesh():
+  """Equal on one device and sharded over eight (integer sums: no reduction order), equal to the
+  numpy form, and changed by swapping two rows or two tokens."""
+  rng = np.random.default_rng(0)
+  batch = {k: rng.integers(-1, 50_000, (B, T), dtype=np.int32) for k in ("inputs", "targets")}
+  want = _checksum_numpy(batch)
+  mesh = sharding.make_mesh(sharding.mesh_shape({"data": 4, "fsdp": 2, "tensor": 1}, 8))
+  sharded = jax.device_put(batch, sharding.batch_sharding(mesh))
+  got = jax.jit(step_lib.batch_checksum)(sharded)
+  assert int(got) == int(step_lib.batch_checksum(batch)) == want and 0 <= want < 2**24
+  assert float(np.float32(got)) == want  # exact as the float32 metric
+  swapped = {k: v[[1, 0, *range(2, B)]] for k, v in batch.items()}
+  assert int(step_lib.batch_checksum(swapped)) != want
+  moved = {k: v.copy() for k, v in batch.items()}
+  moved["inputs"][3, [4, 5]] = moved["inputs"][3, [5, 4]]
+  assert moved["inputs"][3, 4] != moved["inputs"][3, 5]  # a real swap
+  assert int(step_lib.batch_checksum(moved)) != want

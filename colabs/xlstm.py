@@ -17,8 +17,8 @@
 # `*.safetensors`, as `NX-AI/xLSTM-7b` is laid out), generate with the O(1) recurrent state, and
 # compare the size of that state with an attention KV cache as the context grows.
 #
-# By default this uses the tiny random checkpoint of jaxrec's tests
-# (`tests/fixtures/xlstm/checkpoint`, recorded with the `xlstm` package); point
+# By default the notebook first writes a tiny xLSTM with random weights in that layout
+# (`models.save_xlstm`: the files a real checkpoint has, small enough for any CPU); point
 # `JAXREC_XLSTM_CHECKPOINT` at a local copy of `NX-AI/xLSTM-7b` to load the real model (about
 # 28 GB in fp32: use a machine with the memory for it, and `dtype="bfloat16"`).
 #
@@ -70,6 +70,8 @@ else:
   )
 
 # %%
+import tempfile
+
 import jax
 import matplotlib.pyplot as plt
 import numpy as np
@@ -78,9 +80,16 @@ from flax import nnx
 import jaxrec
 from jaxrec import models
 
-default = checkout / "tests" / "fixtures" / "xlstm" / "checkpoint" if checkout else None
-CHECKPOINT = pathlib.Path(os.environ.get("JAXREC_XLSTM_CHECKPOINT", default or ""))
+if os.environ.get("JAXREC_XLSTM_CHECKPOINT"):
+  CHECKPOINT = pathlib.Path(os.environ["JAXREC_XLSTM_CHECKPOINT"])
+else:  # xLSTM 7B's architecture at a tiny size: 2 blocks of width 32, 2 heads, 64 token ids
+  tiny = models.get_preset(
+    "xlstm_7b", vocab_size=64, d_model=32, num_layers=2, num_heads=2, mlp_hidden=96
+  )
+  CHECKPOINT = pathlib.Path(tempfile.mkdtemp()) / "tiny-xlstm"
+  models.save_xlstm(models.LM(tiny, rngs=nnx.Rngs(0)), CHECKPOINT)
 print(f"jax {jax.__version__} on {jax.devices()}; checkpoint {CHECKPOINT}")
+print(sorted(p.name for p in CHECKPOINT.iterdir()))
 
 # %% [markdown]
 # ## Load the checkpoint

@@ -44,7 +44,7 @@ from jaxrec.models.registry import (
   mixer_names,
   register_mixer,
 )
-from jaxrec.models.xlstm import config_from_xlstm, load_xlstm
+from jaxrec.models.xlstm import config_from_xlstm, load_xlstm, save_xlstm
 
 __all__ = [
   "LM",
@@ -85,5 +85,6 @@ __all__ = [
   "param_count_of",
   "register_mixer",
   "save_pretrained",
+  "save_xlstm",
   "smollm2_135m",
 ]

@@ -4,7 +4,8 @@ The architecture is ``LM`` with the ``"mlstm"`` mixer (``jaxrec.layers.MLSTM``),
 and soft-capped logits: the published blocks are the same pre-norm pair of mLSTM layer and SwiGLU
 feed-forward (preset ``"xlstm_7b"``). ``load_xlstm`` reads a checkpoint in the layout of
 ``NX-AI/xLSTM-7b`` (transformers' ``xLSTMForCausalLM``): a directory with ``config.json`` and
-``*.safetensors`` files, sharded with a ``model.safetensors.index.json`` or not. Each tensor is
+``*.safetensors`` files, sharded with a ``model.safetensors.index.json`` or not; ``save_xlstm``
+writes one (for a model built here, or to hand weights to the ``xlstm`` package). Each tensor is
 read on its own with ``safetensors``' numpy API, rearranged into jaxrec's layout (head axes kept
 separate, kernels ``[in, out]``) and placed straight into its target sharding with
 ``jax.make_array_from_callback``: no device ever holds more than its shard, and the host holds one
@@ -27,6 +28,7 @@ on the leading axis of ``layers.blocks[0]``)::
   lm_head.weight [V, D]                             head.kernel [D, V]
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -39,6 +41,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from jaxrec.models.config import LMConfig
 from jaxrec.models.lm import LM
@@ -155,6 +158,113 @@ def load_xlstm(path: str | os.PathLike, *, mesh: Mesh | None = None, **overrides
       f"({len(unused)} such tensors in {path})"
     )
   return nnx.merge(graphdef, state)
+
+
+def save_xlstm(model: LM, path: str | os.PathLike) -> list[str]:
+  """Writes ``model`` as an xLSTM checkpoint in the published layout: ``config.json``
+  (transformers' ``xLSTMConfig`` keys) and ``model.safetensors``. ``load_xlstm`` of the result
+  gives the same parameters, bit for bit; a checkpoint read by ``load_xlstm`` is written back with
+  the same tensors.
+
+  Args:
+    model: an ``LM`` of ``"mlstm"`` layers only (``config_from_xlstm``'s architecture), with or
+      without ``scan_layers``.
+    path: a new or empty directory.
+
+  Returns:
+    The files written, relative to ``path``.
+
+  Raises:
+    ValueError: a model the published architecture cannot express (naming the field).
+    FileExistsError: ``path`` already holds a checkpoint.
+  """
+  cfg = model.cfg
+  if set(cfg.layer_mixers) != {"mlstm"}:
+    raise ValueError(f"model: expected only 'mlstm' layers, got {cfg.layer_mixers}")
+  config = _xlstm_config(cfg)
+  # What config.json cannot say: the compute setup, and the initialization of the input gate.
+  kept = {
+    f: getattr(cfg, f) for f in ("max_seq_len", "dtype", "param_dtype", "scan_layers", "remat")
+  }
+  kept["mlstm"] = {"igate_bias_init": cfg.options("mlstm").igate_bias_init}
+  back = config_from_xlstm(config, **kept)
+  differ = [
+    f.name
+    for f in dataclasses.fields(cfg)
+    if f.name not in ("mlp_hidden", "mlp_ratio", "init_std")
+    and getattr(back, f.name) != getattr(cfg, f.name)
+  ]
+  if back.mlp_dim != cfg.mlp_dim:
+    differ.append("mlp_hidden")
+  if differ:
+    raise ValueError(
+      f"model: the published xLSTM architecture cannot express its {differ} "
+      f"({', '.join(f'{n}={getattr(cfg, n)!r}' for n in differ[:3])})"
+    )
+  path = os.fspath(path)
+  if os.path.exists(os.path.join(path, "config.json")) or os.path.exists(os.path.join(path, INDEX)):
+    raise FileExistsError(f"path: {path} already holds a checkpoint; expected a new directory")
+  tensors = {}
+  for key_path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    rule, stacked = _rule([_Key(k) for k in key_path], cfg)
+    value = np.asarray(jax.device_get(variable[...]))
+    names = rule.names(cfg.num_layers) if stacked else [rule.name]
+    for name, part in zip(names, value if stacked else [value], strict=True):
+      tensors[name] = _published(part, rule)
+  os.makedirs(path, exist_ok=True)
+  save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(config, f, indent=2)
+  return ["model.safetensors", "config.json"]
+
+
+class _Key(NamedTuple):
+  key: str
+
+
+def _published(value: np.ndarray, rule: "_Rule") -> np.ndarray:
+  """A jaxrec parameter in the published layout (``_rearranged`` backwards)."""
+  if rule.same_shape:
+    return np.ascontiguousarray(value)
+  if rule.num_in is None:
+    return np.ascontiguousarray(value.reshape(-1))
+  matrix = value.reshape(math.prod(value.shape[: rule.num_in]), -1)
+  return np.ascontiguousarray(matrix.T)
+
+
+def _xlstm_config(cfg: LMConfig) -> dict:
+  """The ``config.json`` that ``config_from_xlstm`` reads back as ``cfg``'s architecture."""
+  mlstm = cfg.options("mlstm")
+  # The published FFN width is round_up(d · 2.667, multiple); any other width is written as its
+  # own multiple.
+  factor, multiple = next(
+    ((2.667, m) for m in (64, 16) if int((cfg.d_model * 2.667 + m - 1) // m) * m == cfg.mlp_dim),
+    (cfg.mlp_dim / cfg.d_model, cfg.mlp_dim),
+  )
+  return {
+    "architectures": ["xLSTMForCausalLM"],
+    "model_type": "xlstm",
+    "vocab_size": cfg.vocab_size,
+    "embedding_dim": cfg.d_model,
+    "hidden_size": cfg.d_model,
+    "num_blocks": cfg.num_layers,
+    "num_hidden_layers": cfg.num_layers,
+    "num_heads": cfg.num_heads,
+    "use_bias": False,
+    "norm_eps": cfg.norm_eps,
+    "add_out_norm": True,
+    "qk_dim_factor": mlstm.qk_dim_factor,
+    "v_dim_factor": mlstm.v_dim_factor,
+    "chunk_size": mlstm.chunk_size,
+    "eps": mlstm.eps,
+    "ffn_proj_factor": factor,
+    "ffn_round_up_to_multiple_of": multiple,
+    "gate_soft_cap": mlstm.gate_soft_cap,
+    "output_logit_soft_cap": cfg.logit_soft_cap,
+    "weight_mode": "single",
+    "tie_word_embeddings": cfg.tie_embeddings,
+    "torch_dtype": str(np.dtype(cfg.param_dtype)),
+  }
 
 
 # ----------------------------------------------------------------------------------------------

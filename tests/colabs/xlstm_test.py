@@ -1,5 +1,5 @@
-"""``colabs/xlstm``: the .ipynb matches its jupytext source, and the notebook runs on CPU on the
-tiny fixture checkpoint (tests/fixtures/xlstm)."""
+"""``colabs/xlstm``: the .ipynb matches its jupytext source, and the notebook runs on CPU outside
+the checkout, on the tiny checkpoint it writes itself (``models.save_xlstm``)."""
 
 import pathlib
 
@@ -13,7 +13,6 @@ nbformat = pytest.importorskip("nbformat", reason="the [colab] extra is not inst
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SOURCE = REPO / "colabs" / "xlstm.py"
 NOTEBOOK = REPO / "colabs" / "xlstm.ipynb"
-CHECKPOINT = REPO / "tests" / "fixtures" / "xlstm" / "checkpoint"
 # Read back from the kernel after the notebook's own cells have run.
 _PROBE = """\
 import json
@@ -23,6 +22,7 @@ print(json.dumps({
   "state_bytes": state_bytes,
   "kv_bytes": kv_bytes,
   "contexts": contexts,
+  "files": sorted(p.name for p in CHECKPOINT.iterdir()),
 }))
 """
 
@@ -40,9 +40,9 @@ def test_ipynb_matches_its_jupytext_source():
 
 
 def test_notebook_loads_generates_and_its_state_does_not_grow(tmp_path, monkeypatch):
-  nb, probe = execute_notebook(
-    SOURCE, _PROBE, tmp_path, monkeypatch, JAXREC_XLSTM_CHECKPOINT=str(CHECKPOINT)
-  )
+  monkeypatch.delenv("JAXREC_XLSTM_CHECKPOINT", raising=False)
+  nb, probe = execute_notebook(SOURCE, _PROBE, tmp_path, monkeypatch)
+  assert probe["files"] == ["config.json", "model.safetensors"]
   assert probe["tokens_shape"] == [1, 8 + 16]
   assert probe["same"]  # generate's decoding from the state = the full forward's argmax
   assert len(set(probe["state_bytes"])) == 1  # constant in the context length

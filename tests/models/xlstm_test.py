@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 from testing_utils import assert_close, lm_logits_atol, max_abs, mlstm_exponent_terms, rounding_atol
 
 import jaxrec.layers.mlstm
-from jaxrec.models import LM, config_from_xlstm, get_preset, load_xlstm, param_count
+from jaxrec.models import LM, config_from_xlstm, get_preset, load_xlstm, param_count, save_xlstm
 from jaxrec.sharding import make_mesh
 
 CHECKPOINT = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "xlstm" / "checkpoint"
@@ -117,6 +117,45 @@ def test_single_file_checkpoint_scanned_onto_a_mesh(tmp_path):
   assert isinstance(kernel.sharding, NamedSharding) and kernel.sharding.mesh == mesh
   assert kernel.sharding.spec == P(None, "fsdp", "tensor")
   _assert_logits(model, lengths=(40,))
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_save_writes_the_published_checkpoint_back(tmp_path, scan_layers):
+  """The xlstm package's checkpoint, read and written by jaxrec: every tensor equal to its file,
+  bit for bit (the published names, shapes and [out, in] layout), and a config.json that
+  ``config_from_xlstm`` reads as the same architecture."""
+  model = load_xlstm(CHECKPOINT, scan_layers=scan_layers)
+  written = save_xlstm(model, tmp_path / "out")
+  assert sorted(written) == ["config.json", "model.safetensors"]
+  want = {}
+  for file in sorted(CHECKPOINT.glob("*.safetensors")):
+    want |= load_file(file)
+  got = load_file(tmp_path / "out" / "model.safetensors")
+  assert sorted(got) == sorted(want)
+  for name, tensor in want.items():
+    assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
+    np.testing.assert_array_equal(got[name], tensor, err_msg=name)
+  saved = json.loads((tmp_path / "out" / "config.json").read_text())
+  published = json.loads((CHECKPOINT / "config.json").read_text())
+  assert config_from_xlstm(saved) == config_from_xlstm(published)
+  for field in ("ffn_proj_factor", "ffn_round_up_to_multiple_of", "num_blocks", "chunk_size"):
+    assert saved[field] == published[field], field
+  with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+    save_xlstm(model, tmp_path / "out")
+
+
+def test_save_refuses_what_the_published_architecture_cannot_say(tmp_path):
+  base = config_from_xlstm(json.loads((CHECKPOINT / "config.json").read_text()))
+  for cfg, message in (
+    (base.replace(mixer_pattern=("mlstm", "attention")), "expected only 'mlstm' layers"),
+    (base.replace(qkv_bias=True), r"cannot express its \['qkv_bias'\]"),
+  ):
+    with pytest.raises(ValueError, match=message):
+      save_xlstm(LM(cfg, rngs=nnx.Rngs(0)), tmp_path / "never")
+  assert not (tmp_path / "never").exists()
+  # Any SwiGLU width is expressible: written as its own rounding multiple.
+  save_xlstm(LM(base.replace(mlp_hidden=100), rngs=nnx.Rngs(0)), tmp_path / "wide")
+  assert load_xlstm(tmp_path / "wide").cfg.mlp_dim == 100
 
 
 def test_token_by_token_decoding_equals_the_full_forward(model):

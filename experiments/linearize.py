@@ -163,7 +163,11 @@ def _settings(config, workdir: str) -> dict[str, dict]:
   if config.study not in ("", "ablations"):
     raise train.ConfigError(f"--config.study: expected '' or 'ablations', got {config.study!r}")
   if config.study:
-    names = train.parse_list(config.settings, "--config.settings") or list(STUDY)
+    names = (
+      train.parse_list(config.settings, "--config.settings")
+      if config.settings.strip()
+      else list(STUDY)  # "": every setting
+    )
     unknown = [n for n in names if n not in STUDY]
     if unknown:
       raise train.ConfigError(

@@ -65,6 +65,11 @@ def test_linearizes_a_hugging_face_teacher_and_exports_it(tmp_path):
 
   again = _run(tmp_path)
   assert again.returncode != 0 and "liger/export exists from an earlier run" in again.stderr
+  # The default --config.settings="" is every setting of the study: the first one's export is
+  # found before any work.
+  (tmp_path / "liger-gla" / "export").mkdir(parents=True)
+  every = _run(tmp_path, "--config.study=ablations")
+  assert every.returncode != 0 and "liger-gla/export exists from an earlier run" in every.stderr
   bad = _run(tmp_path / "bad", "--config.study=all")
   assert "--config.study: expected '' or 'ablations', got 'all'" in bad.stderr
   bad = _run(tmp_path / "bad", "--config.corpus=wiki")

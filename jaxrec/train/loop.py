@@ -184,11 +184,14 @@ def train_and_evaluate(
     seed=config.seed,
     rows=distributed.process_rows(mesh, config.batch_size),
   )
-  train_ds = data_lib.make_lm_dataset(_corpus(config.data.train, "train"), **dataset_args)
+  batch_tokens = config.batch_size * (config.data.seq_len + 1)
+  train_ds = data_lib.make_lm_dataset(
+    _corpus(config.data.train, "train", batch_tokens), **dataset_args
+  )
   # The validation stream repeats, so every process has eval_batches batches; a fresh iterator
   # per evaluation scores the same rows every time.
   val_ds = data_lib.make_lm_dataset(
-    _corpus(config.data.validation, "validation"), shuffle=False, **dataset_args
+    _corpus(config.data.validation, "validation", batch_tokens), shuffle=False, **dataset_args
   )
   train_iter = iter(train_ds)
 
@@ -356,23 +359,35 @@ def restore_model(
   return trainer.model(state), tokenizer, config
 
 
-def _corpus(spec: str, split: str):
+def _corpus(spec: str, split: str, batch_tokens: int):
   """``"stdlib"`` for the embedded corpus, otherwise paths or globs of .txt / .jsonl files.
 
   Raises:
-    ConfigError: naming ``--config.data.<split>``, when the files are missing or not a corpus.
+    ConfigError: naming ``--config.data.<split>``, when the files are missing, not a corpus, or
+      hold fewer tokens than one batch (``batch_tokens``, rows x (seq_len + 1)): every batch would
+      repeat the same text.
   """
   if spec == "stdlib":
     return data_lib.stdlib_corpus(split=split)
   paths = config_checks.parse_list(spec, f"--config.data.{split}")
   try:
-    return data_lib.text_file_corpus(paths)
+    corpus = data_lib.text_file_corpus(paths)
   except (FileNotFoundError, ValueError) as e:
     message = re.sub(r"^paths_or_globs: ", "", str(e))
     raise config_checks.ConfigError(
       f"--config.data.{split}: {message} (expected 'stdlib', or paths or globs of .txt / .jsonl "
       "files, comma-separated)"
     ) from e
+  # A token covers at least one byte of UTF-8 (byte-level and byte-fallback tokenizers alike),
+  # besides each document's bos and eos: the files' sizes bound the tokens from above.
+  most = sum(os.path.getsize(p) for p in corpus.paths) + 2 * len(corpus)
+  if most < batch_tokens:
+    raise config_checks.ConfigError(
+      f"--config.data.{split}: {len(corpus.paths)} file(s) of {len(corpus)} document(s) hold at "
+      f"most {most} tokens, fewer than one batch of --config.batch_size x (--config.data.seq_len "
+      f"+ 1) = {batch_tokens}; add text or make the batch smaller"
+    )
+  return corpus
 
 
 def sample_text(model, tokenizer, sample: ml_collections.ConfigDict) -> str:

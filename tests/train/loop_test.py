@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments.configs import default
-from jaxrec.train import loop, metrics
+from jaxrec.train import ConfigError, loop, metrics
 
 STEPS = 4
 
@@ -157,3 +157,22 @@ def _flatten(tree, prefix=""):
   if isinstance(tree, (list, tuple)):
     return _flatten({str(i): v for i, v in enumerate(tree)}, prefix)
   return {} if tree is None else {prefix: np.asarray(tree)}
+
+
+def test_data_files_that_cannot_fill_a_batch_are_refused(tmp_path):
+  """An empty document, or files whose bytes (a bound on their tokens) fall short of one batch
+  of 4 x 33 tokens, stop the run before any training, naming the flag and the numbers."""
+  (tmp_path / "empty.txt").write_text("  \n")
+  (tmp_path / "a.txt").write_text("x" * 60)
+  (tmp_path / "b.txt").write_text("y" * 67)  # 60 + 67 bytes + 2 x (bos, eos) = 131 < 132
+  config = tiny_config()
+  config.data.train = str(tmp_path / "*.txt")
+  with pytest.raises(ConfigError, match=r"--config.data.train: .*empty.txt' holds no text"):
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+  config.data.train = f"{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}"
+  with pytest.raises(
+    ConfigError,
+    match=r"--config.data.train: 2 file\(s\) of 2 document\(s\) hold at most 131 tokens, fewer "
+    r"than one batch of --config.batch_size x \(--config.data.seq_len \+ 1\) = 132",
+  ):
+    loop.train_and_evaluate(config, str(tmp_path / "run"))

@@ -6,9 +6,12 @@ SwiGLU of equal active parameters.
 * ``decode``: one token at position ``P`` against a cache holding ``P`` tokens (attention: ``P``
   keys and values; RAT: ``P / L`` chunk states), random values at the right size.
 * ``moe``: forward + backward of ``MoE(E experts, top-k, hidden F)`` against ``MLP(hidden k·F)``,
-  the same active parameters per token.
+  the same active parameters per token, for each of ``--moe_tokens``: the capacity dispatch
+  (capacity factor 1.25, and without a limit) and the sorted dropless dispatch (its grouped
+  matmuls as tiles, and as ``jax.lax.ragged_dot``).
 
-Medians of ``--repeats`` timed calls after a warm-up call (compilation).
+Medians of ``--repeats`` timed calls after a warm-up call (compilation); MoE rows also give the
+spread, (slowest - fastest) / median. The machine line gives the load average.
 
   python -m experiments.bench_rat
   python -m experiments.bench_rat --lengths=1024,4096,16384 --d_model=512 --chunk_sizes=16,64
@@ -33,18 +36,22 @@ _NUM_HEADS = flags.DEFINE_integer("num_heads", 4, "Heads.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per row (median reported).")
 _EXPERTS = flags.DEFINE_integer("experts", 8, "MoE experts E.")
 _TOP_K = flags.DEFINE_integer("top_k", 2, "MoE experts per token.")
-_MOE_TOKENS = flags.DEFINE_integer("moe_tokens", 4096, "Tokens per MoE call.")
+_MOE_TOKENS = flags.DEFINE_list("moe_tokens", ["2048", "8192"], "Tokens per MoE call.")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows to this JSON file.")
 
 
 def _time(f, *args) -> float:
+  return statistics.median(_times(f, *args))
+
+
+def _times(f, *args) -> list[float]:
   jax.block_until_ready(f(*args))
   times = []
   for _ in range(_REPEATS.value):
     start = time.perf_counter()
     jax.block_until_ready(f(*args))
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return times
 
 
 def _train_step(module):
@@ -112,17 +119,32 @@ def run() -> list[dict]:
           decode_speedup=base["decode"] / decode,
         )
       )
-  n, e, k = _MOE_TOKENS.value, _EXPERTS.value, _TOP_K.value
+  e, k = _EXPERTS.value, _TOP_K.value
   f = 4 * d // k
-  x = jax.random.normal(jax.random.key(2), (1, n, d))
-  dense = _time(_train_step(layers.MLP(d, k * f, rngs=nnx.Rngs(0))), x)
-  for name, cf in (("moe", 1.25), ("moe-no-drop", None)):
-    moe = layers.MoE(d, f, e, top_k=k, capacity_factor=cf, rngs=nnx.Rngs(0))
-    step = _time(_train_step(moe), x)
-    rows.append(
-      dict(bench="moe", method=name, T=n, train_ms=1e3 * step, ratio_to_dense=step / dense)
-    )
-  rows.append(dict(bench="moe", method=f"dense(F={k * f})", T=n, train_ms=1e3 * dense))
+  variants = (
+    ("moe", dict(capacity_factor=1.25)),
+    ("moe-no-drop", dict(capacity_factor=None)),
+    ("moe-sorted", dict(dispatch="sorted", grouped_matmul="tiles")),
+    ("moe-sorted-ragged_dot", dict(dispatch="sorted", grouped_matmul="ragged_dot")),
+  )
+  for n in (int(x) for x in _MOE_TOKENS.value):
+    x = jax.random.normal(jax.random.key(2), (1, n, d))
+    times = {"dense": _times(_train_step(layers.MLP(d, k * f, rngs=nnx.Rngs(0))), x)}
+    for name, kw in variants:
+      times[name] = _times(_train_step(layers.MoE(d, f, e, top_k=k, rngs=nnx.Rngs(0), **kw)), x)
+    dense = statistics.median(times["dense"])
+    for name, ts in times.items():
+      median = statistics.median(ts)
+      rows.append(
+        dict(
+          bench="moe",
+          method=f"dense(F={k * f})" if name == "dense" else name,
+          T=n,
+          train_ms=1e3 * median,
+          spread=(max(ts) - min(ts)) / median,
+          ratio_to_dense=median / dense,
+        )
+      )
   return rows
 
 

@@ -14,6 +14,18 @@ N / E)`` of the ``N`` tokens; assignments are served in order of choice (every t
 choice before any second choice), then of position, and those past capacity are dropped (the
 token keeps its residual stream) and counted. ``capacity_factor=None`` never drops.
 
+**Dispatch** (``dispatch``): ``"capacity"`` gathers every expert's ``C`` slots with one-hot
+matmuls (``[N, E, C]`` dispatch and combine tensors) and runs the experts as one batched matmul
+over ``[E, C, D]``: static shapes, but ``E · C`` rows of work however few are filled, and
+``C = N`` without a capacity limit. ``"sorted"`` (dropless, as in MegaBlocks and maxtext) sorts
+the ``k · N`` assignments by expert, runs each expert's matmuls on its own contiguous rows with
+``jax.lax.ragged_dot`` (group sizes: the experts' loads; on CPU, whose ``ragged_dot`` computes
+every expert on every row, as tiles of one expert each), and un-sorts by the inverse
+permutation: the work of the active parameters, and nothing is dropped (``capacity_factor`` is
+not used). Under an expert-parallel mesh the ``all_to_all`` s move fixed-size slot buffers, so
+``"sorted"`` sends every device's tokens with a capacity of all its tokens (dropless: buffers
+sized for the worst case) and each device runs its experts' slots as grouped matmuls.
+
 **Load balancing** (Switch Transformer): ``aux = E · Σ_n f_n P_n`` with ``f_n`` the fraction of
 the ``k · N`` assignments that chose expert ``n`` and ``P_n`` its mean router probability; 1 when
 balanced. Each layer sows its ``RoutingStats`` (``f``, ``P``, ...) under ``ROUTING``
@@ -50,6 +62,8 @@ from jaxrec.typing import Activations
 
 RouterKind = Literal["linear", "gru", "gru_no_recurrence", "gru_detached", "mlp"]
 ROUTERS = get_args(RouterKind)
+DispatchKind = Literal["capacity", "sorted"]
+DISPATCHES = get_args(DispatchKind)
 GRU_ROUTERS = ("gru", "gru_no_recurrence", "gru_detached")
 # The routers that take the previous layer's state (the ablations block it but keep the form):
 # a model of these hands the state on from each MoE layer to the next.
@@ -127,6 +141,12 @@ class MoE(nnx.Module):
     num_experts: ``E``.
     top_k: experts per token, at most ``num_experts``.
     capacity_factor: expert capacity as a multiple of the balanced load; ``None``: no drops.
+      The ``"capacity"`` dispatch only.
+    dispatch: ``"capacity"`` (one-hot slots) or ``"sorted"`` (dropless, grouped matmuls).
+    grouped_matmul: how ``"sorted"`` runs the experts: ``"ragged_dot"`` (``jax.lax.ragged_dot``,
+      the grouped-GEMM kernels of TPU and GPU) or ``"tiles"`` (tiles of one expert each in one
+      batched matmul: XLA's CPU ``ragged_dot`` computes every expert on every row, ``E`` times
+      the work); ``None``: ``"tiles"`` on CPU, ``"ragged_dot"`` elsewhere.
     router: one of ``ROUTERS``.
     router_dim: the router state width ``P`` (GRU and MLP routers).
     router_cell: the ``GRURouterCell`` of width ``router_dim`` that the GRU routers run, one
@@ -147,6 +167,8 @@ class MoE(nnx.Module):
     *,
     top_k: int = 2,
     capacity_factor: float | None = 1.25,
+    dispatch: DispatchKind = "capacity",
+    grouped_matmul: Literal["ragged_dot", "tiles"] | None = None,
     router: RouterKind = "linear",
     router_dim: int = 128,
     router_cell: GRURouterCell | None = None,
@@ -163,6 +185,8 @@ class MoE(nnx.Module):
       raise ValueError(f"top_k: expected at most num_experts={num_experts}, got {top_k}")
     if capacity_factor is not None:
       _checks.check_positive("capacity_factor", capacity_factor)
+    if dispatch not in DISPATCHES:
+      raise ValueError(f"dispatch: expected one of {DISPATCHES}, got {dispatch!r}")
     if router not in ROUTERS:
       raise ValueError(f"router: expected one of {ROUTERS}, got {router!r}")
     _checks.check_positive_int("router_dim", router_dim)
@@ -182,6 +206,14 @@ class MoE(nnx.Module):
     self.dtype = _checks.check_float_dtype("dtype", dtype)
     param_dtype = _checks.check_float_dtype("param_dtype", param_dtype)
     self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
+    self.dispatch = dispatch
+    if grouped_matmul is None:
+      grouped_matmul = "tiles" if jax.default_backend() == "cpu" else "ragged_dot"
+    if grouped_matmul not in ("ragged_dot", "tiles"):
+      raise ValueError(
+        f"grouped_matmul: expected 'ragged_dot', 'tiles' or None, got {grouped_matmul!r}"
+      )
+    self.grouped_matmul = grouped_matmul
     self.router = router
     self.router_cell = router_cell
     e, d, f, p = num_experts, dim, hidden, router_dim
@@ -228,6 +260,8 @@ class MoE(nnx.Module):
     # path below, whose capacity counts the whole batch as one group.
     if mesh.shape.get(EXPERT_AXIS, 1) > 1 and x.shape[0] % rows == 0:
       y, stats = self._expert_parallel(mesh, x, logits, weights)
+    elif self.dispatch == "sorted":
+      y, stats = self._sorted(x, logits, weights)
     else:
       y, stats = self._dispatch(x, logits, weights)
     observe.sow(self, ROUTING, stats)
@@ -277,16 +311,62 @@ class MoE(nnx.Module):
       out_specs=(rows, stat_specs),
     )(x, logits, *weights)
 
+  def _choose(self, logits):
+    """``(probs [N, E], top_p [N, k], top_i [N, k], share [N, k])``: the router's distribution,
+    each token's ``k`` experts and their renormalized weights."""
+    probs = jax.nn.softmax(logits, -1)
+    top_p, top_i = lax.top_k(probs, self.top_k)
+    return probs, top_p, top_i, top_p / jnp.sum(top_p, -1, keepdims=True)
+
+  def _stats(self, probs, top_p, top_i, kept) -> RoutingStats:
+    k = self.top_k
+    second = top_p[:, 1] if k > 1 else top_p[:, 0]
+    load = jnp.mean(jax.nn.one_hot(top_i, self.num_experts, dtype=jnp.float32), 0)
+    return RoutingStats(
+      load=jnp.sum(load, 0) / k,
+      prob=jnp.mean(probs, 0),
+      entropy=-jnp.mean(jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), -1)),
+      dropped=1.0 - jnp.mean(kept.astype(jnp.float32)),
+      top1=top_i[:, 0],
+      selected=jnp.mean(jnp.sum(top_p, -1)),
+      top_ratio=jnp.mean(top_p[:, 0] / jnp.maximum(second, 1e-30)),
+    )
+
+  def _experts(self, rows, group_sizes, weights):
+    """The SwiGLU of each expert on its contiguous ``rows [M, D]`` (``group_sizes [E]`` of them
+    per expert, in expert order; rows past their sum give zeros)."""
+    w_gate, w_up, w_down = (w.astype(self.dtype) for w in weights)
+    rows = rows.astype(self.dtype)
+    if self.grouped_matmul == "ragged_dot":
+      gate = lax.ragged_dot(rows, w_gate, group_sizes)
+      up = lax.ragged_dot(rows, w_up, group_sizes)
+      return lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)
+    return _tiled_swiglu(rows, group_sizes, (w_gate, w_up, w_down), TILE)
+
+  def _sorted(self, x, logits, weights):
+    """Dropless dispatch (module docstring): ``x [B, T, D]`` by ``logits [B, T, E]``."""
+    batch, t, d = x.shape
+    x, logits = x.reshape(batch * t, d), logits.reshape(batch * t, -1)
+    n, k = x.shape[0], self.top_k
+    probs, top_p, top_i, share = self._choose(logits)
+    expert = top_i.reshape(n * k)  # assignment a = token a // k, its (a % k)-th choice
+    order = jnp.argsort(expert, stable=True)  # by expert, then token
+    group_sizes = jnp.bincount(expert, length=self.num_experts).astype(jnp.int32)
+    out = self._experts(x[order // k], group_sizes, weights)  # [N·k, D] sorted by expert
+    unsorted = out[jnp.argsort(order)].reshape(n, k, d)  # the inverse permutation
+    y = jnp.einsum("nkd,nk->nd", unsorted, share.astype(self.dtype)).reshape(batch, t, d)
+    return y, self._stats(probs, top_p, top_i, jnp.ones((k, n), bool))
+
   def _dispatch(self, x, logits, weights, expert_axis=None):
-    """Routes ``x [B, T, D]`` by ``logits [B, T, E]``; with ``expert_axis`` (inside the
-    ``shard_map``) ``weights`` hold this device's experts and the slots travel by all-to-all."""
+    """Routes ``x [B, T, D]`` by ``logits [B, T, E]`` into capacity slots; with ``expert_axis``
+    (inside the ``shard_map``) ``weights`` hold this device's experts and the slots travel by
+    all-to-all (the ``"sorted"`` dispatch there: slots for all tokens, run by ``ragged_dot``)."""
     batch, t, d = x.shape
     x, logits = x.reshape(batch * t, d), logits.reshape(batch * t, -1)
     n, e, k = x.shape[0], self.num_experts, self.top_k
-    probs = jax.nn.softmax(logits, -1)
-    top_p, top_i = lax.top_k(probs, k)  # [N, k]
-    share = top_p / jnp.sum(top_p, -1, keepdims=True)
-    capacity = n if self.capacity_factor is None else math.ceil(self.capacity_factor * k * n / e)
+    probs, top_p, top_i, share = self._choose(logits)  # [N, E], [N, k] x 3
+    dropless = self.capacity_factor is None or self.dispatch == "sorted"
+    capacity = n if dropless else math.ceil(self.capacity_factor * k * n / e)
     capacity = min(capacity, n)
     # Slots: assignments in order (choice, token); the slot is the expert's running count.
     choice = jax.nn.one_hot(top_i.T, e, dtype=jnp.int32)  # [k, N, E]
@@ -304,23 +384,55 @@ class MoE(nnx.Module):
       # every device's slots for this device's experts.
       expert_in = expert_in.reshape(-1, w_gate.shape[0], *expert_in.shape[1:])
       expert_in = lax.all_to_all(expert_in, expert_axis, 0, 0)
-    gate = jnp.einsum("...ecd,edf->...ecf", expert_in, w_gate)
-    up = jnp.einsum("...ecd,edf->...ecf", expert_in, w_up)
-    out = jnp.einsum("...ecf,efd->...ecd", jax.nn.silu(gate) * up, w_down)
+    if self.dispatch == "sorted":
+      # The slots of each local expert (from every device) as one contiguous group of rows.
+      local = jnp.moveaxis(expert_in, -3, 0) if expert_axis is not None else expert_in
+      shape = local.shape
+      sizes = jnp.full((shape[0],), math.prod(shape[1:-1]), jnp.int32)
+      out = self._experts(local.reshape(-1, d), sizes, weights).reshape(shape)
+      out = jnp.moveaxis(out, 0, -3) if expert_axis is not None else out
+    else:
+      gate = jnp.einsum("...ecd,edf->...ecf", expert_in, w_gate)
+      up = jnp.einsum("...ecd,edf->...ecf", expert_in, w_up)
+      out = jnp.einsum("...ecf,efd->...ecd", jax.nn.silu(gate) * up, w_down)
     if expert_axis is not None:
       out = lax.all_to_all(out, expert_axis, 0, 0).reshape(e, *out.shape[2:])
     y = jnp.einsum("nec,ecd->nd", combine.astype(dt), out).reshape(batch, t, d)
-    second = top_p[:, 1] if k > 1 else top_p[:, 0]
-    stats = RoutingStats(
-      load=jnp.mean(jnp.sum(choice, 0), 0).astype(jnp.float32) / k,
-      prob=jnp.mean(probs, 0),
-      entropy=-jnp.mean(jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), -1)),
-      dropped=1.0 - jnp.mean(kept.astype(jnp.float32)),
-      top1=top_i[:, 0],
-      selected=jnp.mean(jnp.sum(top_p, -1)),
-      top_ratio=jnp.mean(top_p[:, 0] / jnp.maximum(second, 1e-30)),
-    )
-    return y, stats
+    return y, self._stats(probs, top_p, top_i, kept)
+
+
+# Rows per tile of the tiled grouped matmul: each expert's rows are padded to a multiple of it.
+TILE = 128
+
+
+def _tiled_swiglu(rows, group_sizes, weights, tile: int):
+  """``ragged_dot``'s grouped SwiGLU as dense tiles (MegaBlocks' block layout, for backends whose
+  ``ragged_dot`` computes every group on every row, as XLA's CPU one does): each expert's rows go
+  to their own ``tile``-row tiles (its last tile padded with zeros), every tile is multiplied by
+  its expert's weights in one batched matmul, and the rows are gathered back. Work: ``M`` rows
+  plus at most ``tile - 1`` of padding per expert."""
+  m, d = rows.shape
+  w_gate, w_up, w_down = weights
+  e = w_gate.shape[0]
+  num_tiles = -(-(m + e * (tile - 1)) // tile)  # enough for any group sizes summing to <= M
+  padded = -(-group_sizes // tile) * tile
+  start = jnp.cumsum(group_sizes) - group_sizes
+  padded_end = jnp.cumsum(padded)
+  expert = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(m), side="right")
+  expert = jnp.minimum(expert, e - 1)
+  valid = jnp.arange(m) < jnp.sum(group_sizes)
+  dest = padded_end[expert] - padded[expert] + jnp.arange(m) - start[expert]
+  # Rows past the groups' sum go nowhere (an out-of-range index is dropped).
+  dest = jnp.where(valid, dest, num_tiles * tile)
+  tiles = jnp.zeros((num_tiles * tile, d), rows.dtype).at[dest].set(rows, mode="drop")
+  tiles = tiles.reshape(num_tiles, tile, d)
+  tile_expert = jnp.searchsorted(padded_end, jnp.arange(num_tiles) * tile, side="right")
+  tile_expert = jnp.minimum(tile_expert, e - 1)  # tiles past every group: zeros, any expert
+  gate = jnp.einsum("tbd,tdf->tbf", tiles, w_gate[tile_expert])
+  up = jnp.einsum("tbd,tdf->tbf", tiles, w_up[tile_expert])
+  out = jnp.einsum("tbf,tfd->tbd", jax.nn.silu(gate) * up, w_down[tile_expert])
+  out = out.reshape(num_tiles * tile, d)
+  return jnp.where(valid[:, None], out[jnp.minimum(dest, num_tiles * tile - 1)], 0)
 
 
 def pooled_routing_statistics(

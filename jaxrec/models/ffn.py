@@ -26,6 +26,8 @@ class MoEOptions:
     num_experts: experts per MoE layer.
     top_k: experts per token, at most ``num_experts``.
     capacity_factor: expert capacity as a multiple of the balanced load; ``None``: no drops.
+    dispatch: ``"capacity"`` (one-hot slots, ``capacity_factor``) or ``"sorted"`` (dropless:
+      tokens sorted by expert, grouped matmuls; ``layers.moe``).
     router: ``"linear" | "gru" | "gru_no_recurrence" | "gru_detached" | "mlp"``
       (``jaxrec.layers.moe``); the GRU routers share one ``GRURouterCell`` across layers.
     router_dim: the router state width ``p``.
@@ -36,6 +38,7 @@ class MoEOptions:
   num_experts: int = 8
   top_k: int = 2
   capacity_factor: float | None = 1.25
+  dispatch: str = "capacity"
   router: str = "linear"
   router_dim: int = 128
   hidden: int | None = None
@@ -48,6 +51,7 @@ class MoEOptions:
     if self.top_k > self.num_experts:
       raise ValueError(f"top_k: expected at most num_experts={self.num_experts}, got {self.top_k}")
     _checks.check_positive_number("capacity_factor", self.capacity_factor, allow_none=True)
+    _checks.check_choice("dispatch", self.dispatch, layers.moe.DISPATCHES)
     _checks.check_choice("router", self.router, layers.moe.ROUTERS)
     _checks.check_non_negative_number("aux_weight", self.aux_weight)
 
@@ -73,6 +77,7 @@ def build_ffn(
       moe.num_experts,
       top_k=moe.top_k,
       capacity_factor=moe.capacity_factor,
+      dispatch=moe.dispatch,
       router=moe.router,
       router_dim=moe.router_dim,
       router_cell=router_cell,

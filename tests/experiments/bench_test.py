@@ -176,9 +176,11 @@ def test_bench_rat(tmp_path):
   )
   rows = json.loads((tmp_path / "rat.json").read_text())
   # Top-2 of 4 experts of hidden 4·16/2 against a dense SwiGLU of the active hidden 64.
-  names = ["attention", "rat(L=8)", "moe", "moe-no-drop", "dense(F=64)"]
+  moe = ["dense(F=64)", "moe", "moe-no-drop", "moe-sorted", "moe-sorted-ragged_dot"]
+  names = ["attention", "rat(L=8)", *moe]
   assert [r["method"] for r in rows] == names
   assert all(r["train_ms"] > 0 for r in rows)
+  assert all(r["spread"] >= 0 and r["ratio_to_dense"] > 0 for r in rows[2:])
   assert all(r["decode_ms"] > 0 and r["T"] == 32 for r in rows[:2])
   lines = done.stdout.splitlines()[1:]
   assert [re.search(r"method=(\S+)", line).group(1) for line in lines] == names

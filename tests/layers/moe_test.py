@@ -119,6 +119,65 @@ def test_linear_routing_capacity_drops_and_aux_loss_equal_the_loop(capacity_fact
   assert_close(aux_got, aux, rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("grouped_matmul", ["tiles", "ragged_dot"])
+def test_sorted_dispatch_equals_the_loop_and_its_expert_gradients(grouped_matmul):
+  """Dropless by sorting (``dispatch="sorted"``): the loop's output with nothing dropped, whichever
+  grouped matmul runs the experts; and the gradients of the expert weights against the loop's
+  analytic ones in float64 (each a sum over the tokens that chose the expert)."""
+  moe = _moe(capacity_factor=0.5, dispatch="sorted", grouped_matmul=grouped_matmul)
+  x = _x(2)
+  y, _, stats = _call(moe, x)
+  p = _params(moe)
+  logits, logit_error = x @ p["router_out"], _logit_error(x, p["router_out"])
+  want, dropped, _, atol = _reference(p, x, logits, 2, B * T, logit_error)
+  assert_close(y, want, rtol=0, atol=atol)
+  assert float(stats.dropped) == dropped == 0.0  # capacity_factor is the capacity path's only
+
+  cot = np.random.default_rng(3).standard_normal((B, T, D)).astype(np.float32)
+  grads = nnx.grad(lambda m: jnp.sum(m(x)[0] * cot))(moe)
+  x64, c64 = np.asarray(x, np.float64).reshape(-1, D), cot.astype(np.float64).reshape(-1, D)
+  probs = _softmax(np.asarray(logits, np.float64).reshape(len(x64), -1))
+  top = np.argsort(-probs, -1, kind="stable")[:, :2]
+  g = {k: np.zeros_like(p[k]) for k in ("w_gate", "w_up", "w_down")}
+  mag = {k: np.zeros_like(p[k]) for k in g}
+  for n in range(len(x64)):
+    for e in top[n]:
+      w = probs[n, e] / probs[n, top[n]].sum()
+      a, b = x64[n] @ p["w_gate"][e], x64[n] @ p["w_up"][e]
+      sig = 1 / (1 + np.exp(-a))
+      dh = w * (p["w_down"][e] @ c64[n])  # the cotangent of silu(a) * b
+      dsilu = sig * (1 + a * (1 - sig))
+      g["w_down"][e] += w * np.outer(_silu(a) * b, c64[n])
+      g["w_up"][e] += np.outer(x64[n], dh * _silu(a))
+      g["w_gate"][e] += np.outer(x64[n], dh * b * dsilu)
+      dh_mag = abs(w) * (np.abs(p["w_down"][e]) @ np.abs(c64[n]))
+      mag["w_down"][e] += abs(w) * np.outer(np.abs(_silu(a) * b), np.abs(c64[n]))
+      mag["w_up"][e] += np.outer(np.abs(x64[n]), dh_mag * np.abs(_silu(a)))
+      mag["w_gate"][e] += np.outer(np.abs(x64[n]), dh_mag * np.abs(b) * 1.1)
+  for k in g:
+    # Each element: a sum over the B·T·k assignments of products formed through D and F sums,
+    # plus the routing weight's relative error (twice the largest logit error).
+    tol = rounding_atol(mag[k], terms=B * T * 2 + D + F + 8) + 2 * np.max(logit_error) * mag[k]
+    assert_close(getattr(grads, k)[...], g[k], rtol=0, atol=tol, err_msg=k)
+
+
+def test_sorted_dispatch_under_an_expert_mesh_drops_nothing():
+  """Expert-parallel (``shard_map`` over 2 expert devices): the sorted dispatch sends every token
+  and equals the single-group sorted dispatch."""
+  mesh = jax.make_mesh((2, 1, 1, 2), ("data", "fsdp", "tensor", "expert"))
+  moe = _moe(dispatch="sorted", grouped_matmul="tiles")
+  x = _x(4)
+  want, _, _ = _call(moe, x)
+  with jax.set_mesh(mesh):
+    got, _, stats = _call(moe, x)
+  assert float(stats.dropped) == 0.0
+  p = _params(moe)
+  x64 = np.asarray(x, np.float64).reshape(-1, D)
+  mag = sum(_expert_magnitude(p, e, x64) for e in range(E)).reshape(B, T, D)  # weights <= 1
+  # The same assignments summed in another order: two outputs' roundings.
+  assert_close(got, want, rtol=0, atol=2 * rounding_atol(mag, terms=D + F + 8))
+
+
 def test_one_expert_top_one_is_the_dense_swiglu():
   moe = _moe(num_experts=1, top_k=1, capacity_factor=1.0)
   x = _x(1)

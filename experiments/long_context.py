@@ -544,6 +544,23 @@ def _plot(results: dict, path: str) -> None:
   fig.savefig(path, dpi=100)
 
 
+def _sample_size(results: dict) -> str:
+  """How much the numbers rest on: the passkey prompts and text windows behind each figure."""
+  c = results["config"]
+  depths = len(str(c["depths"]).split(","))
+  windows = c["nll_windows"]
+  text = (
+    f"**Sample size.** Each passkey figure is a fraction of {depths} prompts (one per depth), "
+    f"and the NLL averages {windows} text window{'s' if windows > 1 else ''}"
+  )
+  if results["part"] == "beyond":
+    text += (
+      ": the difference between inside and past the context is partly the text's own (read "
+      "each bin against vanilla's, which scores the same tokens)"
+    )
+  return text + "."
+
+
 def _write_results(
   results: dict, command: str, out_dir: str, publish: str | None = None
 ) -> list[str]:
@@ -557,7 +574,7 @@ def _write_results(
   _plot(results, png)
   section = lambda link: (
     f"## {SECTIONS[part]}\n\n{CLAIMS[part]}\n\n{PROTOCOLS[part]}\n\n{tables(results)}\n\n"
-    f"![NLL and passkey]({link(png)})\n\n{verdict(results)}\n\n"
+    f"![NLL and passkey]({link(png)})\n\n{verdict(results)}\n\n{_sample_size(results)}\n\n"
     f"Data: `{link(json_path)}`. The evaluation took {results['seconds']:.0f} s with a peak RSS of "
     f"{results['peak_rss_mb']:.0f} MB (backend {jax.default_backend()}, {os.cpu_count()} cores, "
     "shared with other jobs). "

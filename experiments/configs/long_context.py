@@ -8,9 +8,9 @@ the same budget).
   python -m experiments.long_context --workdir runs/longctx --config.part=beyond \\
       --config.full=True   # the accelerator grid
 
-The default runs are sized for 2 CPU cores (``within`` took 2.1 h there, sharing them with other
-jobs; see RESULTS.md); ``full=True`` replaces the lengths, depths and windows by the grid in
-``FULL``.
+The default runs are sized for 2 CPU cores (``within`` took 2.1 h there and ``beyond`` 74 min,
+each sharing them with other jobs; see RESULTS.md); ``full=True`` replaces the lengths, depths
+and windows by the grid in ``FULL``.
 """
 
 import ml_collections

@@ -91,6 +91,7 @@ def _run(part, checkpoint, tmp_path, publish):
   for report, prefix in reports:
     text = (report / "RESULTS.md").read_text()
     assert f"## {lc.SECTIONS[part]}" in text and "**Verdict: " in text
+    assert lc._sample_size(results) in text and "**Sample size.** Each passkey figure" in text
     assert "python -m experiments.long_context --workdir=" in text
     assert f"]({prefix}{stem}.png)" in text and f"`{prefix}{stem}.json`" in text
     assert lc.tables(results) in text and lc.tables(results) in done.stdout

@@ -1,5 +1,6 @@
 """What the benchmarks and experiments share: the description of the machine that a result was
-measured on, and a median of timed calls."""
+measured on, a median of timed calls with its spread, and the memory bandwidth that a
+memory-bound step is measured against."""
 
 import os
 import platform
@@ -7,6 +8,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 
 
 def machine() -> str:
@@ -31,3 +33,32 @@ def median_seconds(fn, *args, repeats: int) -> float:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
   return statistics.median(times)
+
+
+def timings(fn, *args, repeats: int) -> list[float]:
+  """Wall times of ``repeats`` calls of ``fn(*args)`` after one that compiles and warms up."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def spread(times: list[float]) -> float:
+  """``(slowest - fastest) / median``: how far one timing can be trusted on a shared machine."""
+  return (max(times) - min(times)) / statistics.median(times)
+
+
+def read_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+  """Bytes per second that one jitted reduction reads from memory (an array of ``nbytes`` float32,
+  larger than the caches), the median of ``repeats`` timed calls: the bandwidth that a decoding
+  step, which reads its weights and its cache once, is bounded by."""
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  return nbytes / statistics.median(timings(jax.jit(jnp.sum), x, repeats=repeats))
+
+
+def array_bytes(tree) -> int:
+  """Bytes of every array in ``tree``."""
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))

@@ -9,6 +9,11 @@ flat while attention reads ``C`` cached keys per token. (On CPU, XLA also copies
 cache into a contracting-major layout for the ``q·k`` and ``p·v`` products every step: another
 O(C) cost that inflates attention's constant, not its growth.)
 
+Each time is the median of ``--repeats`` calls, with its spread ((slowest - fastest) / median),
+next to its memory bound: the bytes a step must read (every parameter, the filled part of a KV
+cache, a whole recurrent state) over the read bandwidth measured at the start of the run. The
+machine line gives the load average.
+
   python -m experiments.bench_decode
   python -m experiments.bench_decode --contexts=1024,65536 --d_model=512 --steps=64
 """
@@ -34,7 +39,7 @@ _CONTEXTS = flags.DEFINE_list(
 )
 _MIXERS = flags.DEFINE_list("mixers", ["gla", "mlstm", "attention"], "One model per mixer name.")
 _STEPS = flags.DEFINE_integer("steps", 16, "Tokens decoded per timed call.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per row (median reported).")
+_REPEATS = flags.DEFINE_integer("repeats", 7, "Timed calls per row (median and spread).")
 _BATCH = flags.DEFINE_integer("batch", 1, "B.")
 _D_MODEL = flags.DEFINE_integer("d_model", 256, "Model width.")
 _NUM_LAYERS = flags.DEFINE_integer("num_layers", 4, "Number of blocks.")
@@ -98,14 +103,28 @@ def _fill_randomly(cache, context: int):
   return jax.tree.unflatten(treedef, filled)
 
 
-def _time_per_token(decode, cache, token) -> tuple[float, object]:
+def _step_bytes(model: LM, cache, context: int) -> int:
+  """Bytes one decoding step must read: every parameter, the ``context`` filled slots of each KV
+  cache (not the empty ones after them) and every recurrent state."""
+  read = _bench.array_bytes(nnx.state(model, nnx.Param))
+  for c in jax.tree.leaves(cache, is_leaf=lambda c: isinstance(c, KVCache | GLACache | MLSTMState)):
+    if isinstance(c, KVCache):
+      read += (_bench.array_bytes((c.k, c.v)) * context) // c.k.shape[2]
+    else:
+      read += _bench.array_bytes(c)
+  return read
+
+
+def _times_per_token(decode, cache, token) -> list[float]:
+  """Per-token times of ``--repeats`` calls (after a warm-up); the cache is donated, so each
+  call continues from the last one's."""
   token, cache = jax.block_until_ready(decode(cache, token))  # compile + warm up
   times = []
   for _ in range(_REPEATS.value):
     start = time.perf_counter()
     token, cache = jax.block_until_ready(decode(cache, token))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times) / _STEPS.value, cache
+    times.append((time.perf_counter() - start) / _STEPS.value)
+  return times
 
 
 def main(argv):
@@ -119,6 +138,8 @@ def main(argv):
     f"B={_BATCH.value}, {_STEPS.value} greedy steps per call, median of {_REPEATS.value} calls; "
     "each context is a cache filled with random values, not a prefill through the model."
   )
+  bandwidth = _bench.read_bandwidth()
+  print(f"read bandwidth: {bandwidth / 1e9:.2f} GB/s (jnp.sum of 256 MiB, median of 5)")
   decoders = {name: _decoder(model) for name, model in models.items()}
   token = jnp.zeros((_BATCH.value,), jnp.int32)
   rows = []
@@ -129,7 +150,9 @@ def main(argv):
       # Room for the warm-up and the timed calls after the context.
       length = context + _STEPS.value * (_REPEATS.value + 1)
       cache = _fill_randomly(model.init_cache(_BATCH.value, length), context)
-      seconds, _ = _time_per_token(decoders[name], cache, token)
+      bound = _step_bytes(model, cache, context) / bandwidth
+      times = _times_per_token(decoders[name], cache, token)
+      seconds = statistics.median(times)
       first.setdefault(name, seconds)
       per_context[name] = seconds
       rows.append(
@@ -137,17 +160,24 @@ def main(argv):
           method=name,
           context=context,
           ms_per_token=seconds * 1e3,
+          spread=_bench.spread(times),
+          bound_ms=bound * 1e3,
+          vs_bound=seconds / bound,
           tokens_per_s=_BATCH.value / seconds,
           vs_first_context=seconds / first[name],
           vs_gla=seconds / per_context["gla"] if "gla" in per_context else None,
         )
       )
-  print("\n| method | context | ms/token | tokens/s | × own first context | × gla |")
-  print("|---|---:|---:|---:|---:|---:|")
+  print(
+    "\n| method | context | ms/token | spread | memory bound (ms) | × bound | tokens/s | "
+    "× own first context | × gla |"
+  )
+  print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
   for r in rows:
     vs_gla = "–" if r["vs_gla"] is None else f"{r['vs_gla']:.3g}"
     print(
-      f"| {r['method']} | {r['context']} | {r['ms_per_token']:.3f} | {r['tokens_per_s']:,.0f} | "
+      f"| {r['method']} | {r['context']} | {r['ms_per_token']:.3f} | {r['spread']:.2f} | "
+      f"{r['bound_ms']:.3f} | {r['vs_bound']:.3g} | {r['tokens_per_s']:,.0f} | "
       f"{r['vs_first_context']:.3g} | {vs_gla} |"
     )
   if _JSON.value:

@@ -10,6 +10,12 @@ Recycled Attention's full steps (every ``stride``-th) are included in the averag
 LongHeads closes a chunk every ``chunk_size`` tokens (rarely within a timed call). Set-Based
 Prompting changes what a structured prompt sees, not decoding cost, and is not benchmarked.
 
+Each time is the median of ``--repeats`` calls, with its spread ((slowest - fastest) / median),
+next to a memory bound: every parameter and every byte the cache holds read once, over the read
+bandwidth measured at the start of the run (a policy that reads less than it holds, LongHeads'
+chunks or Recycled Attention's recycled keys between full steps, can beat it). The machine line
+gives the load average.
+
   python -m experiments.bench_longctx
   python -m experiments.bench_longctx --contexts=1024,32768 --steps=20
 """
@@ -33,7 +39,7 @@ _CONTEXTS = flags.DEFINE_list(
   "contexts", ["1024", "2048", "4096", "8192", "16384", "32768", "65536"], "Context lengths C."
 )
 _STEPS = flags.DEFINE_integer("steps", 20, "Tokens decoded per timed call.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per row (median reported).")
+_REPEATS = flags.DEFINE_integer("repeats", 7, "Timed calls per row (median and spread).")
 _D_MODEL = flags.DEFINE_integer("d_model", 256, "Model width.")
 _NUM_LAYERS = flags.DEFINE_integer("num_layers", 2, "Number of attention blocks.")
 _NUM_HEADS = flags.DEFINE_integer("num_heads", 4, "Heads (also key/value heads).")
@@ -106,14 +112,15 @@ def _cache(model: LM, context: int, length: int):
   )
 
 
-def _time_per_token(decode, cache, token):
+def _times_per_token(decode, cache, token) -> list[float]:
+  """Per-token times of ``--repeats`` calls (after a warm-up), each continuing the last."""
   token, cache = jax.block_until_ready(decode(cache, token))  # compile + warm up
   times = []
   for _ in range(_REPEATS.value):
     start = time.perf_counter()
     token, cache = jax.block_until_ready(decode(cache, token))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times) / _STEPS.value
+    times.append((time.perf_counter() - start) / _STEPS.value)
+  return times
 
 
 def main(argv):
@@ -136,6 +143,9 @@ def main(argv):
     for name, policy in POLICIES.items()
   }
   decoders = {name: _decoder(m) for name, m in models.items()}
+  bandwidth = _bench.read_bandwidth()
+  params = _bench.array_bytes(nnx.state(model, nnx.Param))
+  print(f"read bandwidth: {bandwidth / 1e9:.2f} GB/s (jnp.sum of 256 MiB, median of 5)")
   token = jnp.zeros((1,), jnp.int32)
   rows = []
   for context in (int(c) for c in _CONTEXTS.value):
@@ -145,7 +155,9 @@ def main(argv):
       cache = _cache(m, context, length)
       nbytes = longctx.cache_bytes(cache)
       keys = [c.key_bytes() for c in cache if isinstance(c, longctx.ThinKCache)]
-      seconds = _time_per_token(decoders[name], cache, token)
+      times = _times_per_token(decoders[name], cache, token)
+      seconds = statistics.median(times)
+      bound = (params + nbytes) / bandwidth
       base.setdefault("seconds", seconds)
       base.setdefault("bytes", nbytes)
       rows.append(
@@ -153,6 +165,9 @@ def main(argv):
           method=name,
           context=context,
           ms_per_token=seconds * 1e3,
+          spread=_bench.spread(times),
+          bound_ms=bound * 1e3,
+          vs_bound=seconds / bound,
           tokens_per_s=1 / seconds,
           speedup=base["seconds"] / seconds,
           cache_mb=nbytes / 2**20,
@@ -162,14 +177,15 @@ def main(argv):
       )
       print(rows[-1], flush=True)
   print(
-    "\n| method | context | ms/token | tokens/s | speed-up vs vanilla | cache MiB | "
-    "cache / vanilla | pruned keys / full |"
+    "\n| method | context | ms/token | spread | memory bound (ms) | × bound | tokens/s | "
+    "speed-up vs vanilla | cache MiB | cache / vanilla | pruned keys / full |"
   )
-  print("|---|---:|---:|---:|---:|---:|---:|---:|")
+  print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   for r in rows:
     pruned = "–" if r["pruned_keys_vs_full"] is None else f"{r['pruned_keys_vs_full']:.2f}"
     print(
-      f"| {r['method']} | {r['context']} | {r['ms_per_token']:.3f} | {r['tokens_per_s']:,.0f} | "
+      f"| {r['method']} | {r['context']} | {r['ms_per_token']:.3f} | {r['spread']:.2f} | "
+      f"{r['bound_ms']:.3f} | {r['vs_bound']:.3g} | {r['tokens_per_s']:,.0f} | "
       f"{r['speedup']:.2f} | {r['cache_mb']:.1f} | {r['cache_vs_vanilla']:.2f} | {pruned} |"
     )
   if _JSON.value:

@@ -66,8 +66,14 @@ def test_bench_decode(tmp_path):
   (table,) = _tables(done.stdout)
   want = [(m, c) for c in ("16", "32") for m in ("gla", "mlstm", "attention")]
   assert [(r["method"], r["context"]) for r in table] == want
-  _positive(table, "ms/token", "tokens/s", "× own first context", "× gla")
+  _positive(table, "ms/token", "memory bound (ms)", "× bound", "tokens/s", "× own first context")
+  _positive(table, "× gla")
   rows = json.loads((tmp_path / "decode.json").read_text())
+  # The bound grows with the context only for attention (its KV cache); spreads are sane.
+  bounds = {(r["method"], r["context"]): r["bound_ms"] for r in rows}
+  assert bounds[("attention", 32)] > bounds[("attention", 16)]
+  assert bounds[("gla", 32)] == bounds[("gla", 16)]
+  assert all(r["spread"] >= 0 for r in rows)
   assert [(r["method"], str(r["context"])) for r in rows] == want
   assert all(r["vs_gla"] == 1.0 for r in rows if r["method"] == "gla")
   assert all(r["vs_first_context"] == 1.0 for r in rows if r["context"] == 16)
@@ -90,7 +96,8 @@ def test_bench_longctx(tmp_path):
   (table,) = _tables(done.stdout)
   methods = ["vanilla", "lm_infinite", "recycled", "longheads", "think"]
   assert [r["method"] for r in table] == methods
-  _positive(table, "ms/token", "tokens/s", "speed-up vs vanilla", "cache / vanilla")
+  _positive(table, "ms/token", "memory bound (ms)", "× bound", "tokens/s", "speed-up vs vanilla")
+  _positive(table, "cache / vanilla")
   rows = {r["method"]: r for r in json.loads((tmp_path / "longctx.json").read_text())}
   assert list(rows) == methods
   assert rows["vanilla"]["cache_vs_vanilla"] == 1.0 and rows["vanilla"]["speedup"] == 1.0

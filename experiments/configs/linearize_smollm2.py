@@ -1,8 +1,9 @@
 """Liger on SmolLM2-135M-Instruct (``experiments/linearize.py``): the paper's conversion and its
-ablations on a real pretrained chat model, sized for about an hour on 2 CPU cores::
+ablations on a real pretrained chat model, sized for 2 CPU cores (59 min there, shared with other
+jobs, peak RSS 12 GB)::
 
   python -m experiments.linearize --workdir runs/liger_smollm2 \\
-      --config=experiments/configs/linearize_smollm2.py
+      --config=experiments/configs/linearize_smollm2.py --publish=.
   python -m experiments.linearize --workdir runs/liger_smollm2_full \\
       --config=experiments/configs/linearize_smollm2.py --config.full=True  # accelerator grid
 

@@ -11,8 +11,8 @@ O(C) cost that inflates attention's constant, not its growth.)
 
 Each time is the median of ``--repeats`` calls, with its spread ((slowest - fastest) / median),
 next to its memory bound: the bytes a step must read (every parameter, the filled part of a KV
-cache, a whole recurrent state) over the read bandwidth measured at the start of the run. The
-machine line gives the load average.
+cache, a whole recurrent state) over the read bandwidth measured at the start of the run (the
+fastest of 10 reads). The machine line gives the load average.
 
   python -m experiments.bench_decode
   python -m experiments.bench_decode --contexts=1024,65536 --d_model=512 --steps=64
@@ -139,7 +139,7 @@ def main(argv):
     "each context is a cache filled with random values, not a prefill through the model."
   )
   bandwidth = _bench.read_bandwidth()
-  print(f"read bandwidth: {bandwidth / 1e9:.2f} GB/s (jnp.sum of 256 MiB, median of 5)")
+  print(f"read bandwidth: {bandwidth / 1e9:.2f} GB/s (jnp.sum of 256 MiB, fastest of 10)")
   decoders = {name: _decoder(model) for name, model in models.items()}
   token = jnp.zeros((_BATCH.value,), jnp.int32)
   rows = []

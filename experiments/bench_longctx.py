@@ -12,9 +12,9 @@ Prompting changes what a structured prompt sees, not decoding cost, and is not b
 
 Each time is the median of ``--repeats`` calls, with its spread ((slowest - fastest) / median),
 next to a memory bound: every parameter and every byte the cache holds read once, over the read
-bandwidth measured at the start of the run (a policy that reads less than it holds, LongHeads'
-chunks or Recycled Attention's recycled keys between full steps, can beat it). The machine line
-gives the load average.
+bandwidth measured at the start of the run (the fastest of 10 reads; a policy that reads less than
+it holds, LongHeads' chunks or Recycled Attention's recycled keys between full steps, can beat
+it). The machine line gives the load average.
 
   python -m experiments.bench_longctx
   python -m experiments.bench_longctx --contexts=1024,32768 --steps=20
@@ -145,7 +145,7 @@ def main(argv):
   decoders = {name: _decoder(m) for name, m in models.items()}
   bandwidth = _bench.read_bandwidth()
   params = _bench.array_bytes(nnx.state(model, nnx.Param))
-  print(f"read bandwidth: {bandwidth / 1e9:.2f} GB/s (jnp.sum of 256 MiB, median of 5)")
+  print(f"read bandwidth: {bandwidth / 1e9:.2f} GB/s (jnp.sum of 256 MiB, fastest of 10)")
   token = jnp.zeros((1,), jnp.int32)
   rows = []
   for context in (int(c) for c in _CONTEXTS.value):

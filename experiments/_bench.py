@@ -24,19 +24,13 @@ def machine() -> str:
 
 
 def median_seconds(fn, *args, repeats: int) -> float:
-  """The median wall time of ``repeats`` calls of ``fn(*args)``, after one call that compiles
-  and warms up; every call is waited for (``jax.block_until_ready``)."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  """The median wall time of ``repeats`` calls of ``fn(*args)`` (``timings``)."""
+  return statistics.median(timings(fn, *args, repeats=repeats))
 
 
 def timings(fn, *args, repeats: int) -> list[float]:
-  """Wall times of ``repeats`` calls of ``fn(*args)`` after one that compiles and warms up."""
+  """Wall times of ``repeats`` calls of ``fn(*args)`` after one that compiles and warms up; every
+  call is waited for (``jax.block_until_ready``)."""
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):

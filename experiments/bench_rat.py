@@ -19,7 +19,6 @@ spread, (slowest - fastest) / median. The machine line gives the load average.
 
 import json
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -45,13 +44,7 @@ def _time(f, *args) -> float:
 
 
 def _times(f, *args) -> list[float]:
-  jax.block_until_ready(f(*args))
-  times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    times.append(time.perf_counter() - start)
-  return times
+  return _bench.timings(f, *args, repeats=_REPEATS.value)
 
 
 def _train_step(module):

@@ -360,7 +360,7 @@ class MoE(nnx.Module):
   def _dispatch(self, x, logits, weights, expert_axis=None):
     """Routes ``x [B, T, D]`` by ``logits [B, T, E]`` into capacity slots; with ``expert_axis``
     (inside the ``shard_map``) ``weights`` hold this device's experts and the slots travel by
-    all-to-all (the ``"sorted"`` dispatch there: slots for all tokens, run by ``ragged_dot``)."""
+    all-to-all (the ``"sorted"`` dispatch there: slots for all tokens, run by ``_experts``)."""
     batch, t, d = x.shape
     x, logits = x.reshape(batch * t, d), logits.reshape(batch * t, -1)
     n, e, k = x.shape[0], self.num_experts, self.top_k

@@ -206,7 +206,7 @@ def save_xlstm(model: LM, path: str | os.PathLike) -> list[str]:
     raise FileExistsError(f"path: {path} already holds a checkpoint; expected a new directory")
   tensors = {}
   for key_path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    rule, stacked = _rule([_Key(k) for k in key_path], cfg)
+    rule, stacked = _rule(key_path, cfg)  # flat-state keys are the plain names
     value = np.asarray(jax.device_get(variable[...]))
     names = rule.names(cfg.num_layers) if stacked else [rule.name]
     for name, part in zip(names, value if stacked else [value], strict=True):
@@ -216,10 +216,6 @@ def save_xlstm(model: LM, path: str | os.PathLike) -> list[str]:
   with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config, f, indent=2)
   return ["model.safetensors", "config.json"]
-
-
-class _Key(NamedTuple):
-  key: str
 
 
 def _published(value: np.ndarray, rule: "_Rule") -> np.ndarray:

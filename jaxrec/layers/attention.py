@@ -170,78 +170,86 @@ class Attention(nnx.Module):
   ) -> tuple[jax.Array, KVCache]:
     """Attention of new rotated queries ``q [B, T, H, K]`` over the cache and the new rotated keys
     and values ``k, v [B, T, G, K]`` (at ``positions [T]``, following the cache's), before the
-    output projection; returns it and the cache with the new tokens written."""
+    output projection; returns it and the cache with the new tokens written.
+
+    The queries read the cache as it was (its written slots, or the ring's tokens) and the new
+    tokens as a second key set; the new tokens are written afterwards, in place
+    (``attention_ops.written_after``), so that a decoding step reads the cache once and copies
+    nothing of it.
+    """
     t = q.shape[1]
     # Head-major, as the cache stores them.
     k, v = (jnp.swapaxes(a, 1, 2).astype(cache.k.dtype) for a in (k, v))
-    if not cache.is_ring:
+    size = cache.k.shape[2]
+    if cache.is_ring:
+      last = jnp.take(cache.segment_ids, (cache.index - 1) % size, axis=1)[:, None]
+      cached_positions = cache.positions
+    else:
       last = lax.dynamic_index_in_dim(cache.segment_ids, jnp.maximum(cache.index - 1, 0), 1)
-      segments = continue_segments(last, segment_ids, q.shape[:2])
-      cache = KVCache(
+      # Slots from the index on are not written yet: place them past every query.
+      slots = jnp.arange(size)
+      cached_positions = jnp.where(slots < cache.index, slots, jnp.iinfo(jnp.int32).max)
+    segments = continue_segments(last, segment_ids, q.shape[:2])
+    o = self._attend(
+      q,
+      [(cache.k, cache.v, cached_positions, cache.segment_ids), (k, v, positions, segments)],
+      positions,
+      segments,
+    )
+    k, v, segments = (attention_ops.written_after(a, o) for a in (k, v, segments))
+    if not cache.is_ring:
+      return o, KVCache(
         k=lax.dynamic_update_slice_in_dim(cache.k, k, cache.index, 2),
         v=lax.dynamic_update_slice_in_dim(cache.v, v, cache.index, 2),
         segment_ids=lax.dynamic_update_slice_in_dim(cache.segment_ids, segments, cache.index, 1),
         index=cache.index + t,
       )
-      o = self._attend(
-        q, cache.k, cache.v, positions, jnp.arange(cache.k.shape[2]), segments, cache.segment_ids
-      )
-      return o, cache
-    size = cache.k.shape[2]
-    last = jnp.take(cache.segment_ids, (cache.index - 1) % size, axis=1)[:, None]
-    segments = continue_segments(last, segment_ids, q.shape[:2])
-    # The queries see the ring (tokens before these) and the new tokens themselves.
-    o = self._attend(
-      q,
-      jnp.concatenate([cache.k, k], axis=2),
-      jnp.concatenate([cache.v, v], axis=2),
-      positions,
-      jnp.concatenate([cache.positions, positions]),
-      segments,
-      jnp.concatenate([cache.segment_ids, segments], axis=1),
-    )
     # Only the last `size` new tokens can be seen again.
     n = min(t, size)
     slots = positions[-n:] % size
-    cache = KVCache(
+    return o, KVCache(
       k=cache.k.at[:, :, slots].set(k[:, :, -n:]),
       v=cache.v.at[:, :, slots].set(v[:, :, -n:]),
       segment_ids=cache.segment_ids.at[:, slots].set(segments[:, -n:]),
       index=cache.index + t,
       positions=cache.positions.at[slots].set(positions[-n:]),
     )
-    return o, cache
 
-  def _attend(self, q, k, v, q_positions, kv_positions, segments, kv_segments):
-    """``q [B, T, H, K]`` over head-major ``k, v [B, G, S, K]`` under this layer's causal,
-    window and document mask.
+  def _attend(self, q, key_sets, q_positions, segments):
+    """``q [B, T, H, K]`` over one or more head-major key sets ``(k, v [B, G, S_i, K], positions
+    [S_i], segment ids [B, S_i])`` under this layer's causal, window and document mask: one
+    softmax over their union.
 
-    A few queries (decoding) read the cache as it is stored, each key/value head once
-    (``grouped_attention``); many (a chunked prefill), whose cost is the ``T x S`` products, go to
-    ``jax.nn.dot_product_attention`` over a ``[B, S, G, K]`` copy, the faster form there (one
-    SmolLM2 layer on CPU: 2.0 against 3.3 ms for one query over 8192 keys, 460 against 270 ms for
-    2048 queries over 2064).
+    A few queries (decoding) read each set where it lies, each key/value head once
+    (``merged_grouped_attention``); many (a chunked prefill), whose cost is the ``T x S``
+    products, go to ``jax.nn.dot_product_attention`` over one ``[B, S, G, K]`` copy of the sets,
+    the faster form there (one SmolLM2 layer on CPU: 2.0 against 3.3 ms for one query over 8192
+    keys, 460 against 270 ms for 2048 queries over 2064).
     """
     batch, t = q.shape[:2]
     if t > GROUPED_MAX_QUERIES:
+      cat = lambda i, axis: jnp.concatenate([s[i] for s in key_sets], axis=axis)
       return attention_ops.dot_product_attention(
         q,
-        jnp.swapaxes(k, 1, 2),
-        jnp.swapaxes(v, 1, 2),
+        jnp.swapaxes(cat(0, 2), 1, 2),
+        jnp.swapaxes(cat(1, 2), 1, 2),
         window=self.window,
         segment_ids=segments,
-        kv_segment_ids=kv_segments,
+        kv_segment_ids=cat(3, 1),
         q_positions=q_positions,
-        kv_positions=kv_positions,
+        kv_positions=cat(2, 0),
       )
-    mask = attention_ops.attention_mask(
-      jnp.broadcast_to(q_positions, (batch, t)),
-      jnp.broadcast_to(kv_positions, (batch, k.shape[2])),
-      window=self.window,
-      q_segment_ids=segments,
-      kv_segment_ids=kv_segments,
-    )
-    return attention_ops.grouped_attention(q, k, v, mask)
+    masked = []
+    for k, v, positions, kv_segments in key_sets:
+      mask = attention_ops.attention_mask(
+        jnp.broadcast_to(q_positions, (batch, t)),
+        jnp.broadcast_to(positions, (batch, k.shape[2])),
+        window=self.window,
+        q_segment_ids=segments,
+        kv_segment_ids=kv_segments,
+      )
+      masked.append((k, v, mask))
+    return attention_ops.merged_grouped_attention(q, masked)
 
   def rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """``x [B, T, H or G, K]`` rotated to ``positions`` (``[T]`` or ``[B, T]``) with this layer's

@@ -171,3 +171,86 @@ def test_heads_must_be_a_multiple_of_kv_heads():
   q, k, v = _qkv(1, 4, 4, 3, 2, 4)
   with pytest.raises(ValueError, match="k: expected a number of heads"):
     attention.dot_product_attention(q, k, v)
+
+
+def _merged(q, sets):
+  """``merged_grouped_attention`` over seq-major ``(k, v [B, S, G, K], q_pos [B, T], kv_pos [B,
+  S], window)`` sets, stored head-major as a cache stores them."""
+  key_sets = []
+  for k, v, q_pos, kv_pos, window in sets:
+    mask = attention.attention_mask(jnp.asarray(q_pos), jnp.asarray(kv_pos), window=window)
+    key_sets.append((jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask))
+  return attention.merged_grouped_attention(jnp.asarray(q), key_sets)
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 4])
+def test_merged_sets_match_one_softmax_over_their_union(monkeypatch, blocks):
+  """A decoding step's two key sets: a cache of 24 slots with 19 written (the others at a
+  position past every query) and the 3 new tokens, read as ``blocks`` blocks per set."""
+  monkeypatch.setattr(attention, "KEY_BLOCK", 24 // blocks)
+  b, t, s, h, kv, d = 2, 3, 24, 4, 2, 8
+  q, k_old, v_old = _qkv(b, t, s, h, kv, d, seed=5)
+  _, k_new, v_new = _qkv(b, t, t, h, kv, d, seed=6)
+  written = 19
+  q_pos = np.broadcast_to(written + np.arange(t), (b, t))
+  old_pos = np.broadcast_to(np.where(np.arange(s) < written, np.arange(s), 2**31 - 1), (b, s))
+  window = 7
+  assert attention.key_blocks(s) == blocks
+  got = jax.jit(_merged, static_argnums=())(
+    q, [(k_old, v_old, q_pos, old_pos, window), (k_new, v_new, q_pos, q_pos, window)]
+  )
+  want, atol, _ = _reference(
+    q,
+    np.concatenate([k_old, k_new], 1),
+    np.concatenate([v_old, v_new], 1),
+    q_pos=q_pos,
+    kv_pos=np.concatenate([old_pos, q_pos], 1),
+    window=window,
+    atol=True,
+  )
+  assert_close(got, want, rtol=0, atol=atol)
+
+
+def test_merged_sets_gradients_match_a_jax_reference(monkeypatch):
+  monkeypatch.setattr(attention, "KEY_BLOCK", 4)  # the 8-key set as 2 blocks
+  q, k, v = _qkv(1, 2, 10, 4, 2, 4, seed=7)
+  q_pos = np.array([[8, 9]])
+  kv_pos = np.arange(10)[None]
+  mask = (q_pos[0][:, None] >= kv_pos[0][None, :]) & (q_pos[0][:, None] - kv_pos[0][None, :] < 6)
+
+  def op(q, k, v):
+    sets = [(k[:, :8], v[:, :8], q_pos, kv_pos[:, :8], 6), (k[:, 8:], v[:, 8:], q_pos, q_pos, 6)]
+    return _merged(q, sets)
+
+  def reference(q, k, v):
+    k, v = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+    logits = jnp.einsum("bthd,bshd->bhts", q, k) / 2.0
+    p = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+    return jnp.einsum("bhts,bshd->bthd", p, v)
+
+  w = np.random.default_rng(8).standard_normal(q.shape, np.float32)
+  got = jax.jit(jax.grad(lambda *a: jnp.sum(op(*a) * w), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.jit(jax.grad(lambda *a: jnp.sum(reference(*a) * w), argnums=(0, 1, 2)))(q, k, v)
+  for name, g, r, atol in zip("qkv", got, want, _gradient_atols(q, k, v, w, mask), strict=True):
+    assert_close(g, r, rtol=0, atol=atol, err_msg=f"d{name}")
+
+
+def test_merged_sets_need_matching_shapes():
+  q, k, v = (jnp.asarray(x) for x in _qkv(1, 2, 5, 4, 2, 4))
+  k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+  with pytest.raises(ValueError, match="key_sets: expected at least one"):
+    attention.merged_grouped_attention(q, [])
+  with pytest.raises(ValueError, match=r"mask: expected \[B, 1, T, S\]"):
+    attention.merged_grouped_attention(q, [(k, v, jnp.ones((1, 1, 2, 4), bool))])
+  with pytest.raises(ValueError, match="k, v: expected head-major"):
+    attention.merged_grouped_attention(q, [(k, v[..., :2], jnp.ones((1, 1, 2, 5), bool))])
+
+
+def test_written_after_changes_only_rows_whose_outputs_are_nan():
+  update = jnp.arange(24, dtype=jnp.float32).reshape(3, 2, 4) - 7.5
+  reads = jnp.ones((3, 5)).at[1, 3].set(jnp.nan)
+  got = np.asarray(attention.written_after(update, reads))
+  np.testing.assert_array_equal(got[[0, 2]], np.asarray(update)[[0, 2]])
+  assert np.isnan(got[1]).all()
+  ids = attention.written_after(jnp.full((3, 2), 5, jnp.int32), reads)
+  np.testing.assert_array_equal(ids, [[5, 5], [-1, -1], [5, 5]])

@@ -14,7 +14,8 @@ costs (``jax.nn.dot_product_attention`` would first repeat them for every query 
 """
 
 import functools
-from typing import Literal, get_args
+from collections.abc import Sequence
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -168,9 +169,27 @@ def grouped_attention(
   return merged_grouped_attention(q, [(k, v, mask)], scale=scale)
 
 
+class KeySet(NamedTuple):
+  """One key/value set of ``merged_grouped_attention``.
+
+  Attributes:
+    k: head-major keys ``[B, G, S, K_k]``.
+    v: head-major values ``[B, G, S, K]`` (``K`` the width of the queries' heads and of the
+      output).
+    mask: bool ``[B, 1, T, S]``, true where a query sees a key.
+    q: this set's own queries ``[B, T, H, K_k]`` (ThinK scores its pruned keys with the kept
+      channels of the queries); ``None``: the call's queries.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  mask: AttentionMask
+  q: Queries | None = None
+
+
 def merged_grouped_attention(
   q: Queries,
-  key_sets: "list[tuple[jax.Array, jax.Array, AttentionMask]]",
+  key_sets: Sequence[KeySet | tuple],
   *,
   scale: float | None = None,
 ) -> Queries:
@@ -186,36 +205,49 @@ def merged_grouped_attention(
 
   Args:
     q: queries ``[B, T, H, K]``.
-    key_sets: ``(k, v, mask)`` triples: head-major ``k, v [B, G, S_i, K]`` (one ``G`` for all)
-      and a bool ``mask [B, 1, T, S_i]``.
-    scale: logit scale; ``K ** -0.5`` when ``None``.
+    key_sets: ``KeySet`` s (or ``(k, v, mask)`` triples), one ``G`` for all.
+    scale: logit scale of every set; ``K ** -0.5`` (the width of ``q``) when ``None``.
 
   Returns:
     ``[B, T, H, K]`` in the dtype of ``q``.
   """
   b, t, h, dim = q.shape
+  key_sets = [KeySet(*s) for s in key_sets]
   if not key_sets:
     raise ValueError("key_sets: expected at least one (k, v, mask) triple, got none")
-  g = key_sets[0][0].shape[1]
-  for k, v, mask in key_sets:
-    if k.ndim != 4 or k.shape[:2] != (b, g) or k.shape[3] != dim or v.shape != k.shape or h % g:
+  g = key_sets[0].k.shape[1]
+  for k, v, mask, q_set in key_sets:
+    width = dim if q_set is None else q_set.shape[3]
+    if q_set is not None and q_set.shape[:3] != q.shape[:3]:
+      raise ValueError(f"q: expected a set's queries [B, T, H] = {q.shape[:3]}, got {q_set.shape}")
+    if (
+      k.ndim != 4
+      or k.shape[:2] != (b, g)
+      or k.shape[3] != width
+      or v.shape != (*k.shape[:3], dim)
+      or h % g
+    ):
       raise ValueError(
-        f"k, v: expected head-major [B={b}, G, S, K={dim}] with one G dividing H={h}, got "
-        f"{k.shape} and {v.shape}"
+        f"k, v: expected head-major [B={b}, G, S, K={width}] keys and [B, G, S, K={dim}] values "
+        f"with one G dividing H={h}, got {k.shape} and {v.shape}"
       )
     if mask.shape != (b, 1, t, k.shape[2]):
       raise ValueError(f"mask: expected [B, 1, T, S] = {(b, 1, t, k.shape[2])}, got {mask.shape}")
+  key_sets = [s for s in key_sets if s.k.shape[2]]
+  if not key_sets:
+    raise ValueError("key_sets: expected at least one set with keys, got only empty ones")
   r = h // g
   scale = dim**-0.5 if scale is None else scale
   # [B, G, R·T, K]: a group's query heads and queries as the rows of one product.
-  qg = q.reshape(b, t, g, r, dim).transpose(0, 2, 3, 1, 4).reshape(b, g, r * t, dim)
+  rows = lambda x: x.reshape(b, t, g, r, -1).transpose(0, 2, 3, 1, 4).reshape(b, g, r * t, -1)
   # Each set as P blocks of its keys, [B, G, P, S_i / P, K] (a free reshape): the scores
   # [B, G, P, R, T, S_i / P] and the weighted values of each block are their own products.
   blocked = []
-  for k, v, mask in key_sets:
+  for k, v, mask, q_set in key_sets:
     n = key_blocks(k.shape[2])
-    kb, vb = (a.reshape(b, g, n, -1, dim) for a in (k, v))
-    s = jnp.einsum("bgmk,bgpsk->bgpms", qg.astype(k.dtype), kb, preferred_element_type=jnp.float32)
+    kb, vb = (a.reshape(b, g, n, -1, a.shape[3]) for a in (k, v))
+    qg = rows(q if q_set is None else q_set).astype(k.dtype)
+    s = jnp.einsum("bgmk,bgpsk->bgpms", qg, kb, preferred_element_type=jnp.float32)
     s = (s * scale).reshape(b, g, n, r, t, -1)
     mask = mask.reshape(b, 1, t, n, -1).transpose(0, 1, 3, 2, 4)[:, :, :, None]
     blocked.append((jnp.where(mask, s, jnp.finfo(jnp.float32).min), vb))

@@ -2,7 +2,10 @@
 stops each row at a stop token, in one compiled program per bucket.
 
 Recurrent mixers decode from their O(1) state (GLA's ``[B, H, K, V]``), attention from a KV cache
-sized for the prompt plus the new tokens. Prompts of any lengths share a batch: they are
+sized for the prompt plus the new tokens. A decoding step reads its whole KV cache, so a cache
+past ``GROW_FROM`` slots starts at the prompt's size and doubles as the tokens fill it
+(``cache_capacities``): a step never reads more than twice the slots it has filled, and each
+growth copies the cache once. Prompts of any lengths share a batch: they are
 left-padded into a bucket (``jaxrec.inference.prefill``), so that one program serves every prompt
 length of a bucket. The decode loop is a ``lax.while_loop`` that ends after ``max_new_tokens``
 tokens or as soon as every row has produced a stop token; a finished row is padded with
@@ -182,6 +185,8 @@ def generate_with(
       np.int32(handle),
       schedule=schedule,
       out_len=out_len,
+      # Long-context policies size their own caches: theirs are not grown.
+      capacities=cache_capacities(length, out_len, grow=policy is None),
       greedy=greedy,
       top_k=None if greedy else top_k,
       use_top_p=top_p is not None and not greedy,
@@ -193,6 +198,39 @@ def generate_with(
     _CALLBACKS.pop(handle, None)
   logits = _to_host(logits)[:, :max_new_tokens] if return_logits else None
   return Generation(out[:, :max_new_tokens], lengths, logits)
+
+
+# KV caches up to this many slots are read whole by every decoding step (a few MB); larger ones
+# grow by doubling (``cache_capacities``).
+GROW_FROM = 4096
+
+
+def cache_capacities(length: int, out_len: int, grow: bool) -> tuple[int, ...]:
+  """The cache sizes of the decoding phases of a ``length``-token prompt and ``out_len`` new
+  tokens: the whole ``length + out_len`` at once, or, with ``grow`` and past ``GROW_FROM`` slots,
+  powers of two from the first that holds the prompt and its first new token (at least
+  ``GROW_FROM``), up to ``length + out_len``."""
+  total = length + out_len
+  if not grow or total <= GROW_FROM:
+    return (total,)
+  size = max(GROW_FROM, 1 << length.bit_length())  # > length: room for a new token
+  sizes = []
+  while size < total:
+    sizes.append(size)
+    size *= 2
+  return (*sizes, total)
+
+
+def _grown(cache, bigger):
+  """``cache`` copied into the start of ``bigger``, an empty cache of the same structure whose
+  arrays are as large or larger along one slot axis."""
+
+  def grow(old, new):
+    if old.shape == new.shape:
+      return old
+    return lax.dynamic_update_slice(new, old, (0,) * old.ndim)
+
+  return jax.tree.map(grow, cache, bigger)
 
 
 def _program_fn(
@@ -210,6 +248,7 @@ def _program_fn(
   *,
   schedule,
   out_len,
+  capacities,
   greedy,
   top_k,
   use_top_p,
@@ -219,7 +258,12 @@ def _program_fn(
   """Prefill then decode, for one bucket: ``(tokens [B, out_len], lengths [B], logits)``."""
   model = nnx.merge(graphdef, state)
   batch, length = tokens.shape
-  cache = model.init_cache(batch, length + out_len)
+  shapes = [jax.eval_shape(lambda n=n: model.init_cache(batch, n)) for n in capacities]
+  if any(jax.tree.structure(c) != jax.tree.structure(shapes[0]) for c in shapes):
+    # A cache whose kind changes with its size (a sliding window's ring once the size passes the
+    # window) is made at its final size.
+    capacities = capacities[-1:]
+  cache = model.init_cache(batch, capacities[0])
 
   # Prefill, in chunks past prefill_chunk; only the last position's logits are kept.
   def prefill_step(cache, chunk):
@@ -284,7 +328,12 @@ def _program_fn(
       new if n == 2 else keep(new, old)
       for n, (new, old) in enumerate(zip(stepped, carry, strict=True))
     )
-  carry = lax.while_loop(running, lambda c: step(c, jnp.asarray(True)), carry)
+  for size in capacities:
+    if size != capacities[0]:
+      carry = (*carry[:2], _grown(carry[2], model.init_cache(batch, size)), *carry[3:])
+    # Step i writes slot length + i - 1.
+    fits = lambda c, size=size: running(c) & (c[0] < size - length + 1)
+    carry = lax.while_loop(fits, lambda c: step(c, jnp.asarray(True)), carry)
   _, _, _, out, lengths, _, kept, _ = carry
   return out, lengths, kept
 
@@ -292,6 +341,7 @@ def _program_fn(
 _STATIC = (
   "schedule",
   "out_len",
+  "capacities",
   "greedy",
   "top_k",
   "use_top_p",

@@ -3,6 +3,7 @@ tokens, streaming, sampling filters, seeds, the trained-context warning and the 
 compilations over many prompt lengths."""
 
 import dataclasses
+import importlib
 import warnings
 
 import jax
@@ -208,3 +209,16 @@ def test_sampling_filters_restrict_the_support():
   # Unfiltered sampling follows the probabilities.
   freq = np.bincount(np.asarray(sample_logits(logits, keys, 1.0)), minlength=5) / 2000
   assert_close(freq, [0.05, 0.4, 0.3, 0.15, 0.1], rtol=0.0, atol=0.04)
+
+
+def test_a_growing_kv_cache_decodes_the_same_tokens(models, monkeypatch):
+  """Past GROW_FROM slots the cache starts at the prompt's size and doubles: 8 prompt slots and
+  32 new tokens decode in caches of 16, 32 and 40 slots, as in one cache of 40."""
+  generate_lib = importlib.import_module("jaxrec.inference.generate")
+  loop, _ = models
+  prompt = np.array([[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]], np.int32)
+  want = _greedy_by_full_forwards(loop, prompt, 32)[:, 8:]
+  np.testing.assert_array_equal(jaxrec.generate(loop, prompt, 32).tokens, want)
+  monkeypatch.setattr(generate_lib, "GROW_FROM", 8)
+  assert generate_lib.cache_capacities(8, 32, grow=True) == (16, 32, 40)
+  np.testing.assert_array_equal(jaxrec.generate(loop, prompt, 32).tokens, want)

@@ -61,13 +61,15 @@ def _order(results: dict) -> list[str]:
 
 
 def moe_summary(runs: list[dict]) -> dict[str, dict]:
-  """Per router: the mean and standard deviation over seeds of every number of its runs."""
+  """Per router: the mean and the sample standard deviation (n - 1; 0 for one seed) over seeds of
+  every number of its runs."""
+  std = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
   out = {}
   for router in dict.fromkeys(r["router"] for r in runs):
     rows = [r for r in runs if r["router"] == router]
     keys = [k for k, v in rows[0].items() if isinstance(v, float)]
     out[router] = {
-      k: (statistics.mean(r[k] for r in rows), statistics.pstdev(r[k] for r in rows)) for k in keys
+      k: (statistics.mean(r[k] for r in rows), std([r[k] for r in rows])) for k in keys
     }
     out[router]["seeds"] = len(rows)
   return out
@@ -247,10 +249,10 @@ def _moe(runs: list[dict], c: dict) -> str:
   return f"""### MoE LM: linear router vs the RMoE GRU router vs the ablations
 
 Attention LMs of {c["num_layers"]} layers, d_model {c["d_model"]}, whose feed-forward is an MoE of
-{c["num_experts"]} experts (hidden {c["expert_hidden"]}), top-{c["top_k"]}, capacity factor 1.25,
+{c["num_experts"]} experts (hidden {c["expert_hidden"]}), top-{c["top_k"]}, {_routing(c)},
 router state p = {c["router_dim"]}, load-balancing weight 0.01; {c["steps"]} steps of
 {c["batch_size"]}×{c["seq_len"]} bytes (peak lr {c["learning_rate"]:g}), seeds {seeds} (parameters
-and data order); validation: {c["eval_batches"]} batches. Mean ± std over seeds; the routing
+and data order); validation: {c["eval_batches"]} batches. Mean ± sample std over seeds; the routing
 statistics are validation means (IB and OB as in the RMoE paper, but means, not medians). The
 paper's smallest setting is 12 layers, d 128, 16 experts top-2, p 64-128, 3 seeds.
 
@@ -262,15 +264,24 @@ Why the ordering of bits per byte says little at this size: the paper's gain is 
 0.01 bits) at 12 layers after 80k steps and about zero at 6 layers; with fewer layers the router
 state passes through few steps, and a few hundred training steps leave the models far from
 converged, so the routers' differences sit inside the seed spread. The routing statistics react
-sooner and are the signal the paper itself calls more robust.{_drops(summary)}"""
+sooner and are the signal the paper itself calls more robust.{_drops(summary, c)}"""
 
 
-def _drops(summary: dict) -> str:
+def _routing(c) -> str:
+  """How the run's MoE dispatches: dropless (RMoE's reference) or with a capacity factor."""
+  factor = c.get("capacity_factor", 1.25)  # runs before the setting had 1.25
+  if isinstance(factor, str) and factor.strip().lower() == "none":
+    return "dropless (tokens sorted by expert, grouped matmuls; RMoE's reference MoE drops none)"
+  return f"capacity factor {factor} (assignments past an expert's capacity dropped)"
+
+
+def _drops(summary: dict, c) -> str:
   dropped = [s["moe/dropped"][0] for s in summary.values() if "moe/dropped" in s]
   if not dropped or max(dropped) < 0.1:
     return ""
   return (
-    f" At capacity factor 1.25 every router still drops {min(dropped):.0%}-{max(dropped):.0%} of "
+    f" At {_routing(c).split(' (')[0]} every router still drops {min(dropped):.0%}-"
+    f"{max(dropped):.0%} of "
     "the token-to-expert assignments (past an expert's capacity; a token dropped by both its "
     "experts keeps only its residual stream): the routing is far from balanced this early."
   )

@@ -243,8 +243,28 @@ _MOE_SETTINGS = _RAT_SETTINGS | {
 
 
 def _moe_config(c, router: str, vocab_size: int) -> LMConfig:
-  settings = _MOE_SETTINGS | {"moe.router": "routers"}
-  return _model_config("tiny-moe", c, "--config.moe", settings, vocab_size, {"moe.router": router})
+  settings = _MOE_SETTINGS | {"moe.router": "routers", "moe.capacity_factor": "capacity_factor"}
+  # Dropless: tokens sorted by expert and grouped matmuls (layers.moe); else the capacity path.
+  dispatch = _capacity(c.capacity_factor)
+  swept = {"moe.router": router, "moe.capacity_factor": dispatch[1], "moe.dispatch": dispatch[0]}
+  return _model_config("tiny-moe", c, "--config.moe", settings, vocab_size, swept)
+
+
+def _capacity(value) -> tuple[str, float | None]:
+  """``(dispatch, capacity_factor)`` of ``--config.moe.capacity_factor``: ``"none"`` is the
+  dropless sorted dispatch, a positive number the capacity dispatch with that factor."""
+  if isinstance(value, str) and value.strip().lower() == "none":
+    return "sorted", None
+  try:
+    factor = float(value)
+  except (TypeError, ValueError):
+    factor = -1.0
+  if not factor > 0:
+    raise train_lib.ConfigError(
+      f"--config.moe.capacity_factor: expected 'none' (dropless) or a positive number, got "
+      f"{value!r}"
+    )
+  return "capacity", factor
 
 
 def _rat_config(c, chunk_size: int, vocab_size: int, flag: str) -> LMConfig:

@@ -59,7 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.moe.top_k = 2
   config.moe.expert_hidden = 64
   config.moe.router_dim = 32  # the GRU / MLP router state p
-  # 512 tokens a step: the GShard dispatch of one token group costs O(tokens x capacity).
+  # Dropless, as RMoE's reference MoE: "none", or a capacity as a multiple of the balanced load
+  # (e.g. 1.25), over which the GShard one-hot dispatch drops assignments.
+  config.moe.capacity_factor = "none"
   config.moe.batch_size = 4
   config.moe.steps = 250
   config.moe.learning_rate = 3e-3

@@ -35,12 +35,12 @@ import jax.numpy as jnp
 from jaxrec.inference.longctx.policy import (
   Policy,
   check_int,
-  merged_softmax_values,
   repeat_kv,
   scores,
   softmax_values,
 )
 from jaxrec.layers import Attention
+from jaxrec.ops.attention import KeySet, merged_grouped_attention, written_after
 
 
 class ThinKEmpty(NamedTuple):
@@ -66,13 +66,14 @@ class ThinKFilling(NamedTuple):
 
 
 class ThinKCache(NamedTuple):
-  """A prefilled ThinK cache.
+  """A prefilled ThinK cache, head-major (``jaxrec.layers.KVCache``'s layout): a decoding step
+  reads each key/value head's keys where they lie, with no copy or transpose.
 
   Attributes:
-    k_old: rotated older keys ``[B, P, G, K - pruned]``, channels ``keep``.
-    v_old: their values ``[B, P, G, K]``.
+    k_old: rotated older keys ``[B, G, P, K - pruned]``, channels ``keep``.
+    v_old: their values ``[B, G, P, K]``.
     keep: int32 ``[B, G, K - pruned]``, the kept channels of each key head.
-    k_new, v_new: ``[B, R, G, K]``, the observation window and the generated tokens.
+    k_new, v_new: ``[B, G, R, K]``, the observation window and the generated tokens.
     filled: int32, slots of ``k_new`` written.
     position: int32, the position of the next token.
   """
@@ -165,25 +166,40 @@ class ThinK(Policy):
       raise ValueError(
         f"tokens: after its prefill a ThinK cache decodes one token at a time, got {q.shape[1]}"
       )
+    return self._decode(attn, q, k, v, cache)
+
+  def _decode(self, attn: Attention, q, k, v, cache):
+    """One decoding step: the new token attends over the pruned older keys (scored by its kept
+    channels at the full width's scale ``K ** -0.5``), the written slots of ``k_new`` and itself,
+    read where they lie as three key sets; it is written into ``k_new`` after the products
+    (``written_after``), so that XLA updates the cache in place instead of copying it."""
     position = cache.position[None]
     qr, kr = attn.rope(q, position), attn.rope(k, position)
-    k_new = jax.lax.dynamic_update_slice_in_dim(
-      cache.k_new, kr.astype(cache.k_new.dtype), cache.filled, 1
-    )
-    v_new = jax.lax.dynamic_update_slice_in_dim(
-      cache.v_new, v.astype(cache.v_new.dtype), cache.filled, 1
-    )
-    cache = cache._replace(
-      k_new=k_new, v_new=v_new, filled=cache.filled + 1, position=cache.position + 1
-    )
-    h, dim = q.shape[2:]
+    b, h = q.shape[0], q.shape[2]
     keep = repeat_kv(cache.keep[:, None], h)[:, 0]  # [B, H, kept]
     q_kept = jnp.take_along_axis(qr[:, 0], keep, axis=-1)[:, None]  # [B, 1, H, kept]
-    s_old = scores(q_kept, cache.k_old) * math.sqrt(keep.shape[-1] / dim)
-    s_new = scores(qr, cache.k_new)
-    visible_new = (jnp.arange(k_new.shape[1]) < cache.filled)[None, None, None]
-    parts = [(s_old, True, cache.v_old), (s_new, visible_new, cache.v_new)]
-    return merged_softmax_values(parts, q.dtype), cache
+    # The new token head-major, [B, G, 1, K], in the cache's dtype as it is stored.
+    k_tok, v_tok = (jnp.swapaxes(a, 1, 2).astype(cache.k_new.dtype) for a in (kr, v))
+    every = lambda n: jnp.ones((b, 1, 1, n), bool)
+    room = cache.k_new.shape[2]
+    filled = jnp.broadcast_to(jnp.arange(room) < cache.filled, (b, 1, 1, room))
+    o = merged_grouped_attention(
+      qr,
+      [
+        KeySet(cache.k_old, cache.v_old, every(cache.k_old.shape[2]), q=q_kept),
+        KeySet(cache.k_new, cache.v_new, filled),
+        KeySet(k_tok, v_tok, every(1)),
+      ],
+    )
+    write = lambda x, new: jax.lax.dynamic_update_slice_in_dim(
+      x, written_after(new, o), cache.filled, 2
+    )
+    return o, cache._replace(
+      k_new=write(cache.k_new, k_tok),
+      v_new=write(cache.v_new, v_tok),
+      filled=cache.filled + 1,
+      position=cache.position + 1,
+    )
 
   def _prefill(self, attn: Attention, q, k, v, cache):
     t = q.shape[1]
@@ -226,19 +242,21 @@ class ThinK(Policy):
   def _compress(self, q_obs, kr, v, s_obs, mask_obs, room, dtype):
     """The ``ThinKCache`` of a prompt: its rotated keys ``kr`` and values ``v`` ``[B, T, G,
     K]``, the rotated queries ``q_obs [B, R, H, K]`` of its last ``R`` tokens and their scores
-    ``s_obs [B, H, R, T]`` (visible where ``mask_obs``); ``room`` slots in all."""
+    ``s_obs [B, H, R, T]`` (visible where ``mask_obs``); ``room`` slots in all. The keys and
+    values are made head-major here, once per prompt."""
     b, t, g = kr.shape[:3]
     recent = q_obs.shape[1]
     old = t - recent
+    kr, v = jnp.swapaxes(kr, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, G, T, K]
     rows = jnp.broadcast_to(jnp.arange(old), (b, g, old))  # [B, G, P]
     if self.eviction is not None and old > self.eviction.capacity - recent:
       rows = self._evict(s_obs, mask_obs, old, recent, g)
-    pick = lambda x: jnp.take_along_axis(x, rows.transpose(0, 2, 1)[..., None], axis=1)
-    k_old, v_old = pick(kr[:, :old]), pick(v[:, :old])
+    pick = lambda x: jnp.take_along_axis(x[:, :, :old], rows[..., None], axis=2)
+    k_old, v_old = pick(kr), pick(v)
     keep = self._channels(q_obs, k_old)
-    k_old = jnp.take_along_axis(k_old, keep[:, None], axis=-1)
+    k_old = jnp.take_along_axis(k_old, keep[:, :, None], axis=-1)
     room = room - old
-    pad = lambda x: jnp.pad(x[:, old:], ((0, 0), (0, room - recent), (0, 0), (0, 0)))
+    pad = lambda x: jnp.pad(x[:, :, old:], ((0, 0), (0, 0), (0, room - recent), (0, 0)))
     return ThinKCache(
       k_old=k_old.astype(dtype),
       v_old=v_old.astype(dtype),
@@ -263,14 +281,15 @@ class ThinK(Policy):
     return jnp.sort(rows, axis=-1)
 
   def _channels(self, q_obs, k_old):
-    """``[B, G, K - pruned]`` kept channels (ascending) by the query-driven score."""
+    """``[B, G, K - pruned]`` kept channels (ascending) by the query-driven score of the older keys
+    ``k_old [B, G, P, K]``."""
     dim = k_old.shape[-1]
     pruned = math.floor(self.channel_ratio * dim)
     q_norm = jnp.sqrt(jnp.sum(jnp.square(q_obs.astype(jnp.float32)), axis=1))  # [B, H, K]
     b, h = q_norm.shape[:2]
-    g = k_old.shape[2]
+    g = k_old.shape[1]
     q_norm = q_norm.reshape(b, g, h // g, dim)
-    k_norm = jnp.sqrt(jnp.sum(jnp.square(k_old.astype(jnp.float32)), axis=1))  # [B, G, K]
+    k_norm = jnp.sqrt(jnp.sum(jnp.square(k_old.astype(jnp.float32)), axis=2))  # [B, G, K]
     score = jnp.sum(q_norm * k_norm[:, :, None], axis=2)
     _, keep = jax.lax.top_k(score, dim - pruned)
     return jnp.sort(keep, axis=-1)

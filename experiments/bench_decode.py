@@ -5,9 +5,8 @@ Each model decodes ``--steps`` tokens (greedy, one jitted ``lax.fori_loop``) aft
 values at the right size (attention: a KV cache holding ``C`` keys and values; GLA: a random
 ``[B, H, K, V]`` state; mLSTM: random memory and normalizer), which costs the same per decoded
 token as a real prefix. The recurrent states do not grow with ``C``, so their time per token stays
-flat while attention reads ``C`` cached keys per token. (On CPU, XLA also copies each layer's KV
-cache into a contracting-major layout for the ``q·k`` and ``p·v`` products every step: another
-O(C) cost that inflates attention's constant, not its growth.)
+flat while attention reads ``C`` cached keys per token, in place: the step copies nothing of the
+cache (``tests/layers/attention_decode_test.py``).
 
 Each time is the median of ``--repeats`` calls, with its spread ((slowest - fastest) / median),
 next to its memory bound: the bytes a step must read (every parameter, the filled part of a KV

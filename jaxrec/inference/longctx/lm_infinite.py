@@ -19,8 +19,11 @@ of the last ``L`` keys rotated at their own positions (local scores are the true
 rotating them once is exact): ``O(G + L)`` memory and decoding time, whatever the context; with
 ``top_k`` also every key un-rotated. A multi-token call runs blockwise: queries in blocks of
 ``min(T, L)`` against the ``L + block`` keys that can reach them plus the global keys,
-``O(T·(L + G))`` time; decoding one token writes its key into the ring in place and merges the
-local and global softmax terms without copying the ring.
+``O(T·(L + G))`` time. The cache is head-major (``[B, Gk, S, K]``, ``jaxrec.layers.KVCache``'s
+layout): decoding one token reads the ring and the global keys where they lie (with ``top_k``
+also scores every key there and gathers the chosen ones), its own key as a set of its own, under
+one softmax (``merged_grouped_attention``), and writes the token into the ring in place
+afterwards, so that a step copies nothing of the cache.
 """
 
 import dataclasses
@@ -29,26 +32,22 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxrec.inference.longctx.policy import (
-  Policy,
-  check_int,
-  merged_softmax_values,
-  repeat_kv,
-  scores,
-)
+from jaxrec.inference.longctx.policy import Policy, check_int, repeat_kv
 from jaxrec.layers import Attention
+from jaxrec.ops.attention import KeySet, merged_grouped_attention, written_after
 
 
 class LMInfiniteCache(NamedTuple):
-  """Pre-RoPE keys and values of an LM-Infinite layer.
+  """Pre-RoPE keys and values of an LM-Infinite layer, head-major (``jaxrec.layers.KVCache``'s
+  layout: a decoding step reads each key/value head's keys where they lie).
 
   Attributes:
-    k_global, v_global: ``[B, G, Gk, K]``, the first ``G`` tokens (slot = position), keys
+    k_global, v_global: ``[B, Gk, G, K]``, the first ``G`` tokens (slot = position), keys
       un-rotated.
-    k_ring, v_ring: ``[B, R, Gk, K]``, ``R = min(L, S)``, the last ``R`` tokens (slot = position
+    k_ring, v_ring: ``[B, Gk, R, K]``, ``R = min(L, S)``, the last ``R`` tokens (slot = position
       mod ``R``), keys rotated at their positions.
-    k_all, v_all: ``[B, S, Gk, K]`` every token (slot = position) with ``top_k``, else ``[B, 0,
-      Gk, K]``.
+    k_all, v_all: ``[B, Gk, S, K]`` every token (slot = position) with ``top_k``, else ``[B, Gk,
+      0, K]``.
     index: int32 scalar, the number of tokens seen.
   """
 
@@ -105,8 +104,7 @@ class LMInfinite(Policy):
     return dataclasses.replace(self, prompt_length=prompt_length) if self.top_k else self
 
   def init_cache(self, attn: Attention, batch_size: int, max_length: int, dtype):
-    head = (attn.num_kv_heads, attn.head_dim)
-    zeros = lambda n: jnp.zeros((batch_size, n, *head), dtype)
+    zeros = lambda n: jnp.zeros((batch_size, attn.num_kv_heads, n, attn.head_dim), dtype)
     full = max_length if self.top_k else 0
     ring = min(self.window, max_length)  # a shorter ring holds every token the cache will see
     return LMInfiniteCache(
@@ -125,81 +123,122 @@ class LMInfinite(Policy):
     if fresh:
       cache = self.init_cache(attn, b, t, k.dtype)
     index = cache.index
-    big_l, g = self.window, self.global_tokens
-    new_k, new_v = k.astype(cache.k_ring.dtype), v.astype(cache.v_ring.dtype)
-    new_rot = attn.rope(k, index + jnp.arange(t)).astype(cache.k_ring.dtype)
-    # Global slots: position s, from the cache if already seen, else from the new tokens.
-    slots = jnp.arange(g)
-    from_new = jnp.clip(slots - index, 0, max(t - 1, 0))
-    seen = (slots < index)[None, :, None, None]
-    k_glob = jnp.where(seen, cache.k_global, new_k[:, from_new])
-    v_glob = jnp.where(seen, cache.v_global, new_v[:, from_new])
-    if self.top_k:
-      k_all = jax.lax.dynamic_update_slice_in_dim(cache.k_all, new_k, index, 1)
-      v_all = jax.lax.dynamic_update_slice_in_dim(cache.v_all, new_v, index, 1)
-    else:
-      k_all, v_all = cache.k_all, cache.v_all
-    middle = (k_all, v_all) if self.top_k and layer >= self.top_k_from_layer else None
-    ring = cache.k_ring.shape[1]
+    # The new tokens head-major, as the cache stores them.
+    head_major = lambda x: jnp.swapaxes(x, 1, 2).astype(cache.k_ring.dtype)
+    new_k, new_v = head_major(k), head_major(v)
+    new_rot = head_major(attn.rope(k, index + jnp.arange(t)))
+    middle = bool(self.top_k) and layer >= self.top_k_from_layer
     if t == 1 and not fresh:
-      k_ring = jax.lax.dynamic_update_slice_in_dim(cache.k_ring, new_rot, index % ring, 1)
-      v_ring = jax.lax.dynamic_update_slice_in_dim(cache.v_ring, new_v, index % ring, 1)
-      o = self._decode(attn, q, k_ring, v_ring, k_glob, v_glob, index, middle)
+      o = self._decode(attn, q, cache, new_rot, new_v, middle)
+      # Written after the products that read the cache as it was, so that XLA writes in place.
+      return o, self._written(cache, *(written_after(x, o) for x in (new_k, new_rot, new_v)))
+    # The blockwise pass reads the global keys and k_all with the new tokens written.
+    written = self._written(cache, new_k, new_rot, new_v)
+    seq = lambda x: jnp.swapaxes(x, 1, 2)
+    # Local keys seq-major in position order: the ring (positions index - L ..; a ring shorter
+    # than L is padded in front), then the new tokens.
+    ring = cache.k_ring.shape[2]
+    front = ((0, 0), (self.window - ring, 0), (0, 0), (0, 0))
+    roll = lambda r: jnp.roll(seq(r), -(index % ring), 1)
+    local = lambda r, x: jnp.concatenate([jnp.pad(roll(r), front), seq(x)], 1)
+    o = self._blockwise(
+      attn,
+      q,
+      local(cache.k_ring, new_rot),
+      local(cache.v_ring, new_v),
+      seq(written.k_global),
+      seq(written.v_global),
+      index,
+      (written.k_all, written.v_all) if middle else None,
+    )
+    return o, None if fresh else written
+
+  def _written(self, cache, k, k_rot, v):
+    """``cache`` advanced by ``T`` new tokens (head-major ``[B, Gk, T, K]``; ``k`` un-rotated,
+    ``k_rot`` rotated at their positions): the global slots they reach, their slots of ``k_all``
+    (with ``top_k``) and the ring slots of the last ``min(T, R)``."""
+    index, t = cache.index, k.shape[2]
+    slots = jnp.arange(self.global_tokens)
+    # A global slot not seen yet takes the new token at its position, or the last one (a
+    # placeholder, replaced when its own token comes).
+    from_new = jnp.clip(slots - index, 0, t - 1)
+    seen = (slots < index)[:, None]
+    glob = lambda c, x: jnp.where(seen, c, x[:, :, from_new])
+    ring = cache.k_ring.shape[2]
+    if t == 1:
+      put = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x, index % ring, 2)
     else:
-      # Local keys in position order: the ring (positions index - L ..; a ring shorter than L
-      # is padded in front), then the new tokens.
-      front = ((0, 0), (big_l - ring, 0), (0, 0), (0, 0))
-      local = lambda r, x: jnp.concatenate([jnp.pad(jnp.roll(r, -(index % ring), 1), front), x], 1)
-      k_loc, v_loc = local(cache.k_ring, new_rot), local(cache.v_ring, new_v)
-      o = self._blockwise(attn, q, k_loc, v_loc, k_glob, v_glob, index, middle)
-      tail = slice(k_loc.shape[1] - ring, None)
-      k_ring = jnp.roll(k_loc[:, tail], (index + t) % ring, axis=1)
-      v_ring = jnp.roll(v_loc[:, tail], (index + t) % ring, axis=1)
-    if fresh:
-      return o, None
-    return o, LMInfiniteCache(
-      k_global=k_glob,
-      v_global=v_glob,
-      k_ring=k_ring,
-      v_ring=v_ring,
-      k_all=k_all,
-      v_all=v_all,
+      n = min(t, ring)
+      at = (index + jnp.arange(t - n, t)) % ring
+      put = lambda c, x: c.at[:, :, at].set(x[:, :, t - n :])
+    update = jax.lax.dynamic_update_slice_in_dim
+    full = lambda c, x: update(c, x, index, 2) if self.top_k else c
+    return LMInfiniteCache(
+      k_global=glob(cache.k_global, k),
+      v_global=glob(cache.v_global, v),
+      k_ring=put(cache.k_ring, k_rot),
+      v_ring=put(cache.v_ring, v),
+      k_all=full(cache.k_all, k),
+      v_all=full(cache.v_all, v),
       index=index + t,
     )
 
-  def _decode(self, attn: Attention, q, k_ring, v_ring, k_glob, v_glob, index, middle):
-    """One query at ``index`` against the ring (slot ``s`` holds position ``index - ((index - s)
-    mod L)``), the global keys and the top-k middle; softmax terms merged by their maxima."""
-    big_l, g = self.window, self.global_tokens
-    ring = k_ring.shape[1]
-    ring_pos = index - (index - jnp.arange(ring)) % ring
-    q_rot = attn.rope(q, index[None])
-    q_cap = attn.rope(q, jnp.minimum(self.distance_cap, index)[None])
-    parts = [
-      (scores(q_rot, k_ring), ring_pos >= 0, v_ring),
-      (scores(q_cap, k_glob), jnp.arange(g) <= index - big_l, v_glob),
-    ]
-    if middle is not None:
-      parts.append(self._middle(attn, q, index, middle))
-    return merged_softmax_values(parts, q.dtype)
+  def _decode(self, attn: Attention, q, cache, k_rot, v, middle: bool):
+    """One query at ``index`` against the cache as it was and its own key and value ``k_rot, v
+    [B, Gk, 1, K]``: the ring (true RoPE scores), the global keys (the query turned by the capped
+    distance) and, with ``middle``, the top-k middle keys, under one softmax
+    (``merged_grouped_attention``: every set read where it lies, none copied).
 
-  def _middle(self, attn: Attention, q, index, middle):
-    """``(scores [B, H, 1, k], mask, values [B, k, ...])`` of the last query's top-k middle keys
-    (``G <= j <= i - L``) scored at distance ``top_k_insert_at``; per head, so values are
-    gathered per query head."""
-    k_all, v_all = middle
-    h = q.shape[2]
-    i = index + q.shape[1] - 1
+    The query heads of a key/value group go in as query rows of one head (``[B, R, Gk, K]``, the
+    same products), so that each head's middle keys can be masked for it alone.
+    """
+    b, _, h, dim = q.shape
+    g, ring = cache.k_ring.shape[1:3]
+    r = h // g
+    index, big_l = cache.index, self.window
+    # [B, 1, H, K] -> [B, R, Gk, K]: query head j * R + i is row i of key/value head j.
+    rows = lambda x: x.reshape(b, g, r, dim).transpose(0, 2, 1, 3)
+    mask = lambda m: jnp.broadcast_to(m, (b, 1, r, m.shape[-1]))
+    # Ring slot s holds position index - 1 - ((index - 1 - s) mod R), negative if not written.
+    held = index - 1 - (index - 1 - jnp.arange(ring)) % ring
+    q_cap = rows(attn.rope(q, jnp.minimum(self.distance_cap, index)[None]))
+    sets = [
+      KeySet(cache.k_ring, cache.v_ring, mask((held >= 0) & (index - held < big_l))),
+      KeySet(k_rot, v, mask(jnp.ones(1, bool))),
+      KeySet(
+        cache.k_global, cache.v_global, mask(jnp.arange(self.global_tokens) <= index - big_l), q_cap
+      ),
+    ]
+    if middle:
+      _, slots, count = self._middle(attn, q, index, cache.k_all)
+      n = slots.shape[2] // r
+      pick = lambda x: jnp.take_along_axis(x, slots[..., None], axis=2)  # [B, Gk, R·n, K]
+      # Row i sees the keys its own head chose, those that were candidates.
+      own = jnp.eye(r, dtype=bool)[:, :, None] & (jnp.arange(n) < count)
+      q_mid = rows(attn.rope(q, jnp.full((1,), self.top_k_insert_at)))
+      sets.append(KeySet(pick(cache.k_all), pick(cache.v_all), mask(own.reshape(r, r * n)), q_mid))
+    o = merged_grouped_attention(rows(attn.rope(q, index[None])), sets)
+    return o.transpose(0, 2, 1, 3).reshape(b, 1, h, dim)
+
+  def _middle(self, attn: Attention, q, index, k_all):
+    """The last query's top-k middle keys (``G <= j <= i - L``) scored at distance
+    ``top_k_insert_at``, each query head its own: ``(scores [B, H, n], slots [B, Gk, R·n],
+    count)``, ``n = min(top_k, S)``, the slots of a group's ``R`` heads in turn. Each head's first
+    ``count`` are candidates (``top_k`` ranks them first), its others score ``-inf``."""
+    b, t, h, dim = q.shape
+    g = k_all.shape[1]
+    i = index + t - 1
     last = attn.rope(q[:, -1:], jnp.full((1,), self.top_k_insert_at))
-    sm = scores(last, k_all)[:, :, 0]  # [B, H, S]
-    j = jnp.arange(k_all.shape[1])
+    qg = last.reshape(b, g, h // g, dim).astype(k_all.dtype)
+    sm = jnp.einsum("bgrk,bgsk->bgrs", qg, k_all, preferred_element_type=jnp.float32)
+    sm = sm / jnp.sqrt(jnp.float32(dim))
+    j = jnp.arange(k_all.shape[2])
     candidate = (j >= self.global_tokens) & (j <= i - self.window)
     if self.prompt_length is not None:
       # Chunked prefill: inside the prompt only its last query takes the middle keys.
       candidate &= i >= self.prompt_length - 1
-    top, idx = jax.lax.top_k(jnp.where(candidate, sm, -jnp.inf), min(self.top_k, k_all.shape[1]))
-    vv = jnp.take_along_axis(repeat_kv(v_all, h), idx.transpose(0, 2, 1)[..., None], axis=1)
-    return top[:, :, None], top[:, :, None] > -jnp.inf, vv
+    top, slots = jax.lax.top_k(jnp.where(candidate, sm, -jnp.inf), min(self.top_k, k_all.shape[2]))
+    return top.reshape(b, h, -1), slots.reshape(b, g, -1), candidate.sum()
 
   def _blockwise(self, attn: Attention, q, k_loc, v_loc, k_glob, v_glob, index, middle):
     """Queries in blocks of ``min(T, L)``, each against its ``L + block`` local keys (``k_loc``,
@@ -242,9 +281,12 @@ class LMInfinite(Policy):
 
   def _with_middle(self, attn: Attention, q, s, m, vals, middle, index, block, nb):
     """Adds the top-k middle keys to the last query's row (in the last block)."""
-    b, t = q.shape[:2]
-    top, _, vv = self._middle(attn, q, index, middle)
-    top = top[:, :, 0]
+    b, t, h, dim = q.shape
+    k_all, v_all = middle
+    top, slots, _ = self._middle(attn, q, index, k_all)
+    # Each query head's chosen values, [B, n, H, K].
+    vv = jnp.take_along_axis(v_all, slots[..., None], axis=2)
+    vv = vv.reshape(b, h, -1, dim).transpose(0, 2, 1, 3)
     row = (nb - 1, (t - 1) % block)
     extra_s = jnp.full((*s.shape[:-1], top.shape[-1]), -jnp.inf).at[:, row[0], :, row[1]].set(top)
     vv = jnp.broadcast_to(vv[:, None], (b, nb, *vv.shape[1:]))

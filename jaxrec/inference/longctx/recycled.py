@@ -15,10 +15,14 @@ step when it is ``<= threshold`` in any sequence of the batch; each layer decide
 full step also comes at the latest ``stride`` steps after the previous one, which bounds the
 tokens appended to ``C_r``.
 
-``C_r`` is kept as indices into ``C_f`` (``[B, G, k]``), gathered at each recycle step.
+``C_r`` is kept as indices into ``C_f`` (``[B, G, k]``), gathered at each recycle step. ``C_f``
+is stored head-major (``[B, G, S, K]``) and read where it lies: a step reads the cache as it was
+and its own new tokens as separate key sets, and writes the new tokens afterwards, after the
+products that read the cache (``jaxrec.ops.attention.written_after``), so that no step copies it.
 """
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -26,11 +30,13 @@ import jax.numpy as jnp
 
 from jaxrec.inference.longctx.policy import Policy, check_int, scores, softmax_values
 from jaxrec.layers import Attention
+from jaxrec.ops.attention import KeySet, key_blocks, merged_grouped_attention, written_after
 
 
 class RecycledCache(NamedTuple):
-  """``C_f`` (rotated ``k``, ``v`` ``[B, S, G, K]``), ``C_r`` (``recycled`` int32 ``[B, G, k]``
-  positions), ``index`` (tokens written), ``last_full`` (position of the last full step),
+  """``C_f`` (rotated ``k``, ``v``, head-major ``[B, G, S, K]`` as ``jaxrec.layers.KVCache``),
+  ``C_r`` (``recycled`` int32 ``[B, G, k]`` positions, best first), ``index`` (tokens written),
+  ``last_full`` (position of the last full step, ``-1`` before the first: every token is recent),
   ``steps`` (decoding steps since it), ``q_full`` (its un-rotated queries ``[B, H, K]``)."""
 
   k: jax.Array
@@ -76,14 +82,14 @@ class Recycled(Policy):
       raise ValueError(f"threshold: expected a number, got {self.threshold!r}")
 
   def init_cache(self, attn: Attention, batch_size: int, max_length: int, dtype):
-    shape = (batch_size, max_length, attn.num_kv_heads, attn.head_dim)
+    shape = (batch_size, attn.num_kv_heads, max_length, attn.head_dim)
     zero = jnp.zeros((), jnp.int32)
     return RecycledCache(
       k=jnp.zeros(shape, dtype),
       v=jnp.zeros(shape, dtype),
       recycled=jnp.zeros((batch_size, attn.num_kv_heads, min(self.k, max_length)), jnp.int32),
       index=zero,
-      last_full=zero,
+      last_full=jnp.full((), -1, jnp.int32),
       steps=zero,
       q_full=jnp.zeros((batch_size, attn.num_heads, attn.head_dim), jnp.float32),
     )
@@ -95,70 +101,107 @@ class Recycled(Policy):
     if cache is None:
       causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
       return softmax_values(scores(qr, kr), causal, v, q.dtype), None
-    index = cache.index
-    cache = cache._replace(
-      k=jax.lax.dynamic_update_slice_in_dim(cache.k, kr.astype(cache.k.dtype), index, 1),
-      v=jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), index, 1),
-      index=index + t,
-    )
+    # The new tokens head-major, as C_f stores them: a key set of their own, written after.
+    new = tuple(jnp.swapaxes(a, 1, 2).astype(cache.k.dtype) for a in (kr, v))
     if t > 1:
-      return self._full(qr, q, positions, cache)
-    steps = cache.steps + 1
-    full = steps >= self.stride
-    if self.dynamic:
-      a = q[:, 0].astype(jnp.float32)
-      cos = jnp.sum(a * cache.q_full, -1) / (
-        jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(cache.q_full, axis=-1) + 1e-12
+      o, schedule = self._full(qr, q, new, positions, cache)
+    else:
+      steps = cache.steps + 1
+      full = steps >= self.stride
+      if self.dynamic:
+        a = q[:, 0].astype(jnp.float32)
+        cos = jnp.sum(a * cache.q_full, -1) / (
+          jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(cache.q_full, axis=-1) + 1e-12
+        )
+        drifted = jnp.any(jnp.mean(cos, axis=-1) <= self.threshold)
+        full |= (steps % self.check_every == 0) & drifted
+      # The branches give back only the schedule's fields: C_f is read in them, never returned.
+      o, schedule = jax.lax.cond(
+        full,
+        lambda c: self._full(qr, q, new, positions, c),
+        lambda c: self._recycle(qr, new, c, steps),
+        cache,
       )
-      drifted = jnp.any(jnp.mean(cos, axis=-1) <= self.threshold)
-      full |= (steps % self.check_every == 0) & drifted
-    return jax.lax.cond(
-      full,
-      lambda c: self._full(qr, q, positions, c),
-      lambda c: self._recycle(qr, positions, c._replace(steps=steps)),
-      cache,
+    k_new, v_new = (written_after(a, o) for a in new)
+    return o, cache._replace(
+      k=jax.lax.dynamic_update_slice_in_dim(cache.k, k_new, cache.index, 2),
+      v=jax.lax.dynamic_update_slice_in_dim(cache.v, v_new, cache.index, 2),
+      index=cache.index + t,
+      **schedule,
     )
 
-  def _full(self, qr, q, positions, cache):
-    """Attention to all of ``C_f``; ``C_r`` from the last query's pooled attention."""
-    slots = jnp.arange(cache.k.shape[1])
-    mask = (slots[None, :] <= positions[:, None])[None, None]
-    s = scores(qr, cache.k)
-    o = softmax_values(s, mask, cache.v, qr.dtype)
-    p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf)[:, :, -1], axis=-1)  # [B, H, S]
-    b, h, n = p.shape
-    g = cache.k.shape[2]
-    p = p.reshape(b, g, h // g, n).max(axis=2)
+  def _full(self, qr, q, new, positions, cache):
+    """Attention to all of ``C_f`` (the cache as it was and the ``new`` keys and values ``[B, G,
+    T, K]``); ``C_r`` from the last query's pooled attention. Returns the outputs and the
+    schedule's fields.
+
+    One product of the queries with each key set gives the scores both need, in the head-major
+    form of ``merged_grouped_attention`` (``bgmk,bgpsk``: a group's query heads and queries as
+    the rows ``m``, the cache as ``key_blocks`` blocks ``p``), which reads the cache as it lies.
+    """
+    b, t, h, dim = qr.shape
+    _, g, size, _ = cache.k.shape
+    r = h // g
+    k_new, v_new = new
+    qg = qr.reshape(b, t, g, r, dim).transpose(0, 2, 3, 1, 4).reshape(b, g, r * t, dim)
+    qg = qg.astype(cache.k.dtype)
+    product = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+    n = key_blocks(size)
+    kb, vb = (a.reshape(b, g, n, size // n, dim) for a in (cache.k, cache.v))
+    written = (jnp.arange(size) < cache.index).reshape(n, 1, -1)
+    s_c = jnp.where(written, product("bgmk,bgpsk->bgpms", qg, kb) * dim**-0.5, -jnp.inf)
+    causal = jnp.tile(jnp.tril(jnp.ones((t, t), bool)), (r, 1))  # rows m = head · T + query
+    s_n = jnp.where(causal, product("bgmk,bgsk->bgms", qg, k_new) * dim**-0.5, -jnp.inf)
+    top = jnp.maximum(s_c.max(axis=(2, 4)), s_n.max(axis=-1))[..., None]  # [B, G, R·T, 1]
+    w_c, w_n = jnp.exp(s_c - top[:, :, None]), jnp.exp(s_n - top)
+    total = w_c.sum(axis=(2, 4))[..., None] + w_n.sum(axis=-1, keepdims=True)
+    o = product("bgpms,bgpsk->bgpmk", w_c.astype(vb.dtype), vb).sum(axis=2)
+    o += product("bgms,bgsk->bgmk", w_n.astype(v_new.dtype), v_new)
+    o = (o / total).reshape(b, g, r, t, dim).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dim)
+    # The last query's probabilities [B, G, S]: max over the group's heads, the new keys in their
+    # slots.
+    p_c = (w_c / total[:, :, None]).reshape(b, g, n, r, t, -1)[..., -1, :].max(axis=3)
+    p_n = (w_n / total).reshape(b, g, r, t, t)[:, :, :, -1].max(axis=2)
+    p = jax.lax.dynamic_update_slice_in_dim(p_c.reshape(b, g, size), p_n, cache.index, 2)
     if self.pool > 1:
       pad = [(0, 0), (0, 0), (self.pool // 2,) * 2]
       p = jax.lax.reduce_window(p, -jnp.inf, jax.lax.max, (1, 1, self.pool), (1, 1, 1), pad)
     last = positions[-1]
-    p = jnp.where(slots <= last, p, -1.0)
+    # Slots after the last query rank below every probability: they come last in C_r.
+    p = jnp.where(jnp.arange(size) <= last, p, -1.0)
     _, recycled = jax.lax.top_k(p, cache.recycled.shape[-1])
-    return o, cache._replace(
+    return o.astype(qr.dtype), dict(
       recycled=recycled.astype(jnp.int32),
       last_full=last,
       steps=jnp.zeros((), jnp.int32),
       q_full=q[:, -1].astype(jnp.float32),
     )
 
-  def _recycle(self, qr, positions, cache):
-    """Attention to ``C_r`` and the tokens after the last full step."""
-    idx = cache.recycled.transpose(0, 2, 1)[..., None]  # [B, k, G, 1]
-    k_r = jnp.take_along_axis(cache.k, idx, axis=1)
-    v_r = jnp.take_along_axis(cache.v, idx, axis=1)
-    size = min(self.stride, cache.k.shape[1])
-    start = jnp.clip(positions[0] + 1 - size, 0, cache.k.shape[1] - size)
-    k_n = jax.lax.dynamic_slice_in_dim(cache.k, start, size, 1)
-    v_n = jax.lax.dynamic_slice_in_dim(cache.v, start, size, 1)
-    recent = start + jnp.arange(size)
-    valid_r = cache.recycled <= cache.last_full  # [B, G, k]
-    h = qr.shape[2]
-    valid_r = jnp.repeat(valid_r, h // valid_r.shape[1], axis=1)[:, :, None]
-    valid_n = (recent > cache.last_full) & (recent <= positions[0])
-    s = jnp.concatenate([scores(qr, k_r), scores(qr, k_n)], axis=-1)
-    mask = jnp.concatenate(
-      [valid_r, jnp.broadcast_to(valid_n, (*valid_r.shape[:3], size))], axis=-1
+  def _recycle(self, qr, new, cache, steps):
+    """Attention to ``C_r``, the tokens of ``C_f`` after the last full step (fewer than
+    ``stride``) and the ``new`` key and value ``[B, G, 1, K]``. Returns the outputs and the
+    schedule's fields."""
+    b, _, size, _ = cache.k.shape
+    idx = cache.recycled[..., None]  # [B, G, k, 1]
+    k_r = jnp.take_along_axis(cache.k, idx, axis=2)
+    v_r = jnp.take_along_axis(cache.v, idx, axis=2)
+    # A full step ranks the slots after it last, so C_r's positions up to last_full, the valid
+    # ones, are its first last_full + 1 entries in every head: one mask serves all heads.
+    valid_r = jnp.arange(idx.shape[2]) <= cache.last_full
+    n = min(self.stride - 1, size)
+    start = jnp.clip(cache.index - n, 0, size - n)
+    recent = start + jnp.arange(n)
+    valid_n = (recent > cache.last_full) & (recent < cache.index)
+    key_sets = [
+      KeySet(k_r, v_r, jnp.broadcast_to(valid_r, (b, 1, 1, idx.shape[2]))),
+      KeySet(
+        jax.lax.dynamic_slice_in_dim(cache.k, start, n, 2),
+        jax.lax.dynamic_slice_in_dim(cache.v, start, n, 2),
+        jnp.broadcast_to(valid_n, (b, 1, 1, n)),
+      ),
+      KeySet(*new, jnp.ones((b, 1, 1, 1), bool)),
+    ]
+    o = merged_grouped_attention(qr, key_sets)
+    return o, dict(
+      recycled=cache.recycled, last_full=cache.last_full, steps=steps, q_full=cache.q_full
     )
-    v_all = jnp.concatenate([v_r, v_n], axis=1)
-    return softmax_values(s, mask, v_all, qr.dtype), cache

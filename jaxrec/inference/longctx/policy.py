@@ -20,6 +20,12 @@ A policy is a frozen (hashable, static) dataclass with the paper's defaults. App
 
 ``attn`` lends the layer's RoPE (``attn.rope``) and head counts. Packed sequences
 (``segment_ids``) are not supported by policies.
+
+A decoding step costs what reading its cache costs only if it reads the cache where it lies:
+the policies store what a step reads head-major (``[B, G, S, K]``, as ``KVCache``), attend over
+the cache as it was and the new token as separate key sets
+(``jaxrec.ops.attention.merged_grouped_attention``), and write the token after the products
+(``written_after``), so that XLA updates the cache in place instead of copying it every step.
 """
 
 import abc
@@ -105,17 +111,3 @@ def softmax_values(s: jax.Array, mask: jax.Array, v: jax.Array, dtype) -> jax.Ar
   the softmax in fp32, the output in ``dtype``."""
   p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
   return weighted_values(p, v).astype(dtype)
-
-
-def merged_softmax_values(parts, dtype) -> jax.Array:
-  """One softmax over several key sets without concatenating them: ``parts`` is a list of
-  ``(s [B, H, T, S_i], mask, v [B, S_i, G_i, K])``; each set's exponentials are taken against the
-  common maximum and the weighted values summed. Returns ``[B, T, H, K]`` in ``dtype``."""
-  parts = [(jnp.where(m, s, -jnp.inf), v) for s, m, v in parts if s.shape[-1]]
-  top = parts[0][0].max(axis=-1, keepdims=True)
-  for s, _ in parts[1:]:
-    top = jnp.maximum(top, s.max(axis=-1, keepdims=True))
-  weights = [jnp.exp(s - top) for s, _ in parts]
-  total = sum(jnp.sum(w, axis=-1) for w in weights)  # [B, H, T]
-  out = sum(weighted_values(w, v) for w, (_, v) in zip(weights, parts, strict=True))
-  return (out / total.transpose(0, 2, 1)[..., None]).astype(dtype)

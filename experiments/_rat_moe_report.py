@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from experiments import _results
 
-SECTION = "RAT and RMoE: the papers' smallest experiments"
+SECTION = "RAT and RMoE at small scale"
 # The RMoE paper's names (Table 4): SMoE is the linear router, NP the GRU without the state
 # passed between layers.
 ROUTER_NAMES = {
@@ -83,16 +83,19 @@ def plot(results: dict, path: str) -> None:
   for ax, part in zip(axes, parts, strict=True):
     runs = results[part]["runs"]
     if part in ("lm", "mqar"):
-      xs = [r["chunk_size"] for r in runs]
       key = "val_bits_per_byte" if part == "lm" else "accuracy"
-      ax.plot(xs, [r[key] for r in runs], "o-", color="C0")
+      rows = by_chunk(runs)
+      xs = [r["chunk_size"] for r in rows]
+      for r in runs:  # every seed, faint
+        ax.plot(r["chunk_size"], r[key], "o", color="C0", alpha=0.3)
+      ax.errorbar(xs, [r[key][0] for r in rows], [r[key][1] for r in rows], fmt="o-", color="C0")
       ax.set_xscale("log", base=2)
       ax.set_xlabel("RAT chunk length L (1: attention, T: RNN)")
       ax.set_ylabel("validation bits per byte" if part == "lm" else "MQAR accuracy")
       ax.set_title("byte-level LM" if part == "lm" else "MQAR recall")
       if part == "lm":
         twin = ax.twinx()
-        twin.plot(xs, [r["step_ms"] for r in runs], "s--", color="C1")
+        twin.plot(xs, [r["step_ms"][0] for r in rows], "s--", color="C1")
         twin.set_ylabel("train step (ms)", color="C1")
     else:
       summary = moe_summary(runs)
@@ -132,43 +135,84 @@ compare them within this run only.
 """
 
 
+def by_chunk(runs: list[dict]) -> list[dict]:
+  """The runs of each chunk length ``L`` (in increasing ``L``): its label, parameters, number of
+  seeds and, for every number of its runs, ``(mean, sample std)`` (std 0 for one seed)."""
+  out = []
+  for size in sorted({r["chunk_size"] for r in runs}):
+    rows = [r for r in runs if r["chunk_size"] == size]
+    keys = [k for k, v in rows[0].items() if isinstance(v, float)]
+    std = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
+    out.append(
+      {
+        "chunk_size": size,
+        "label": rows[0]["label"],
+        "params": rows[0]["params"],
+        "seeds": len(rows),
+      }
+      | {k: (statistics.mean(r[k] for r in rows), std([r[k] for r in rows])) for k in keys}
+    )
+  return out
+
+
+def _pm(value: tuple[float, float], spec: str, seeds: int) -> str:
+  mean, std = value
+  return f"{spec % mean} ± {spec % std}" if seeds > 1 else spec % mean
+
+
+def _seeds(c: dict) -> str:
+  seeds = str(c.get("seeds", c.get("seed", 0)))
+  return f"seeds {seeds} (mean ± sample std)" if "," in seeds else f"seed {seeds}"
+
+
 def _lm(runs: list[dict], c: dict) -> str:
   rows = [
     "| model | parameters | val bits/byte | vs attention | train step (ms) |",
     "|---|---:|---:|---:|---:|",
   ]
-  base = _at(runs, 1)
-  for r in runs:
-    gap = "–" if base is None else f"{_rel(r['val_bits_per_byte'], base['val_bits_per_byte'])}"
+  table = by_chunk(runs)
+  base = next((r for r in table if r["chunk_size"] == 1), None)
+  for r in table:
+    bits = r["val_bits_per_byte"]
+    gap = "–" if base is None else _rel(bits[0], base["val_bits_per_byte"][0])
     rows.append(
-      f"| {r['label']} | {r['params']:,} | {r['val_bits_per_byte']:.4f} | {gap} | "
-      f"{r['step_ms']:.1f} |"
+      f"| {r['label']} | {r['params']:,} | {_pm(bits, '%.4f', r['seeds'])} | {gap} | "
+      f"{r['step_ms'][0]:.1f} |"
     )
-  bits = [r["val_bits_per_byte"] for r in sorted(runs, key=lambda r: r["chunk_size"])]
-  monotone = all(a <= b for a, b in itertools.pairwise(bits))
+  bits = [r["val_bits_per_byte"] for r in table]
+  monotone = all(a[0] <= b[0] for a, b in itertools.pairwise(bits))
   verdict = (
-    f"Bits per byte {'rise monotonically' if monotone else 'do not rise monotonically'} with L "
-    "(the paper: a smooth interpolation between attention and the RNN)."
+    f"Mean bits per byte {'rise monotonically' if monotone else 'do not rise monotonically'} "
+    "with L (the paper: a smooth interpolation between attention and the RNN)."
   )
-  rat16 = _at(runs, 16)
+  spread = max(b[1] for b in bits)
+  if table[0]["seeds"] > 1:
+    steps = [abs(b[0] - a[0]) for a, b in itertools.pairwise(bits)]
+    within = sum(d <= 2 * spread for d in steps)
+    verdict += (
+      f" {within} of the {len(steps)} steps between neighbouring L are within twice the largest "
+      f"seed std ({spread:.4f}): those differences are not resolved by {table[0]['seeds']} seeds."
+    )
+  rat16 = next((r for r in table if r["chunk_size"] == 16), None)
   if base and rat16:
-    gap = _rel(rat16["val_bits_per_byte"], base["val_bits_per_byte"])
+    gap = _rel(rat16["val_bits_per_byte"][0], base["val_bits_per_byte"][0])
     verdict += f" RAT(16) is {gap} from attention (the paper: within about 1% in perplexity)."
   return f"""### Byte-level LM, sweep over L
 
 {c["num_layers"]} RAT layers (InterRoPE), d_model {c["d_model"]}, {c["num_heads"]} heads,
 {c["steps"]} steps of {c["batch_size"]}×{c["seq_len"]} bytes of the embedded corpus (peak lr
-{c["learning_rate"]:g}, cosine), seed {c["seed"]}; validation: {c["eval_batches"]} batches.
-The paper's smallest setting is 4 layers, d 256, T 512.
+{c["learning_rate"]:g}, cosine), {_seeds(c)}; validation: {c["eval_batches"]} batches.
+The reference note's smallest CPU experiment (`seed_models.md` §3; not a setting of the paper,
+whose repository configures 1.3B models only) is 4 layers, d 256, T 512.
 
 {chr(10).join(rows)}
 
 {verdict}
 
 How far to read it: these models saw {c["steps"] * c["batch_size"] * c["seq_len"] / 1e6:.2g}M
-bytes, one seed each, and are far from converged; gaps of a percent or two between the L are
-within what another seed or data order can move (the MoE runs below differ by several percent
-between seeds), so a smooth ordering, or its absence, needs more seeds and longer runs to show.
+bytes each and are far from converged; gaps of a percent or two between the L are within what
+another seed or data order can move, so an ordering is read only where it exceeds the seed
+spread.
 With T = {c["seq_len"]} the attention term (T² / L) is a small part of a train step, so the
 step times here mostly measure fixed costs on a shared CPU; the per-layer cost as T grows is
 measured by `experiments/bench_rat.py` (BENCHMARKS.md)."""
@@ -179,35 +223,37 @@ def _mqar(runs: list[dict], c: dict) -> str:
     "| model | parameters | accuracy | exact match | train step (ms) |",
     "|---|---:|---:|---:|---:|",
   ]
-  for r in runs:
+  table = by_chunk(runs)
+  for r in table:
+    n = r["seeds"]
     rows.append(
-      f"| {r['label']} | {r['params']:,} | {r['accuracy']:.3f} | {r['exact_match']:.3f} | "
-      f"{r['step_ms']:.1f} |"
+      f"| {r['label']} | {r['params']:,} | {_pm(r['accuracy'], '%.3f', n)} | "
+      f"{_pm(r['exact_match'], '%.3f', n)} | {r['step_ms'][0]:.1f} |"
     )
-  accuracy = [r["accuracy"] for r in sorted(runs, key=lambda r: r["chunk_size"])]
+  accuracy = [r["accuracy"][0] for r in table]
   holds = all(a >= b for a, b in itertools.pairwise(accuracy))
   verdict = (
-    f"Recall {'falls' if holds else 'does not fall'} monotonically as L grows (the paper: "
+    f"Mean recall {'falls' if holds else 'does not fall'} monotonically as L grows (the paper: "
     "attention ≳ RAT(small L) > RAT(large L) ≫ RNN)."
   )
-  base = _at(runs, 1)
-  if base and base["accuracy"] < max(accuracy):
-    verdict += f""" Attention (L=1) recalls less than RAT here ({base["accuracy"]:.3f} against
-{max(accuracy):.3f}): it has not learned the task in these steps. A likely reason, not tested
-here: a model of attention layers alone must first learn a previous-token head from positions
-before an induction head can look the keys up, while RAT's gated recurrence inside a chunk mixes
-every token with the ones before it, as the short convolution of Zoology's MQAR models does, so
-the lookup is learned sooner."""
-  if accuracy[-1] < max(accuracy):
-    verdict += """ The drop towards large L is the capacity effect the paper describes: a chunk's
-one (k̃, ṽ) state holds several pairs, and the RNN's one state all of them."""
+  base = table[0] if table[0]["chunk_size"] == 1 else None
+  floor = 1 / c["num_pairs"] if "num_pairs" in c else 0.0
+  if base and base["accuracy"][0] < 0.5:
+    verdict += f""" Not testable here: attention (L=1) did not learn the task in these steps
+(accuracy {base["accuracy"][0]:.3f}; guessing one of the {c["num_pairs"]} values of an example
+gives about {floor:.3f}), so the ordering the paper states cannot be read from this run."""
+  elif accuracy[-1] < max(accuracy):
+    verdict += """ The drop towards large L is what the paper's capacity argument predicts: a
+chunk's one (k̃, ṽ) state holds several pairs, and the RNN's one state all of them."""
   return f"""### MQAR recall
 
 {c["num_layers"]} RAT layers, d_model {c["d_model"]}, {c["num_heads"]} heads; MQAR with
 {c["num_pairs"]} key-value pairs in {c["seq_len"]} tokens over a vocabulary of
 {c["vocab_size"]}, {c["steps"]} steps of {c["batch_size"]} examples (peak lr
-{c["learning_rate"]:g}); accuracy over {c["test_examples"]} held-out examples (exact match: every
-query of an example right). The paper's smallest setting is T 256, d 128, D ∈ {{16, 32, 64}}.
+{c["learning_rate"]:g}), {_seeds(c)}; accuracy over {c["test_examples"]} held-out examples (exact match: every
+query of an example right). RAT's paper and repository have no MQAR experiment: the task and its
+settings are this project's, after the reference note's smallest CPU experiment (`seed_models.md`
+§3: T 256, d 128, D ∈ {{16, 32, 64}}, Zoology's MQAR).
 
 {chr(10).join(rows)}
 
@@ -221,8 +267,9 @@ def _moe(runs: list[dict], c: dict) -> str:
   for router, s in summary.items():
     mean, std = s["val_bits_per_byte"]
     cells = [ROUTER_NAMES.get(router, router), f"{mean:.4f} ± {std:.4f}", f"{s['step_ms'][0]:.1f}"]
-    cells += [spec % s[key][0] if key in s else "–" for key, _, spec in _STATS]
+    cells += [_mean_std(s, key, spec) for key, _, spec in _STATS]
     rows.append("| " + " | ".join(cells) + " |")
+  initial = _at_init(summary)
   order = sorted(summary, key=lambda r: summary[r]["val_bits_per_byte"][0])
   verdict = "Ordering by mean bits per byte (best first): " + " < ".join(
     ROUTER_NAMES.get(r, r) for r in order
@@ -254,10 +301,11 @@ router state p = {c["router_dim"]}, load-balancing weight 0.01; {c["steps"]} ste
 {c["batch_size"]}×{c["seq_len"]} bytes (peak lr {c["learning_rate"]:g}), seeds {seeds} (parameters
 and data order); validation: {c["eval_batches"]} batches. Mean ± sample std over seeds; the routing
 statistics are validation means (IB and OB as in the RMoE paper, but means, not medians). The
-paper's smallest setting is 12 layers, d 128, 16 experts top-2, p 64-128, 3 seeds.
+reference note's smallest CPU experiment (`seed_models.md` §4, after the paper's enwik8 depth
+sweep, whose gain is about 0 at 6 layers) is 12 layers, d 128, 16 experts top-2, p 64-128.
 
 {chr(10).join(rows)}
-
+{initial}
 {verdict}
 
 Why the ordering of bits per byte says little at this size: the paper's gain is small (about
@@ -265,6 +313,42 @@ Why the ordering of bits per byte says little at this size: the paper's gain is 
 state passes through few steps, and a few hundred training steps leave the models far from
 converged, so the routers' differences sit inside the seed spread. The routing statistics react
 sooner and are the signal the paper itself calls more robust.{_drops(summary, c)}"""
+
+
+def _mean_std(summary: dict, key: str, spec: str) -> str:
+  if key not in summary:
+    return "–"
+  mean, std = summary[key]
+  return f"{spec % mean} ± {spec % std}" if summary["seeds"] > 1 else spec % mean
+
+
+def _at_init(summary: dict) -> str:
+  """The routing statistics of the initial parameters (runs that recorded them), a table, and
+  whether training moved each router's IB (top-1 / top-2 gate ratio) by more than twice the
+  seed spread."""
+  routers = [r for r, s in summary.items() if "init/moe/top_ratio" in s]
+  if not routers:
+    return ""
+  stats = [(k, name, spec) for k, name, spec in _STATS if k != "moe/dropped"]
+  head = ["router", *(name for _, name, _ in stats)]
+  rows = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+  moved = []
+  for r in routers:
+    s = summary[r]
+    cells = [ROUTER_NAMES.get(r, r), *(_mean_std(s, "init/" + k, spec) for k, _, spec in stats)]
+    rows.append("| " + " | ".join(cells) + " |")
+    (a, sa), (b, sb) = s["init/moe/top_ratio"], s["moe/top_ratio"]
+    if abs(b - a) > 2 * max(sa, sb):
+      moved.append(ROUTER_NAMES.get(r, r))
+  table = chr(10).join(rows)
+  return f"""
+The same statistics of the initial parameters (before any step, same seeds):
+
+{table}
+
+Training moved IB by more than twice its seed spread for {len(moved)} of {len(routers)} routers
+({", ".join(moved) if moved else "none"}).
+"""
 
 
 def _routing(c) -> str:
@@ -294,9 +378,6 @@ def _command(part: dict) -> str:
 {part["command"]}
 ```"""
 
-
-def _at(runs: list[dict], chunk_size: int) -> dict | None:
-  return next((r for r in runs if r["chunk_size"] == chunk_size), None)
 
 
 def _rel(value: float, base: float) -> str:

@@ -1,4 +1,6 @@
-r"""The RAT and RMoE papers' smallest experiments, on CPU (``seed_models.md`` §3-4).
+r"""RAT and RMoE at small scale, on CPU (the reference note's CPU experiments, ``seed_models.md``
+§3-4, scaled down: the papers' own runs are 1.3B-parameter RAT models and enwik8 RMoE models of
+6-32 layers).
 
 * **LM sweep over L**: byte-level LMs on the embedded corpus whose every layer is RAT with chunk
   length ``L`` (``L = 1`` is attention, ``L = T`` the gated RNN): validation bits per byte and the
@@ -15,7 +17,7 @@ r"""The RAT and RMoE papers' smallest experiments, on CPU (``seed_models.md`` §
 Every run trains through ``jaxrec.train.Trainer`` (no checkpoints or samples: the runs are thrown
 away). It writes ``DIR/rat_moe.{json,png}`` and ``DIR/RESULTS.md`` (the report), ``DIR`` being
 ``--config.out_dir``; with ``--publish=.`` also ``results/rat_moe.{json,png}`` and the section
-"RAT and RMoE: the papers' smallest experiments" of the checkout's ``RESULTS.md``.
+"RAT and RMoE at small scale" of the checkout's ``RESULTS.md``.
 
   python -m experiments.rat_moe --config.out_dir=DIR     # 20-30 min on 2 shared CPU cores
   python -m experiments.rat_moe --config.out_dir=DIR --config.experiments=moe \
@@ -87,7 +89,7 @@ def run_experiments(config, command: str, publish: str | None = None) -> dict:
         "command": command,
         "machine": _bench.machine(),
         "seconds": time.perf_counter() - start,
-        "settings": {"seed": config.seed, **config[part].to_dict()},
+        "settings": {"seeds": config.seeds, **config[part].to_dict()},
         "runs": runs,
       }
   _rat_moe_report.write(results, config.out_dir, publish)
@@ -105,11 +107,14 @@ class _Runner:
   # compile once.
   _trainers: dict = dataclasses.field(default_factory=dict)
 
-  def lm(self, chunk_size: int, cfg: LMConfig) -> dict:
-    record = self._byte_lm(cfg, self.config.lm, self.config.seed)
-    return {"chunk_size": chunk_size, "label": _label(chunk_size, self.config.lm.seq_len), **record}
+  def lm(self, item: tuple[int, int], cfg: LMConfig) -> dict:
+    chunk_size, seed = item
+    record = self._byte_lm(cfg, self.config.lm, seed)
+    label = _label(chunk_size, self.config.lm.seq_len)
+    return {"chunk_size": chunk_size, "seed": seed, "label": label, **record}
 
-  def mqar(self, chunk_size: int, cfg: LMConfig) -> dict:
+  def mqar(self, item: tuple[int, int], cfg: LMConfig) -> dict:
+    chunk_size, seed = item
     c = self.config.mqar
     task = _mqar_task(c)
     rows = tasks_lib.task_dataset(
@@ -117,31 +122,38 @@ class _Runner:
       num_examples=c.steps * c.batch_size,
       batch_size=c.batch_size,
       seq_len=c.seq_len,
-      seed=self.config.seed,
+      seed=seed,
       shuffle=False,
     )
     trainer = self._trainer(cfg, c)
-    state, record = self._train(trainer, cfg, c, self.config.seed, tasks_lib.read_ahead(rows))
+    state, record = self._train(trainer, cfg, c, seed, tasks_lib.read_ahead(rows))
     with jax.set_mesh(self.mesh):
       scores = evaluate_recall(
         trainer.model(state),
         task,
         num_examples=c.test_examples,
         batch_size=math.gcd(64, c.test_examples),
-        seed=self.config.seed + 1,  # examples the training never saw
+        seed=seed + 1_000_003,  # examples no training seed's stream holds
         seq_len=c.seq_len,
       )
     record |= {"accuracy": scores["accuracy"], "exact_match": scores["exact_match"]}
-    return {"chunk_size": chunk_size, "label": _label(chunk_size, c.seq_len), **record}
+    return {
+      "chunk_size": chunk_size,
+      "seed": seed,
+      "label": _label(chunk_size, c.seq_len),
+      **record,
+    }
 
   def moe(self, item: tuple[str, int], cfg: LMConfig) -> dict:
     router, seed = item
-    return {"router": router, "seed": seed, **self._byte_lm(cfg, self.config.moe, seed)}
+    record = self._byte_lm(cfg, self.config.moe, seed, at_init=True)
+    return {"router": router, "seed": seed, **record}
 
-  def _byte_lm(self, cfg: LMConfig, c, seed: int) -> dict:
+  def _byte_lm(self, cfg: LMConfig, c, seed: int, at_init: bool = False) -> dict:
     """Trains ``LM(cfg)`` on the embedded corpus (parameters and data order from ``seed``) and
     evaluates it on the validation split: loss, bits per byte and the ``moe/*`` routing
-    statistics over ``c.eval_batches``."""
+    statistics over ``c.eval_batches``; with ``at_init`` also the routing statistics of the
+    initial parameters (``init/moe/*``: how far training moved the routers)."""
     tokenizer = data_lib.load_tokenizer("byte")
     byte_lengths = train_lib.token_byte_lengths(tokenizer)
     rows = dict(tokenizer=tokenizer, seq_len=c.seq_len, batch_size=c.batch_size, seed=seed)
@@ -152,9 +164,13 @@ class _Runner:
       data_lib.stdlib_corpus(split="validation"), shuffle=False, **rows
     )
     summary = trainer.evaluate(state, val, c.eval_batches)
-    return record | {
+    record |= {
       ("val_" + k if k in ("loss", "bits_per_byte") else k): float(v) for k, v in summary.items()
     }
+    if at_init:
+      initial = trainer.evaluate(trainer.init(seed), val, c.eval_batches)
+      record |= {f"init/{k}": float(v) for k, v in initial.items() if k.startswith("moe/")}
+    return record
 
   def _train(self, trainer, cfg: LMConfig, c, seed: int, batches):
     """Trains a fresh ``LM(cfg)`` of ``seed`` for ``c.steps``; returns its train state and record
@@ -197,17 +213,20 @@ def _plans(config, parts: tuple[str, ...]) -> dict[str, list[tuple]]:
   """Every run of ``parts`` as ``(key, LMConfig)``, all built before any trains so that a bad
   setting stops the experiment at once."""
   vocab = data_lib.load_tokenizer("byte").vocab_size
+  seeds = train_lib.parse_list(config.seeds, "--config.seeds", int)
   plans = {}
   if "lm" in parts:
     plans["lm"] = [
-      (size, _rat_config(config.lm, size, vocab, "--config.lm"))
+      ((size, seed), _rat_config(config.lm, size, vocab, "--config.lm"))
       for size in train_lib.parse_list(config.lm.chunk_sizes, "--config.lm.chunk_sizes", int)
+      for seed in seeds
     ]
   if "mqar" in parts:
     tokens = _mqar_task(config.mqar).num_tokens
     plans["mqar"] = [
-      (size, _rat_config(config.mqar, size, tokens, "--config.mqar"))
+      ((size, seed), _rat_config(config.mqar, size, tokens, "--config.mqar"))
       for size in train_lib.parse_list(config.mqar.chunk_sizes, "--config.mqar.chunk_sizes", int)
+      for seed in seeds
     ]
   if "moe" in parts:
     plans["moe"] = [

@@ -5,7 +5,7 @@
 * ``mqar``: MQAR recall of the same models at each ``L`` (``jaxrec.data.tasks.MQAR``);
 * ``moe``: attention LMs whose feed-forward is an MoE, one run per router and seed.
 
-The papers' smallest settings (``seed_models.md`` §3-4) are larger: scale up with e.g.
+The reference note's CPU experiments (``seed_models.md`` §3-4) are larger: scale up with e.g.
 ``--config.lm.d_model=256 --config.lm.num_layers=4 --config.lm.seq_len=512
 --config.lm.chunk_sizes=1,4,16,64,512``, ``--config.mqar.seq_len=256 --config.mqar.num_pairs=16``,
 ``--config.moe.num_layers=12 --config.moe.d_model=128 --config.moe.num_experts=16
@@ -18,7 +18,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.experiments = "lm,mqar,moe"  # which parts run, comma-separated
-  config.seed = 0  # parameters and data order of the lm and mqar runs
+  # Parameters and data order of the lm and mqar runs, comma-separated: each L trains once per
+  # seed, and the report gives the mean ± sample std over them.
+  config.seeds = "0"
   config.out_dir = ""  # required: rat_moe.json, rat_moe.png and the report (RESULTS.md) go here
   config.progress = True  # a progress bar over all runs' steps
 

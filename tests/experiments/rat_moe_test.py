@@ -51,6 +51,8 @@ def test_every_part_is_trained_scored_and_reported(tiny):
   moe = results["moe"]["runs"]
   assert moe[0]["val_bits_per_byte"] != moe[1]["val_bits_per_byte"]
   assert all(0 <= r["moe/dropped"] < 1 and r["moe/entropy"] > 0 for r in moe)
+  # Dropless by default; the routers' statistics at initialisation are recorded beside.
+  assert all(r["moe/dropped"] == 0 and r["init/moe/entropy"] > 0 for r in moe)
   (mqar,) = results["mqar"]["runs"]
   assert 0 <= mqar["accuracy"] <= 1 and mqar["label"] == "RNN (L=T=16)"
 
@@ -66,6 +68,7 @@ def test_every_part_is_trained_scored_and_reported(tiny):
     for title in ("### Byte-level LM", "### MQAR recall", "### MoE LM"):
       assert title in text
     assert "| RAT (L=4) | " in text and "| RNN (L=T=16) | " in text and "| RMoE (GRU) | " in text
+    assert "statistics of the initial parameters" in text and "dropless" in text
     assert f"]({prefix}rat_moe.png)" in text and f"`{prefix}rat_moe.json`" in text
 
 
@@ -109,6 +112,16 @@ def test_the_stated_orderings_follow_the_numbers():
   text = _rat_moe_report._lm(smooth, settings)
   assert "rise monotonically" in text and "RAT(16) is +1.5% from attention" in text
   assert "do not rise" in _rat_moe_report._lm([_lm_run(1, 2.0), _lm_run(4, 1.9)], settings)
+  # Two seeds per L: means and sample stds; a step between neighbouring L inside twice the
+  # largest std is called unresolved.
+  seeded = [
+    {**_lm_run(size, bits + delta), "seed": seed}
+    for size, bits in ((1, 2.0), (4, 2.005), (16, 2.1))
+    for seed, delta in ((0, -0.01), (1, 0.01))
+  ]
+  text = _rat_moe_report._lm(seeded, settings | {"seeds": "0,1"})
+  assert "| 4 | 1 | 2.0050 ± 0.0141 |" in text and "seeds 0,1 (mean ± sample std)" in text
+  assert "1 of the 2 steps between neighbouring L are within twice the largest seed std" in text
 
   def mqar(*accuracies):
     return [
@@ -118,10 +131,11 @@ def test_the_stated_orderings_follow_the_numbers():
 
   settings |= {"num_pairs": 2, "vocab_size": 16, "test_examples": 4}
   text = _rat_moe_report._mqar(mqar(0.9, 0.8, 0.1), settings)
-  assert "Recall falls monotonically" in text and "recalls less" not in text
+  assert "Mean recall falls monotonically" in text and "Not testable" not in text
   text = _rat_moe_report._mqar(mqar(0.1, 0.9, 0.2), settings)
-  assert "does not fall" in text and "Attention (L=1) recalls less than RAT" in text
-  assert "capacity effect" in text
+  assert "does not fall" in text and "Not testable here: attention (L=1) did not learn" in text
+  text = _rat_moe_report._mqar(mqar(0.9, 0.95, 0.95), settings)
+  assert "Not testable" not in text and "capacity argument" not in text
 
   stats = {  # router: (bits, IB, OB, dropped)
     "linear": (2.0, 3.0, 0.9, 0.05),

@@ -73,9 +73,9 @@ class LMConfig:
       ``init_std / sqrt(2 num_layers)``.
     logit_soft_cap: logits become ``cap · tanh(logits / cap)`` (xLSTM 7B: 30); ``None`` for
       none.
-    ffn: the feed-forward of every block, ``"mlp"`` (SwiGLU) or ``"moe"`` (``layers.MoE``
+    ffn: the feed-forward of every block, ``"mlp"`` (SwiGLU), ``"moe"`` (``layers.MoE``
       configured by ``moe``; not with ``scan_layers``, the routers' state and statistics run
-      through the layer loop).
+      through the layer loop) or ``"none"`` (blocks of a mixer alone).
     moe: the MoE feed-forward's options (``MoEOptions``, or a mapping of the options that
       differ from its defaults); read only with ``ffn="moe"``.
     mixer_options: the mixers' options by mixer name, as a mapping of a name to its options

@@ -1,7 +1,8 @@
 """The feed-forward of every block, and the options of the mixture-of-experts one.
 
-``LMConfig.ffn`` picks it: ``"mlp"``, a SwiGLU ``layers.MLP`` of width ``cfg.mlp_dim``, or
-``"moe"``, a ``layers.MoE`` configured by ``cfg.moe`` (``MoEOptions``, flags
+``LMConfig.ffn`` picks it: ``"mlp"``, a SwiGLU ``layers.MLP`` of width ``cfg.mlp_dim``,
+``"moe"``, a ``layers.MoE`` configured by ``cfg.moe``, or ``"none"``: blocks of a mixer alone
+(JRT's and Zoology's synthetic-task models alternate BaseConv and a mixer without MLPs) (``MoEOptions``, flags
 ``--config.model.moe.<option>``). The feed-forward is the one option group that belongs to no
 mixer: it is a field of ``LMConfig`` rather than an entry of ``LMConfig.mixer_options``, and its
 builder is here rather than in the mixer registry.
@@ -15,7 +16,7 @@ from flax import nnx
 from jaxrec import layers
 from jaxrec.models import _checks
 
-FFNS = ("mlp", "moe")
+FFNS = ("mlp", "moe", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +61,10 @@ def build_ffn(
   cfg, *, router_cell: layers.GRURouterCell | None = None, rngs: nnx.Rngs
 ) -> nnx.Module:
   """The feed-forward of a block of the ``LMConfig`` ``cfg`` (not named here: ``config`` imports
-  this module for ``MoEOptions``); ``router_cell`` is the GRU cell the model's MoE layers share
-  (for a GRU router)."""
+  this module for ``MoEOptions``), ``None`` for ``ffn="none"``; ``router_cell`` is the GRU cell
+  the model's MoE layers share (for a GRU router)."""
+  if cfg.ffn == "none":
+    return None
   shared = dict(
     init_std=cfg.init_std,
     num_layers=cfg.num_layers,

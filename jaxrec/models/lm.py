@@ -26,9 +26,9 @@ Cache = Any  # a pytree of the mixers' caches, laid out like the blocks (see LM.
 
 class Block(nnx.Module):
   """``x += mixer(norm(x)); x += ffn(norm(x))``; the mixer is the one registered as ``mixer``
-  (``jaxrec.models.registry``), built from ``cfg``, and the feed-forward a SwiGLU ``MLP`` or,
-  with ``cfg.ffn="moe"``, an ``MoE`` whose GRU router runs ``router_cell``, the one cell shared
-  by the model's MoE layers.
+  (``jaxrec.models.registry``), built from ``cfg``, and the feed-forward a SwiGLU ``MLP``, with
+  ``cfg.ffn="moe"`` an ``MoE`` whose GRU router runs ``router_cell``, the one cell shared by the
+  model's MoE layers, or with ``cfg.ffn="none"`` nothing (no second norm either).
 
   What passes from block to block is the *carry*: the residual stream ``x``, or in a model whose
   MoE router takes a state (``router_carry(cfg)``) the pair ``(x, router_state)``, the state
@@ -47,9 +47,9 @@ class Block(nnx.Module):
     norm = dict(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.mixer_norm = layers.RMSNorm(cfg.d_model, **norm)
     self.mixer = build_mixer(mixer, cfg, rngs=rngs)
-    self.mlp_norm = layers.RMSNorm(cfg.d_model, **norm)
     self.carries_router_state = router_carry(cfg)
     self.mlp = build_ffn(cfg, router_cell=router_cell, rngs=rngs)
+    self.mlp_norm = None if self.mlp is None else layers.RMSNorm(cfg.d_model, **norm)
 
   def __call__(self, carry, *, segment_ids=None, cache=None):
     """Returns ``(carry, cache)``."""
@@ -58,9 +58,9 @@ class Block(nnx.Module):
     x = x + y
     if isinstance(self.mlp, layers.MoE):
       y, router_state = self.mlp(self.mlp_norm(x), router_state)
-    else:
-      y = self.mlp(self.mlp_norm(x))
-    x = x + y
+      x = x + y
+    elif self.mlp is not None:
+      x = x + self.mlp(self.mlp_norm(x))
     return ((x, router_state) if self.carries_router_state else x), cache
 
   def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype):

@@ -276,3 +276,39 @@ def test_the_model_and_its_blocks_take_no_feature_arguments():
   model = LM(dataclasses.replace(CFG, num_layers=2), rngs=nnx.Rngs(0))
   out = model(_tokens(t=4))
   assert isinstance(out, tuple) and len(out) == 2 and out[0].shape == (2, 4, 32) and out[1] is None
+
+
+def test_blocks_without_a_feed_forward_are_the_mixers_alone():
+  """``ffn="none"`` (JRT's synthetic-task layout): the same model as ``ffn="mlp"`` whose MLPs
+  output zero (their down projections zeroed), with the same other parameters; and none of the
+  MLP's or its norm's parameters."""
+  base = LMConfig(
+    vocab_size=33,
+    d_model=16,
+    num_layers=4,
+    mixer_pattern=("baseconv", "based"),
+    num_heads=2,
+    init_std=0.5,
+    max_seq_len=16,
+  )
+  bare_cfg = dataclasses.replace(base, ffn="none")
+  with_mlp, bare = LM(base, rngs=nnx.Rngs(0)), LM(bare_cfg, rngs=nnx.Rngs(1))
+  per_block = param_count_of(with_mlp.layers[0].mlp) + param_count_of(with_mlp.layers[0].mlp_norm)
+  assert param_count(bare_cfg) == param_count(base) - base.num_layers * per_block
+  pure = nnx.to_pure_dict(nnx.state(with_mlp, nnx.Param))
+  for block in pure["layers"].values():
+    block["mlp"]["down"]["kernel"] = np.zeros_like(block["mlp"]["down"]["kernel"])
+  state = nnx.state(with_mlp, nnx.Param)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(with_mlp, state)
+  kept = {k: v for k, v in pure.items() if k != "layers"}
+  kept["layers"] = {
+    i: {k: v for k, v in block.items() if k not in ("mlp", "mlp_norm")}
+    for i, block in pure["layers"].items()
+  }
+  state = nnx.state(bare, nnx.Param)
+  nnx.replace_by_pure_dict(state, kept)
+  nnx.update(bare, state)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 33, (2, 12)), jnp.int32)
+  # The zeroed MLP adds exact zeros: the two forwards are the same arithmetic.
+  np.testing.assert_array_equal(bare(tokens)[0], with_mlp(tokens)[0])

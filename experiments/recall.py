@@ -324,6 +324,7 @@ def _model_config(config, variant, width, vocab, row, feature_dim) -> LMConfig:
     d_model=width,
     num_layers=config.num_layers,
     mixer_pattern=("baseconv", variant.mixer),
+    ffn=config.ffn,
     num_heads=config.num_heads,
     max_seq_len=row,
     mixer_options={
@@ -367,6 +368,10 @@ def _resolve(config, given):
         f"--config.{field}: expected a multiple of the evaluation batch {EVAL_BATCH}, got "
         f"{config[field]}"
       )
+  if config.ffn not in ("mlp", "none"):
+    raise train_lib.ConfigError(
+      f"--config.ffn: expected 'mlp' or 'none' (the mixers alone), got {config.ffn!r}"
+    )
   return config
 
 

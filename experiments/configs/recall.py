@@ -34,6 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
   # budget: attention of width 32 reached 0.38/0.44 (4x12/12x4) after 1600 steps (0.70/0.80 with
   # vocabulary 33 and lr 1e-2), at twice the time a step.
   config.num_layers = 2
+  # "mlp": a SwiGLU after every mixer; "none": the mixers alone, JRT's and Zoology's layout.
+  config.ffn = "mlp"
   config.num_heads = 2
   config.feature_dim_ratio = 8  # Based / PLA feature dim = d_model // ratio (4 and 8 here)
   config.window = 8  # sliding-window attention ("swa")
@@ -80,6 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
 FULL = {
   "d_models": "36,64,96,128",
   "num_layers": 4,
+  "ffn": "none",
   "feature_dim_ratio": 4,
   "window": 64,
   "batch_size": 128,
@@ -93,7 +96,8 @@ FULL = {
   "mqar.seq_len": 256,
   "mqar.num_pairs": 64,
   "sets.vocab_size": 2048,
-  "sets.sizes": "4x16,16x4,8x32,32x8,64x16,16x64,4x128,128x4,16x256,256x16",
+  # JRT's twelve |A|x|B| pairs, both orders of each, (4,16) to (256,4).
+  "sets.sizes": "4x16,16x4,8x32,32x8,64x16,16x64,4x128,128x4,16x256,256x16,4x256,256x4",
   "counting.lengths": "10-20,20-30,30-40",
   "counting.bpe_vocab_size": 256,
   "counting.steps": 20_000,

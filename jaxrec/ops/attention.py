@@ -10,7 +10,10 @@ cache slots ``0 .. S - 1``; slots not yet written lie in the future and the caus
 them). The softmax itself is ``jax.nn.dot_product_attention``. A KV cache is read by
 ``grouped_attention``, over keys and values stored head-major (``[B, G, S, K]``): each key/value
 head's keys contiguous and read once for its ``H / G`` query heads, which is what a decoding step
-costs (``jax.nn.dot_product_attention`` would first repeat them for every query head).
+costs (``jax.nn.dot_product_attention`` would first repeat them for every query head). A
+decoding step reads the cache as it was and its own new keys as separate sets of one softmax
+(``merged_grouped_attention``) and writes them afterwards (``written_after``), so that the
+compiled step updates the cache in place and copies none of it.
 """
 
 import functools

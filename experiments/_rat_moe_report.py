@@ -287,10 +287,22 @@ def _moe(runs: list[dict], c: dict) -> str:
       for k in ("moe/top_ratio", "moe/selected_weight")
     )
     flatter = ib["gru"] < ib["linear"] and ob["gru"] < ob["linear"]
+    # Resolved only where both differences exceed twice the larger seed std (0 for one seed).
+    resolved = all(
+      abs(summary["gru"][k][0] - summary["linear"][k][0])
+      > 2 * max(summary["gru"][k][1], summary["linear"][k][1])
+      for k in ("moe/top_ratio", "moe/selected_weight")
+    )
+    outcome = ("flatter" if flatter else "not flatter") if resolved else "not resolved as flatter"
     verdict += (
-      f" RMoE's gates are {'flatter' if flatter else 'not flatter'} than SMoE's: IB "
+      f" RMoE's gates are {outcome} than SMoE's: IB "
       f"{ib['gru']:.2f} vs {ib['linear']:.2f}, OB {ob['gru']:.3f} vs {ob['linear']:.3f} (the "
-      "paper: IB 2.02 vs 34.7, OB 0.573 vs 0.915)."
+      "paper: IB 2.02 vs 34.7, OB 0.573 vs 0.915)"
+      + (
+        "."
+        if resolved
+        else f", differences within twice the seed std over {summary['gru']['seeds']} seeds)."
+      )
     )
   seeds = ",".join(str(s) for s in dict.fromkeys(r["seed"] for r in runs))
   return f"""### MoE LM: linear router vs the RMoE GRU router vs the ablations
@@ -310,7 +322,7 @@ sweep, whose gain is about 0 at 6 layers) is 12 layers, d 128, 16 experts top-2,
 
 Why the ordering of bits per byte says little at this size: the paper's gain is small (about
 0.01 bits) at 12 layers after 80k steps and about zero at 6 layers; with fewer layers the router
-state passes through few steps, and a few hundred training steps leave the models far from
+state passes through few steps, and {c["steps"]} training steps leave the models far from
 converged, so the routers' differences sit inside the seed spread. The routing statistics react
 sooner and are the signal the paper itself calls more robust.{_drops(summary, c)}"""
 
@@ -377,7 +389,6 @@ def _command(part: dict) -> str:
 ```
 {part["command"]}
 ```"""
-
 
 
 def _rel(value: float, base: float) -> str:

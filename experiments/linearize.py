@@ -556,11 +556,16 @@ def verdict(results: dict, unit: str, questions: int, seq_len: int) -> str:
       (n for n in results if "finetuned" in results[n]),
       key=lambda n: results[n]["finetuned"]["mcq"],
     )
+    # A teacher right on no question has no spread to measure its distance from chance by.
+    above = (
+      f"{(p - chance) / se:.1f} standard errors ({se:.3f} over {questions} questions) above"
+      if se > 0
+      else "below"
+    )
     lines.append(
       f"The multiple-choice set cannot test the accuracy claim here: the teacher's {p:.3f} is "
-      f"{(p - chance) / se:.1f} standard errors ({se:.3f} over {questions} questions) above "
-      f"chance {chance:.3f}, and the models' scores move by as much whatever their quality "
-      f"({best}: {results[best]['finetuned']['mcq']:.3f})."
+      f"{above} chance {chance:.3f}, and the models' scores move by as much whatever their "
+      f"quality ({best}: {results[best]['finetuned']['mcq']:.3f})."
     )
   failed = []
   for name, (label, expected) in ABLATION_EXPECTED.items():

@@ -47,9 +47,10 @@ class Block(nnx.Module):
     norm = dict(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.mixer_norm = layers.RMSNorm(cfg.d_model, **norm)
     self.mixer = build_mixer(mixer, cfg, rngs=rngs)
+    # Built before the feed-forward, as always: the order the parameters draw their keys in.
+    self.mlp_norm = None if cfg.ffn == "none" else layers.RMSNorm(cfg.d_model, **norm)
     self.carries_router_state = router_carry(cfg)
     self.mlp = build_ffn(cfg, router_cell=router_cell, rngs=rngs)
-    self.mlp_norm = None if self.mlp is None else layers.RMSNorm(cfg.d_model, **norm)
 
   def __call__(self, carry, *, segment_ids=None, cache=None):
     """Returns ``(carry, cache)``."""

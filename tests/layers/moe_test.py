@@ -353,7 +353,7 @@ def test_bad_layer_arguments_name_the_argument(kw, message):
     (dict(moe={"capacity_factor": 0.0}), r"moe\.capacity_factor: expected a positive number"),
     (dict(moe={"experts": 2}), r"moe\.experts: unknown option; moe has options \('num_experts'"),
     (dict(scan_layers=True), "scan_layers: not supported with ffn='moe'"),
-    (dict(ffn="glu"), r"ffn: expected one of \('mlp', 'moe'\)"),
+    (dict(ffn="glu"), r"ffn: expected one of \('mlp', 'moe', 'none'\)"),
   ],
 )
 def test_bad_config_names_the_field(kw, message):

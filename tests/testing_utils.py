@@ -62,6 +62,8 @@ Exact results (integer counts, copies, permutations, a value read back) are comp
 
 import contextlib
 import importlib.metadata
+import math
+import re
 import warnings
 
 import jax
@@ -132,6 +134,19 @@ def quotient_magnitude(y, den, num_magnitude, den_magnitude) -> np.ndarray:
   ``(num_magnitude + |y| · den_magnitude) / |den|``; ``den`` broadcasts against ``y``."""
   y, den = np.asarray(y, np.float64), np.asarray(den, np.float64)
   return (np.asarray(num_magnitude) + np.abs(y) * np.asarray(den_magnitude)) / np.abs(den)
+
+
+def large_moves(hlo: str, min_elements: int) -> list[str]:
+  """The ``copy`` and ``transpose`` instructions of compiled HLO text whose output has at least
+  ``min_elements`` elements: what a decoding step that reads its cache in place must not hold."""
+  moves = []
+  for line in hlo.splitlines():
+    if not re.search(r"\b(copy|transpose)\(", line):
+      continue
+    shape = re.search(r"= \w+\[([0-9,]*)\]", line)
+    if shape and math.prod(int(n) for n in shape.group(1).split(",") if n) >= min_elements:
+      moves.append(line.strip()[:200])
+  return moves
 
 
 def installed(distribution: str) -> bool:

@@ -8,14 +8,13 @@ vanilla, LM-Infinite, Recycled Attention and ThinK transposed their seq-major ca
 The numbers these steps compute are each method's own tests' business."""
 
 import functools
-import math
-import re
 
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 from jax import lax
+from testing_utils import large_moves
 
 from jaxrec.inference import longctx
 from jaxrec.models import LM, LMConfig
@@ -39,17 +38,6 @@ POLICIES = {
   "longheads": longctx.longheads(chunk_size=16, chunks_per_head=4),
   "think": longctx.think(channel_ratio=0.4),
 }
-
-
-def _large_moves(hlo: str, size: int) -> list[str]:
-  moves = []
-  for line in hlo.splitlines():
-    if not re.search(r"\b(copy|transpose)\(", line):
-      continue
-    shape = re.search(r"= \w+\[([0-9,]*)\]", line)
-    if shape and 4 * math.prod(int(n) for n in shape.group(1).split(",") if n) >= size:
-      moves.append(line.strip()[:200])
-  return moves
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
@@ -80,5 +68,5 @@ def test_decoding_step_copies_nothing_of_the_cache(name):
   token = jnp.zeros((1,), jnp.int32)
   hlo = decode.lower(state, cache, token).compile().as_text()
   largest = max(x.size for x in jax.tree.leaves(cache))
-  moves = _large_moves(hlo, largest)
+  moves = large_moves(hlo, largest // 4)
   assert not moves, "\n".join(moves)

@@ -6,14 +6,13 @@ cache 2-4 times per step, 4-6x off the memory bound (BENCHMARKS.md, issue 26).
 The numbers these steps compute are checked against references in ``mixers_test.py``."""
 
 import functools
-import math
-import re
 
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 from jax import lax
+from testing_utils import large_moves
 
 from jaxrec import layers
 
@@ -52,12 +51,5 @@ def test_decoding_step_copies_nothing_of_the_cache(kw, slots):
   cache = attention.init_cache(1, SLOTS, jnp.float32)
   assert cache.k.shape[2] == slots
   cache = cache._replace(index=jnp.asarray(100, jnp.int32))
-  hlo = _decode_hlo(attention, cache)
-  moves = []
-  for line in hlo.splitlines():
-    if not re.search(r"\b(copy|transpose)\(", line):
-      continue
-    shape = re.search(r"= \w+\[([0-9,]*)\]", line)
-    if shape and math.prod(int(n) for n in shape.group(1).split(",") if n) >= cache.k.size:
-      moves.append(line.strip())
+  moves = large_moves(_decode_hlo(attention, cache), cache.k.size)
   assert not moves, "\n".join(moves)

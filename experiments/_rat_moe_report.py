@@ -247,7 +247,7 @@ gives about {floor:.3f}), so the ordering the paper states cannot be read from t
 chunk's one (k̃, ṽ) state holds several pairs, and the RNN's one state all of them."""
   return f"""### MQAR recall
 
-{c["num_layers"]} RAT layers, d_model {c["d_model"]}, {c["num_heads"]} heads; MQAR with
+{_mqar_layers(c)}, d_model {c["d_model"]}, {c["num_heads"]} heads; MQAR with
 {c["num_pairs"]} key-value pairs in {c["seq_len"]} tokens over a vocabulary of
 {c["vocab_size"]}, {c["steps"]} steps of {c["batch_size"]} examples (peak lr
 {c["learning_rate"]:g}), {_seeds(c)}; accuracy over {c["test_examples"]} held-out examples (exact match: every
@@ -258,6 +258,16 @@ settings are this project's, after the reference note's smallest CPU experiment 
 {chr(10).join(rows)}
 
 {verdict}"""
+
+
+def _mqar_layers(c: dict) -> str:
+  if not c.get("short_conv", False):
+    return f"{c['num_layers']} RAT layers"
+  return (
+    f"{c['num_layers']} layers alternating BaseConv and RAT (Zoology's MQAR layout: the short "
+    "convolution lets attention form its induction step; without it attention did not learn "
+    "the task here)"
+  )
 
 
 def _moe(runs: list[dict], c: dict) -> str:

@@ -31,6 +31,9 @@ _LEARNED = 0.9
 # An accuracy difference smaller than this counts as none: about two standard errors of an
 # accuracy near 0.5 on the default sweep's 256 test examples per number.
 _GAP = 0.05
+# Below this MQAR accuracy at every width a fixed-state mixer recalls too little for the gain of
+# more state to show (chance is 1/number of values; a mixer holding half the pairs reaches 0.5).
+_RECALLS = 0.25
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,23 +128,31 @@ def section(results: dict, paths: dict[str, str]) -> str:
     for title, table, key, alt in parts
     if table != "No runs."
   )
+  sets = config["sets"]
   return f"""## {SECTION}
 
-{_who(runs, config)} in
-{config["num_layers"]}-layer `(baseconv, mixer)` models {_ffn(config)} of width
-{config["d_models"]} (Based/PLA
-feature dim = width / {config["feature_dim_ratio"]}), trained from scratch with AdamW (lr
-{config["learning_rate"]}, cosine, batch {config["batch_size"]}), at most {config["steps"]} steps,
+{_who(runs, config)}, trained from scratch with AdamW (cosine, batch {config["batch_size"]}),
 stopped early at validation accuracy {config["target_accuracy"]}; every number is on
-{config["test_examples"]} fresh test examples. MQAR: vocabulary {config["mqar"]["vocab_size"]},
-{config["mqar"]["num_pairs"]} pairs in {config["mqar"]["seq_len"]} tokens. Set disjointness:
-vocabulary {config["sets"]["vocab_size"]}, sizes |A|x|B| {config["sets"]["sizes"]} mixed in
-training. Counting{_counted(runs)}: alphabet `{config["counting"]["alphabet"]}`, letter
-`{config["counting"]["letter"]}`, lengths {config["counting"]["lengths"]}, a byte-level BPE of
-{config["counting"]["bpe_vocab_size"]} tokens trained on the task's texts. State bytes: the
-decoding state after the prompt (batch 1): KV caches for attention, a ring of the window's
-keys and values for `swa`. Machine: {results["machine"]};
-the sweep took {results["seconds"] / 60:.1f} minutes.{_scale(config)}{notes}
+{config["test_examples"]} fresh test examples; Based/PLA feature dim = width /
+{config["feature_dim_ratio"]}; widths {config["d_models"]}.
+
+- MQAR: {config["num_layers"]}-layer `(baseconv, mixer)` models {_ffn(config["ffn"])} (Zoology's
+  layout), lr {config["learning_rate"]}, at most {config["steps"]} steps; scored on
+  {config["mqar"]["num_pairs"]} pairs in {config["mqar"]["seq_len"]} tokens (vocabulary
+  {config["mqar"]["vocab_size"]}), trained on the mix {_mix(config)} (Zoology's kind of
+  curriculum); PLA's prefix is the scored context, every training context left-padded to it.
+- Set disjointness: {sets["num_layers"]}-layer `(baseconv, mixer)` models ({_mixer_layers(sets)}),
+  {" and ".join(_ffn(f) for f in _layouts(sets))}, lr {sets["learning_rate"]}, at most
+  {sets["steps"]} steps; vocabulary {sets["vocab_size"]}, sizes |A|x|B| {sets["sizes"]} mixed in
+  training.
+- Counting{_counted(runs)}: the MQAR models' layout, width {config["counting"]["d_model"]}, at
+  most {config["counting"]["steps"]} steps; alphabet `{config["counting"]["alphabet"]}`, letter
+  `{config["counting"]["letter"]}`, lengths {config["counting"]["lengths"]}, a byte-level BPE of
+  {config["counting"]["bpe_vocab_size"]} tokens trained on the task's texts, every count one token.
+
+State bytes: the decoding state after the prompt (batch 1): KV caches for attention, a ring of
+the window's keys and values for `swa`. Machine: {results["machine"]}; the sweep took
+{results["seconds"] / 60:.1f} minutes.{_scale(config)}{notes}
 
 ### Verdict on the papers' claims
 
@@ -163,7 +174,9 @@ def _who(runs, config) -> str:
   swa = f"; `swa` is attention with a window of {config['window']}" if "swa" in ran else ""
   if config["mixers"] == "all":
     return f"Every registered mixer this sweep can configure ({names}{swa})"
-  return f"The mixers {names} ({swa[2:]})" if swa else f"The mixers {names}" if ran else "No mixer"
+  if not ran:
+    return "No mixer"
+  return f"The mixers {names} ({swa[2:]})" if swa else f"The mixers {names}"
 
 
 def _counted(runs) -> str:
@@ -176,15 +189,31 @@ def _scale(config) -> str:
     return " This is the paper-scale sweep (`--config.full=True`)."
   return (
     " This is the CPU-sized sweep; the paper-scale one, for an accelerator, is `python -m "
-    "experiments.recall --config.out_dir=runs/recall_full --config.full=True` (widths 36-128, 4 layers, 20k steps, MQAR with "
-    "vocabulary 8192 and 64 pairs in 256 tokens, JRT's twelve set sizes in both orders, no MLPs)."
+    "experiments.recall --config.out_dir=runs/recall_full --config.full=True` (widths 36-128, "
+    "20k steps of 128, MQAR with vocabulary 8192 and 64 pairs in 256 tokens on Zoology's mix, "
+    "JRT's twelve set sizes in both orders with vocabulary 2048)."
   )
 
 
-def _ffn(config) -> str:
-  if config.get("ffn", "mlp") == "none":
+def _ffn(ffn: str) -> str:
+  if ffn == "none":
     return "without MLPs (JRT's layout)"
   return "with a SwiGLU MLP after every mixer"
+
+
+def _layouts(sets) -> list[str]:
+  return [f.strip() for f in str(sets.get("ffns", "none")).split(",")]
+
+
+def _mixer_layers(sets) -> str:
+  n = sets["num_layers"] // 2
+  return f"{n} mixer layer{'s' if n != 1 else ''}" + (", JRT's depth" if n == 2 else "")
+
+
+def _mix(config) -> str:
+  return str(
+    config["mqar"].get("train_mix", f"{config['mqar']['seq_len']}x{config['mqar']['num_pairs']}")
+  )
 
 
 def _family(runs, family):
@@ -212,87 +241,20 @@ def order_gap(run) -> float:
 
 
 def verdict(runs, num_layers: int | None = None) -> str:
-  """The claims (a)-(d) judged on ``runs``; ``num_layers`` of the ``(baseconv, mixer)`` models,
-  when known, explains a set-disjointness failure that their depth causes."""
+  """The claims (a)-(d) judged on ``runs``; ``num_layers`` of the set-disjointness models, when
+  not in the runs, explains a failure that their depth causes. Set disjointness is judged per
+  layout (``ffn``) when the sweep ran several."""
   lines = []
-  sets = {(r["variant"], r["d_model"]): r for r in _family(runs, "sets")}
-  jrt = {(r["variant"], r["d_model"]): r for r in _family(runs, "sets_jrt")}
-  widths = sorted({w for _, w in sets})
-  recurrent = sorted({v for v, _ in sets if v not in _NOT_RECURRENT + _BOUNDED})
-  unlearned = {
-    (v, w): min(s["accuracy"] for s in r["scores"].values())
-    for (v, w), r in sets.items()
-    if v in ("attention", "pla") and min(s["accuracy"] for s in r["scores"].values()) < _LEARNED
-  }
-  if sets and not _pairs(next(iter(sets.values()))):
-    lines.append(
-      "- **(a), (b) on reading order: not testable here**: the set sizes have no pair in both "
-      "orders (e.g. 4x12 and 12x4) to compare."
+  sets, jrt = _family(runs, "sets"), _family(runs, "sets_jrt")
+  layouts = list(dict.fromkeys(r.get("ffn", "none") for r in sets))
+  for ffn in layouts:
+    label = f", {_ffn(ffn)}" if len(layouts) > 1 else ""
+    lines += _order_claims(
+      [r for r in sets if r.get("ffn", "none") == ffn],
+      [r for r in jrt if r.get("ffn", "none") == ffn],
+      label,
+      num_layers,
     )
-  elif unlearned:
-    lines.append(
-      "- **(a), (b) on reading order: not testable here: the models did not learn the task.** "
-      "Attention and PLA, which hold both sets in either order, must pass "
-      f"{_LEARNED} in both orders before an order gap means anything; here "
-      + ", ".join(f"{v} d={w} reaches {a:.3f}" for (v, w), a in sorted(unlearned.items()))
-      + " in its worse order."
-      + (_one_mixer_note() if num_layers is not None and num_layers // 2 < 2 else "")
-    )
-  # (a)
-  elif recurrent and widths:
-    by_width = {w: [order_gap(sets[v, w]) for v in recurrent if (v, w) in sets] for w in widths}
-    mean = {w: float(np.mean(g)) for w, g in by_width.items()}
-    small, large = widths[0], widths[-1]
-    holds = mean[small] > _GAP and mean[small] >= mean[large]
-    lines.append(
-      f"- **(a) larger set first is harder for causal recurrent models, more so with less "
-      f"state: {'reproduces' if holds else 'does not reproduce'}.** Mean accuracy gap "
-      f"(smaller set first − larger first) over {', '.join(recurrent)}: "
-      + ", ".join(f"{mean[w]:+.3f} at width {w}" for w in widths)
-      + f" (criterion: > {_GAP} at the smallest width and no smaller than at the largest)."
-      + (
-        f" Left out: {', '.join(sorted({v for v, _ in sets if v in _BOUNDED}))}, whose window "
-        "cannot reach the first set."
-        if any(v in _BOUNDED for v, _ in sets)
-        else ""
-      )
-      + _chance_note(next(iter(sets.values())))
-    )
-    # (b)
-    closed = []
-    for v in recurrent:
-      for w in widths:
-        if (v, w) in jrt and order_gap(sets[v, w]) > _GAP:
-          closed.append((v, w, order_gap(sets[v, w]), order_gap(jrt[v, w])))
-    if closed:
-      fraction = float(np.mean([1 - g_j / g for _, _, g, g_j in closed]))
-      detail = "; ".join(f"{v} d={w}: {g:+.3f} → {g_j:+.3f}" for v, w, g, g_j in closed)
-      lines.append(
-        f"- **(b) JRT-Prompt closes most of that gap: "
-        f"{'reproduces' if fraction > 0.5 else 'does not reproduce'}** (mean fraction closed "
-        f"{fraction:.2f} where the plain gap exceeds {_GAP}; plain → JRT gaps: {detail})."
-      )
-    else:
-      lines.append(
-        "- **(b) JRT-Prompt closes the gap: not testable here**: no causal recurrent run has an "
-        f"order gap above {_GAP} to close."
-      )
-    pla = [(w, order_gap(sets["pla", w])) for w in widths if ("pla", w) in sets]
-    based = {w: order_gap(sets["based", w]) for w in widths if ("based", w) in sets}
-    if pla:
-      detail = ", ".join(
-        f"d={w}: PLA {g:+.3f}" + (f" vs Based {based[w]:+.3f}" if w in based else "")
-        for w, g in pla
-      )
-      small = all(abs(g) <= _GAP for _, g in pla)
-      if small and based and all(g <= _GAP for g in based.values()):
-        outcome = "not testable here: Based, its causal counterpart, has no gap either"
-      else:
-        outcome = "reproduces" if small else "does not reproduce"
-      lines.append(
-        f"- **(b) prefix linear attention has no order gap: {outcome}** ({detail}; criterion "
-        f"|gap| ≤ {_GAP})."
-      )
   # (c)
   mqar = _family(runs, "mqar")
   attention = [r for r in mqar if r["variant"] == "attention"]
@@ -316,6 +278,8 @@ def verdict(runs, num_layers: int | None = None) -> str:
         else ")."
       )
     )
+    if holds:
+      lines += _state_claim(mqar)
     if not holds:
       lines.append(
         "- **Caveat: the models are undertrained at this budget.** Attention, which has the "
@@ -350,6 +314,141 @@ def verdict(runs, num_layers: int | None = None) -> str:
         "shorter."
       )
   return "\n".join(lines) if lines else "No runs."
+
+
+def _order_claims(plain, jrt_runs, label: str, num_layers: int | None) -> list[str]:
+  """Claims (a) and (b) on the set-disjointness runs of one layout (``label`` names it)."""
+  sets = {(r["variant"], r["d_model"]): r for r in plain}
+  jrt = {(r["variant"], r["d_model"]): r for r in jrt_runs}
+  lines = []
+  if num_layers is None and plain:
+    num_layers = plain[0].get("num_layers")
+  widths = sorted({w for _, w in sets})
+  recurrent = sorted({v for v, _ in sets if v not in _NOT_RECURRENT + _BOUNDED})
+  unlearned = {
+    (v, w): min(s["accuracy"] for s in r["scores"].values())
+    for (v, w), r in sets.items()
+    if v in ("attention", "pla") and min(s["accuracy"] for s in r["scores"].values()) < _LEARNED
+  }
+  if sets and not _pairs(next(iter(sets.values()))):
+    lines.append(
+      f"- **(a), (b) on reading order{label}: not testable here**: the set sizes have no pair in both "
+      "orders (e.g. 4x12 and 12x4) to compare."
+    )
+  elif unlearned:
+    lines.append(
+      f"- **(a), (b) on reading order{label}: not testable here: the models did not learn the "
+      "task.** "
+      "Attention and PLA, which hold both sets in either order, must pass "
+      f"{_LEARNED} in both orders before an order gap means anything; here "
+      + ", ".join(f"{v} d={w} reaches {a:.3f}" for (v, w), a in sorted(unlearned.items()))
+      + " in its worse order."
+      + (_one_mixer_note() if num_layers is not None and num_layers // 2 < 2 else "")
+    )
+  # (a)
+  elif recurrent and widths:
+    by_width = {w: [order_gap(sets[v, w]) for v in recurrent if (v, w) in sets] for w in widths}
+    mean = {w: float(np.mean(g)) for w, g in by_width.items()}
+    small, large = widths[0], widths[-1]
+    holds = mean[small] > _GAP and mean[small] >= mean[large]
+    lines.append(
+      f"- **(a) larger set first is harder for causal recurrent models, more so with less "
+      f"state{label}: {'reproduces' if holds else 'does not reproduce'}.** Mean accuracy gap "
+      f"(smaller set first − larger first) over {', '.join(recurrent)}: "
+      + ", ".join(f"{mean[w]:+.3f} at width {w}" for w in widths)
+      + f" (criterion: > {_GAP} at the smallest width and no smaller than at the largest)."
+      + (
+        f" Left out: {', '.join(sorted({v for v, _ in sets if v in _BOUNDED}))}, whose window "
+        "cannot reach the first set."
+        if any(v in _BOUNDED for v, _ in sets)
+        else ""
+      )
+      + _chance_note(next(iter(sets.values())))
+    )
+    # (b)
+    closed = []
+    for v in recurrent:
+      for w in widths:
+        if (v, w) in jrt and order_gap(sets[v, w]) > _GAP:
+          closed.append((v, w, order_gap(sets[v, w]), order_gap(jrt[v, w])))
+    if closed:
+      fraction = float(np.mean([1 - g_j / g for _, _, g, g_j in closed]))
+      detail = "; ".join(f"{v} d={w}: {g:+.3f} → {g_j:+.3f}" for v, w, g, g_j in closed)
+      lines.append(
+        f"- **(b) JRT-Prompt closes most of that gap{label}: "
+        f"{'reproduces' if fraction > 0.5 else 'does not reproduce'}** (mean fraction closed "
+        f"{fraction:.2f} where the plain gap exceeds {_GAP}; plain → JRT gaps: {detail})."
+      )
+    else:
+      lines.append(
+        f"- **(b) JRT-Prompt closes the gap{label}: not testable here**: no causal recurrent run has an "
+        f"order gap above {_GAP} to close."
+      )
+    pla = [(w, order_gap(sets["pla", w])) for w in widths if ("pla", w) in sets]
+    based = {w: order_gap(sets["based", w]) for w in widths if ("based", w) in sets}
+    if pla:
+      detail = ", ".join(
+        f"d={w}: PLA {g:+.3f}" + (f" vs Based {based[w]:+.3f}" if w in based else "")
+        for w, g in pla
+      )
+      small = all(abs(g) <= _GAP for _, g in pla)
+      if small and based and all(g <= _GAP for g in based.values()):
+        outcome = "not testable here: Based, its causal counterpart, has no gap either"
+      else:
+        outcome = "reproduces" if small else "does not reproduce"
+      lines.append(
+        f"- **(b) prefix linear attention has no order gap{label}: {outcome}** ({detail}; "
+        "criterion "
+        f"|gap| ≤ {_GAP})."
+      )
+  return lines
+
+
+def _state_claim(mqar) -> list[str]:
+  """Zoology's and Based's reading of MQAR, judged where attention solved it: recall takes state.
+  The fixed-state mixers (every one but attention) trail attention, whose cache is larger, at each
+  width; and their accuracy grows with width (more state), where any of them recalls at all."""
+  acc = {(r["variant"], r["d_model"]): r["scores"]["repeats=1"]["accuracy"] for r in mqar}
+  size = {(r["variant"], r["d_model"]): r["state_bytes"] for r in mqar}
+  widths = sorted({w for _, w in acc})
+  fixed = sorted({v for v, _ in acc if v != "attention"})
+  trail = {}
+  for w in widths:
+    rows = [(acc[v, w], v) for v in fixed if (v, w) in acc]
+    if ("attention", w) in acc and rows:
+      best, who = max(rows)
+      largest = max(size[v, w] for v in fixed if (v, w) in size)
+      trail[w] = (acc["attention", w] - best, who, size["attention", w] / largest)
+  if not trail:
+    return []
+  holds = all(t > _GAP for t, _, _ in trail.values())
+  detail = "; ".join(
+    f"width {w}: attention {t:+.3f} over the best fixed-state mixer ({who}) with a cache "
+    f"{ratio:.1f}x the largest fixed state"
+    for w, (t, who, ratio) in sorted(trail.items())
+  )
+  lines = [
+    f"- **(c) fixed-state mixers trail attention where its cache outgrows their states: "
+    f"{'reproduces' if holds else 'does not reproduce'}** ({detail}; criterion: attention ahead "
+    f"by > {_GAP} at every width)."
+  ]
+  both = [v for v in fixed if {(v, widths[0]), (v, widths[-1])} <= acc.keys()]
+  if len(widths) < 2 or not both:
+    return lines
+  gains = {v: acc[v, widths[-1]] - acc[v, widths[0]] for v in both}
+  detail = ", ".join(f"{v} {g:+.3f}" for v, g in gains.items())
+  if max(acc[v, w] for v in both for w in (widths[0], widths[-1])) < _RECALLS:
+    outcome = (
+      f"not testable here: no fixed-state mixer reaches {_RECALLS} at either width, so none "
+      "recalls enough for its gain with state to show"
+    )
+  else:
+    outcome = "reproduces" if np.mean(list(gains.values())) > _GAP else "does not reproduce"
+  lines.append(
+    f"- **(c) fixed-state recall grows with state: {outcome}** (accuracy from width "
+    f"{widths[0]} to {widths[-1]}: {detail}; criterion: a mean gain > {_GAP})."
+  )
+  return lines
 
 
 def _one_mixer_note() -> str:
@@ -394,17 +493,17 @@ def mqar_table(runs) -> str:
 
 def sets_table(runs) -> str:
   plain = _family(runs, "sets")
-  jrt = {(r["variant"], r["d_model"]): r for r in _family(runs, "sets_jrt")}
+  jrt = {(r["variant"], r["d_model"], r.get("ffn")): r for r in _family(runs, "sets_jrt")}
   if not plain:
     return "No runs."
   keys = list(plain[0]["scores"])
   head = " | ".join(keys)
   lines = [
-    f"| mixer | width | state bytes | {head} | gap | JRT: {' | '.join(keys)} | JRT gap |",
-    "|---|---:|---:|" + "---:|" * (2 * len(keys) + 2),
+    f"| mixer | MLPs | width | state bytes | {head} | gap | JRT: {' | '.join(keys)} | JRT gap |",
+    "|---|---|---:|---:|" + "---:|" * (2 * len(keys) + 2),
   ]
-  for r in plain:
-    j = jrt.get((r["variant"], r["d_model"]))
+  for r in sorted(plain, key=lambda r: r.get("ffn", "none") != "none"):
+    j = jrt.get((r["variant"], r["d_model"], r.get("ffn")))
     accs = " | ".join(f"{r['scores'][k]['accuracy']:.3f}" for k in keys)
     if j is None:
       j_accs, j_gap = " | ".join("–" for _ in keys), "–"
@@ -412,7 +511,8 @@ def sets_table(runs) -> str:
       j_accs = " | ".join(f"{j['scores'][k]['accuracy']:.3f}" for k in keys)
       j_gap = _gap_text(j)
     lines.append(
-      f"| {r['variant']} | {r['d_model']} | {r['state_bytes']:,} | {accs} | "
+      f"| {r['variant']} | {'yes' if r.get('ffn') == 'mlp' else 'no'} | {r['d_model']} | "
+      f"{r['state_bytes']:,} | {accs} | "
       f"{_gap_text(r)} | {j_accs} | {j_gap} |"
     )
   return "\n".join(lines)
@@ -442,15 +542,16 @@ def counting_table(runs) -> str:
   return "\n".join(lines)
 
 
-def _figure(ncols=1):
-  fig = Figure(figsize=(6 * ncols, 4.2))
+def _figure(ncols=1, nrows=1):
+  fig = Figure(figsize=(6 * ncols, 4.2 * nrows))
   FigureCanvasAgg(fig)
-  return fig, fig.subplots(1, ncols, squeeze=False)[0]
+  axes = fig.subplots(nrows, ncols, squeeze=False)
+  return fig, axes[0] if nrows == 1 else axes
 
 
 def _plot_state(plain, jrt, path, title):
   """Accuracy against state bytes, a line per mixer through its widths; set disjointness gets a
-  panel per order (dashed: JRT-Prompt)."""
+  panel per order (dashed: JRT-Prompt) and a row of them per layout (with and without MLPs)."""
   if not plain:
     return
   if plain[0]["family"] == "mqar":
@@ -460,27 +561,32 @@ def _plot_state(plain, jrt, path, title):
     panels = [(short, f"{title}, smaller set first ({short})"), (long, f"larger first ({long})")]
   else:  # sizes without their mirrored order: a panel per size
     panels = [(key, f"{title} ({key})") for key in sorted(plain[0]["scores"])]
-  fig, axes = _figure(len(panels))
+  layouts = sorted({r.get("ffn", "none") for r in plain}, key=lambda f: f != "none")
+  fig, grid = _figure(len(panels), len(layouts))
+  grid = grid if len(layouts) > 1 else [grid]
   variants = sorted({r["variant"] for r in plain})
-  for ax, (key, name) in zip(axes, panels, strict=True):
-    for i, v in enumerate(variants):
-      for runs, style in ((plain, "o-"), (jrt or [], "s--")):
-        rs = sorted((r for r in runs if r["variant"] == v), key=lambda r: r["state_bytes"])
-        if rs:
-          ax.plot(
-            [r["state_bytes"] for r in rs],
-            [r["scores"][key]["accuracy"] for r in rs],
-            style,
-            color=_color(i),
-            label=v if style == "o-" else None,
-          )
-    ax.set_xscale("log")
-    ax.set_xlabel("decoding state (bytes)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(name + ("; dashed: JRT-Prompt" if jrt else ""), fontsize=9)
-    ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=8)
+  for ffn, axes in zip(layouts, grid, strict=True):
+    suffix = "" if len(layouts) == 1 else (", no MLPs" if ffn == "none" else ", with MLPs")
+    for ax, (key, name) in zip(axes, panels, strict=True):
+      for i, v in enumerate(variants):
+        for runs, style in ((plain, "o-"), (jrt or [], "s--")):
+          mine = (r for r in runs if r["variant"] == v and r.get("ffn", "none") == ffn)
+          rs = sorted(mine, key=lambda r: r["state_bytes"])
+          if rs:
+            ax.plot(
+              [r["state_bytes"] for r in rs],
+              [r["scores"][key]["accuracy"] for r in rs],
+              style,
+              color=_color(i),
+              label=v if style == "o-" else None,
+            )
+      ax.set_xscale("log")
+      ax.set_xlabel("decoding state (bytes)")
+      ax.set_ylabel("accuracy")
+      ax.set_ylim(-0.02, 1.02)
+      ax.set_title(name + suffix + ("; dashed: JRT-Prompt" if jrt else ""), fontsize=9)
+      ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
 

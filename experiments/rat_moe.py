@@ -224,7 +224,7 @@ def _plans(config, parts: tuple[str, ...]) -> dict[str, list[tuple]]:
   if "mqar" in parts:
     tokens = _mqar_task(config.mqar).num_tokens
     plans["mqar"] = [
-      ((size, seed), _rat_config(config.mqar, size, tokens, "--config.mqar"))
+      ((size, seed), _rat_config(config.mqar, size, tokens, "--config.mqar", _mqar_pattern(config)))
       for size in train_lib.parse_list(config.mqar.chunk_sizes, "--config.mqar.chunk_sizes", int)
       for seed in seeds
     ]
@@ -286,13 +286,26 @@ def _capacity(value) -> tuple[str, float | None]:
   return "capacity", factor
 
 
-def _rat_config(c, chunk_size: int, vocab_size: int, flag: str) -> LMConfig:
+def _rat_config(
+  c, chunk_size: int, vocab_size: int, flag: str, pattern: tuple[str, ...] = ("rat",)
+) -> LMConfig:
   if not 1 <= chunk_size <= c.seq_len:
     raise train_lib.ConfigError(
       f"{flag}.chunk_sizes: expected chunk lengths in [1, seq_len={c.seq_len}], got {chunk_size}"
     )
   settings = _RAT_SETTINGS | {"rat.chunk_size": "chunk_sizes"}
-  return _model_config("tiny-rat", c, flag, settings, vocab_size, {"rat.chunk_size": chunk_size})
+  swept = {"rat.chunk_size": chunk_size, "mixer_pattern": pattern}
+  return _model_config("tiny-rat", c, flag, settings, vocab_size, swept)
+
+
+def _mqar_pattern(config) -> tuple[str, ...]:
+  short_conv = config.mqar.short_conv  # a bool: ml_collections refuses any other type
+  if short_conv and config.mqar.num_layers % 2:
+    raise train_lib.ConfigError(
+      f"--config.mqar.num_layers: expected an even number with --config.mqar.short_conv=True "
+      f"(BaseConv and RAT layers alternate), got {config.mqar.num_layers}"
+    )
+  return ("baseconv", "rat") if short_conv else ("rat",)
 
 
 def _model_config(preset: str, c, flag: str, settings, vocab_size: int, swept) -> LMConfig:

@@ -4,22 +4,24 @@ r"""The recall suite: every registered mixer on MQAR, set disjointness and count
     [--config.FIELD=VALUE] [--publish=.]
 
 For every mixer of the registry (``--config.mixers``; ``swa`` is attention with
-``--config.window``) and every width of ``--config.d_models`` (the state sizes), a 2-layer
-``(baseconv, mixer)`` model is trained from scratch, with early stopping at
+``--config.window``) and every width of ``--config.d_models`` (the state sizes), models of
+``(baseconv, mixer)`` layers are trained from scratch, with early stopping at
 ``--config.target_accuracy``:
 
-1. on MQAR, scored with the plain prompt and with JRT-Prompt at test time only;
-2. on set disjointness, the size pairs of ``--config.sets.sizes`` mixed (both orders), scored per
-   pair;
+1. on MQAR (``--config.num_layers`` layers), trained on the mix of settings
+   ``--config.mqar.train_mix`` and scored on ``--config.mqar`` with the plain prompt and with
+   JRT-Prompt at test time only;
+2. on set disjointness (``--config.sets.num_layers`` layers, each layout of
+   ``--config.sets.ffns``: with and without MLPs), the size pairs of ``--config.sets.sizes``
+   mixed (both orders), scored per pair;
 3. on set disjointness shown with JRT-Prompt (the context twice), trained and scored that way, for
    every mixer but full attention (order cannot matter to it) and PLA (it already reads the
-   context non-causally).
+   context non-causally); it shares the compiled train step of 2.
 
-``--config.tasks`` picks some of them (``mqar``, ``sets``, ``sets_jrt``, ``counting``). The three
-share one compiled train step per mixer and width (``pla`` needs a second: its prefix
-is the MQAR context, and the whole prompt for set disjointness). Then the counting mixers
-(``--config.counting.mixers``) are trained on counting in each format with a small BPE tokenizer
-trained on the task's texts (where the formats tokenize differently), scored per length range.
+``--config.tasks`` picks some of them (``mqar``, ``sets``, ``sets_jrt``, ``counting``). Then the
+counting mixers (``--config.counting.mixers``) are trained on counting in each format with a small
+BPE tokenizer trained on the task's texts (where the formats tokenize differently, every count one
+token), scored per length range.
 
 Outputs, under ``--config.out_dir``: ``recall.json`` (every number, the config and the machine),
 ``mqar.png``, ``sets.png`` (accuracy against recurrent-state bytes), ``counting.png`` (each when
@@ -90,7 +92,7 @@ def sweep_variants(config) -> tuple[list[Variant], list[str]]:
   width = train_lib.parse_list(config.d_models, "--config.d_models", int)[0]
   for variant in candidates:
     try:  # a mixer that needs settings this sweep does not give cannot run here
-      _model_config(config, variant, width, 16, 8, 4)
+      _model_config(config, variant, width, 16, 8, config.num_layers, config.ffn)
     except ValueError as e:
       notes.append(f"{variant.name}: left out, its model cannot be built here ({e})")
       continue
@@ -107,44 +109,40 @@ def run_sweep(config, given: set[str] | frozenset = frozenset()) -> dict:
     )
   variants, notes = sweep_variants(config)
   widths = train_lib.parse_list(config.d_models, "--config.d_models", int)
-  mqar = tasks_lib.MQAR(
-    vocab_size=config.mqar.vocab_size,
-    seq_len=config.mqar.seq_len,
-    num_pairs=config.mqar.num_pairs,
-  )
+  tasks = _tasks(config)
+  mqar = _mqar_tasks(config)
   sizes = _set_sizes(config.sets.sizes)
   sets = [tasks_lib.SetDisjointness(config.sets.vocab_size, a, b) for a, b in sizes]
-  repeats = config.sets.jrt_repeats
-  row = max(mqar.max_prompt_length(2), *(s.max_prompt_length(repeats) for s in sets))
-  vocab = max(mqar.num_tokens, sets[0].num_tokens)
+  ffns = _ffns(config)
   # One device: the models are tiny, and the sweep's time goes to compiling them.
   mesh = sharding.make_mesh(sharding.mesh_shape({"data": 1, "fsdp": 1, "tensor": 1}, 1))
-  tasks = _tasks(config)
   runs = []
-  per_width = len({"mqar", "sets", "sets_jrt"} & set(tasks))
-  total = len(variants) * len(widths) * per_width
+  set_runs = len(ffns) * sum(
+    ("sets" in tasks) + ("sets_jrt" in tasks and _jrt_trained(v)) for v in variants
+  )
+  total = len(widths) * (len(variants) * ("mqar" in tasks) + set_runs)
   if "counting" in tasks:
     total += len(_counting_mixers(config)) * len(_counting_formats(config))
   bar = tqdm.tqdm(total=total, desc="recall sweep", disable=not config.progress, unit="run")
   start = time.perf_counter()
   for variant in variants:
     for width in widths:
-      feature_dim = max(1, width // config.feature_dim_ratio)
-      cfg = _model_config(config, variant, width, vocab, row, feature_dim)
-      # Built on first use, once per model configuration: the tasks of this width share it.
-      trainer = functools.cache(lambda c: _trainer(c, config, config.steps, mesh))
       if "mqar" in tasks:
-        mqar_cfg = cfg
-        if variant.mixer == "pla":  # its prefix: the MQAR context (2 tokens a pair)
-          mqar_cfg = cfg.replace(pla={"prefix_len": 2 * config.mqar.num_pairs})
-        runs.append(_run_mqar(trainer(mqar_cfg), config, variant, mqar, row, bar))
-      if "sets" in tasks:
-        runs.append(_run_sets(trainer(cfg), config, variant, sets, sizes, 1, row, bar))
-      if "sets_jrt" in tasks:
-        if variant.mixer not in _NO_JRT or variant.window is not None:
-          runs.append(_run_sets(trainer(cfg), config, variant, sets, sizes, repeats, row, bar))
-        else:
-          bar.update()
+        runs.append(_run_mqar(config, variant, width, mqar, mesh, bar))
+      if not {"sets", "sets_jrt"} & set(tasks):
+        continue
+      # Set disjointness and its JRT-Prompt form share a model configuration (one compile).
+      row = max(s.max_prompt_length(config.sets.jrt_repeats) for s in sets)
+      for ffn in ffns:
+        cfg = _model_config(
+          config, variant, width, sets[0].num_tokens, row, config.sets.num_layers, ffn
+        )
+        trainer = _trainer(cfg, config, config.sets.learning_rate, config.sets.steps, mesh)
+        if "sets" in tasks:
+          runs.append(_run_sets(trainer, config, variant, sets, sizes, 1, row, bar))
+        if "sets_jrt" in tasks and _jrt_trained(variant):
+          repeats = config.sets.jrt_repeats
+          runs.append(_run_sets(trainer, config, variant, sets, sizes, repeats, row, bar))
   if "counting" in tasks:
     runs += _run_counting(config, mesh, bar)
   bar.close()
@@ -160,15 +158,20 @@ def run_sweep(config, given: set[str] | frozenset = frozenset()) -> dict:
   }
 
 
+def _jrt_trained(variant: Variant) -> bool:
+  """Whether set disjointness is also trained with JRT-Prompt for ``variant`` (``_NO_JRT``)."""
+  return variant.mixer not in _NO_JRT or variant.window is not None
+
+
 # ----------------------------------------------------------------------------------------------
 # Training.
 
 
-def _trainer(cfg: LMConfig, config, steps: int, mesh) -> train_lib.Trainer:
+def _trainer(cfg: LMConfig, config, learning_rate: float, steps: int, mesh) -> train_lib.Trainer:
   """One model configuration, compiled once; every run it trains starts from the same
   initialization (``config.seed``)."""
   optim = train_lib.OptimConfig(
-    learning_rate=config.learning_rate,
+    learning_rate=learning_rate,
     warmup_steps=config.warmup_steps,
     weight_decay=config.weight_decay,
   )
@@ -194,8 +197,10 @@ def _fit(trainer: train_lib.Trainer, config, rows, validate) -> tuple[nnx.Module
   return trainer.model(state), record
 
 
-def _train_rows(tasks, config, steps: int, repeats: int, row: int) -> tuple[dict, ...]:
-  return _drawn(tasks, repeats, row, steps * config.batch_size, config.batch_size, config.seed)
+def _train_rows(tasks, config, steps, repeats, row, prefix_len=None) -> tuple[dict, ...]:
+  return _drawn(
+    tasks, repeats, row, steps * config.batch_size, config.batch_size, config.seed, prefix_len
+  )
 
 
 def _score(model, task, config, *, repeats=1, row, examples=None, seed=2):
@@ -203,15 +208,15 @@ def _score(model, task, config, *, repeats=1, row, examples=None, seed=2):
   return score_batches(model, _drawn(task, repeats, row, examples, EVAL_BATCH, config.seed + seed))
 
 
-def _drawn(tasks, repeats, row, num_examples, batch_size, seed) -> tuple[dict, ...]:
+def _drawn(tasks, repeats, row, num_examples, batch_size, seed, prefix_len=None):
   """The batches of ``recall_dataset``, drawn once per sweep: every model trains and is scored on
   the same examples, and drawing one in Python costs more than its share of a train step."""
   tasks = tuple(tasks) if isinstance(tasks, list | tuple) else (tasks,)
-  return _drawn_cached(tasks, repeats, row, num_examples, batch_size, seed)
+  return _drawn_cached(tasks, repeats, row, num_examples, batch_size, seed, prefix_len)
 
 
 @functools.lru_cache(maxsize=64)
-def _drawn_cached(tasks, repeats, row, num_examples, batch_size, seed) -> tuple[dict, ...]:
+def _drawn_cached(tasks, repeats, row, num_examples, batch_size, seed, prefix_len):
   ds = recall_dataset(
     tasks,
     num_examples=num_examples,
@@ -219,19 +224,55 @@ def _drawn_cached(tasks, repeats, row, num_examples, batch_size, seed) -> tuple[
     seed=seed,
     repeats=repeats,
     seq_len=row,
+    prefix_len=prefix_len,
     shuffle=False,
   )
   return tuple(ds[i] for i in range(len(ds)))
 
 
-def _run_mqar(trainer, config, variant, mqar, row, bar) -> dict:
-  validate = functools.partial(
-    _accuracy, task=mqar, config=config, repeats=1, row=row, metric="accuracy"
+@dataclasses.dataclass(frozen=True)
+class _MqarTasks:
+  """MQAR as swept: ``test`` is scored; the models train on the mix ``train`` (Zoology's
+  curriculum: fewer pairs in shorter sequences with the scored setting)."""
+
+  test: tasks_lib.MQAR
+  train: tuple[tasks_lib.MQAR, ...]
+
+  @property
+  def context_len(self) -> int:
+    return 2 * self.test.num_pairs
+
+
+def _run_mqar(config, variant, width, mqar: _MqarTasks, mesh, bar) -> dict:
+  # PLA reads the first M tokens non-causally: M is the scored setting's context, and every
+  # training context is left-padded to it (JRT-RNN's padding), else a shorter context's prefix
+  # would hold questions and their answers.
+  prefix_len = mqar.context_len if variant.mixer == "pla" else None
+  test_row = {r: mqar.test.max_prompt_length(r) for r in (1, 2)}
+  row = max(
+    test_row[1],
+    *(t.max_prompt_length(1) + (prefix_len or 0) - 2 * t.num_pairs for t in mqar.train),
   )
-  rows = _train_rows(mqar, config, config.steps, 1, row)
+  cfg = _model_config(
+    config,
+    variant,
+    width,
+    mqar.test.num_tokens,
+    max(row, test_row[2]),
+    config.num_layers,
+    config.ffn,
+    prefix_len=mqar.context_len,
+  )
+  trainer = _trainer(cfg, config, config.learning_rate, config.steps, mesh)
+  validate = functools.partial(
+    _accuracy, task=mqar.test, config=config, repeats=1, row=test_row[1], metric="accuracy"
+  )
+  rows = _train_rows(mqar.train, config, config.steps, 1, row, prefix_len)
   model, record = _fit(trainer, config, rows, validate)
-  scores = {f"repeats={r}": _score(model, mqar, config, repeats=r, row=row) for r in (1, 2)}
-  return _finish(bar, "mqar", variant, model.cfg, record, scores, mqar.max_prompt_length(1))
+  scores = {
+    f"repeats={r}": _score(model, mqar.test, config, repeats=r, row=test_row[r]) for r in (1, 2)
+  }
+  return _finish(bar, "mqar", variant, model.cfg, record, scores, test_row[1])
 
 
 def _run_sets(trainer, config, variant, sets, sizes, repeats, row, bar) -> dict:
@@ -239,7 +280,7 @@ def _run_sets(trainer, config, variant, sets, sizes, repeats, row, bar) -> dict:
     _accuracy, task=sets, config=config, repeats=repeats, row=row, metric="accuracy"
   )
   model, record = _fit(
-    trainer, config, _train_rows(sets, config, config.steps, repeats, row), validate
+    trainer, config, _train_rows(sets, config, config.sets.steps, repeats, row), validate
   )
   scores = {
     f"{a}x{b}": _score(model, task, config, repeats=repeats, row=row)
@@ -261,6 +302,8 @@ def _finish(bar, family, variant, cfg, record, scores, prompt_len) -> dict:
     "family": family,
     "variant": variant.name,
     "d_model": cfg.d_model,
+    "num_layers": cfg.num_layers,
+    "ffn": cfg.ffn,
     "params": param_count(cfg),
     "state_bytes": state_bytes(cfg, prompt_len),
     **record,
@@ -269,7 +312,7 @@ def _finish(bar, family, variant, cfg, record, scores, prompt_len) -> dict:
   metric = "exact_match" if family.startswith("counting") else "accuracy"
   best = ", ".join(f"{k} {v[metric]:.3f}" for k, v in scores.items())
   bar.write(
-    f"{family:9s} {variant.name:9s} d={cfg.d_model:<4d} state {run['state_bytes']:>8,d} B  "
+    f"{family:9s} {variant.name:9s} {cfg.ffn:4s} d={cfg.d_model:<4d} state {run['state_bytes']:>8,d} B  "
     f"{record['steps']:>5d} steps {record['seconds']:5.0f} s  {best}"
   )
   bar.update()
@@ -297,8 +340,16 @@ def _run_counting(config, mesh, bar) -> list[dict]:
   runs = []
   for mixer in mixers:
     variant = Variant(mixer, mixer)
-    cfg = _model_config(config, variant, config.counting.d_model, tokenizer.vocab_size, row, 8)
-    trainer = _trainer(cfg, config, config.counting.steps, mesh)
+    cfg = _model_config(
+      config,
+      variant,
+      config.counting.d_model,
+      tokenizer.vocab_size,
+      row,
+      config.num_layers,
+      config.ffn,
+    )
+    trainer = _trainer(cfg, config, config.learning_rate, config.counting.steps, mesh)
     for fmt, task in train_tasks.items():
       validate = functools.partial(
         _accuracy, task=task, config=config, repeats=1, row=row, metric="exact_match"
@@ -318,19 +369,22 @@ def _run_counting(config, mesh, bar) -> list[dict]:
 # Configuration.
 
 
-def _model_config(config, variant, width, vocab, row, feature_dim) -> LMConfig:
+def _model_config(config, variant, width, vocab, row, num_layers, ffn, prefix_len=None) -> LMConfig:
+  """The ``num_layers``-layer ``(baseconv, mixer)`` model of ``variant``; PLA's non-causal prefix
+  is ``prefix_len`` tokens (default: the whole ``row``)."""
+  feature_dim = max(1, width // config.feature_dim_ratio)
   return LMConfig(
     vocab_size=vocab,
     d_model=width,
-    num_layers=config.num_layers,
+    num_layers=num_layers,
     mixer_pattern=("baseconv", variant.mixer),
-    ffn=config.ffn,
+    ffn=ffn,
     num_heads=config.num_heads,
     max_seq_len=row,
     mixer_options={
       "attention": {"window": variant.window},
       "based": {"feature_dim": feature_dim},
-      "pla": {"prefix_len": row, "feature_dim": feature_dim},
+      "pla": {"prefix_len": row if prefix_len is None else prefix_len, "feature_dim": feature_dim},
     },
   )
 
@@ -349,7 +403,7 @@ def _resolve(config, given):
       if field not in given:
         section, _, name = field.rpartition(".")
         (config[section] if section else config)[name] = value
-  for field in ("steps", "counting.steps"):
+  for field in ("steps", "sets.steps", "counting.steps"):
     section, _, name = field.rpartition(".")
     steps = (config[section] if section else config)[name]
     if not isinstance(steps, int) or steps <= config.warmup_steps:
@@ -357,11 +411,18 @@ def _resolve(config, given):
         f"--config.{field}: expected more than --config.warmup_steps={config.warmup_steps} "
         f"(the cosine schedule decays after the warmup), got {steps!r}"
       )
-  for field in ("batch_size", "eval_every", "eval_examples", "test_examples", "num_layers"):
-    if not isinstance(config[field], int) or config[field] < 1:
-      raise train_lib.ConfigError(
-        f"--config.{field}: expected a positive int, got {config[field]!r}"
-      )
+  for field in (
+    "batch_size",
+    "eval_every",
+    "eval_examples",
+    "test_examples",
+    "num_layers",
+    "sets.num_layers",
+  ):
+    section, _, name = field.rpartition(".")
+    value = (config[section] if section else config)[name]
+    if not isinstance(value, int) or value < 1:
+      raise train_lib.ConfigError(f"--config.{field}: expected a positive int, got {value!r}")
   for field in ("eval_examples", "test_examples"):
     if config[field] % EVAL_BATCH:
       raise train_lib.ConfigError(
@@ -373,6 +434,37 @@ def _resolve(config, given):
       f"--config.ffn: expected 'mlp' or 'none' (the mixers alone), got {config.ffn!r}"
     )
   return config
+
+
+def _ffns(config) -> tuple[str, ...]:
+  ffns = train_lib.parse_list(config.sets.ffns, "--config.sets.ffns")
+  unknown = [f for f in ffns if f not in ("mlp", "none")]
+  if unknown:
+    raise train_lib.ConfigError(
+      f"--config.sets.ffns: expected 'mlp' and/or 'none' (the mixers alone), got {unknown}"
+    )
+  return ffns
+
+
+def _mqar_tasks(config) -> _MqarTasks:
+  """The scored MQAR setting and the training mix of ``--config.mqar.train_mix``."""
+  c = config.mqar
+
+  def task(seq_len, num_pairs, flag):
+    try:
+      return tasks_lib.MQAR(vocab_size=c.vocab_size, seq_len=seq_len, num_pairs=num_pairs)
+    except ValueError as e:
+      raise train_lib.ConfigError(f"{flag}: {e}") from e
+
+  test = task(c.seq_len, c.num_pairs, "--config.mqar")
+  mix = train_lib.parse_int_pairs(c.train_mix, "--config.mqar.train_mix", "x", "32x4,128x16")
+  more = [f"{t}x{d}" for t, d in mix if d > c.num_pairs]
+  if more:
+    raise train_lib.ConfigError(
+      f"--config.mqar.train_mix: expected at most the scored --config.mqar.num_pairs="
+      f"{c.num_pairs} pairs (PLA's prefix is the scored context), got {more}"
+    )
+  return _MqarTasks(test, tuple(task(t, d, "--config.mqar.train_mix") for t, d in mix))
 
 
 def _counting_mixers(config) -> tuple[str, ...]:
@@ -397,28 +489,12 @@ def _tasks(config) -> tuple[str, ...]:
   return tasks
 
 
-def _set_sizes(spec: str) -> list[tuple[int, int]]:
-  try:
-    return [
-      tuple(int(n) for n in s.split("x")) for s in train_lib.parse_list(spec, "--config.sets.sizes")
-    ]
-  except ValueError as e:
-    raise train_lib.ConfigError(
-      f"--config.sets.sizes: expected pairs like 4x16,16x4, got {spec!r}"
-    ) from e
+def _set_sizes(spec: str) -> tuple[tuple[int, int], ...]:
+  return train_lib.parse_int_pairs(spec, "--config.sets.sizes", "x", "4x16,16x4")
 
 
 def _ranges(spec: str) -> list[tuple[int, int]]:
-  try:
-    ranges = [
-      tuple(int(n) for n in s.split("-"))
-      for s in train_lib.parse_list(spec, "--config.counting.lengths")
-    ]
-  except ValueError as e:
-    raise train_lib.ConfigError(
-      f"--config.counting.lengths: expected ranges like 4-8,9-12, got {spec!r}"
-    ) from e
-  return sorted(ranges)
+  return sorted(train_lib.parse_int_pairs(spec, "--config.counting.lengths", "-", "4-8,9-12"))
 
 
 def main(argv):

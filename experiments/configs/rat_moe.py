@@ -43,6 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.mqar.num_pairs = 8
   config.mqar.d_model = 64
   config.mqar.num_layers = 2
+  # A BaseConv layer before each RAT layer, (baseconv, rat): Zoology's MQAR layout. Without it
+  # attention (L=1) did not learn MQAR here: 0.13 after 1500 steps (2 seeds), ~0.15 at lr 3e-3
+  # and 1e-3 after 5000, 0.19 after 1500 on a mix of shorter settings; with it, 0.975 at 1500.
+  config.mqar.short_conv = True
   config.mqar.num_heads = 2
   config.mqar.batch_size = 32
   config.mqar.steps = 400

@@ -2,7 +2,7 @@
 (``longctx``), JRT-Prompt, and scoring models on recall tasks."""
 
 from jaxrec.inference.generate import Generation, generate, sample_logits
-from jaxrec.inference.jrt import jrt_prompt
+from jaxrec.inference.jrt import jrt_prompt, prefix_prompt
 from jaxrec.inference.recall import (
   evaluate_recall,
   recall_dataset,
@@ -21,6 +21,7 @@ __all__ = [
   "generate",
   "jrt_prompt",
   "loglikelihood",
+  "prefix_prompt",
   "recall_dataset",
   "sample_logits",
   "score_batch",

@@ -40,3 +40,35 @@ def jrt_prompt(context, question, repeats: int = 2):
       f"{question.shape}"
     )
   return xp.concatenate([context] * repeats + [question.astype(context.dtype)], axis=-1)
+
+
+def prefix_prompt(context, question, prefix_len: int, pad_id: int):
+  """The context left-padded with ``pad_id`` to ``prefix_len`` tokens, then the question.
+
+  A JRT-RNN model reads the first ``prefix_len`` (``M``) tokens of a document non-causally (prefix
+  linear attention, ``jaxrec.models.mixers`` ``pla``). JRT pads prompts on the left to ``M`` so
+  that the encoder's prefix is the context and nothing after it; with contexts of several lengths
+  (a mix of MQAR settings) a prefix longer than the context would otherwise read the question and
+  its answers::
+
+    prefix_prompt([1, A], [1, 0], prefix_len=4, pad_id=0) == [0, 0, 1, A, 1, 0]
+
+  Args:
+    context: int tokens ``[C]`` (a list or numpy array), ``C <= prefix_len``.
+    question: int tokens ``[Q]``.
+    prefix_len: ``M``, the length of the padded context.
+    pad_id: the id the context is padded with.
+
+  Returns:
+    numpy ``[M + Q]``.
+  """
+  context, question = np.asarray(context), np.asarray(question)
+  for name, x in (("context", context), ("question", question)):
+    if x.ndim != 1 or not np.issubdtype(x.dtype, np.integer):
+      raise ValueError(f"{name}: expected int tokens [T], got {x.dtype} {x.shape}")
+  if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < len(context):
+    raise ValueError(
+      f"prefix_len: expected an int >= the context's {len(context)} tokens, got {prefix_len!r}"
+    )
+  pad = np.full(prefix_len - len(context), pad_id, context.dtype)
+  return np.concatenate([pad, context, question.astype(context.dtype)])

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrec.data import tasks as tasks_lib
-from jaxrec.inference.jrt import jrt_prompt
+from jaxrec.inference.jrt import jrt_prompt, prefix_prompt
 
 
 def recall_dataset(
@@ -34,6 +34,7 @@ def recall_dataset(
   seed: int,
   repeats: int = 1,
   seq_len: int | None = None,
+  prefix_len: int | None = None,
   **kwargs,
 ) -> grain.MapDataset:
   """``jaxrec.data.tasks.task_dataset`` with the JRT-Prompt of ``repeats`` context copies.
@@ -45,12 +46,27 @@ def recall_dataset(
     seed: seed of the examples (and the shuffle).
     repeats: context copies before the question (1: the plain prompt).
     seq_len: the row length; default the longest prompt any example can have.
+    prefix_len: for a JRT-RNN (``pla``) model, every context left-padded to this many tokens
+      (``prefix_prompt``), so that its non-causal prefix is the context whatever its length;
+      only with ``repeats=1``.
     **kwargs: the other arguments of ``task_dataset`` (``shuffle``, ``num_epochs``, ...).
   """
   many = tasks if isinstance(tasks, Sequence) else (tasks,)
+  if prefix_len is not None:
+    if repeats != 1:
+      raise ValueError(
+        f"prefix_len: expected None with repeats={repeats} (the padded context is shown once), "
+        f"got {prefix_len}"
+      )
+    pad_id = many[0].pad_id
+    prompt = functools.partial(prefix_prompt, prefix_len=prefix_len, pad_id=pad_id)
+    # A bound: the context padded to prefix_len tokens, then a question no longer than a prompt.
+    longest = max(t.max_prompt_length(1) + prefix_len for t in many)
+  else:
+    prompt = None if repeats == 1 else functools.partial(jrt_prompt, repeats=repeats)
+    longest = max(t.max_prompt_length(repeats) for t in many)
   if seq_len is None:
-    seq_len = max(t.max_prompt_length(repeats) for t in many)
-  prompt = None if repeats == 1 else functools.partial(jrt_prompt, repeats=repeats)
+    seq_len = longest
   return tasks_lib.task_dataset(
     tasks,
     num_examples=num_examples,

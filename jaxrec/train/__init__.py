@@ -14,7 +14,13 @@ from jaxrec.sharding import (
   tree_shardings,
 )
 from jaxrec.train.checkpoint import Checkpointer, CheckpointError, restore_params
-from jaxrec.train.config_checks import ConfigError, model_config, parse_list, validate_config
+from jaxrec.train.config_checks import (
+  ConfigError,
+  model_config,
+  parse_int_pairs,
+  parse_list,
+  validate_config,
+)
 from jaxrec.train.distributed import global_batch
 from jaxrec.train.loop import (
   TrainingInterrupted,
@@ -65,6 +71,7 @@ __all__ = [
   "make_train_step",
   "mesh_shape",
   "model_config",
+  "parse_int_pairs",
   "parse_list",
   "plot_losses",
   "read_metrics",

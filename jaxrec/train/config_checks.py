@@ -137,6 +137,26 @@ def parse_list(value, flag: str, item: type = str) -> tuple:
   return tuple(out)
 
 
+def parse_int_pairs(value, flag: str, sep: str = "x", example: str = "4x12,12x4") -> tuple:
+  """A list of int pairs written ``AxB`` (or ``A-B``, with ``sep="-"``), comma-separated, as
+  ``((A, B), ...)``: set sizes, MQAR settings, length ranges.
+
+  Raises:
+    ConfigError: naming ``flag`` and showing ``example``, when an item is not two ints.
+  """
+  out = []
+  for item in parse_list(value, flag):
+    parts = item.split(sep)
+    try:
+      pair = tuple(int(p) for p in parts)
+    except ValueError:
+      pair = ()
+    if len(pair) != 2:
+      raise ConfigError(f"{flag}: expected pairs like {example}, got {value!r}")
+    out.append(pair)
+  return tuple(out)
+
+
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> LMConfig:
   """The ``LMConfig`` of ``config.model``: the preset with every non-``None`` field and option
   replaced (``LMConfig.replace``: an option given replaces that one option of the preset's).

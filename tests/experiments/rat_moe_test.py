@@ -26,6 +26,7 @@ def _tiny(tmp_path):
   config.lm.seq_len, config.lm.chunk_sizes, config.lm.eval_batches = 8, "4", 1
   config.mqar.vocab_size, config.mqar.seq_len, config.mqar.num_pairs = 16, 16, 2
   config.mqar.chunk_sizes, config.mqar.test_examples = "16", 4
+  config.mqar.num_layers = 2  # BaseConv, then RAT (Zoology's MQAR layout)
   # Two layers, so the GRU router's state passes between layers.
   config.moe.num_layers, config.moe.seq_len, config.moe.eval_batches = 2, 8, 1
   config.moe.routers, config.moe.seeds = "gru", "0,1"
@@ -68,6 +69,7 @@ def test_every_part_is_trained_scored_and_reported(tiny):
     for title in ("### Byte-level LM", "### MQAR recall", "### MoE LM"):
       assert title in text
     assert "| RAT (L=4) | " in text and "| RNN (L=T=16) | " in text and "| RMoE (GRU) | " in text
+    assert "2 layers alternating BaseConv and RAT (Zoology's MQAR layout" in text
     assert "statistics of the initial parameters" in text and "dropless" in text
     assert f"]({prefix}rat_moe.png)" in text and f"`{prefix}rat_moe.json`" in text
 
@@ -183,6 +185,7 @@ def test_the_stated_orderings_follow_the_numbers():
     ("moe.num_heads", 3, r"--config.moe: head_dim: expected an even attention head width"),
     ("moe.capacity_factor", "lots", r"--config.moe.capacity_factor: expected 'none' \(dropless"),
     ("moe.capacity_factor", "0", r"--config.moe.capacity_factor: expected 'none' \(dropless"),
+    ("mqar.num_layers", 3, r"--config.mqar.num_layers: expected an even number with "),
   ],
 )
 def test_bad_settings_name_their_flag(tmp_path, field, value, message):

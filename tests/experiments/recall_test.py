@@ -45,9 +45,10 @@ def _sets(family, variant, width, short_first, long_first):
   return {"family": family, "variant": variant, "d_model": width, "scores": scores}
 
 
-def _mqar(variant, width, accuracy):
+def _mqar(variant, width, accuracy, state_bytes=1000):
   scores = {"repeats=1": {"accuracy": accuracy}, "repeats=2": {"accuracy": accuracy}}
-  return {"family": "mqar", "variant": variant, "d_model": width, "scores": scores}
+  run = {"family": "mqar", "variant": variant, "d_model": width, "scores": scores}
+  return run | {"state_bytes": state_bytes}
 
 
 def test_verdict_follows_its_criteria():
@@ -60,9 +61,10 @@ def test_verdict_follows_its_criteria():
     _sets("sets", "pla", 64, 0.9, 0.9),
     # A window that cannot reach the first set: its gap is a floor, left out of the mean.
     _sets("sets", "swa", 32, 0.9, 0.1),
-    _mqar("attention", 32, 0.95),
-    _mqar("attention", 64, 0.99),
+    _mqar("attention", 32, 0.95, 8000),
+    _mqar("attention", 64, 0.99, 16000),
     _mqar("based", 32, 0.4),
+    _mqar("based", 64, 0.6, 2000),
   ]
   lines = _recall_report.verdict(runs).splitlines()
   assert "(a) larger set first is harder" in lines[0] and ": reproduces" in lines[0]
@@ -72,9 +74,36 @@ def test_verdict_follows_its_criteria():
   assert "mean fraction closed 0.94" in lines[1]  # (1 - 0.05/0.4 + 1 - 0/0.1) / 2
   assert "prefix linear attention has no order gap: reproduces" in lines[2]
   assert "(c) attention solves the MQAR settings: reproduces" in lines[3]
+  assert (
+    "(c) fixed-state mixers trail attention where its cache outgrows their states: " in lines[4]
+  )
+  assert (
+    "reproduces" in lines[4]
+    and "width 64: attention +0.390 over the best fixed-state mixer (based) with a cache 8.0x"
+    in lines[4]
+  )
+  assert "(c) fixed-state recall grows with state: reproduces" in lines[5]
+  assert "based +0.200" in lines[5]
   # Reversed orders: claim (a) does not reproduce.
   flipped = [_sets("sets", "based", w, 0.5, 0.9) for w in (32, 64)]
   assert ": does not reproduce" in _recall_report.verdict(flipped).splitlines()[0]
+
+
+def test_mqar_state_claims_need_attention_to_solve_it_and_a_fixed_state_mixer_to_recall():
+  floor = [_mqar("attention", 32, 0.95), _mqar("attention", 64, 0.97)]
+  floor += [_mqar("gla", 32, 0.05), _mqar("gla", 64, 0.07)]
+  text = _recall_report.verdict(floor)
+  assert "trail attention where its cache outgrows their states: reproduces" in text
+  assert "grows with state: not testable here: no fixed-state mixer reaches 0.25" in text
+  close = [_mqar("attention", 32, 0.95), _mqar("attention", 64, 0.97)]
+  close += [_mqar("gla", 32, 0.93), _mqar("gla", 64, 0.95)]
+  text = _recall_report.verdict(close)
+  assert "trail attention where its cache outgrows their states: does not reproduce" in text
+  assert "grows with state: does not reproduce" in text  # +0.02 is no gain
+  unsolved = [_mqar("attention", 32, 0.5), _mqar("gla", 32, 0.05)]
+  text = _recall_report.verdict(unsolved)
+  assert "(c) attention solves the MQAR settings: does not reproduce" in text
+  assert "trail attention" not in text and "Caveat: the models are undertrained" in text
 
 
 def test_set_disjointness_unlearned_by_attention_or_pla_leaves_the_order_claims_untested():
@@ -137,6 +166,12 @@ def test_a_tiny_sweep_writes_its_numbers_plots_and_section(tmp_path):
     "--config.d_models=16",
     "--config.ffn=none",
     "--config.steps=8",
+    "--config.mqar.vocab_size=32",
+    "--config.mqar.seq_len=32",
+    "--config.mqar.num_pairs=4",
+    "--config.mqar.train_mix=16x2,32x4",
+    "--config.sets.steps=8",
+    "--config.sets.ffns=none,mlp",
     "--config.warmup_steps=2",
     "--config.eval_every=4",
     "--config.test_examples=64",
@@ -155,9 +190,18 @@ def test_a_tiny_sweep_writes_its_numbers_plots_and_section(tmp_path):
   runs = json.loads((out / "recall.json").read_text())["runs"]
   families = sorted((r["family"], r["variant"]) for r in runs)
   assert families == sorted(
-    [(f, v) for f in ("mqar", "sets", "sets_jrt") for v in ("based", "swa")]
+    [("mqar", v) for v in ("based", "swa")]
+    + [(f, v) for f in ("sets", "sets_jrt") for v in ("based", "swa") for _ in ("none", "mlp")]
     + [("counting:plain", "based"), ("counting:items", "based")]
   )
+  layouts = {(r["family"], r["ffn"], r["num_layers"]) for r in runs if r["family"] != "mqar"}
+  assert {(f, n) for f, _, n in layouts} == {
+    ("sets", 4),
+    ("sets_jrt", 4),
+    ("counting:plain", 2),
+    ("counting:items", 2),
+  }
+  assert {f for fam, f, _ in layouts if fam.startswith("sets")} == {"none", "mlp"}
   assert all(r["steps"] <= 8 for r in runs)
   assert {p.name for p in out.glob("*.png")} == {"mqar.png", "sets.png", "counting.png"}
   published = tmp_path / "checkout" / "results" / "recall"
@@ -169,7 +213,8 @@ def test_a_tiny_sweep_writes_its_numbers_plots_and_section(tmp_path):
       assert title in text
     assert "(d) letters merged into one token count worse" in text
     assert "The mixers `based`, `swa` (`swa` is attention with a window of" in text
-    assert "models without MLPs (JRT's layout)" in text
+    assert "without MLPs (JRT's layout) and with a SwiGLU MLP after every mixer" in text
+    assert "trained on the mix 16x2,32x4" in text
     assert "Counting (mixers `based`): " in text and "Every registered" not in text
     for name in names[:4]:
       assert f"({prefix}{name})" in text or f"`{prefix}{name}`" in text
@@ -195,7 +240,7 @@ def test_the_report_shows_only_the_tasks_that_ran(tmp_path):
   text = pathlib.Path(report).read_text()
   assert "### MQAR" in text and "](mqar.png)" in text and "| based | 16 | 4,096 | 8 |" in text
   assert "Set disjointness\n" not in text and "### Counting" not in text
-  assert "The mixers `based` in" in text and "Counting (not run): " in text
+  assert "The mixers `based`, trained" in text and "Counting (not run): " in text
 
 
 def test_every_count_is_one_token_of_the_counting_tokenizer(tmp_path):

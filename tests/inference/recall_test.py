@@ -38,6 +38,34 @@ def test_jrt_prompt_bad_arguments(args, match):
     inference.jrt_prompt(np.array(args[0]), np.array(args[1]), repeats=args[2])
 
 
+def test_prefix_prompt_ends_every_context_where_the_prefix_ends():
+  """A mix of MQAR settings for a JRT-RNN model of prefix M: every padded context fills exactly
+  the first M tokens of its document, so the non-causal prefix never reaches a question."""
+  assert inference.prefix_prompt([1, 9], [1, 0], prefix_len=4, pad_id=7).tolist() == [
+    7,
+    7,
+    1,
+    9,
+    1,
+    0,
+  ]
+  mix = [tasks.MQAR(vocab_size=32, seq_len=s, num_pairs=d) for s, d in ((16, 2), (24, 6))]
+  m = 12
+  ds = inference.recall_dataset(mix, num_examples=8, batch_size=8, seed=0, prefix_len=m)
+  batch = ds[0]
+  for row, segment in zip(batch["inputs"], batch["segment_ids"], strict=True):
+    doc = row[segment > 0]
+    pads = int(np.sum(doc[:m] == mix[0].pad_id))
+    assert pads in (0, 12 - 4)  # 6 pairs fill M; 2 pairs leave 8 pads
+    keys, values = doc[pads:m:2], doc[pads + 1 : m : 2]
+    assert np.all((keys >= 1) & (keys < 16)) and np.all(values >= 16)  # the context, whole
+    assert not np.any(doc[m:] == mix[0].pad_id)  # no padding after the prefix
+  with pytest.raises(ValueError, match="prefix_len: expected an int >= the context's 4 tokens"):
+    inference.prefix_prompt([1, 2, 3, 4], [5], prefix_len=3, pad_id=0)
+  with pytest.raises(ValueError, match="prefix_len: expected None with repeats=2"):
+    inference.recall_dataset(mix, num_examples=8, batch_size=8, seed=0, prefix_len=m, repeats=2)
+
+
 def test_evaluate_recall_scores_the_answers_with_and_without_jrt_prompt():
   task = tasks.MQAR(vocab_size=16, seq_len=16, num_pairs=3)
   row = task.max_prompt_length(2)

@@ -176,3 +176,14 @@ def test_a_list_field_is_read_in_every_spelling(value, item, want):
 def test_a_bad_list_names_its_flag(value, item):
   with pytest.raises(ConfigError, match=r"^--config.x: expected comma-separated .* got "):
     config_checks.parse_list(value, "--config.x", item)
+
+
+def test_int_pairs_are_read_with_their_separator():
+  assert config_checks.parse_int_pairs("4x12, 12x4", "--config.x") == ((4, 12), (12, 4))
+  assert config_checks.parse_int_pairs("4-8,9-12", "--config.x", "-") == ((4, 8), (9, 12))
+
+
+@pytest.mark.parametrize("value", ["4x", "4x12x3", "4-12", "ax4", ""])
+def test_a_bad_pair_names_its_flag_and_shows_an_example(value):
+  with pytest.raises(ConfigError, match=r"^--config.x: expected .*got "):
+    config_checks.parse_int_pairs(value, "--config.x", "x", "32x4,128x16")

@@ -185,14 +185,7 @@ def _lm(runs: list[dict], c: dict) -> str:
     f"Mean bits per byte {'rise monotonically' if monotone else 'do not rise monotonically'} "
     "with L (the paper: a smooth interpolation between attention and the RNN)."
   )
-  spread = max(b[1] for b in bits)
-  if table[0]["seeds"] > 1:
-    steps = [abs(b[0] - a[0]) for a, b in itertools.pairwise(bits)]
-    within = sum(d <= 2 * spread for d in steps)
-    verdict += (
-      f" {within} of the {len(steps)} steps between neighbouring L are within twice the largest "
-      f"seed std ({spread:.4f}): those differences are not resolved by {table[0]['seeds']} seeds."
-    )
+  verdict += _unresolved(table, "val_bits_per_byte", "%.4f")
   rat16 = next((r for r in table if r["chunk_size"] == 16), None)
   if base and rat16:
     gap = _rel(rat16["val_bits_per_byte"][0], base["val_bits_per_byte"][0])
@@ -218,6 +211,22 @@ step times here mostly measure fixed costs on a shared CPU; the per-layer cost a
 measured by `experiments/bench_rat.py` (BENCHMARKS.md)."""
 
 
+def _unresolved(table: list[dict], key: str, spec: str) -> str:
+  """How many steps between neighbouring L in ``key`` are within twice the largest seed std (not
+  resolved by the seeds), naming them; empty for one seed."""
+  if table[0]["seeds"] < 2:
+    return ""
+  spread = max(r[key][1] for r in table)
+  pairs = list(itertools.pairwise(table))
+  within = [(a, b) for a, b in pairs if abs(b[key][0] - a[key][0]) <= 2 * spread]
+  names = "; ".join(f"{a['label']} → {b['label']}" for a, b in within)
+  return (
+    f" {len(within)} of the {len(pairs)} steps between neighbouring L are within twice the "
+    f"largest seed std ({spec % spread}): those differences are not resolved by "
+    f"{table[0]['seeds']} seeds" + (f" ({names})." if within else ".")
+  )
+
+
 def _mqar(runs: list[dict], c: dict) -> str:
   rows = [
     "| model | parameters | accuracy | exact match | train step (ms) |",
@@ -235,7 +244,7 @@ def _mqar(runs: list[dict], c: dict) -> str:
   verdict = (
     f"Mean recall {'falls' if holds else 'does not fall'} monotonically as L grows (the paper: "
     "attention ≳ RAT(small L) > RAT(large L) ≫ RNN)."
-  )
+  ) + _unresolved(table, "accuracy", "%.3f")
   base = table[0] if table[0]["chunk_size"] == 1 else None
   floor = 1 / c["num_pairs"] if "num_pairs" in c else 0.0
   if base and base["accuracy"][0] < 0.5:

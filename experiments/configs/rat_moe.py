@@ -50,7 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.mqar.num_heads = 2
   config.mqar.batch_size = 32
   config.mqar.steps = 400
-  config.mqar.learning_rate = 1e-2
+  # 3e-3: with the short convolution, attention (L=1) reached 0.975 in 1500 steps at 3e-3 and
+  # stayed at 0.108 (2 seeds) at 1e-2.
+  config.mqar.learning_rate = 3e-3
   config.mqar.warmup_steps = 30
   config.mqar.test_examples = 256  # scored after training (held-out seed)
 

@@ -138,6 +138,15 @@ def test_the_stated_orderings_follow_the_numbers():
   assert "does not fall" in text and "Not testable here: attention (L=1) did not learn" in text
   text = _rat_moe_report._mqar(mqar(0.9, 0.95, 0.95), settings)
   assert "Not testable" not in text and "capacity argument" not in text
+  seeded = [
+    {**run, "seed": seed, "accuracy": run["accuracy"] + delta}
+    for run in mqar(0.98, 0.94, 0.12)
+    for seed, delta in ((0, -0.03), (1, 0.03))
+  ]
+  text = _rat_moe_report._mqar(seeded, settings | {"seeds": "0,1"})
+  assert "falls monotonically" in text
+  assert "1 of the 2 steps between neighbouring L are within twice the largest seed std" in text
+  assert "not resolved by 2 seeds (1 → 4)." in text  # the labels of L=1 and L=4
 
   stats = {  # router: (bits, IB, OB, dropped)
     "linear": (2.0, 3.0, 0.9, 0.05),

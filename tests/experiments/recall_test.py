@@ -185,7 +185,7 @@ def test_state_bytes_of_sliding_window_attention_stop_growing_at_the_window():
 
 
 def test_a_tiny_sweep_writes_its_numbers_plots_and_section(tmp_path):
-  """Every task and report path end to end, a few steps each (the default sweep takes ~40 min)."""
+  """Every task and report path end to end, a few steps each (the default sweep takes ~35 min)."""
   out = tmp_path / "out"
   argv = [
     sys.executable,

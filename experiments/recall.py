@@ -249,10 +249,9 @@ def _run_mqar(config, variant, width, mqar: _MqarTasks, mesh, bar) -> dict:
   # would hold questions and their answers.
   prefix_len = mqar.context_len if variant.mixer == "pla" else None
   test_row = {r: mqar.test.max_prompt_length(r) for r in (1, 2)}
-  row = max(
-    test_row[1],
-    *(t.max_prompt_length(1) + (prefix_len or 0) - 2 * t.num_pairs for t in mqar.train),
-  )
+  # PLA's training contexts are padded to its prefix: up to prefix_len - 2 D tokens longer.
+  pad = lambda t: prefix_len - 2 * t.num_pairs if prefix_len else 0
+  row = max(test_row[1], *(t.max_prompt_length(1) + pad(t) for t in mqar.train))
   cfg = _model_config(
     config,
     variant,

@@ -198,7 +198,7 @@ def test_a_tiny_sweep_writes_its_numbers_plots_and_section(tmp_path):
     "--config.mqar.vocab_size=32",
     "--config.mqar.seq_len=32",
     "--config.mqar.num_pairs=4",
-    "--config.mqar.train_mix=16x2,32x4",
+    "--config.mqar.train_mix=16x2,48x4",  # one longer than the scored 32x4
     "--config.sets.steps=8",
     "--config.sets.ffns=none,mlp",
     "--config.warmup_steps=2",
@@ -243,7 +243,7 @@ def test_a_tiny_sweep_writes_its_numbers_plots_and_section(tmp_path):
     assert "(d) letters merged into one token count worse" in text
     assert "The mixers `based`, `swa` (`swa` is attention with a window of" in text
     assert "without MLPs (JRT's layout) and with a SwiGLU MLP after every mixer" in text
-    assert "trained on the mix 16x2,32x4" in text
+    assert "trained on the mix 16x2,48x4" in text
     assert "Counting (mixers `based`): " in text and "Every registered" not in text
     for name in names[:4]:
       assert f"({prefix}{name})" in text or f"`{prefix}{name}`" in text

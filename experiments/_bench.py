@@ -1,7 +1,9 @@
 """What the benchmarks and experiments share: the description of the machine that a result was
-measured on, a median of timed calls with its spread, and the memory bandwidth that a
-memory-bound step is measured against."""
+measured on, a median of timed calls with its spread, the memory bandwidth that a
+memory-bound step is measured against, and the bare greedy decode loop the decode benchmarks
+time."""
 
+import functools
 import os
 import platform
 import statistics
@@ -9,6 +11,8 @@ import time
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from jax import lax
 
 
 def machine() -> str:
@@ -58,3 +62,23 @@ def read_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 10) -> float:
 def array_bytes(tree) -> int:
   """Bytes of every array in ``tree``."""
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def greedy_decoder(model: nnx.Module, steps: int):
+  """``(decode, state)``: ``decode(state, cache, token) -> (token, cache)`` runs ``steps`` greedy
+  one-token steps of ``model`` in one jit, the cache donated (updated in place), as the decode
+  benchmarks time it; ``state`` is the model's, to pass (or bind) as the first argument."""
+  graphdef, state = nnx.split(model)
+
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def decode(state, cache, token):
+    model = nnx.merge(graphdef, state)
+
+    def step(_, carry):
+      token, cache = carry
+      logits, cache = model(token[:, None], cache=cache)
+      return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+    return lax.fori_loop(0, steps, step, (token, cache))
+
+  return decode, state

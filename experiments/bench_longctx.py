@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
-from jax import lax
 
 from experiments import _bench
 from jaxrec.inference import longctx
@@ -55,19 +54,9 @@ POLICIES = {
 
 
 def _decoder(model: LM):
-  graphdef, state = nnx.split(model)
-
-  @functools.partial(jax.jit, donate_argnums=(1,))
-  def decode(state, cache, token):
-    model = nnx.merge(graphdef, state)
-
-    def step(_, carry):
-      token, cache = carry
-      logits, cache = model(token[:, None], cache=cache)
-      return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
-
-    return lax.fori_loop(0, _STEPS.value, step, (token, cache))
-
+  """``decode(cache, token) -> (token, cache)``: ``--steps`` greedy steps in one jit; the cache
+  is donated, so attention's KV cache is updated in place."""
+  decode, state = _bench.greedy_decoder(model, _STEPS.value)
   return functools.partial(decode, state)
 
 

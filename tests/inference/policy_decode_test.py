@@ -7,15 +7,14 @@ vanilla, LM-Infinite, Recycled Attention and ThinK transposed their seq-major ca
 
 The numbers these steps compute are each method's own tests' business."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
-from jax import lax
 from testing_utils import large_moves
 
+from experiments import _bench
 from jaxrec.inference import longctx
 from jaxrec.models import LM, LMConfig
 
@@ -45,24 +44,14 @@ def test_decoding_step_copies_nothing_of_the_cache(name):
   model = LM(CFG, rngs=nnx.Rngs(0))
   if POLICIES[name] is not None:
     model = longctx.apply(model, POLICIES[name])
-  graphdef, state = nnx.split(model)
+  decode, state = _bench.greedy_decoder(model, 3)
+  graphdef = nnx.graphdef(model)
   prompt = jax.random.randint(jax.random.key(1), (1, CONTEXT), 0, CFG.vocab_size)
 
   @jax.jit
   def prefill(state, prompt):
     model = nnx.merge(graphdef, state)
     return model(prompt, cache=model.init_cache(1, ROOM))[1]
-
-  @functools.partial(jax.jit, donate_argnums=(1,))
-  def decode(state, cache, token):
-    model = nnx.merge(graphdef, state)
-
-    def step(_, carry):
-      token, cache = carry
-      logits, cache = model(token[:, None], cache=cache)
-      return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
-
-    return lax.fori_loop(0, 3, step, (token, cache))
 
   cache = prefill(state, prompt)
   token = jnp.zeros((1,), jnp.int32)
